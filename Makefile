@@ -1,0 +1,26 @@
+# `make demo` and `make test` work on a fresh machine with only Python 3: the venv is built here.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.requirements-installed
+GLUE_DIR ?= $(abspath ../shared/data/glue)
+export GLUE_DIR
+
+.PHONY: venv test demo clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	@echo "make demo: not yet (the end-to-end demo lands with the demo issue)"
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,13 @@
+"""deebert-jax: DeeBERT (dynamic early exiting for BERT) in JAX/Flax."""
+
+from deebert_jax.config import ConfigError, DeeBertConfig
+from deebert_jax.modeling import DeeBert, init_params
+from deebert_jax.convert import (CheckpointError, convert_pytorch_checkpoint, export_pytorch_checkpoint,
+                                 load_pytorch_checkpoint)
+from deebert_jax.checkpoint import load_checkpoint, save_checkpoint
+
+__all__ = [
+    "CheckpointError", "ConfigError", "DeeBert", "DeeBertConfig", "convert_pytorch_checkpoint",
+    "export_pytorch_checkpoint", "init_params", "load_checkpoint", "load_pytorch_checkpoint",
+    "save_checkpoint",
+]

@@ -1,0 +1,130 @@
+"""Model configuration: the subset of a Hugging Face BERT config that we can run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+# Hugging Face activation names -> how our Flax layer computes them.
+SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish", "tanh")
+
+
+class ConfigError(ValueError):
+    """A configuration we cannot run faithfully."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DeeBertConfig:
+    """Shapes and constants of a BERT with one off-ramp per layer.
+
+    Frozen (hashable) so it can be a static argument of `jax.jit`.
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    num_labels: int = 2
+
+    def __post_init__(self):
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ConfigError(
+                f"hidden_act={self.hidden_act!r} is not supported; expected one of {SUPPORTED_ACTIVATIONS}"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads={self.num_attention_heads}"
+            )
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be a positive integer")
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def replace(self, **changes) -> "DeeBertConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "DeeBertConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown DeeBertConfig fields: {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any] | str | os.PathLike,
+                       num_labels: int | None = None) -> "DeeBertConfig":
+        """From a Hugging Face BERT `config.json` (a path, a directory or its dict)."""
+        source = "config"
+        if not isinstance(hf, Mapping):
+            path = os.fspath(hf)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            source = path
+            if not os.path.isfile(path):
+                raise ConfigError(f"{path}: no such config file")
+            try:
+                with open(path, encoding="utf-8") as f:
+                    hf = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        model_type = hf.get("model_type", "bert")
+        if model_type != "bert":
+            raise ConfigError(f"{source}: model_type={model_type!r} is not supported (only 'bert')")
+        pos = hf.get("position_embedding_type", "absolute")
+        if pos != "absolute":
+            raise ConfigError(f"{source}: position_embedding_type={pos!r} is not supported (only 'absolute')")
+        if hf.get("is_decoder") or hf.get("add_cross_attention"):
+            raise ConfigError(f"{source}: decoder / cross-attention BERT is not supported")
+        act = hf.get("hidden_act", "gelu")
+        if act not in SUPPORTED_ACTIVATIONS:
+            raise ConfigError(f"{source}: hidden_act={act!r} is not supported; expected one of {SUPPORTED_ACTIVATIONS}")
+        if num_labels is None:
+            num_labels = hf.get("num_labels") or (len(hf["id2label"]) if hf.get("id2label") else 2)
+        fields = {f.name for f in dataclasses.fields(cls)} - {"num_labels"}
+        kwargs = {k: hf[k] for k in fields if k in hf and hf[k] is not None}
+        return cls(num_labels=int(num_labels), **kwargs)
+
+    def to_hf_config(self, architectures=("DeeBertForSequenceClassification",)) -> dict[str, Any]:
+        """A Hugging Face style `config.json` dict (BERT, absolute positions)."""
+        d = self.to_dict()
+        d.pop("num_labels")
+        d.update(
+            model_type="bert",
+            architectures=list(architectures),
+            position_embedding_type="absolute",
+            id2label={str(i): f"LABEL_{i}" for i in range(self.num_labels)},
+            label2id={f"LABEL_{i}": i for i in range(self.num_labels)},
+            num_labels=self.num_labels,
+        )
+        return d
+
+
+def tiny_config(**overrides) -> DeeBertConfig:
+    """A 2-layer, 32-wide config for unit tests."""
+    base = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    base.update(overrides)
+    return DeeBertConfig(**base)

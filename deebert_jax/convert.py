@@ -1,0 +1,349 @@
+"""PyTorch (Hugging Face BERT / original DeeBERT) checkpoints <-> our Flax parameter tree.
+
+Keys follow `../shared/DESIGN.md` section 3. Every key is accounted for: an unused key, a missing
+key or a shape mismatch is a `CheckpointError` that names the key; only pretraining heads and
+buffers (`SKIPPED_PREFIXES`) are skipped, and the report lists them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+from deebert_jax.config import ConfigError, DeeBertConfig
+from deebert_jax.fileutil import atomic_directory
+
+# Pretraining heads and non-persistent buffers: not part of a classifier, safe to leave out.
+SKIPPED_PREFIXES = ("cls.", "embeddings.position_ids", "embeddings.token_type_ids")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+# Our per-layer module name -> (torch sub-key, kind).
+LAYER_MODULES = {
+    "query": ("attention.self.query", "dense"),
+    "key": ("attention.self.key", "dense"),
+    "value": ("attention.self.value", "dense"),
+    "attention_output": ("attention.output.dense", "dense"),
+    "attention_LayerNorm": ("attention.output.LayerNorm", "norm"),
+    "intermediate": ("intermediate.dense", "dense"),
+    "output": ("output.dense", "dense"),
+    "output_LayerNorm": ("output.LayerNorm", "norm"),
+}
+EMBEDDINGS = ("word_embeddings", "position_embeddings", "token_type_embeddings")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint we cannot load faithfully; the message names the file or key at fault."""
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    source: str
+    config: DeeBertConfig
+    num_params: int = 0
+    imported: list[str] = dataclasses.field(default_factory=list)     # what came from the file
+    initialized: list[str] = dataclasses.field(default_factory=list)  # what we made up, and how
+    skipped: list[str] = dataclasses.field(default_factory=list)      # keys deliberately ignored
+    dropped: list[str] = dataclasses.field(default_factory=list)      # keys read but not used, and why
+
+    def summary(self) -> str:
+        c = self.config
+        lines = [
+            f"source:      {self.source}",
+            f"model:       {c.num_hidden_layers} layers, width {c.hidden_size}, {c.num_attention_heads} heads, "
+            f"intermediate {c.intermediate_size}, {c.num_labels} labels",
+            f"parameters:  {self.num_params:,}",
+            "imported:    " + (", ".join(self.imported) or "nothing"),
+            "initialised: " + (", ".join(self.initialized) or "nothing"),
+        ]
+        if self.dropped:
+            lines.append("dropped:     " + "; ".join(self.dropped))
+        if self.skipped:
+            lines.append(f"skipped:     {len(self.skipped)} keys ({', '.join(sorted(self.skipped)[:6])}"
+                         + (", ..." if len(self.skipped) > 6 else "") + ")")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading files
+
+def find_weights_file(directory: str) -> str:
+    for name in WEIGHT_FILES:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    raise CheckpointError(f"{directory}: no {' or '.join(WEIGHT_FILES)} in this directory")
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+    """Reads a safetensors or `.bin` file into numpy arrays without executing code from it."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.numpy import load_file
+            return dict(load_file(path))
+        import torch
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # the libraries raise many types for a damaged file
+        raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from e
+    if not isinstance(sd, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(sd).__name__}")
+    out = {}
+    for k, v in sd.items():
+        if not hasattr(v, "detach"):
+            raise CheckpointError(f"{path}: key {k!r} is not a tensor ({type(v).__name__})")
+        out[k] = v.detach().float().numpy() if v.is_floating_point() else v.detach().numpy()
+    return out
+
+
+def resolve_model_dir(path: str | os.PathLike) -> str:
+    """A local model directory, or a Hugging Face hub id fetched into the local cache."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise CheckpointError(f"{path}: expected a model directory (with config.json and weights), found a file")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        try:
+            from huggingface_hub import snapshot_download
+            return snapshot_download(path, allow_patterns=["config.json", *WEIGHT_FILES])
+        except Exception as e:
+            raise CheckpointError(
+                f"{path}: not a local directory, and the hub could not provide it ({type(e).__name__}); "
+                "download the model elsewhere and pass its directory") from e
+    raise CheckpointError(f"{path}: no such directory")
+
+
+# ----------------------------------------------------------------------------------------------
+# torch state dict -> Flax tree
+
+def _normalize(key: str) -> str:
+    key = key[len("bert."):] if key.startswith("bert.") else key
+    if ".LayerNorm." in key or key.startswith("LayerNorm."):
+        key = re.sub(r"\.gamma$", ".weight", key)
+        key = re.sub(r"\.beta$", ".bias", key)
+    return key
+
+
+class _Reader:
+    """Hands out state-dict entries by key, checking shapes and remembering what was used."""
+
+    def __init__(self, state: dict[str, np.ndarray], source: str):
+        self.state, self.source, self.used = state, source, set()
+
+    def has(self, key: str) -> bool:
+        return key in self.state
+
+    def get(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
+        if key not in self.state:
+            raise CheckpointError(f"{self.source}: missing key {key!r}")
+        value = self.state[key]
+        if tuple(value.shape) != tuple(shape):
+            raise CheckpointError(f"{self.source}: key {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+        self.used.add(key)
+        return np.asarray(value, np.float32)
+
+    def dense(self, prefix: str, n_in: int, n_out: int) -> dict[str, np.ndarray]:
+        return {"kernel": self.get(f"{prefix}.weight", (n_out, n_in)).T.copy(), "bias": self.get(f"{prefix}.bias", (n_out,))}
+
+    def norm(self, prefix: str, n: int) -> dict[str, np.ndarray]:
+        return {"scale": self.get(f"{prefix}.weight", (n,)), "bias": self.get(f"{prefix}.bias", (n,))}
+
+
+def _classifier_init(config: DeeBertConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {"kernel": (rng.standard_normal((config.hidden_size, config.num_labels)) * config.initializer_range).astype(np.float32),
+            "bias": np.zeros((config.num_labels,), np.float32)}
+
+
+def state_dict_to_params(state: Mapping[str, np.ndarray], config: DeeBertConfig, source: str = "checkpoint",
+                         seed: int = 0) -> tuple[dict, ConversionReport]:
+    """Torch-named arrays -> (Flax params, report). See the module docstring for the rules."""
+    c, H, L = config, config.hidden_size, config.num_hidden_layers
+    report = ConversionReport(source=source, config=config)
+    normalized: dict[str, np.ndarray] = {}
+    for key, value in state.items():
+        nk = _normalize(key)
+        if nk.startswith(SKIPPED_PREFIXES):
+            report.skipped.append(key)
+            continue
+        if nk in normalized:
+            raise CheckpointError(f"{source}: key {key!r} appears twice (with and without the 'bert.' prefix)")
+        normalized[nk] = np.asarray(value)
+    r = _Reader(normalized, source)
+    rng = np.random.default_rng(seed)
+
+    emb = {name: {"embedding": r.get(f"embeddings.{name}.weight", (n, H))}
+           for name, n in zip(EMBEDDINGS, (c.vocab_size, c.max_position_embeddings, c.type_vocab_size))}
+    emb["LayerNorm"] = r.norm("embeddings.LayerNorm", H)
+    report.imported.append("embeddings")
+
+    per_layer = []
+    for i in range(L):
+        layer = {}
+        for name, (sub, kind) in LAYER_MODULES.items():
+            prefix = f"encoder.layer.{i}.{sub}"
+            if kind == "norm":
+                layer[name] = r.norm(prefix, H)
+            else:
+                n_in = c.intermediate_size if name == "output" else H
+                n_out = c.intermediate_size if name == "intermediate" else H
+                layer[name] = r.dense(prefix, n_in, n_out)
+        per_layer.append(layer)
+    report.imported.append(f"{L} encoder layers")
+
+    # The final ramp: the pretrained pooler and, for sequence classifiers, the classifier.
+    if r.has("pooler.dense.weight"):
+        final_pooler = r.dense("pooler.dense", H, H)
+        report.imported.append("pooler")
+    else:
+        final_pooler = {"kernel": (rng.standard_normal((H, H)) * c.initializer_range).astype(np.float32),
+                        "bias": np.zeros((H,), np.float32)}
+        report.initialized.append("pooler (random: the checkpoint has none)")
+    if r.has("classifier.weight"):
+        shape = tuple(normalized["classifier.weight"].shape)
+        if shape[0] != c.num_labels:
+            raise CheckpointError(f"{source}: key 'classifier.weight' has {shape[0]} labels, but num_labels={c.num_labels}")
+        final_classifier = r.dense("classifier", H, c.num_labels)
+        report.imported.append("classifier")
+    else:
+        final_classifier = _classifier_init(c, rng)
+        report.initialized.append(f"final classifier (normal std {c.initializer_range}, seed {seed})")
+
+    ramps = []
+    has_highway = any(k.startswith("encoder.highway.") for k in normalized)
+    for i in range(L - 1):
+        prefix = f"encoder.highway.{i}"
+        if has_highway:
+            ramps.append({"pooler": r.dense(f"{prefix}.pooler.dense", H, H),
+                          "classifier": r.dense(f"{prefix}.classifier", H, c.num_labels)})
+        else:
+            ramps.append({"pooler": {k: v.copy() for k, v in final_pooler.items()},
+                          "classifier": _classifier_init(c, rng)})
+    if has_highway:
+        report.imported.append(f"off-ramps 1..{L - 1} (highway 0..{L - 2})")
+        last = f"encoder.highway.{L - 1}"
+        last_keys = [k for k in normalized if k.startswith(last + ".")]
+        if last_keys:
+            r.used.update(last_keys)
+            report.dropped.append(f"{last}.* (the last highway is never trained in DeeBERT; "
+                                  "ramp L is the final pooler + classifier)")
+    elif L > 1:
+        report.initialized.append(f"off-ramps 1..{L - 1} (pooler copied from the final pooler, "
+                                  f"classifier normal std {c.initializer_range}, seed {seed})")
+    ramps.append({"pooler": final_pooler, "classifier": final_classifier})
+
+    unused = sorted(set(normalized) - r.used)
+    if unused:
+        raise CheckpointError(f"{source}: unexpected key {unused[0]!r}"
+                              + (f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""))
+
+    stack = lambda trees: _tree_stack(trees)
+    params = {"embeddings": emb, "layers": stack(per_layer), "ramps": stack(ramps)}
+    report.num_params = int(sum(x.size for x in _leaves(params)))
+    return params, report
+
+
+def _leaves(tree):
+    if isinstance(tree, Mapping):
+        for v in tree.values():
+            yield from _leaves(v)
+    else:
+        yield tree
+
+
+def _tree_stack(trees: list[dict]) -> dict:
+    first = trees[0]
+    if isinstance(first, Mapping):
+        return {k: _tree_stack([t[k] for t in trees]) for k in first}
+    return np.stack(trees)
+
+
+def _read_config(directory: str, num_labels: int | None) -> DeeBertConfig:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{directory}: no config.json in this directory")
+    try:
+        return DeeBertConfig.from_hf_config(path, num_labels=num_labels)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def convert_pytorch_checkpoint(path: str | os.PathLike, num_labels: int | None = None,
+                               seed: int = 0) -> tuple[DeeBertConfig, dict, ConversionReport]:
+    """Like `load_pytorch_checkpoint`, also returning the report of what was imported."""
+    directory = resolve_model_dir(path)
+    weights = find_weights_file(directory)
+    state = read_state_dict(weights)
+    if num_labels is None and "classifier.weight" in state:
+        num_labels = int(state["classifier.weight"].shape[0])
+    config = _read_config(directory, num_labels)
+    params, report = state_dict_to_params(state, config, source=weights, seed=seed)
+    return config, params, report
+
+
+def load_pytorch_checkpoint(path: str | os.PathLike, num_labels: int | None = None) -> tuple[DeeBertConfig, dict]:
+    """A model directory (`config.json` + `model.safetensors` or `pytorch_model.bin`) -> (config, params).
+
+    Accepts Hugging Face `BertModel` and `BertForSequenceClassification` checkpoints and original
+    DeeBERT checkpoints (`bert.encoder.highway.{i}.*`). Params are numpy arrays in our layout.
+    """
+    config, params, _ = convert_pytorch_checkpoint(path, num_labels)
+    return config, params
+
+
+# ----------------------------------------------------------------------------------------------
+# Flax tree -> DeeBERT-format torch checkpoint
+
+def params_to_state_dict(config: DeeBertConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Our params -> torch-named arrays in the original DeeBERT layout (`bert.` prefix).
+
+    Highway L-1 is written as a copy of the final head so the original code, which expects L
+    highways, loads the file strictly and gives the same answer at the last layer.
+    """
+    L = config.num_hidden_layers
+    a = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
+    sd: dict[str, np.ndarray] = {}
+
+    def dense(prefix, p, index=None):
+        k, b = p["kernel"], p["bias"]
+        if index is not None:
+            k, b = k[index], b[index]
+        sd[f"{prefix}.weight"], sd[f"{prefix}.bias"] = a(np.asarray(k).T), a(b)
+
+    def norm(prefix, p, index=None):
+        s, b = p["scale"], p["bias"]
+        if index is not None:
+            s, b = s[index], b[index]
+        sd[f"{prefix}.weight"], sd[f"{prefix}.bias"] = a(s), a(b)
+
+    e = params["embeddings"]
+    for name in EMBEDDINGS:
+        sd[f"bert.embeddings.{name}.weight"] = a(e[name]["embedding"])
+    norm("bert.embeddings.LayerNorm", e["LayerNorm"])
+    for i in range(L):
+        for name, (sub, kind) in LAYER_MODULES.items():
+            (norm if kind == "norm" else dense)(f"bert.encoder.layer.{i}.{sub}", params["layers"][name], i)
+    ramps = params["ramps"]
+    for i in range(L):
+        dense(f"bert.encoder.highway.{i}.pooler.dense", ramps["pooler"], i)
+        dense(f"bert.encoder.highway.{i}.classifier", ramps["classifier"], i)
+    dense("bert.pooler.dense", ramps["pooler"], L - 1)
+    dense("classifier", ramps["classifier"], L - 1)
+    return sd
+
+
+def export_pytorch_checkpoint(config: DeeBertConfig, params: Mapping[str, Any], directory: str | os.PathLike) -> str:
+    """Writes `model.safetensors` + `config.json` (DeeBERT layout) atomically; returns the directory."""
+    from safetensors.numpy import save_file
+    directory = os.fspath(directory)
+    sd = params_to_state_dict(config, params)
+    with atomic_directory(directory) as tmp:
+        save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config.to_hf_config(), f, indent=2, sort_keys=True)
+    return directory

@@ -1,0 +1,207 @@
+"""Flax DeeBERT: a BERT encoder with stacked layers and one off-ramp per layer.
+
+Parameter tree (L = num_hidden_layers, every `layers` and `ramps` leaf has a leading L axis):
+
+    embeddings/{word_embeddings,position_embeddings,token_type_embeddings}/embedding
+    embeddings/LayerNorm/{scale,bias}
+    layers/{query,key,value,attention_output,intermediate,output}/{kernel,bias}
+    layers/{attention_LayerNorm,output_LayerNorm}/{scale,bias}
+    ramps/{pooler,classifier}/{kernel,bias}
+
+Ramp l (1-based) reads the first token after layer l; ramp L is the usual pooler + classifier,
+ramps 1..L-1 are DeeBERT's off-ramps ("highways").
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deebert_jax.config import DeeBertConfig
+
+Params = Any
+
+
+def activation(name: str):
+    return {
+        "gelu": functools.partial(jax.nn.gelu, approximate=False),
+        "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+        "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+        "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
+        "relu": jax.nn.relu,
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+        "tanh": jnp.tanh,
+    }[name]
+
+
+def attention_bias(attention_mask: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """[B, S] 0/1 mask -> [B, S] additive bias: 0 on real keys, the dtype's minimum on padding.
+
+    Same convention as Hugging Face BERT, so padded keys get exactly zero attention weight.
+    """
+    return jnp.where(attention_mask.astype(bool), 0.0, jnp.finfo(dtype).min).astype(dtype)
+
+
+def _dense(config: DeeBertConfig, features: int, name: str, dtype) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, name=name,
+                    kernel_init=nn.initializers.normal(config.initializer_range))
+
+
+def _layer_norm(config: DeeBertConfig, name: str) -> nn.LayerNorm:
+    # LayerNorm in float32 whatever the compute dtype: bf16 statistics cost accuracy for nothing.
+    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=jnp.float32, name=name)
+
+
+class Embeddings(nn.Module):
+    config: DeeBertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids, deterministic: bool = True):
+        """input_ids, token_type_ids [B, S] int -> [B, S, H]."""
+        c = self.config
+        embed = functools.partial(nn.Embed, features=c.hidden_size,
+                                  embedding_init=nn.initializers.normal(c.initializer_range))
+        positions = jnp.arange(input_ids.shape[-1])[None, :]
+        x = (embed(c.vocab_size, name="word_embeddings")(input_ids)
+             + embed(c.type_vocab_size, name="token_type_embeddings")(token_type_ids)
+             + embed(c.max_position_embeddings, name="position_embeddings")(positions))
+        x = _layer_norm(c, "LayerNorm")(x)
+        x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+        return x.astype(self.dtype)
+
+
+class Layer(nn.Module):
+    """One post-LayerNorm BERT encoder layer."""
+
+    config: DeeBertConfig
+    dtype: Any = jnp.float32
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, hidden, mask_bias):
+        """hidden [B, S, H], mask_bias [B, S] additive -> [B, S, H]."""
+        c, dt = self.config, self.dtype
+        B, S, H = hidden.shape
+        heads = lambda t: t.reshape(B, S, c.num_attention_heads, c.head_dim)
+        q = heads(_dense(c, H, "query", dt)(hidden))
+        k = heads(_dense(c, H, "key", dt)(hidden))
+        v = heads(_dense(c, H, "value", dt)(hidden))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(c.head_dim).astype(jnp.float32)
+        scores = scores + mask_bias[:, None, None, :].astype(jnp.float32)
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=self.deterministic)
+        context = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dt), v).reshape(B, S, H)
+        attn = _dense(c, H, "attention_output", dt)(context)
+        attn = nn.Dropout(c.hidden_dropout_prob)(attn, deterministic=self.deterministic)
+        attn = _layer_norm(c, "attention_LayerNorm")(attn + hidden).astype(dt)
+        ff = activation(c.hidden_act)(_dense(c, c.intermediate_size, "intermediate", dt)(attn))
+        ff = _dense(c, H, "output", dt)(ff)
+        ff = nn.Dropout(c.hidden_dropout_prob)(ff, deterministic=self.deterministic)
+        return _layer_norm(c, "output_LayerNorm")(ff + attn).astype(dt)
+
+
+class Ramp(nn.Module):
+    """Off-ramp: pooler (dense + tanh on the first token) -> dropout -> classifier."""
+
+    config: DeeBertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, first_token, deterministic: bool = True):
+        """first_token [B, H] -> logits [B, K] (float32)."""
+        c = self.config
+        pooled = jnp.tanh(_dense(c, c.hidden_size, "pooler", self.dtype)(first_token))
+        pooled = nn.Dropout(c.hidden_dropout_prob)(pooled, deterministic=deterministic)
+        return _dense(c, c.num_labels, "classifier", self.dtype)(pooled).astype(jnp.float32)
+
+
+class DeeBert(nn.Module):
+    """BERT with an off-ramp after every layer.
+
+    `apply({"params": p}, input_ids, attention_mask, token_type_ids)` -> ramp logits [L, B, K].
+    With `train=True` dropout is on (pass `rngs={"dropout": key}`). `stop_backbone_gradient`
+    cuts gradients from the ramps into the encoder (stage 2). `output_hidden_states` also
+    returns every layer's output [L, B, S, H].
+    """
+
+    config: DeeBertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, train: bool = False,
+                 stop_backbone_gradient: bool = False, output_hidden_states: bool = False):
+        c = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        hidden = Embeddings(c, self.dtype, name="embeddings")(input_ids, token_type_ids, deterministic=not train)
+        keep = output_hidden_states
+
+        def body(layer, hidden, mask_bias):
+            hidden = layer(hidden, mask_bias)
+            return hidden, (hidden if keep else hidden[:, 0])
+
+        # Lifting a bound Layer keeps its parameters at params["layers"] with a leading L axis.
+        scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                       in_axes=nn.broadcast, length=c.num_hidden_layers)
+        _, per_layer = scan(Layer(c, self.dtype, not train, name="layers"), hidden,
+                            attention_bias(attention_mask, self.dtype))
+        first_tokens = per_layer[:, :, 0] if output_hidden_states else per_layer  # [L, B, H]
+        if stop_backbone_gradient:
+            first_tokens = jax.lax.stop_gradient(first_tokens)
+        ramps = nn.vmap(
+            Ramp,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(0, None),
+            out_axes=0,
+        )
+        logits = ramps(c, self.dtype, name="ramps")(first_tokens, not train)
+        return (logits, per_layer) if output_hidden_states else logits
+
+
+def init_params(config: DeeBertConfig, rng: jax.Array, seq_len: int = 8) -> Params:
+    """Random parameters with the layout documented above."""
+    ids = jnp.zeros((1, seq_len), jnp.int32)
+    params = DeeBert(config).init(rng, ids, jnp.ones_like(ids), ids)["params"]
+    return jax.tree_util.tree_map(jnp.asarray, nn.unbox(params))
+
+
+def forward(config: DeeBertConfig, params: Params, input_ids, attention_mask, token_type_ids,
+            dtype=jnp.float32) -> jax.Array:
+    """Full-depth eval forward -> ramp logits [L, B, K]."""
+    return DeeBert(config, dtype).apply({"params": params}, input_ids, attention_mask, token_type_ids)
+
+
+# Pieces of the model as pure functions, for loops that run one layer at a time.
+
+def embed(config: DeeBertConfig, params: Params, input_ids, token_type_ids, dtype=jnp.float32) -> jax.Array:
+    """[B, S] ids -> [B, S, H] (eval mode)."""
+    return Embeddings(config, dtype).apply({"params": params["embeddings"]}, input_ids, token_type_ids)
+
+
+def layer_forward(config: DeeBertConfig, layer_params: Params, hidden, mask_bias, dtype=jnp.float32) -> jax.Array:
+    """One layer's parameters (no L axis), hidden [B, S, H] -> [B, S, H] (eval mode)."""
+    return Layer(config, dtype).apply({"params": layer_params}, hidden, mask_bias)
+
+
+def ramp_forward(config: DeeBertConfig, ramp_params: Params, hidden, dtype=jnp.float32) -> jax.Array:
+    """One ramp's parameters (no L axis), hidden [B, S, H] -> logits [B, K] (eval mode)."""
+    return Ramp(config, dtype).apply({"params": ramp_params}, hidden[:, 0])
+
+
+def layer_params_at(params: Params, index) -> Params:
+    """The parameters of layer `index` (0-based, may be traced) without the L axis."""
+    return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, index, keepdims=False), params["layers"])
+
+
+def ramp_params_at(params: Params, index) -> Params:
+    """The parameters of ramp `index` (0-based, may be traced) without the L axis."""
+    return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, index, keepdims=False), params["ramps"])
