@@ -1,0 +1,54 @@
+"""Convert a PyTorch BERT / DeeBERT checkpoint into a deebert-jax (orbax) checkpoint.
+
+    python -m train.convert --pytorch PATH --out DIR [--num-labels K] [--seed S]
+
+Prints what was imported and what was initialised. On bad input it exits non-zero and its last
+line names the file or key at fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pytorch", required=True, help="model directory: config.json + model.safetensors or pytorch_model.bin")
+    parser.add_argument("--out", required=True, help="output directory (deebert-jax orbax checkpoint)")
+    parser.add_argument("--num-labels", type=int, default=None, help="classes; default: from the checkpoint, else 2")
+    parser.add_argument("--seed", type=int, default=0, help="seed for heads the checkpoint does not have")
+    parser.add_argument("--no-tokenizer", action="store_true", help="do not copy the tokenizer files")
+    args = parser.parse_args(argv)
+
+    from deebert_jax.checkpoint import save_checkpoint
+    from deebert_jax.config import ConfigError
+    from deebert_jax.convert import CheckpointError, convert_pytorch_checkpoint, resolve_model_dir
+
+    try:
+        config, params, report = convert_pytorch_checkpoint(args.pytorch, args.num_labels, seed=args.seed)
+        out = save_checkpoint(args.out, config, params)
+        tokenizer_note = "not copied"
+        if not args.no_tokenizer:
+            tokenizer_note = _copy_tokenizer(resolve_model_dir(args.pytorch), os.path.join(out, "tokenizer"))
+    except (CheckpointError, ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    print(f"tokenizer:   {tokenizer_note}")
+    print(f"saved:       {out}")
+    return 0
+
+
+def _copy_tokenizer(src: str, dst: str) -> str:
+    """Saves the source's fast tokenizer beside the weights, so evaluation needs only `--out`."""
+    if not any(os.path.isfile(os.path.join(src, f)) for f in ("tokenizer.json", "vocab.txt")):
+        return f"none found in {src}"
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return dst
+
+
+if __name__ == "__main__":
+    sys.exit(main())
