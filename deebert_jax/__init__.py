@@ -11,3 +11,4 @@ __all__ = [
     "export_pytorch_checkpoint", "init_params", "load_checkpoint", "load_pytorch_checkpoint",
     "save_checkpoint",
 ]
+from deebert_jax.early_exit import ExitResult, early_exit_predict, early_exit_predict_pmap, replicate_params
