@@ -170,7 +170,7 @@ def _validate(input_ids, attention_mask, token_type_ids, bucket_sizes, pool_size
               "token_type_ids": np.shape(token_type_ids)}
     if len(shapes["input_ids"]) != 2 or len(set(shapes.values())) != 1:
         raise ValueError(f"input_ids, attention_mask, token_type_ids must all be [N, S]; got {shapes}")
-    if not bucket_sizes or any(int(b) != b or b < 1 for b in bucket_sizes):
+    if not bucket_sizes or any(isinstance(b, bool) or int(b) != b or b < 1 for b in bucket_sizes):
         raise ValueError(f"bucket_sizes={bucket_sizes!r} must be positive integers")
     if int(pool_size) < 1:
         raise ValueError(f"pool_size={pool_size!r} must be a positive integer")
@@ -191,8 +191,8 @@ def exit_aware_predict(config: DeeBertConfig, params, input_ids, attention_mask,
     into buckets of `bucket_sizes` (larger first, the smallest covers the remainder). Larger pools
     waste less on bucket padding and hold [pool, S, H] activations in memory. `threshold` is traced.
     """
-    bucket_sizes = tuple(sorted({int(b) for b in bucket_sizes}, reverse=True)) if bucket_sizes else ()
     _validate(input_ids, attention_mask, token_type_ids, bucket_sizes, pool_size, scheduler)
+    bucket_sizes = tuple(sorted({int(b) for b in bucket_sizes}, reverse=True))
     check_threshold(threshold, rule)
     n = int(np.shape(input_ids)[0])
     if n == 0:
