@@ -1,0 +1,40 @@
+"""Fields shared by the training configs (`python -m train.train --config configs/NAME.py`)."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # Data
+    c.task = "sst2"                 # sst2 mrpc rte qnli qqp mnli cola synthetic (SST-2 spellings work too)
+    c.glue_dir = ""                 # GLUE TSV folder; "" -> $GLUE_DIR, else the nyu-mll/glue hub
+    c.max_seq_length = 128
+    c.train_limit = 0               # keep the first N training examples (0: all)
+    c.eval_limit = 0                # keep the first N dev examples (0: all)
+    # Model
+    c.init_checkpoint = ""          # "" packaged MiniLM-L6; a PyTorch/HF or deebert-jax dir; "random"
+    c.tokenizer = ""                # "" -> the init checkpoint's own tokenizer
+    c.model = ml_collections.ConfigDict()  # DeeBertConfig fields (random init) / dropout overrides
+    # Optimisation
+    c.stages = "1,2"
+    c.per_device_batch_size = 8
+    c.eval_batch_size = 32          # per device
+    c.stage1_epochs = 3.0
+    c.stage2_epochs = 3.0
+    c.steps_per_stage = 0           # > 0 overrides the epochs (quick runs)
+    c.learning_rate = 2e-5
+    c.stage2_learning_rate = 2e-5
+    c.warmup_ratio = 0.0
+    c.weight_decay = 0.0
+    c.adam_b1 = 0.9
+    c.adam_b2 = 0.999
+    c.adam_eps = 1e-8
+    c.max_grad_norm = 1.0           # <= 0: no clipping
+    c.seed = 42
+    # Run
+    c.workdir = ""
+    c.save_every_steps = 500
+    c.keep_checkpoints = 3
+    c.log_every_steps = 50
+    c.multihost = "auto"            # auto: jax.distributed.initialize() on multi-host TPU slices
+    return c

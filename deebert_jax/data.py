@@ -1,0 +1,311 @@
+"""GLUE classification data as fixed-shape numpy arrays, and the batches that feed `pmap`.
+
+Local GLUE folders (the standard TSV layout of `download_glue_data.py`) are read with the
+`csv` module, `QUOTE_NONE`, so that every error can name the file and line at fault; without a
+folder the same tasks come from the `datasets` hub (`nyu-mll/glue`). Both paths end in the same
+tokenisation, so local and hub data give identical arrays.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import sys
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+
+ARRAY_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+HUB_DATASET = "nyu-mll/glue"
+
+
+class DataError(ValueError):
+    """Input data we cannot use; the message names the file (and line) at fault."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """Where a GLUE task's text and label live, locally and on the hub.
+
+    `tsv_text`/`tsv_label` are header names, or column indices for header-less files (CoLA).
+    `labels` are the TSV label strings in the hub's integer order.
+    """
+
+    folder: str
+    hub_name: str
+    tsv_text: tuple
+    tsv_label: str | int
+    labels: tuple[str, ...]
+    hub_text: tuple[str, ...]
+    header: bool = True
+    dev_file: str = "dev.tsv"
+    hub_dev_split: str = "validation"
+    encoding: str = "utf-8"
+
+
+TASKS: dict[str, TaskSpec | None] = {
+    "sst2": TaskSpec("SST-2", "sst2", ("sentence",), "label", ("0", "1"), ("sentence",)),
+    # The MRPC header starts with a byte-order mark: utf-8-sig strips it.
+    "mrpc": TaskSpec("MRPC", "mrpc", ("#1 String", "#2 String"), "Quality", ("0", "1"),
+                     ("sentence1", "sentence2"), encoding="utf-8-sig"),
+    "rte": TaskSpec("RTE", "rte", ("sentence1", "sentence2"), "label", ("entailment", "not_entailment"),
+                    ("sentence1", "sentence2")),
+    "qnli": TaskSpec("QNLI", "qnli", ("question", "sentence"), "label", ("entailment", "not_entailment"),
+                     ("question", "sentence")),
+    "qqp": TaskSpec("QQP", "qqp", ("question1", "question2"), "is_duplicate", ("0", "1"),
+                    ("question1", "question2")),
+    "mnli": TaskSpec("MNLI", "mnli", ("sentence1", "sentence2"), "gold_label",
+                     ("entailment", "neutral", "contradiction"), ("premise", "hypothesis"),
+                     dev_file="dev_matched.tsv", hub_dev_split="validation_matched"),
+    # CoLA has no header: source, label, original mark, sentence.
+    "cola": TaskSpec("CoLA", "cola", (3,), 1, ("0", "1"), ("sentence",), header=False),
+    # Random token ids with a learnable rule; no files, no tokenizer (tests, configs/tiny.py).
+    "synthetic": None,
+}
+
+SYNTHETIC_SIZES = {"train": 512, "dev": 100}
+SYNTHETIC_CLS, SYNTHETIC_SEP, SYNTHETIC_FIRST_WORD = 1, 2, 3
+
+
+def canonical_task(task: str) -> str:
+    """'SST-2', 'sst_2', 'sst2' -> 'sst2'; unknown names are an error listing the known ones."""
+    name = str(task).lower().replace("-", "").replace("_", "")
+    if name not in TASKS:
+        raise DataError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
+    return name
+
+
+def num_labels(task: str) -> int:
+    spec = TASKS[canonical_task(task)]
+    return 2 if spec is None else len(spec.labels)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The fast tokenizer saved with a model: `path/tokenizer/` if present, else `path` (offline)."""
+    from transformers import AutoTokenizer
+
+    path = os.fspath(path)
+    candidates = [os.path.join(path, "tokenizer"), path]
+    for candidate in candidates:
+        if os.path.isdir(candidate) and any(
+                os.path.isfile(os.path.join(candidate, f)) for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+            tok = AutoTokenizer.from_pretrained(candidate, use_fast=True, local_files_only=True)
+            if not tok.is_fast:
+                raise DataError(f"{candidate}: tokenizer is not a fast tokenizer")
+            return tok
+    if not os.path.exists(path) and "/" in path.strip("/") and not os.path.isabs(path):
+        return AutoTokenizer.from_pretrained(path, use_fast=True)  # a hub id (needs the network)
+    raise DataError(f"{path}: no tokenizer found (looked in {candidates})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+def _read_tsv(path: str, spec: TaskSpec) -> tuple[list[tuple[str, ...]], np.ndarray]:
+    """-> (one tuple of texts per example, int labels); every bad row is an error with its line."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: GLUE file not found (task folder {spec.folder})")
+    label_index = {s: i for i, s in enumerate(spec.labels)}
+    texts, labels = [], []
+    with open(path, encoding=spec.encoding, newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        if spec.header:
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{path}: empty file (expected a header line)")
+            missing = [c for c in (*spec.tsv_text, spec.tsv_label) if c not in header]
+            if missing:
+                raise DataError(f"{path}: line 1: missing column(s) {missing}; header has {header}")
+            text_cols = [header.index(c) for c in spec.tsv_text]
+            label_col = header.index(spec.tsv_label)
+        else:
+            text_cols, label_col = list(spec.tsv_text), spec.tsv_label
+        needed = max(*text_cols, label_col) + 1
+        for row in reader:
+            line = reader.line_num
+            if not row:
+                continue
+            if len(row) < needed:
+                raise DataError(f"{path}: line {line}: {len(row)} columns, expected at least {needed}")
+            label = row[label_col].strip()
+            if label not in label_index:
+                raise DataError(f"{path}: line {line}: unknown label {label!r}; expected one of {list(spec.labels)}")
+            texts.append(tuple(row[c] for c in text_cols))
+            labels.append(label_index[label])
+    if not labels:
+        raise DataError(f"{path}: no examples (empty split)")
+    return texts, np.asarray(labels, np.int32)
+
+
+def _read_hub(task: str, spec: TaskSpec, split: str) -> tuple[list[tuple[str, ...]], np.ndarray]:
+    import datasets
+
+    hub_split = "train" if split == "train" else spec.hub_dev_split
+    source = f"{HUB_DATASET}/{spec.hub_name}[{hub_split}]"
+    ds = datasets.load_dataset(HUB_DATASET, spec.hub_name, split=hub_split)
+    missing = [c for c in (*spec.hub_text, "label") if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{source}: missing column(s) {missing}; has {ds.column_names}")
+    labels = np.asarray(ds["label"], np.int32)
+    bad = np.flatnonzero((labels < 0) | (labels >= len(spec.labels)))
+    if bad.size:
+        raise DataError(f"{source}: row {int(bad[0])}: unknown label {int(labels[bad[0]])}")
+    if not labels.size:
+        raise DataError(f"{source}: no examples (empty split)")
+    columns = [ds[c] for c in spec.hub_text]
+    return list(zip(*columns)), labels
+
+
+def _tokenize(tokenizer, texts: Sequence[tuple[str, ...]], max_seq_length: int) -> dict[str, np.ndarray]:
+    firsts = [t[0] for t in texts]
+    seconds = [t[1] for t in texts] if len(texts[0]) > 1 else None
+    enc = tokenizer(firsts, seconds, max_length=max_seq_length, truncation=True, padding="max_length",
+                    return_token_type_ids=True, return_attention_mask=True, return_tensors="np")
+    return {k: np.asarray(enc[k], np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def synthetic_split(split: str, *, max_seq_length: int, vocab_size: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random sentences `[CLS] w1 .. wn [SEP] pad..`; label = w1 is in the upper half of the vocabulary.
+
+    A one-token rule that a 2-layer model learns in a few dozen steps, so tests see loss fall.
+    """
+    if vocab_size <= SYNTHETIC_FIRST_WORD + 2:
+        raise DataError(f"synthetic task: vocab_size={vocab_size} is too small (need > {SYNTHETIC_FIRST_WORD + 2})")
+    if max_seq_length < 3:
+        raise DataError(f"synthetic task: max_seq_length={max_seq_length} must be at least 3")
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    lengths = rng.integers(1, max_seq_length - 1, size=size)
+    words = rng.integers(SYNTHETIC_FIRST_WORD, vocab_size, size=(size, max_seq_length))
+    positions = np.arange(max_seq_length)[None, :]
+    real = (positions >= 1) & (positions <= lengths[:, None])
+    input_ids = np.where(real, words, 0)
+    input_ids[:, 0] = SYNTHETIC_CLS
+    input_ids[np.arange(size), lengths + 1] = SYNTHETIC_SEP
+    middle = (SYNTHETIC_FIRST_WORD + vocab_size) // 2
+    return {
+        "input_ids": input_ids.astype(np.int32),
+        "attention_mask": (positions <= lengths[:, None] + 1).astype(np.int32),
+        "token_type_ids": np.zeros((size, max_seq_length), np.int32),
+        "labels": (input_ids[:, 1] >= middle).astype(np.int32),
+    }
+
+
+def glue_file(task: str, split: str, glue_dir: str | os.PathLike) -> str:
+    spec = TASKS[canonical_task(task)]
+    return os.path.join(os.fspath(glue_dir), spec.folder, "train.tsv" if split == "train" else spec.dev_file)
+
+
+def load_split(task: str, split: str, *, glue_dir: str | os.PathLike | None = None, tokenizer=None,
+               max_seq_length: int = 128, limit: int | None = None, vocab_size: int | None = None,
+               seed: int = 0) -> dict[str, np.ndarray]:
+    """One split as arrays: input_ids, attention_mask, token_type_ids [N, S] int32, labels [N] int32.
+
+    `split` is "train" or "dev" (MNLI: dev_matched). `glue_dir=None` reads the hub. `limit` keeps
+    the first `limit` examples. The synthetic task needs `vocab_size` and no tokenizer.
+    """
+    name = canonical_task(task)
+    if split not in ("train", "dev"):
+        raise DataError(f"split {split!r}: expected 'train' or 'dev'")
+    if limit is not None and limit <= 0:
+        limit = None
+    spec = TASKS[name]
+    if spec is None:
+        if vocab_size is None:
+            raise DataError("synthetic task: vocab_size is required")
+        size = limit or SYNTHETIC_SIZES[split]
+        return synthetic_split(split, max_seq_length=max_seq_length, vocab_size=vocab_size, size=size, seed=seed)
+    if tokenizer is None:
+        raise DataError(f"task {name}: a tokenizer is required")
+    if glue_dir:
+        texts, labels = _read_tsv(glue_file(name, split, glue_dir), spec)
+    else:
+        texts, labels = _read_hub(name, spec, split)
+    if limit is not None:
+        texts, labels = texts[:limit], labels[:limit]
+    arrays = _tokenize(tokenizer, texts, max_seq_length)
+    arrays["labels"] = labels
+    return arrays
+
+
+def num_examples(arrays: Mapping[str, np.ndarray]) -> int:
+    return int(arrays["labels"].shape[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching
+
+def process_slice(n: int, process_index: int, process_count: int) -> slice:
+    """The contiguous share of `n` rows that host `process_index` of `process_count` reads."""
+    per = -(-n // process_count)
+    return slice(min(n, process_index * per), min(n, (process_index + 1) * per))
+
+
+def steps_per_epoch(n_examples: int, global_batch_size: int) -> int:
+    steps = n_examples // global_batch_size
+    if steps == 0:
+        raise DataError(f"{n_examples} training examples are fewer than one global batch of {global_batch_size}")
+    return steps
+
+
+def epoch_permutation(n_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of one epoch: a pure function of (seed, epoch), so a resumed run sees the same batches."""
+    return np.random.default_rng([seed, epoch]).permutation(n_examples)
+
+
+def train_batch(arrays: Mapping[str, np.ndarray], global_batch_size: int, seed: int, step: int,
+                process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
+    """This host's rows of global batch number `step` (0-based, counted across epochs).
+
+    Every host computes the same global order and keeps its slice of each global batch, so the
+    global batch does not depend on the number of hosts. The last partial batch of an epoch is dropped.
+    """
+    n = num_examples(arrays)
+    per_epoch = steps_per_epoch(n, global_batch_size)
+    epoch, index = divmod(step, per_epoch)
+    order = epoch_permutation(n, seed, epoch)[index * global_batch_size:(index + 1) * global_batch_size]
+    order = order[process_slice(global_batch_size, process_index, process_count)]
+    return {k: arrays[k][order] for k in ARRAY_KEYS}
+
+
+def shard(batch: Mapping[str, np.ndarray], num_devices: int) -> dict[str, np.ndarray]:
+    """[B, ...] -> [num_devices, B / num_devices, ...] for `pmap`."""
+    out = {}
+    for k, v in batch.items():
+        if v.shape[0] % num_devices:
+            raise DataError(f"batch of {v.shape[0]} rows ({k}) does not split over {num_devices} devices")
+        out[k] = v.reshape(num_devices, v.shape[0] // num_devices, *v.shape[1:])
+    return out
+
+
+def eval_batches(arrays: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of exactly `batch_size` rows, plus `valid` [b] bool.
+
+    The last partial batch is filled with all-padding rows (attention_mask all 0, label 0, valid
+    False), so shapes stay static and every example is counted exactly once.
+    """
+    if batch_size <= 0:
+        raise DataError(f"eval batch_size={batch_size} must be positive")
+    n = num_examples(arrays)
+    for start in range(0, n, batch_size):
+        rows = min(batch_size, n - start)
+        batch = {}
+        for k in ARRAY_KEYS:
+            v = arrays[k][start:start + rows]
+            if rows < batch_size:
+                v = np.concatenate([v, np.zeros((batch_size - rows, *v.shape[1:]), v.dtype)])
+            batch[k] = v
+        batch["valid"] = np.arange(batch_size) < rows
+        yield batch
+
+
+def describe(arrays: Mapping[str, np.ndarray]) -> str:
+    labels = arrays["labels"]
+    counts = np.bincount(labels, minlength=2)
+    return f"{len(labels)} examples, length {arrays['input_ids'].shape[1]}, label counts {counts.tolist()}"
+
+
+if __name__ == "__main__":  # quick look: python -m deebert_jax.data TASK GLUE_DIR TOKENIZER_DIR
+    task, glue, tok_dir = sys.argv[1:4]
+    for s in ("train", "dev"):
+        print(s, describe(load_split(task, s, glue_dir=glue, tokenizer=load_tokenizer(tok_dir))))
