@@ -1,0 +1,96 @@
+"""Evaluate a deebert-jax checkpoint on a dev set: each ramp alone, then an early-exit threshold sweep.
+
+    python -m train.evaluate --checkpoint DIR --task T [--thresholds 0,0.001,...] [--rule entropy]
+        [--batch-size B] [--mode batch|exit_aware] [--glue-dir D] [--max-seq-length S] [--limit N]
+        --out results.json
+
+Prints a table, writes `results.json` and a PNG beside it (metric against layer saving, and each
+ramp's metric against its layer). GLUE tasks are tokenised with DIR/tokenizer (or DIR); the
+`synthetic` task needs no tokenizer. On bad input it exits non-zero and names what is at fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+
+def parse_thresholds(text: str) -> list[float]:
+    """'0,0.001 0.005' -> [0.0, 0.001, 0.005]."""
+    values = []
+    for item in text.replace(",", " ").split():
+        try:
+            value = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--thresholds: {item!r} is not a number") from None
+        if math.isnan(value) or value < 0:
+            raise argparse.ArgumentTypeError(f"--thresholds: {item!r} must be a number >= 0")
+        values.append(value)
+    if not values:
+        raise argparse.ArgumentTypeError("--thresholds: no values given")
+    return values
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def main(argv=None) -> int:
+    from deebert_jax.evaluation import MODES
+    from deebert_jax.early_exit import EXIT_RULES
+
+    parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="deebert-jax checkpoint directory (save_checkpoint)")
+    parser.add_argument("--task", required=True, help="GLUE task (sst2, mrpc, rte, qnli, qqp, mnli, cola) or synthetic")
+    parser.add_argument("--thresholds", type=parse_thresholds, default=None,
+                        help="comma-separated; default for entropy: 0,0.001,0.005,0.01,0.05,0.1,...,0.7")
+    parser.add_argument("--rule", default="entropy", choices=sorted(EXIT_RULES))
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--mode", default="batch", choices=MODES,
+                        help="batch: one loop per batch (pmap over local devices); exit_aware: rows compacted as they exit")
+    parser.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"),
+                        help="local GLUE folder (default $GLUE_DIR; without it the datasets hub)")
+    parser.add_argument("--max-seq-length", type=positive_int, default=128)
+    parser.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N dev examples")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--out", required=True, help="results JSON path; the PNG goes beside it")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+
+    from deebert_jax import data, evaluation
+    from deebert_jax.checkpoint import load_checkpoint
+    from deebert_jax.config import ConfigError
+
+    try:
+        config, params = load_checkpoint(args.checkpoint)
+        task = data.canonical_task(args.task)
+        if data.num_labels(task) != config.num_labels:
+            raise ValueError(f"{args.checkpoint}: model has num_labels={config.num_labels} but task {task} "
+                             f"has {data.num_labels(task)} labels")
+        tokenizer = None if data.TASKS[task] is None else data.load_tokenizer(args.checkpoint)
+        arrays = data.load_split(task, "dev", glue_dir=args.glue_dir, tokenizer=tokenizer,
+                                 max_seq_length=args.max_seq_length, limit=args.limit, vocab_size=config.vocab_size)
+        print(f"{task} dev: {data.describe(arrays)}", file=sys.stderr)
+        results = evaluation.evaluate(config, params, arrays, task, thresholds=args.thresholds, rule=args.rule,
+                                      batch_size=args.batch_size, mode=args.mode, dtype=args.dtype,
+                                      progress=not args.no_progress)
+        results["checkpoint"] = os.path.abspath(args.checkpoint)
+        json_path, png_path = evaluation.write_results(results, args.out)
+    except (ValueError, ConfigError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(evaluation.format_table(results))
+    print(f"\nwrote {json_path} and {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
