@@ -1,0 +1,143 @@
+"""Latency of the same weights and inputs through JAX/XLA and eager PyTorch.
+
+    python -m train.benchmark (--checkpoint DIR | --pytorch DIR | --random-model bert-base)
+        [--task T] [--batch-sizes 1,32] [--thresholds 0,0.1,0.5] [--runs N] --out bench.json
+
+Writes bench.json, bench.md (table) and bench.png (latency against threshold) and prints the
+table. CPU by default; `--device auto` puts both frameworks on the GPU when one is present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from deebert_jax.benchmarking import DEFAULT_THRESHOLDS, MIN_RUNS, RANDOM_MODELS, available_cpus
+    p = argparse.ArgumentParser(prog="python -m train.benchmark", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="deebert-jax (orbax) checkpoint directory")
+    src.add_argument("--pytorch", help="PyTorch BERT / DeeBERT directory (config.json + weights)")
+    src.add_argument("--random-model", choices=RANDOM_MODELS, help="random weights of this size")
+    p.add_argument("--num-labels", type=int, default=2, help="classes for --pytorch / --random-model")
+    p.add_argument("--task", default="none", help="GLUE task for real dev sentences (e.g. sst2); 'none': random tokens")
+    p.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"), help="local GLUE folder (default $GLUE_DIR)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
+    p.add_argument("--seq-len", type=int, default=128, help="padded length (the predictor's max_seq_length)")
+    p.add_argument("--batch-sizes", type=_ints, default=[1, 32])
+    p.add_argument("--thresholds", type=_floats, default=list(DEFAULT_THRESHOLDS))
+    p.add_argument("--runs", type=int, default=MIN_RUNS, help=f"timed runs per cell (>= {MIN_RUNS} for reported numbers)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=available_cpus(), help="threads for XLA and torch alike")
+    p.add_argument("--device", choices=("cpu", "auto"), default="cpu",
+                   help="cpu (default), or auto: both frameworks on the GPU when one is present")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--schedule", choices=("interleaved", "blocked"), default="interleaved")
+    p.add_argument("--backends", default="jax,torch", help="comma-separated subset of jax,torch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", required=True, help="bench.json path (.md and .png are written beside it)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    from deebert_jax import benchmarking as bm
+    import jax
+    # Both must be fixed before JAX starts its backends (importing jax does not start them).
+    bm.set_thread_env(args.threads)
+    if args.device == "cpu":
+        jax.config.update("jax_platforms", "cpu")
+    import numpy as np
+    import torch
+    from deebert_jax.checkpoint import load_checkpoint
+    from deebert_jax.config import ConfigError
+    from deebert_jax.convert import CheckpointError, load_pytorch_checkpoint
+    from deebert_jax.modeling import init_params
+
+    torch.set_num_threads(args.threads)
+    try:
+        spec = bm.BenchmarkSpec(batch_sizes=args.batch_sizes, thresholds=args.thresholds, runs=args.runs,
+                                warmup=args.warmup, schedule=args.schedule, dtype=args.dtype,
+                                backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()))
+        spec.check()
+        if args.checkpoint:
+            config, params = load_checkpoint(args.checkpoint)
+            model_name, model_dir = f"checkpoint {args.checkpoint}", args.checkpoint
+        elif args.pytorch:
+            config, params = load_pytorch_checkpoint(args.pytorch, num_labels=args.num_labels)
+            model_name, model_dir = f"pytorch {args.pytorch}", args.pytorch
+        else:
+            config = bm.random_model_config(args.random_model, args.num_labels)
+            params = init_params(config, jax.random.PRNGKey(args.seed))
+            model_name, model_dir = f"random {args.random_model}", None
+        model_name += (f" ({config.num_hidden_layers} layers, width {config.hidden_size}, "
+                       f"{config.num_labels} labels)")
+        arrays, inputs = _inputs(args, config, model_dir, spec)
+        jax_platform = jax.devices()[0].platform
+        torch_device = bm.torch_device_for(jax_platform)
+        env = bm.environment(args.threads, torch_device)
+        print(f"device: {env['device']}; threads: {env['threads']}; matmul GFLOP/s: {env['matmul_gflops']}",
+              file=sys.stderr)
+        with tempfile.TemporaryDirectory(prefix="deebert-bench-") as tmp:
+            torch_model = None
+            if "torch" in spec.backends:
+                torch_model = bm.torch_twin(config, params, os.path.join(tmp, "torch"), torch_device, args.dtype)
+            rows = bm.run_benchmark(config, params, arrays, spec, torch_model=torch_model,
+                                    torch_device=torch_device, show_progress=not args.no_progress)
+    except (bm.BenchmarkError, CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    result = {**env, "model": model_name, "inputs": inputs, "runs": spec.runs, "warmup": spec.warmup,
+              "schedule": spec.schedule, "dtype": spec.dtype, "rule": spec.rule,
+              "command": "python -m train.benchmark " + shlex.join(argv), "rows": rows}
+    result["targets"] = bm.check_targets(result)
+    paths = bm.write_outputs(result, args.out)
+    print(bm.markdown(result))
+    print("wrote " + ", ".join(paths.values()), file=sys.stderr)
+    return 0
+
+
+def _inputs(args, config, model_dir, spec):
+    """The input pool: real dev sentences of `--task`, else random full-length token ids."""
+    from deebert_jax import benchmarking as bm
+    need = args.runs * max(spec.batch_sizes)
+    if args.task.lower() in ("none", ""):
+        arrays = bm.random_inputs(config.vocab_size, need, args.seq_len, args.seed)
+        return arrays, f"random tokens, {need} rows, all {args.seq_len} positions real"
+    from deebert_jax import data
+    task = data.canonical_task(args.task)
+    tokenizer = None
+    if data.TASKS[task] is not None:
+        tok_dir = args.tokenizer or model_dir
+        if tok_dir is None:
+            raise bm.BenchmarkError(f"--task {task} needs a tokenizer: pass --tokenizer DIR with --random-model")
+        tokenizer = data.load_tokenizer(tok_dir)
+    arrays = data.load_split(task, "dev", glue_dir=args.glue_dir, tokenizer=tokenizer, max_seq_length=args.seq_len,
+                             limit=need, vocab_size=config.vocab_size, seed=args.seed)
+    n = arrays["input_ids"].shape[0]
+    real = float(arrays["attention_mask"].sum(-1).mean())
+    return arrays, f"{task} dev, {n} sentences, padded to {args.seq_len} (mean {real:.1f} real tokens)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
