@@ -15,11 +15,13 @@ ramps 1..L-1 are DeeBERT's off-ramps ("highways").
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from deebert_jax.config import DeeBertConfig
 
@@ -82,24 +84,28 @@ class Layer(nn.Module):
     config: DeeBertConfig
     dtype: Any = jnp.float32
     deterministic: bool = True
+    # Only position 0 as queries: all the ramps read, so the last layer of an eval pass needs no
+    # more. Output [B, 1, H]; parameters are the same.
+    first_token_only: bool = False
 
     @nn.compact
     def __call__(self, hidden, mask_bias):
-        """hidden [B, S, H], mask_bias [B, S] additive -> [B, S, H]."""
+        """hidden [B, S, H], mask_bias [B, S] additive -> [B, S, H] ([B, 1, H] if first_token_only)."""
         c, dt = self.config, self.dtype
         B, S, H = hidden.shape
-        heads = lambda t: t.reshape(B, S, c.num_attention_heads, c.head_dim)
-        q = heads(_dense(c, H, "query", dt)(hidden))
+        queries = hidden[:, :1] if self.first_token_only else hidden
+        heads = lambda t: t.reshape(B, t.shape[1], c.num_attention_heads, c.head_dim)
+        q = heads(_dense(c, H, "query", dt)(queries))
         k = heads(_dense(c, H, "key", dt)(hidden))
         v = heads(_dense(c, H, "value", dt)(hidden))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(c.head_dim).astype(jnp.float32)
         scores = scores + mask_bias[:, None, None, :].astype(jnp.float32)
         probs = jax.nn.softmax(scores, axis=-1)
         probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=self.deterministic)
-        context = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dt), v).reshape(B, S, H)
+        context = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dt), v).reshape(queries.shape)
         attn = _dense(c, H, "attention_output", dt)(context)
         attn = nn.Dropout(c.hidden_dropout_prob)(attn, deterministic=self.deterministic)
-        attn = _layer_norm(c, "attention_LayerNorm")(attn + hidden).astype(dt)
+        attn = _layer_norm(c, "attention_LayerNorm")(attn + queries).astype(dt)
         ff = activation(c.hidden_act)(_dense(c, c.intermediate_size, "intermediate", dt)(attn))
         ff = _dense(c, H, "output", dt)(ff)
         ff = nn.Dropout(c.hidden_dropout_prob)(ff, deterministic=self.deterministic)
@@ -176,8 +182,53 @@ def init_params(config: DeeBertConfig, rng: jax.Array, seq_len: int = 8) -> Para
 
 def forward(config: DeeBertConfig, params: Params, input_ids, attention_mask, token_type_ids,
             dtype=jnp.float32) -> jax.Array:
-    """Full-depth eval forward -> ramp logits [L, B, K]."""
-    return DeeBert(config, dtype).apply({"params": params}, input_ids, attention_mask, token_type_ids)
+    """Full-depth eval forward -> ramp logits [L, B, K].
+
+    Stacked params run the Flax module (the training graph, `nn.scan` over layers). Params from
+    `unstack_params` take the inference path: the layers unrolled over their own weights (no
+    copy of a layer's weights per call, which slicing the stacked L axis makes) and the last
+    layer computed for the first token only, which is all the ramps read. Both agree to float32
+    rounding (`docs/performance.md`).
+    """
+    if not is_unstacked(params):
+        return DeeBert(config, dtype).apply({"params": params}, input_ids, attention_mask, token_type_ids)
+    hidden = embed(config, params, input_ids, token_type_ids, dtype)
+    mask_bias = attention_bias(attention_mask, dtype)
+    L = config.num_hidden_layers
+    logits = []
+    for i, (layer_params, ramp_params) in enumerate(zip(params["layers"], params["ramps"])):
+        hidden = layer_forward(config, layer_params, hidden, mask_bias, dtype, first_token_only=i == L - 1)
+        logits.append(ramp_forward(config, ramp_params, hidden, dtype))
+    return jnp.stack(logits)
+
+
+# The inference layout: the same arrays, with the L axis split into a tuple of per-layer trees.
+
+def is_unstacked(params: Params) -> bool:
+    """True for params from `unstack_params` (`layers` and `ramps` are tuples of L trees)."""
+    return isinstance(params["layers"], (tuple, list))
+
+
+def unstack_params(params: Params) -> Params:
+    """Stacked params -> the inference layout: `layers` and `ramps` as tuples of L per-layer trees.
+
+    Do it once after loading: `forward`, `layer_forward_at` and `ramp_forward_at` then read each
+    layer's weights in place. Numpy leaves stay numpy (views); device arrays are sliced once.
+    """
+    if is_unstacked(params):
+        return params
+    L = jax.tree_util.tree_leaves(params["layers"])[0].shape[0]
+    split = lambda tree: tuple(jax.tree_util.tree_map(lambda x: x[i], tree) for i in range(L))
+    return {**params, "layers": split(params["layers"]), "ramps": split(params["ramps"])}
+
+
+def stack_params(params: Params) -> Params:
+    """The inverse of `unstack_params` (for saving, exporting and training)."""
+    if not is_unstacked(params):
+        return params
+    stack = lambda trees: jax.tree_util.tree_map(lambda *xs: (np.stack(xs) if isinstance(xs[0], np.ndarray)
+                                                              else jnp.stack(xs)), *trees)
+    return {**params, "layers": stack(params["layers"]), "ramps": stack(params["ramps"])}
 
 
 # Pieces of the model as pure functions, for loops that run one layer at a time.
@@ -187,9 +238,13 @@ def embed(config: DeeBertConfig, params: Params, input_ids, token_type_ids, dtyp
     return Embeddings(config, dtype).apply({"params": params["embeddings"]}, input_ids, token_type_ids)
 
 
-def layer_forward(config: DeeBertConfig, layer_params: Params, hidden, mask_bias, dtype=jnp.float32) -> jax.Array:
-    """One layer's parameters (no L axis), hidden [B, S, H] -> [B, S, H] (eval mode)."""
-    return Layer(config, dtype).apply({"params": layer_params}, hidden, mask_bias)
+def layer_forward(config: DeeBertConfig, layer_params: Params, hidden, mask_bias, dtype=jnp.float32,
+                  first_token_only: bool = False) -> jax.Array:
+    """One layer's parameters (no L axis), hidden [B, S, H] -> [B, S, H] (eval mode).
+
+    `first_token_only`: position 0 alone as queries -> [B, 1, H] (what the ramps read).
+    """
+    return Layer(config, dtype, first_token_only=first_token_only).apply({"params": layer_params}, hidden, mask_bias)
 
 
 def ramp_forward(config: DeeBertConfig, ramp_params: Params, hidden, dtype=jnp.float32) -> jax.Array:
@@ -197,11 +252,69 @@ def ramp_forward(config: DeeBertConfig, ramp_params: Params, hidden, dtype=jnp.f
     return Ramp(config, dtype).apply({"params": ramp_params}, hidden[:, 0])
 
 
+def _static_index(index) -> int | None:
+    try:
+        return operator.index(index)
+    except TypeError:  # a tracer
+        return None
+
+
 def layer_params_at(params: Params, index) -> Params:
-    """The parameters of layer `index` (0-based, may be traced) without the L axis."""
-    return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, index, keepdims=False), params["layers"])
+    """The parameters of layer `index` (0-based, may be traced) without the L axis.
+
+    A copy of the layer's weights when `index` is traced; `layer_forward_at` avoids it.
+    """
+    return _select(params["layers"], index)
 
 
 def ramp_params_at(params: Params, index) -> Params:
     """The parameters of ramp `index` (0-based, may be traced) without the L axis."""
-    return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, index, keepdims=False), params["ramps"])
+    return _select(params["ramps"], index)
+
+
+def _select(tree, index):
+    static = _static_index(index)
+    if isinstance(tree, (tuple, list)):
+        if static is not None:
+            return tree[static]
+        return jax.lax.switch(index, [functools.partial(lambda t: t, t) for t in tree])
+    return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, index, keepdims=False), tree)
+
+
+def layer_forward_at(config: DeeBertConfig, params: Params, index, hidden, mask_bias, dtype=jnp.float32,
+                     first_token_only_at_last: bool = False) -> jax.Array:
+    """Layer `index` (0-based, may be traced) of the whole model's params, hidden [B, S, H] -> [B, S, H].
+
+    With params from `unstack_params` a traced index is a `lax.switch` over the layers, each
+    branch reading its own weights in place; stacked params are sliced (a copy per call).
+    `first_token_only_at_last`: the last layer updates position 0 only (the other positions keep
+    their input), all an exit loop's final ramp reads, for a fraction of the layer's cost.
+    """
+    L = config.num_hidden_layers
+
+    def run(layer_params, hidden, last: bool):
+        if first_token_only_at_last and last:
+            first = layer_forward(config, layer_params, hidden, mask_bias, dtype, first_token_only=True)
+            return jax.lax.dynamic_update_slice_in_dim(hidden, first.astype(hidden.dtype), 0, axis=1)
+        return layer_forward(config, layer_params, hidden, mask_bias, dtype)
+
+    static = _static_index(index)
+    if static is not None:
+        return run(layer_params_at(params, static), hidden, static == L - 1)
+    if is_unstacked(params):
+        branches = [functools.partial(run, p, last=i == L - 1) for i, p in enumerate(params["layers"])]
+        return jax.lax.switch(index, branches, hidden)
+    layer_params = layer_params_at(params, index)
+    if not first_token_only_at_last:
+        return run(layer_params, hidden, False)
+    return jax.lax.cond(index == L - 1, functools.partial(run, layer_params, last=True),
+                        functools.partial(run, layer_params, last=False), hidden)
+
+
+def ramp_forward_at(config: DeeBertConfig, params: Params, index, hidden, dtype=jnp.float32) -> jax.Array:
+    """Ramp `index` (0-based, may be traced) of the whole model's params, hidden [B, S, H] -> [B, K]."""
+    static = _static_index(index)
+    if static is None and is_unstacked(params):
+        branches = [functools.partial(ramp_forward, config, p, dtype=dtype) for p in params["ramps"]]
+        return jax.lax.switch(index, branches, hidden)
+    return ramp_forward(config, ramp_params_at(params, index), hidden, dtype)
