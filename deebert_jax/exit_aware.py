@@ -30,7 +30,7 @@ from deebert_jax.early_exit import EXIT_RULES, ExitResult, check_threshold
 
 DEFAULT_BUCKET_SIZES = (32, 8)
 DEFAULT_POOL_SIZE = 1024
-SCHEDULERS = ("device", "host")
+SCHEDULERS = ("device", "host", "refill")
 
 
 def _gather_rows(tree, rows):
@@ -154,6 +154,63 @@ def _pool_loop_host(config, params, input_ids, attention_mask, token_type_ids, t
     return ExitResult(logits, exit_layer, jnp.max(exit_layer))
 
 
+@functools.partial(jax.jit, static_argnames=("config", "rule", "bucket_sizes", "dtype"))
+def _pool_loop_refill(config: DeeBertConfig, params, input_ids, attention_mask, token_type_ids, threshold,
+                      rule: str, bucket_sizes: tuple[int, ...], dtype) -> ExitResult:
+    """The other design: `max(bucket_sizes)` slots, each at its own layer; a slot whose row exits
+    is refilled with the next waiting row at layer 1. No bucket padding, but every step gathers one
+    copy of the layer weights per slot and runs per-slot (batched) matmuls."""
+    L, n = config.num_hidden_layers, input_ids.shape[0]
+    slots = max(bucket_sizes)
+    exit_rule = EXIT_RULES[rule]
+    threshold = jnp.asarray(threshold, jnp.float32)
+    mask_bias, (pool_hidden, logits, exit_layer, padding_row, _) = _init_pool(
+        config, params, input_ids, attention_mask, token_type_ids, rule, dtype)
+    queue = jnp.nonzero(~padding_row, size=n + slots, fill_value=n)[0].astype(jnp.int32)
+    fresh_rule_state = exit_rule.init(slots)
+
+    def per_slot(layer_params, ramp_params, hidden, bias):
+        hidden = modeling.layer_forward(config, layer_params, hidden[None], bias[None], dtype)
+        return hidden[0], modeling.ramp_forward(config, ramp_params, hidden, dtype)[0]
+
+    def refill(free, slot_row, slot_layer, slot_hidden, rule_state, next_row):
+        rank = jnp.cumsum(free) - 1
+        new_row = jnp.where(free, queue[jnp.minimum(next_row + rank, n + slots - 1)], slot_row)
+        slot_hidden = jnp.where(free[:, None, None], jnp.take(pool_hidden, jnp.minimum(new_row, n - 1), axis=0),
+                                slot_hidden)
+        rule_state = jax.tree_util.tree_map(
+            lambda old, new: jnp.where(free.reshape((-1,) + (1,) * (old.ndim - 1)), new, old),
+            rule_state, fresh_rule_state)
+        return (new_row, jnp.where(free, 0, slot_layer), slot_hidden, rule_state,
+                next_row + jnp.sum(free, dtype=jnp.int32))
+
+    def cond(carry):
+        return jnp.any(carry[0] < n)
+
+    def body(carry):
+        slot_row, slot_layer, slot_hidden, rule_state, next_row, logits, exit_layer = carry
+        running = slot_row < n
+        index = jnp.minimum(slot_layer, L - 1)
+        layer_params = jax.tree_util.tree_map(lambda x: jnp.take(x, index, axis=0), params["layers"])
+        ramp_params = jax.tree_util.tree_map(lambda x: jnp.take(x, index, axis=0), params["ramps"])
+        bias = jnp.take(mask_bias, jnp.minimum(slot_row, n - 1), axis=0)
+        slot_hidden, ramp_logits = jax.vmap(per_slot)(layer_params, ramp_params, slot_hidden, bias)
+        wants_exit, rule_state = exit_rule.step(rule_state, ramp_logits, threshold)
+        exits = running & (wants_exit | (slot_layer == L - 1))
+        exit_rows = jnp.where(exits, slot_row, n)
+        logits = logits.at[exit_rows].set(ramp_logits, mode="drop")
+        exit_layer = exit_layer.at[exit_rows].set(slot_layer + 1, mode="drop")
+        slot_row, slot_layer, slot_hidden, rule_state, next_row = refill(
+            exits, slot_row, slot_layer + 1, slot_hidden, rule_state, next_row)
+        return slot_row, slot_layer, slot_hidden, rule_state, next_row, logits, exit_layer
+
+    everything_free = jnp.ones((slots,), bool)
+    start = refill(everything_free, jnp.full((slots,), n, jnp.int32), jnp.zeros((slots,), jnp.int32),
+                   jnp.zeros((slots,) + pool_hidden.shape[1:], pool_hidden.dtype), fresh_rule_state, jnp.int32(0))
+    carry = jax.lax.while_loop(cond, body, start + (logits, exit_layer))
+    return ExitResult(carry[5], carry[6], jnp.max(carry[6]))
+
+
 def padded_pool_size(n: int, bucket_sizes: Sequence[int], pool_size: int) -> int:
     """Rows a pool of `n` is padded to: the largest bucket times a power of two, at most
     `pool_size` rounded up to that bucket; so all pool sizes share a few compiled programs."""
@@ -198,7 +255,8 @@ def exit_aware_predict(config: DeeBertConfig, params, input_ids, attention_mask,
     if n == 0:
         k = config.num_labels
         return ExitResult(jnp.zeros((0, k), jnp.float32), jnp.zeros((0,), jnp.int32), jnp.int32(0))
-    run = _pool_loop_device if scheduler == "device" else _pool_loop_host
+    run = {"device": _pool_loop_device, "host": _pool_loop_host, "refill": _pool_loop_refill}[scheduler]
+    params = jax.device_put(params)  # once, not once per pool (numpy params would be copied per call)
     step = padded_pool_size(pool_size, bucket_sizes, pool_size)
     arrays = [np.asarray(a) for a in (input_ids, attention_mask, token_type_ids)]
     logits, exit_layer = [], []

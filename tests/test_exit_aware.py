@@ -84,13 +84,16 @@ def test_matches_early_exit_on_random_models_and_thresholds(models, rule):
             reference = early_exit_predict(CONFIG, params, *batch, threshold, rule)
             result = exit_aware_predict(CONFIG, params, *batch, threshold, rule, bucket_sizes=(8, 2))
             assert_same(result, reference)
+            if rule == "patience":  # the refill scheduler carries per-slot rule state: check it too
+                assert_same(exit_aware_predict(CONFIG, params, *batch, threshold, rule, bucket_sizes=(8,),
+                                               scheduler="refill"), reference)
             spread |= set(np.asarray(result.exit_layer).tolist())
     # The thresholds must actually exercise compaction: early and late exits, and padding rows.
     assert 0 in spread and len(spread - {0}) >= 3
 
 
-def test_pools_bucket_remainders_and_host_scheduler(models):
-    """Several pools (pool_size 16: the last holds 5 rows), one bucket size or two, both schedulers."""
+def test_pools_bucket_remainders_and_every_scheduler(models):
+    """Several pools (pool_size 16: the last holds 5 rows), one bucket size or two, every scheduler."""
     params = models[0]
     batch = random_batch(37, seed=3, padding_rows=(0,))
     real = np.asarray(batch[1]).sum(-1) > 0
@@ -99,7 +102,7 @@ def test_pools_bucket_remainders_and_host_scheduler(models):
     reference = early_exit_predict(CONFIG, params, *batch, threshold)
     assert len(set(np.asarray(reference.exit_layer).tolist())) >= 3
     for kwargs in (dict(bucket_sizes=(8, 2), pool_size=16), dict(bucket_sizes=(3,)),
-                   dict(bucket_sizes=(5,), scheduler="host")):
+                   dict(bucket_sizes=(5,), scheduler="host"), dict(bucket_sizes=(8,), scheduler="refill")):
         assert_same(exit_aware_predict(CONFIG, params, *batch, threshold, **kwargs), reference)
 
 

