@@ -103,6 +103,21 @@ def check_threshold(threshold, rule: str = "entropy") -> None:
         raise ValueError(f"threshold={value} for rule {rule!r} {problem}")
 
 
+def check_inputs(config: DeeBertConfig, input_ids, attention_mask, token_type_ids) -> None:
+    """Raises ValueError unless the three inputs are integer (or bool) [B, S] arrays of one shape that fits."""
+    named = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+    shapes = {k: tuple(np.shape(v)) for k, v in named.items()}
+    if len(shapes["input_ids"]) != 2 or len(set(shapes.values())) != 1:
+        raise ValueError(f"input_ids, attention_mask, token_type_ids must share one [B, S] shape, got {shapes}")
+    for k, v in named.items():
+        dtype = v.dtype if hasattr(v, "dtype") else np.asarray(v).dtype
+        if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_)):
+            raise ValueError(f"{k} must hold integers, got dtype {getattr(v, 'dtype', type(v))}")
+    if shapes["input_ids"][1] > config.max_position_embeddings:
+        raise ValueError(f"sequence length {shapes['input_ids'][1]} exceeds max_position_embeddings="
+                         f"{config.max_position_embeddings}")
+
+
 def _canonical(threshold, dtype):
     # One cache entry whatever the caller passes: a Python float (weak type), np.float64 and a
     # jax array would otherwise each compile their own loop.
@@ -156,6 +171,7 @@ def early_exit_predict(config: DeeBertConfig, params, input_ids, attention_mask,
     Pass `params` as device arrays: numpy params are copied to the device on every call.
     """
     check_threshold(threshold, rule)
+    check_inputs(config, input_ids, attention_mask, token_type_ids)
     threshold, dtype = _canonical(threshold, dtype)
     return _exit_loop(config, params, input_ids, attention_mask, token_type_ids, threshold, rule=rule, dtype=dtype)
 
@@ -191,6 +207,7 @@ def early_exit_predict_pmap(config: DeeBertConfig, params, input_ids, attention_
     repeatedly.
     """
     check_threshold(threshold, rule)
+    check_inputs(config, input_ids, attention_mask, token_type_ids)
     threshold, dtype = _canonical(threshold, dtype)
     devices = local_devices(devices)
     D = len(devices)

@@ -226,6 +226,17 @@ def test_bad_thresholds_are_clear_errors(params, rule, threshold, message):
         ee.early_exit_predict(CONFIG, params, ids, mask, types, np.array([0.1, 0.2]))
 
 
+def test_bad_inputs_are_clear_errors(params):
+    ids, mask, types = make_batch(2)
+    with pytest.raises(ValueError, match="one \\[B, S\\] shape"):
+        ee.early_exit_predict(CONFIG, params, ids, mask[:, :5], types, 0.1)
+    with pytest.raises(ValueError, match="attention_mask must hold integers"):
+        ee.early_exit_predict(CONFIG, params, ids, mask.astype(np.float32), types, 0.1)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        long = np.ones((1, CONFIG.max_position_embeddings + 1), np.int32)
+        ee.early_exit_predict_pmap(CONFIG, params, long, long, long, 0.1)
+
+
 def test_pmap_matches_single_device_and_each_device_stops_on_its_own(params):
     devices = jax.local_devices()
     assert len(devices) >= 2, "conftest should give 8 CPU devices"
