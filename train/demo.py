@@ -1,0 +1,120 @@
+"""The main job end to end: convert MiniLM-L6, train both stages, sweep thresholds, time JAX vs PyTorch.
+
+    python -m train.demo --config configs/demo.py [--config.FIELD=VALUE ...]
+
+Each step is one of the project's own commands, printed before it runs so it can be re-run
+alone; a second run on the same workdir resumes training and redoes the rest. Ends with one
+summary table and the paths of the plots and JSON files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "demo/training config file", lock_config=False)
+
+DEFAULTS = {"eval_mode": "exit_aware", "bench_batch_sizes": "1", "bench_runs": 30,
+            "bench_thresholds": "0,0.01,0.05,0.1,0.2,0.3,0.4,0.5,0.6,0.7"}
+
+
+def _config_overrides(argv: list[str]) -> list[str]:
+    """The user's --config.FIELD=VALUE flags, passed on to train.train unchanged."""
+    return [a for a in argv if a.startswith("--config.")]
+
+
+def _run(step: str, cmd: list[str]) -> float:
+    print(f"\n==> {step}\n$ {shlex.join(cmd)}", flush=True)
+    start = time.time()
+    proc = subprocess.run(cmd)
+    if proc.returncode != 0:
+        raise SystemExit(f"demo: step '{step}' failed (exit {proc.returncode}); see its output above")
+    return time.time() - start
+
+
+def _glue_note(cfg) -> str:
+    glue_dir = cfg.get("glue_dir", "") or os.environ.get("GLUE_DIR", "")
+    if cfg.task == "synthetic":
+        return "synthetic data"
+    if glue_dir:
+        if not os.path.isdir(glue_dir):
+            raise SystemExit(f"demo: GLUE_DIR={glue_dir} is not a directory; point it at the GLUE TSV folder")
+        return f"GLUE TSVs from {glue_dir}"
+    try:
+        from huggingface_hub import HfApi
+        HfApi().dataset_info("nyu-mll/glue", timeout=10)
+    except Exception as e:
+        raise SystemExit("demo: no GLUE data: GLUE_DIR is not set and the datasets hub (nyu-mll/glue) cannot be "
+                         f"reached ({type(e).__name__}). Set GLUE_DIR=/path/to/glue (folders SST-2, MRPC, ...)")
+    return "GLUE from the datasets hub (nyu-mll/glue)"
+
+
+def main(argv):
+    cfg = _CONFIG.value
+    get = lambda k: cfg.get(k, DEFAULTS[k])
+    py = sys.executable
+    workdir = os.path.abspath(cfg.workdir)
+    config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+    overrides = _config_overrides(argv if len(argv) > 1 else sys.argv)
+    source = _glue_note(cfg)
+    os.makedirs(workdir, exist_ok=True)
+    timings, started = {}, time.time()
+
+    init = cfg.init_checkpoint
+    if init != "random":
+        from deebert_jax.training import default_init_checkpoint
+        from deebert_jax.data import num_labels
+        converted = os.path.join(workdir, "converted")
+        timings["convert"] = _run("convert the PyTorch checkpoint", [
+            py, "-m", "train.convert", "--pytorch", init or default_init_checkpoint(), "--out", converted,
+            "--num-labels", str(num_labels(cfg.task))])
+        init = converted
+    train_dir = os.path.join(workdir, "train")
+    timings["train"] = _run("train: stage 1 (backbone + final ramp), stage 2 (off-ramps)", [
+        py, "-m", "train.train", f"--config={config_file}", *overrides, f"--config.workdir={train_dir}",
+        f"--config.init_checkpoint={init}"])
+    model = os.path.join(train_dir, "model")
+    glue = ["--glue-dir", cfg.glue_dir] if cfg.get("glue_dir", "") else []
+    eval_limit = ["--limit", str(cfg.eval_limit)] if cfg.get("eval_limit", 0) else []
+    results_path = os.path.join(workdir, "results.json")
+    timings["evaluate"] = _run("evaluate: every ramp, then the threshold sweep", [
+        py, "-m", "train.evaluate", "--checkpoint", model, "--task", cfg.task, "--max-seq-length",
+        str(cfg.max_seq_length), "--batch-size", str(cfg.eval_batch_size), "--mode", get("eval_mode"),
+        *glue, *eval_limit, "--out", results_path])
+    bench_path = os.path.join(workdir, "bench.json")
+    timings["benchmark"] = _run("benchmark: the same weights and sentences through JAX and eager PyTorch", [
+        py, "-m", "train.benchmark", "--checkpoint", model, "--task", cfg.task, "--seq-len", str(cfg.max_seq_length),
+        "--batch-sizes", str(get("bench_batch_sizes")), "--thresholds", str(get("bench_thresholds")),
+        "--runs", str(get("bench_runs")), *glue, "--no-progress", "--out", bench_path])
+
+    from deebert_jax.report import format_summary
+    with open(results_path) as f:
+        results = json.load(f)
+    with open(bench_path) as f:
+        bench = json.load(f)
+    batch = int(str(get("bench_batch_sizes")).split(",")[0])
+    limit = cfg.get("train_limit", 0)
+    print("\n" + "=" * 100)
+    print(f"deebert-jax demo: {cfg.task}, {source}; trained on "
+          + (f"the first {limit} training examples (train_limit; 0 = all)" if limit else "the full training set")
+          + f", length {cfg.max_seq_length}, {cfg.stage1_epochs:g} + {cfg.stage2_epochs:g} epochs")
+    print(f"device: {bench.get('device')}, threads {bench.get('threads')}")
+    print(format_summary(results, bench, batch))
+    print("\nfiles:")
+    for label, path in [("sweep", results_path), ("sweep plot", os.path.splitext(results_path)[0] + ".png"),
+                        ("latency", bench_path), ("latency plot", os.path.splitext(bench_path)[0] + ".png"),
+                        ("model", model), ("training log", os.path.join(train_dir, "metrics.jsonl"))]:
+        print(f"  {label:<13} {path}")
+    print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {time.time() - started:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))
