@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-0} $(PY) -m train.demo --config configs/demo.py $(DEMO_ARGS)
+	$(PY) -m train.demo --config configs/demo.py $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

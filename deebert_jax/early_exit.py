@@ -141,8 +141,10 @@ def _loop(config: DeeBertConfig, params, input_ids, attention_mask, token_type_i
 
     def body(carry):
         layer, hidden, logits, exit_layer, done, rule_state = carry
-        hidden = modeling.layer_forward(config, modeling.layer_params_at(params, layer), hidden, mask_bias, dtype)
-        ramp_logits = modeling.ramp_forward(config, modeling.ramp_params_at(params, layer), hidden, dtype)
+        # The last layer updates the first token only: its ramp reads nothing else.
+        hidden = modeling.layer_forward_at(config, params, layer, hidden, mask_bias, dtype,
+                                           first_token_only_at_last=True)
+        ramp_logits = modeling.ramp_forward_at(config, params, layer, hidden, dtype)
         wants_exit, rule_state = exit_rule.step(rule_state, ramp_logits, threshold)
         exits = ~done & (wants_exit | (layer == L - 1))
         logits = jnp.where(exits[:, None], ramp_logits, logits)
@@ -168,7 +170,9 @@ def early_exit_predict(config: DeeBertConfig, params, input_ids, attention_mask,
     patience: prediction unchanged for `threshold` consecutive ramps) and keeps that ramp's
     logits; ramp L always exits. The loop stops once every row has exited: the predicate is over
     the whole batch. `threshold` is traced, so one compiled function serves every threshold.
-    Pass `params` as device arrays: numpy params are copied to the device on every call.
+    `params` stacked (training layout) or from `modeling.unstack_params` (faster: each layer's
+    weights are read in place, not copied per iteration). Pass device arrays: numpy params are
+    copied to the device on every call.
     """
     check_threshold(threshold, rule)
     check_inputs(config, input_ids, attention_mask, token_type_ids)

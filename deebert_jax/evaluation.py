@@ -59,6 +59,7 @@ def make_predictor(config: DeeBertConfig, params, rule: str = "entropy", mode: s
     if rule not in early_exit.EXIT_RULES:
         raise ValueError(f"unknown exit rule {rule!r}; expected one of {sorted(early_exit.EXIT_RULES)}")
     devices, dtype = early_exit.local_devices(devices), jnp.dtype(dtype)
+    params = modeling.unstack_params(params)   # once: the loop then reads each layer's weights in place
 
     def inputs(batch):
         return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
@@ -78,7 +79,7 @@ def make_predictor(config: DeeBertConfig, params, rule: str = "entropy", mode: s
 def all_ramp_logits(config: DeeBertConfig, params, arrays: Mapping[str, np.ndarray], batch_size: int,
                     dtype=jnp.float32, progress: bool = False) -> np.ndarray:
     """Every ramp on every example (no exiting): [L, N, K] float32."""
-    params = jax.device_put(params)
+    params = jax.device_put(modeling.unstack_params(params))
     outputs = []
     for batch in tqdm(data.eval_batches(arrays, batch_size), desc="per-ramp", disable=not progress,
                       total=-(-data.num_examples(arrays) // batch_size)):

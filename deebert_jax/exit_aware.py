@@ -42,24 +42,27 @@ def _scatter_rows(tree, rows, values):
     return jax.tree_util.tree_map(lambda x, v: x.at[rows].set(v, mode="drop"), tree, values)
 
 
-def _bucket_step(config, rule, dtype, layer_params, ramp_params, layer, threshold, mask_bias, state, rows):
+def _bucket_step(config, rule, dtype, layer_params, ramp_params, layer, threshold, mask_bias, state, rows,
+                 last: bool = False):
     """Runs layer `layer` (0-based) on the pool rows `rows` [b] (index N = padding slot).
 
     state = (hidden [N,S,H], logits [N,K], exit_layer [N], done [N], rule_state); returns it updated.
+    `last` (static): the final layer, where every row exits and only position 0 is computed.
     """
     hidden, logits, exit_layer, done, rule_state = state
     n = hidden.shape[0]
-    last = config.num_hidden_layers - 1
     # Padding slots compute on a real row (no NaNs from an all-masked row) and write nowhere.
     safe = jnp.minimum(rows, n - 1)
     h = modeling.layer_forward(config, layer_params, jnp.take(hidden, safe, axis=0),
-                               jnp.take(mask_bias, safe, axis=0), dtype)
+                               jnp.take(mask_bias, safe, axis=0), dtype, first_token_only=last)
     ramp_logits = modeling.ramp_forward(config, ramp_params, h, dtype)
-    wants_exit, row_rule_state = EXIT_RULES[rule].step(_gather_rows(rule_state, safe), ramp_logits, threshold)
-    exits = wants_exit | (layer == last)
-    exit_rows = jnp.where(exits, rows, n)
-    hidden = hidden.at[rows].set(h, mode="drop")
-    rule_state = _scatter_rows(rule_state, rows, row_rule_state)
+    if last:
+        exit_rows = rows
+    else:
+        wants_exit, row_rule_state = EXIT_RULES[rule].step(_gather_rows(rule_state, safe), ramp_logits, threshold)
+        exit_rows = jnp.where(wants_exit, rows, n)
+        hidden = hidden.at[rows].set(h, mode="drop")
+        rule_state = _scatter_rows(rule_state, rows, row_rule_state)
     logits = logits.at[exit_rows].set(ramp_logits, mode="drop")
     exit_layer = exit_layer.at[exit_rows].set(layer + 1, mode="drop")
     done = done.at[exit_rows].set(True, mode="drop")
@@ -89,46 +92,54 @@ def _init_pool(config, params, input_ids, attention_mask, token_type_ids, rule, 
     return mask_bias, state
 
 
+def _run_layer(config, rule, dtype, params, layer, threshold, mask_bias, state, bucket_sizes, last=False):
+    """One layer over the pool's running rows, compacted into buckets, all on device."""
+    n = mask_bias.shape[0]
+    layer_params = modeling.layer_params_at(params, layer)   # one slice per layer, shared by its buckets
+    ramp_params = modeling.ramp_params_at(params, layer)
+    active = ~state[3]
+    # Running rows first, in pool order; the tail (and an extra bucket's worth) is the
+    # out-of-range index n, so every bucket slice stays in bounds and its padding writes nowhere.
+    order = jnp.nonzero(active, size=n, fill_value=n)[0].astype(jnp.int32)
+    order = jnp.concatenate([order, jnp.full((max(bucket_sizes),), n, jnp.int32)])
+    start = jnp.int32(0)
+    for size, count in _bucket_plan(jnp.sum(active, dtype=jnp.int32), bucket_sizes):
+        def bucket(j, state, start=start, size=size):
+            rows = jax.lax.dynamic_slice_in_dim(order, start + j * size, size)
+            return _bucket_step(config, rule, dtype, layer_params, ramp_params, layer, threshold,
+                                mask_bias, state, rows, last)
+        state = jax.lax.fori_loop(0, count, bucket, state)
+        start = start + count * size
+    return state
+
+
 @functools.partial(jax.jit, static_argnames=("config", "rule", "bucket_sizes", "dtype"))
 def _pool_loop_device(config: DeeBertConfig, params, input_ids, attention_mask, token_type_ids, threshold,
                       rule: str, bucket_sizes: tuple[int, ...], dtype) -> ExitResult:
-    L, n = config.num_hidden_layers, input_ids.shape[0]
+    L = config.num_hidden_layers
     threshold = jnp.asarray(threshold, jnp.float32)
     mask_bias, state = _init_pool(config, params, input_ids, attention_mask, token_type_ids, rule, dtype)
 
     def cond(carry):
         layer, state = carry
-        return (layer < L) & ~jnp.all(state[3])
+        return (layer < L - 1) & ~jnp.all(state[3])
 
     def body(carry):
         layer, state = carry
-        layer_params = modeling.layer_params_at(params, layer)
-        ramp_params = modeling.ramp_params_at(params, layer)
-        active = ~state[3]
-        n_active = jnp.sum(active, dtype=jnp.int32)
-        # Running rows first, in pool order; the tail (and an extra bucket's worth) is the
-        # out-of-range index n, so every bucket slice stays in bounds and its padding writes nowhere.
-        order = jnp.nonzero(active, size=n, fill_value=n)[0].astype(jnp.int32)
-        order = jnp.concatenate([order, jnp.full((max(bucket_sizes),), n, jnp.int32)])
-        start = jnp.int32(0)
-        for size, count in _bucket_plan(n_active, bucket_sizes):
-            def bucket(j, state, start=start, size=size):
-                rows = jax.lax.dynamic_slice_in_dim(order, start + j * size, size)
-                return _bucket_step(config, rule, dtype, layer_params, ramp_params, layer, threshold,
-                                    mask_bias, state, rows)
-            state = jax.lax.fori_loop(0, count, bucket, state)
-            start = start + count * size
-        return layer + 1, state
+        return layer + 1, _run_layer(config, rule, dtype, params, layer, threshold, mask_bias, state, bucket_sizes)
 
-    _, (_, logits, exit_layer, _, _) = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
+    _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
+    # The last layer, peeled off the loop so that it is static: position 0 only, every row exits.
+    _, logits, exit_layer, _, _ = _run_layer(config, rule, dtype, params, L - 1, threshold, mask_bias, state,
+                                             bucket_sizes, last=True)
     return ExitResult(logits, exit_layer, jnp.max(exit_layer))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "rule", "dtype"), donate_argnames=("state",))
-def _host_bucket_step(config, rule, dtype, params, layer, threshold, mask_bias, state, rows):
+@functools.partial(jax.jit, static_argnames=("config", "rule", "dtype", "last"), donate_argnames=("state",))
+def _host_bucket_step(config, rule, dtype, params, layer, threshold, mask_bias, state, rows, last):
     return _bucket_step(config, rule, dtype, modeling.layer_params_at(params, layer),
                         modeling.ramp_params_at(params, layer), layer, jnp.asarray(threshold, jnp.float32),
-                        mask_bias, state, rows)
+                        mask_bias, state, rows, last)
 
 
 _init_pool_jit = jax.jit(_init_pool, static_argnames=("config", "rule", "dtype"))
@@ -148,7 +159,8 @@ def _pool_loop_host(config, params, input_ids, attention_mask, token_type_ids, t
                 rows = np.full((size,), n, np.int32)
                 chunk = active_rows[start:start + size]
                 rows[:chunk.size] = chunk
-                state = _host_bucket_step(config, rule, dtype, params, layer, threshold, mask_bias, state, rows)
+                state = _host_bucket_step(config, rule, dtype, params, layer, threshold, mask_bias, state, rows,
+                                          last=layer == config.num_hidden_layers - 1)
                 start += size
     _, logits, exit_layer, _, _ = state
     return ExitResult(logits, exit_layer, jnp.max(exit_layer))

@@ -101,6 +101,27 @@ def make_optimizer(schedule: optax.Schedule, *, weight_decay: float = 0.0, b1: f
     return adamw
 
 
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+    """Everything that defines one stage's optimizer; hashable, so compiled steps can be reused."""
+
+    peak_learning_rate: float
+    total_steps: int
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+
+    def schedule(self) -> optax.Schedule:
+        return learning_rate_schedule(self.peak_learning_rate, self.total_steps, self.warmup_steps)
+
+    def optimizer(self) -> optax.GradientTransformation:
+        return make_optimizer(self.schedule(), weight_decay=self.weight_decay, b1=self.b1, b2=self.b2,
+                              eps=self.eps, max_grad_norm=self.max_grad_norm)
+
+
 # ----------------------------------------------------------------------------------------------
 # Steps
 
@@ -179,6 +200,20 @@ def make_train_step(config: DeeBertConfig, tx: optax.GradientTransformation, sch
     return step
 
 
+@functools.lru_cache(maxsize=8)
+def pmapped_train_step(config: DeeBertConfig, stage: int, settings: OptimizerSettings, devices: tuple | None = None):
+    """-> (pmapped step with the state donated, its optimizer). Cached: a second run in the same
+    process with the same model, stage and settings reuses the compiled step."""
+    tx = settings.optimizer()
+    step = make_train_step(config, tx, settings.schedule(), stage)
+    return jax.pmap(step, axis_name=AXIS, devices=devices, donate_argnums=(0,)), tx
+
+
+@functools.lru_cache(maxsize=8)
+def pmapped_predict_step(config: DeeBertConfig, devices: tuple | None = None):
+    return jax.pmap(make_predict_step(config), axis_name=AXIS, devices=devices)
+
+
 def make_predict_step(config: DeeBertConfig, dtype=jnp.float32) -> Callable:
     """-> `predict(params, batch) -> predictions [L, b]` (every ramp's argmax; full depth, eval mode)."""
     def predict(params, batch):
@@ -187,12 +222,19 @@ def make_predict_step(config: DeeBertConfig, dtype=jnp.float32) -> Callable:
     return predict
 
 
+@functools.lru_cache(maxsize=8)
+def _pmapped_identity(devices: tuple | None):
+    return jax.pmap(lambda x: x, devices=devices)
+
+
 def replicate(tree, devices):
-    """One copy of every leaf per device, stacked on a leading axis, the layout `pmap` takes."""
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("devices",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices"))
+    """One copy of every leaf per device, stacked on a leading axis, the layout `pmap` takes.
+
+    Placed by a pmapped identity, so the arrays carry exactly the sharding a pmapped step returns:
+    a step fed its own output then reuses its compilation instead of compiling a second time.
+    """
     stack = lambda x: np.broadcast_to(np.asarray(x)[None], (len(devices), *np.shape(x)))
-    return jax.device_put(jax.tree_util.tree_map(stack, jax.device_get(tree)), sharding)
+    return _pmapped_identity(_pmap_devices(devices))(jax.tree_util.tree_map(stack, jax.device_get(tree)))
 
 
 def unreplicate(tree):
@@ -207,7 +249,7 @@ def evaluate(config: DeeBertConfig, params: Params, arrays: Mapping[str, np.ndar
     """
     devices = devices or jax.local_devices()
     n_dev = len(devices)
-    p_predict = p_predict or jax.pmap(make_predict_step(config), axis_name=AXIS, devices=devices)
+    p_predict = p_predict or pmapped_predict_step(config, _pmap_devices(devices))
     rep = replicate(params, devices)
     preds, labels = [], []
     batches = data_lib.eval_batches(arrays, batch_size_per_device * n_dev)
@@ -227,6 +269,11 @@ def evaluate(config: DeeBertConfig, params: Params, arrays: Mapping[str, np.ndar
         preds, labels = _gather_over_hosts(preds, labels)
     return {"num_examples": int(labels.shape[0]),
             "ramps": [compute_metrics(task, labels, p) for p in preds]}
+
+
+def _pmap_devices(devices) -> tuple | None:
+    # pmap spans every host's devices on a multi-host slice; naming devices is single-host only.
+    return tuple(devices) if jax.process_count() == 1 else None
 
 
 def _gather_over_hosts(preds: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -394,10 +441,10 @@ def run_stage(ctx: RunContext, stage: int, params: Params) -> Params:
     global_batch = int(cfg.per_device_batch_size) * jax.device_count()
     total = stage_steps(cfg, stage, data_lib.num_examples(ctx.train), global_batch)
     peak = float(cfg.learning_rate if stage == 1 else cfg.get("stage2_learning_rate", cfg.learning_rate))
-    warmup = int(round(float(cfg.get("warmup_ratio", 0.0)) * total))
-    schedule = learning_rate_schedule(peak, total, warmup)
-    tx = make_optimizer(schedule, weight_decay=float(cfg.weight_decay), b1=float(cfg.adam_b1),
-                        b2=float(cfg.adam_b2), eps=float(cfg.adam_eps), max_grad_norm=float(cfg.max_grad_norm))
+    settings = OptimizerSettings(peak, total, int(round(float(cfg.get("warmup_ratio", 0.0)) * total)),
+                                 float(cfg.weight_decay), float(cfg.adam_b1), float(cfg.adam_b2),
+                                 float(cfg.adam_eps), float(cfg.max_grad_norm))
+    p_step, tx = pmapped_train_step(config, stage, settings, _pmap_devices(ctx.devices))
     state = init_train_state(params, tx, stage, config.num_hidden_layers)
     manager = TrainCheckpointManager(os.path.join(ctx.workdir, "checkpoints", f"stage{stage}"),
                                      max_to_keep=int(cfg.keep_checkpoints))
@@ -409,8 +456,6 @@ def run_stage(ctx: RunContext, stage: int, params: Params) -> Params:
         raise ValueError(f"{manager.directory}: latest step {start} is past this stage's {total} steps "
                          "(the config changed since it was written; use a fresh workdir)")
 
-    p_step = jax.pmap(make_train_step(config, tx, schedule, stage), axis_name=AXIS, devices=ctx.devices,
-                      donate_argnums=(0,))
     state = replicate(state, ctx.devices)
     dropout_key = replicate(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), stage), ctx.devices)
     data_seed = int(cfg.seed) * 10 + stage
@@ -493,7 +538,11 @@ def train(cfg, *, on_step: Callable[[int, int], None] | None = None) -> dict:
         init_dir = os.path.join(workdir, "stage1")
     tokenizer = None
     if task != "synthetic":
-        tokenizer = data_lib.load_tokenizer(cfg.get("tokenizer", "") or init_dir)
+        tokenizer_source = cfg.get("tokenizer", "") or init_dir
+        tokenizer = data_lib.load_tokenizer(tokenizer_source)
+        if len(tokenizer) > config.vocab_size:  # ids past the embedding table would turn into NaNs
+            raise ValueError(f"tokenizer {tokenizer_source} has {len(tokenizer)} tokens, more than the model's "
+                             f"vocab_size={config.vocab_size}")
     glue_dir = cfg.get("glue_dir", "") or os.environ.get("GLUE_DIR") or None
     common = dict(glue_dir=glue_dir, tokenizer=tokenizer, max_seq_length=int(cfg.max_seq_length),
                   vocab_size=config.vocab_size, seed=int(cfg.seed))

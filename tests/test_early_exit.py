@@ -28,6 +28,12 @@ def params():
     return jax.device_put(modeling.init_params(CONFIG, jax.random.PRNGKey(0)))
 
 
+@pytest.fixture(scope="module", params=["stacked", "unstacked"])
+def any_params(request, params):
+    """Both parameter layouts the loop reads: stacked L axis, and `unstack_params` (lax.switch)."""
+    return params if request.param == "stacked" else modeling.unstack_params(params)
+
+
 def make_batch(batch, seq=12, seed=0, padding_rows=()):
     """Random ids with ragged lengths; rows in `padding_rows` are all padding."""
     rng = np.random.RandomState(seed)
@@ -91,9 +97,9 @@ def test_entropy_is_stable_and_in_nats():
     np.testing.assert_allclose(ee.entropy(jnp.asarray(z)), np_entropy(z), atol=1e-6)
 
 
-def test_threshold_zero_runs_every_layer_and_matches_full_forward(params):
+def test_threshold_zero_runs_every_layer_and_matches_full_forward(params, any_params):
     ids, mask, types = make_batch(6, padding_rows=[4])
-    out = ee.early_exit_predict(CONFIG, params, ids, mask, types, 0.0)
+    out = ee.early_exit_predict(CONFIG, any_params, ids, mask, types, 0.0)
     full = np.asarray(modeling.forward(CONFIG, params, ids, mask, types))
     real = mask.sum(-1) > 0
     np.testing.assert_array_equal(np.asarray(out.exit_layer), np.where(real, L, 0))
@@ -101,9 +107,9 @@ def test_threshold_zero_runs_every_layer_and_matches_full_forward(params):
     assert int(out.layers_run) == L
 
 
-def test_threshold_above_ln_k_exits_everyone_at_layer_one(params):
+def test_threshold_above_ln_k_exits_everyone_at_layer_one(params, any_params):
     ids, mask, types = make_batch(6, seed=1, padding_rows=[0])
-    out = ee.early_exit_predict(CONFIG, params, ids, mask, types, math.log(K) + 1e-3)
+    out = ee.early_exit_predict(CONFIG, any_params, ids, mask, types, math.log(K) + 1e-3)
     full = np.asarray(modeling.forward(CONFIG, params, ids, mask, types))
     real = mask.sum(-1) > 0
     np.testing.assert_array_equal(np.asarray(out.exit_layer), np.where(real, 1, 0))
@@ -113,6 +119,14 @@ def test_threshold_above_ln_k_exits_everyone_at_layer_one(params):
 
 @pytest.mark.parametrize("rule", ["entropy", "max_prob", "patience"])
 def test_random_thresholds_match_reference_from_full_logits(params, rule):
+    check_random_thresholds(params, rule)
+
+
+def test_random_thresholds_match_reference_unstacked_params(params):
+    check_random_thresholds(modeling.unstack_params(params), "entropy")
+
+
+def check_random_thresholds(params, rule):
     rng = np.random.RandomState(3)
     ids, mask, types = make_batch(24, seed=2, padding_rows=[3, 17, 23])
     full = np.asarray(modeling.forward(CONFIG, params, ids, mask, types))
@@ -134,8 +148,9 @@ def test_random_thresholds_match_reference_from_full_logits(params, rule):
     assert len(exits_seen) >= 3, f"thresholds too easy: exits only at {exits_seen}"
 
 
-def test_layers_run_counts_loop_iterations(params, monkeypatch):
+def test_layers_run_counts_loop_iterations(any_params, monkeypatch):
     """A callback in the layer counts real iterations: the loop stops at the largest exit layer."""
+    params = any_params
     calls = []
     layer_forward = modeling.layer_forward
 
