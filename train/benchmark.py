@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--schedule", choices=("interleaved", "blocked"), default="interleaved")
     p.add_argument("--backends", default="jax,torch", help="comma-separated subset of jax,torch")
+    p.add_argument("--probe-size", type=int, default=None,
+                   help="n of the n x n matmul-rate probe (default 1024 on CPU, 4096 on GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="bench.json path (.md and .png are written beside it)")
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
         arrays, inputs = _inputs(args, config, model_dir, spec)
         jax_platform = jax.devices()[0].platform
         torch_device = bm.torch_device_for(jax_platform)
-        env = bm.environment(args.threads, torch_device)
+        env = bm.environment(args.threads, torch_device, args.probe_size)
         print(f"device: {env['device']}; threads: {env['threads']}; matmul GFLOP/s: {env['matmul_gflops']}",
               file=sys.stderr)
         with tempfile.TemporaryDirectory(prefix="deebert-bench-") as tmp:

@@ -1,0 +1,203 @@
+"""The latency benchmark (schema, not speed) and the inference layout it times."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deebert_jax import benchmarking as bm
+from deebert_jax import modeling
+from deebert_jax.config import tiny_config
+
+CONFIG = tiny_config(num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return modeling.init_params(CONFIG, jax.random.PRNGKey(0))
+
+
+def _batch(b=3, s=10, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, CONFIG.vocab_size, (b, s)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[-1] = 0  # a row that is all padding
+    return ids, mask, np.zeros_like(ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# The CLI end to end on a tiny random model: runs in seconds and checks the JSON, not the speed.
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from train.benchmark import main
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    rc = main(["--random-model", "tiny", "--task", "synthetic", "--probe-size", "128", "--batch-sizes", "1,2", "--thresholds", "0,0.7", "--runs", "3",
+               "--warmup", "1", "--seq-len", "16", "--threads", "1", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    return out, json.loads(out.read_text())
+
+
+def test_cli_writes_valid_json_table_and_plot(tiny_run):
+    out, result = tiny_run
+    bm.validate(result)
+    assert out.with_suffix(".md").read_text().count("\n| jax |") == 6
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {"jax", "torch"} <= set(result["versions"])
+    assert result["threads"]["torch"] >= 1 and result["matmul_gflops"]["jax"] > 0
+    cells = {(r["backend"], r["mode"], r["batch_size"], r["threshold"]) for r in result["rows"]}
+    assert cells == {(b, m, bs, t) for b in ("jax", "torch") for bs in (1, 2)
+                     for m, t in [("full", None), ("early_exit", 0.0), ("early_exit", 0.7)]}
+    assert all(r["seq_len"] == 16 and r["runs"] == 3 for r in result["rows"])
+    assert result["inputs"].startswith("synthetic dev")
+    assert {t["target"] for t in result["targets"]} >= {"P1", "P2", "P6"}
+
+
+def test_cli_rows_report_exits_of_both_backends(tiny_run):
+    _, result = tiny_run
+    L = tiny_config().num_hidden_layers
+    for r in result["rows"]:
+        if r["mode"] == "full" or r["threshold"] == 0.0:
+            assert r["mean_exit_layer"] == L  # threshold 0 never exits early
+        else:
+            # Two labels: entropy < ln 2 < 0.7, so every example leaves at the first ramp.
+            assert r["mean_exit_layer"] == 1.0 and r["layer_saving"] == 0.5
+        if r["backend"] == "jax":
+            assert r["compile_s"] is not None and r["compile_s"] >= 0
+        else:
+            assert r["compile_s"] is None
+        if r["backend"] == "jax" and r["mode"] == "early_exit":
+            assert r["exit_agreement"] == 1.0  # same weights, same inputs, same exit layers
+
+
+def test_cli_rejects_bad_flags(tmp_path, capsys):
+    from train.benchmark import main
+    rc = main(["--random-model", "tiny", "--thresholds", "0,-1", "--runs", "2", "--out", str(tmp_path / "b.json")])
+    assert rc == 1 and "threshold -1.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--random-model", "gpt", "--out", str(tmp_path / "b.json")])
+
+
+# ----------------------------------------------------------------------------------------------
+# Harness pieces
+
+def test_timing_statistics():
+    t = bm.Timing([float(x) for x in range(1, 11)])
+    assert t.median_ms == 5.5 and t.mean_ms == 5.5
+    assert t.p90_ms == pytest.approx(9.1)
+    calls = []
+    stats = bm.time_calls(lambda: calls.append(1), runs=4, warmup=2)
+    assert len(calls) == 6 and len(stats.times_ms) == 4
+
+
+def test_batches_cycle_through_the_pool():
+    assert bm.batch_rows(5, 2, 0).tolist() == [0, 1]
+    assert bm.batch_rows(5, 2, 2).tolist() == [4, 0]
+
+
+def test_inputs_and_spec_are_checked():
+    arrays = bm.random_inputs(CONFIG.vocab_size, 4, 8)
+    assert bm.check_inputs(arrays, CONFIG) == 4 and arrays["attention_mask"].all()
+    with pytest.raises(bm.BenchmarkError, match="max_position_embeddings"):
+        bm.check_inputs(bm.random_inputs(CONFIG.vocab_size, 2, CONFIG.max_position_embeddings + 1), CONFIG)
+    bad = dict(arrays, input_ids=arrays["input_ids"] + CONFIG.vocab_size)
+    with pytest.raises(bm.BenchmarkError, match="token ids"):
+        bm.check_inputs(bad, CONFIG)
+    with pytest.raises(bm.BenchmarkError, match="runs=0"):
+        bm.BenchmarkSpec(runs=0).check()
+    with pytest.raises(bm.BenchmarkError, match="backends"):
+        bm.BenchmarkSpec(backends=("tf",)).check()
+
+
+def _row(**kw):
+    row = dict(backend="jax", mode="full", batch_size=1, seq_len=128, threshold=None, median_ms=10.0, p90_ms=12.0,
+               mean_exit_layer=6.0, compile_s=1.0, layer_saving=0.0, wall_saving=0.0)
+    row.update(kw)
+    return row
+
+
+def test_validate_names_the_key_at_fault():
+    good = {"device": "cpu", "versions": {"jax": "x", "torch": "y"}, "rows": [_row()]}
+    bm.validate(good)
+    for broken, key in [({**good, "rows": []}, "rows"),
+                        ({k: v for k, v in good.items() if k != "device"}, "device"),
+                        ({**good, "rows": [_row(median_ms="fast")]}, "median_ms"),
+                        ({**good, "rows": [_row(backend="tf")]}, "backend"),
+                        ({**good, "rows": [_row(p90_ms=1.0)]}, "p90_ms"),
+                        ({**good, "rows": [{k: v for k, v in _row().items() if k != "compile_s"}]}, "compile_s"),
+                        ({**good, "rows": [_row(mode="early_exit")]}, "threshold")]:
+        with pytest.raises(bm.BenchmarkError, match=key):
+            bm.validate(broken)
+
+
+def test_targets_are_computed_from_rows():
+    rows = [_row(median_ms=6.0), _row(backend="torch", median_ms=10.0, compile_s=None),
+            _row(mode="early_exit", threshold=0.0, median_ms=6.6, compile_s=12.0),
+            _row(mode="early_exit", threshold=0.5, median_ms=3.0, mean_exit_layer=3.0, layer_saving=0.5,
+                 wall_saving=0.48)]
+    targets = {t["target"]: t for t in bm.check_targets({"rows": rows, "jax_platform": "cpu"})}
+    assert targets["P1"]["value"] == 0.6 and targets["P1"]["met"]
+    assert targets["P2"]["value"] == 1.1 and not targets["P2"]["met"]
+    assert targets["P3"]["value"] == 0.96 and targets["P3"]["met"]
+    assert targets["P6"]["value"] == 12.0 and not targets["P6"]["met"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The inference layout: the same numbers as the Flax module, without per-layer weight copies.
+
+def test_unstack_round_trip(params):
+    unstacked = modeling.unstack_params(params)
+    assert modeling.is_unstacked(unstacked) and len(unstacked["layers"]) == CONFIG.num_hidden_layers
+    assert unstacked["layers"][1]["query"]["kernel"].shape == (CONFIG.hidden_size, CONFIG.hidden_size)
+    again = modeling.stack_params(unstacked)
+    assert jax.tree_util.tree_structure(again) == jax.tree_util.tree_structure(params)
+    for a, b in zip(jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_forward_on_inference_layout_matches_module(params):
+    ids, mask, types = _batch()
+    reference = modeling.DeeBert(CONFIG).apply({"params": params}, ids, mask, types)
+    fast = jax.jit(modeling.forward, static_argnums=0)(CONFIG, modeling.unstack_params(params), ids, mask, types)
+    assert fast.shape == (CONFIG.num_hidden_layers, 3, CONFIG.num_labels)
+    np.testing.assert_allclose(fast, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("unstacked", [False, True])
+@pytest.mark.parametrize("first_token_only_at_last", [False, True])
+def test_layer_loop_with_traced_index_matches_module(params, unstacked, first_token_only_at_last):
+    ids, mask, types = _batch()
+    reference = modeling.DeeBert(CONFIG).apply({"params": params}, ids, mask, types)
+    p = modeling.unstack_params(params) if unstacked else params
+    L = CONFIG.num_hidden_layers
+
+    @jax.jit
+    def loop(p, ids, mask, types):
+        bias = modeling.attention_bias(mask)
+
+        def body(i, carry):
+            hidden, logits = carry
+            hidden = modeling.layer_forward_at(CONFIG, p, i, hidden, bias,
+                                               first_token_only_at_last=first_token_only_at_last)
+            return hidden, logits.at[i].set(modeling.ramp_forward_at(CONFIG, p, i, hidden))
+
+        start = (modeling.embed(CONFIG, p, ids, types), jnp.zeros((L, ids.shape[0], CONFIG.num_labels)))
+        return jax.lax.fori_loop(0, L, body, start)[1]
+
+    np.testing.assert_allclose(loop(p, ids, mask, types), reference, atol=1e-5, rtol=1e-5)
+    leaf = jax.jit(lambda p, i: modeling.layer_params_at(p, i)["output"]["kernel"])(p, 1)
+    np.testing.assert_array_equal(leaf, params["layers"]["output"]["kernel"][1])
+
+
+def test_first_token_only_layer_matches_position_zero(params):
+    ids, mask, types = _batch()
+    hidden = modeling.embed(CONFIG, params, ids, types)
+    bias = modeling.attention_bias(mask)
+    layer = modeling.layer_params_at(params, 0)
+    full = modeling.layer_forward(CONFIG, layer, hidden, bias)
+    first = modeling.layer_forward(CONFIG, layer, hidden, bias, first_token_only=True)
+    assert first.shape == (3, 1, CONFIG.hidden_size)
+    np.testing.assert_allclose(first[:, 0], full[:, 0], atol=1e-6, rtol=1e-6)
