@@ -173,6 +173,7 @@ def _pool_loop_refill(config: DeeBertConfig, params, input_ids, attention_mask, 
     is refilled with the next waiting row at layer 1. No bucket padding, but every step gathers one
     copy of the layer weights per slot and runs per-slot (batched) matmuls."""
     L, n = config.num_hidden_layers, input_ids.shape[0]
+    params = modeling.stack_params(params)  # per-slot weights are gathered from the L axis
     slots = max(bucket_sizes)
     exit_rule = EXIT_RULES[rule]
     threshold = jnp.asarray(threshold, jnp.float32)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deebert_jax import exit_aware
+from deebert_jax import exit_aware, modeling
 from deebert_jax.config import tiny_config
 from deebert_jax.early_exit import early_exit_predict, entropy
 from deebert_jax.exit_aware import exit_aware_predict, padded_pool_size
@@ -65,8 +65,8 @@ def assert_same(result, reference):
     assert int(result.layers_run) == int(reference.layers_run)
 
 
-@pytest.mark.parametrize("rule", ["entropy", "max_prob", "patience"])
-def test_matches_early_exit_on_random_models_and_thresholds(models, rule):
+@pytest.mark.parametrize("rule, bucket_sizes", [("entropy", (8, 2)), ("max_prob", (8,)), ("patience", (8, 2))])
+def test_matches_early_exit_on_random_models_and_thresholds(models, rule, bucket_sizes):
     # 29 rows: not a multiple of any bucket; two all-padding rows.
     batch = random_batch(29, seed=7, padding_rows=(3, 17))
     rng = np.random.default_rng(11)
@@ -82,9 +82,9 @@ def test_matches_early_exit_on_random_models_and_thresholds(models, rule):
             thresholds = [0, 1, 2]
         for threshold in thresholds:
             reference = early_exit_predict(CONFIG, params, *batch, threshold, rule)
-            result = exit_aware_predict(CONFIG, params, *batch, threshold, rule, bucket_sizes=(8, 2))
+            result = exit_aware_predict(CONFIG, params, *batch, threshold, rule, bucket_sizes=bucket_sizes)
             assert_same(result, reference)
-            if rule == "patience":  # the refill scheduler carries per-slot rule state: check it too
+            if rule == "patience":  # the refill scheduler (per-slot rule state, 29 rows through 8 slots)
                 assert_same(exit_aware_predict(CONFIG, params, *batch, threshold, rule, bucket_sizes=(8,),
                                                scheduler="refill"), reference)
             spread |= set(np.asarray(result.exit_layer).tolist())
@@ -92,8 +92,8 @@ def test_matches_early_exit_on_random_models_and_thresholds(models, rule):
     assert 0 in spread and len(spread - {0}) >= 3
 
 
-def test_pools_bucket_remainders_and_every_scheduler(models):
-    """Several pools (pool_size 16: the last holds 5 rows), one bucket size or two, every scheduler."""
+def test_pools_bucket_remainders_and_host_scheduler(models):
+    """Several pools (pool_size 16: the last holds 5 rows), one bucket size or two, host scheduler."""
     params = models[0]
     batch = random_batch(37, seed=3, padding_rows=(0,))
     real = np.asarray(batch[1]).sum(-1) > 0
@@ -102,7 +102,7 @@ def test_pools_bucket_remainders_and_every_scheduler(models):
     reference = early_exit_predict(CONFIG, params, *batch, threshold)
     assert len(set(np.asarray(reference.exit_layer).tolist())) >= 3
     for kwargs in (dict(bucket_sizes=(8, 2), pool_size=16), dict(bucket_sizes=(3,)),
-                   dict(bucket_sizes=(5,), scheduler="host"), dict(bucket_sizes=(8,), scheduler="refill")):
+                   dict(bucket_sizes=(5,), scheduler="host")):
         assert_same(exit_aware_predict(CONFIG, params, *batch, threshold, **kwargs), reference)
 
 
@@ -116,6 +116,9 @@ def test_threshold_zero_runs_every_row_to_the_last_layer_and_padding_rows_exit_a
     final = forward(CONFIG, models[1], *batch)[-1]
     np.testing.assert_allclose(np.asarray(result.logits)[[0, 2, 3, 4, 5]], np.asarray(final)[[0, 2, 3, 4, 5]],
                                atol=1e-5, rtol=0)
+    if hasattr(modeling, "unstack_params"):  # the inference layout (per-layer trees) gives the same
+        assert_same(exit_aware_predict(CONFIG, modeling.unstack_params(models[1]), *batch, 0.0, bucket_sizes=(8, 2)),
+                    result)
 
 
 def test_pool_sizes_share_compiled_programs(models):
