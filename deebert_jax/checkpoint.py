@@ -68,7 +68,8 @@ class TrainCheckpointManager:
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return sorted(self._manager.all_steps(read=True))
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any) -> None:
         """Writes `state` (a pytree; device arrays are fetched to host) as `step`, then prunes old steps."""

@@ -224,7 +224,7 @@ def make_predict_step(config: DeeBertConfig, dtype=jnp.float32) -> Callable:
 
 @functools.lru_cache(maxsize=8)
 def _pmapped_identity(devices: tuple | None):
-    return jax.pmap(lambda x: x, devices=devices)
+    return jax.pmap(lambda x: x, axis_name=AXIS, devices=devices)
 
 
 def replicate(tree, devices):
@@ -319,6 +319,10 @@ def _distributed_initialized() -> bool:
         return False
 
 
+# Eager Flax init dispatches op by op (seconds even for the tiny model); one compiled call is cheaper.
+jitted_init_params = jax.jit(init_params, static_argnums=(0, 2))
+
+
 def parse_stages(stages) -> tuple[int, ...]:
     """'1,2' / '1' / 2 / (1, 2) -> sorted tuple of stages."""
     if isinstance(stages, int):
@@ -359,7 +363,7 @@ def load_initial_model(cfg, labels: int) -> tuple[DeeBertConfig, Params, str | N
         fields = dict(cfg.get("model", {}) or {})
         fields["num_labels"] = labels
         config = DeeBertConfig(**fields)
-        return config, init_params(config, jax.random.PRNGKey(cfg.seed)), None
+        return config, jitted_init_params(config, jax.random.PRNGKey(cfg.seed)), None
     from deebert_jax.convert import resolve_model_dir
 
     init = os.path.expanduser(init or default_init_checkpoint())

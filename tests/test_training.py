@@ -1,0 +1,160 @@
+"""Two-stage training: pmap equivalence, stage-2 freezing, resume after a kill, NaN stop."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny as tiny_cfg
+from deebert_jax import data, training
+from deebert_jax.checkpoint import TrainCheckpointManager, load_checkpoint
+from deebert_jax.config import tiny_config
+
+SEQ = 16
+
+
+def _batches(n_steps, global_batch, vocab=100):
+    arrays = data.load_split("synthetic", "train", vocab_size=vocab, max_seq_length=SEQ, limit=global_batch * n_steps)
+    return [data.train_batch(arrays, global_batch, seed=0, step=i) for i in range(n_steps)]
+
+
+def _run_steps(config, params, stage, batches, devices, settings):
+    p_step, tx = training.pmapped_train_step(config, stage, settings, tuple(devices))
+    state = training.replicate(training.init_train_state(params, tx, stage, config.num_hidden_layers), devices)
+    key = training.replicate(jax.random.PRNGKey(0), devices)
+    for batch in batches:
+        state, metrics = p_step(state, data.shard(batch, len(devices)), key)
+    return training.unreplicate(state.params), training.unreplicate(metrics)
+
+
+def _leaves(tree):
+    return jax.tree_util.tree_leaves_with_path(tree)
+
+
+def test_pmap_8_devices_matches_1_device():
+    assert jax.local_device_count() == 8, "conftest must simulate 8 CPU devices"
+    config = tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    params = training.jitted_init_params(config, jax.random.PRNGKey(1))
+    settings = training.OptimizerSettings(1e-3, total_steps=3, warmup_steps=1, weight_decay=0.01)
+    batches = _batches(3, 16)
+    p8, m8 = _run_steps(config, params, 1, batches, jax.local_devices(), settings)
+    p1, m1 = _run_steps(config, params, 1, batches, jax.local_devices()[:1], settings)
+    moved = 0
+    for (path, a), (_, b), (_, before) in zip(_leaves(p8), _leaves(p1), _leaves(params)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
+        moved += not np.array_equal(a, before)
+    assert moved > 10  # the steps really trained something
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+    # Stage 1 does not touch the off-ramps (row 0 of every ramp leaf).
+    for (path, a), (_, before) in zip(_leaves(p8["ramps"]), _leaves(params["ramps"])):
+        np.testing.assert_array_equal(a[0], before[0], err_msg=jax.tree_util.keystr(path))
+
+
+def test_stage2_trains_only_offramps_bitwise():
+    config = tiny_config(num_hidden_layers=3)  # two off-ramps; dropout on, as in real stage 2
+    params = training.jitted_init_params(config, jax.random.PRNGKey(2))
+    settings = training.OptimizerSettings(1e-3, total_steps=2, weight_decay=0.01)
+    new, metrics = _run_steps(config, params, 2, _batches(2, 16), jax.local_devices(), settings)
+    assert np.isfinite(metrics["loss"]) and metrics["finite"] == 1.0
+    for key in ("embeddings", "layers"):
+        for (path, a), (_, b) in zip(_leaves(new[key]), _leaves(params[key])):
+            assert a.dtype == b.dtype and np.array_equal(a, b), f"{key}{jax.tree_util.keystr(path)} changed"
+    L = config.num_hidden_layers
+    for (path, a), (_, b) in zip(_leaves(new["ramps"]), _leaves(params["ramps"])):
+        name = jax.tree_util.keystr(path)
+        assert np.array_equal(a[L - 1], b[L - 1]), f"final ramp {name} changed in stage 2"
+        for i in range(L - 1):
+            assert not np.array_equal(a[i], b[i]), f"off-ramp {i + 1} {name} did not change"
+
+
+def test_split_merge_roundtrip_and_decay_mask():
+    config = tiny_config(num_hidden_layers=3)
+    params = training.jitted_init_params(config, jax.random.PRNGKey(3))
+    for stage in (1, 2):
+        trainable, frozen = training.split_params(params, stage, 3)
+        merged = training.merge_params(trainable, frozen, stage)
+        for (_, a), (_, b) in zip(_leaves(merged), _leaves(params)):
+            np.testing.assert_array_equal(a, b)
+    rows = {1: (2, 3), 2: (0, 2)}
+    for stage, (lo, hi) in rows.items():
+        trainable, _ = training.split_params(params, stage, 3)
+        np.testing.assert_array_equal(trainable["ramps"]["classifier"]["kernel"],
+                                      params["ramps"]["classifier"]["kernel"][lo:hi])
+    mask = training.decay_mask(params)
+    assert mask["layers"]["query"]["kernel"] and mask["embeddings"]["word_embeddings"]["embedding"]
+    assert not mask["layers"]["query"]["bias"] and not mask["layers"]["attention_LayerNorm"]["scale"]
+    assert not mask["embeddings"]["LayerNorm"]["bias"] and not mask["ramps"]["pooler"]["bias"]
+
+
+def test_schedule_warmup_then_linear_decay():
+    schedule = training.learning_rate_schedule(1.0, total_steps=10, warmup_steps=2)
+    values = [float(schedule(i)) for i in range(11)]
+    np.testing.assert_allclose(values[:3], [0.0, 0.5, 1.0], atol=1e-6)
+    assert values[10] == pytest.approx(0.0, abs=1e-6)
+    assert all(a > b for a, b in zip(values[2:10], values[3:11]))
+
+
+def _tiny(workdir, **overrides):
+    cfg = tiny_cfg.get_config()
+    cfg.workdir = str(workdir)
+    cfg.steps_per_stage = 6
+    cfg.save_every_steps = 2
+    cfg.log_every_steps = 2
+    cfg.train_limit = 64
+    cfg.eval_limit = 37
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+class Preempted(Exception):
+    pass
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
+    ref = training.train(_tiny(tmp_path / "ref"))
+    _, ref_params = load_checkpoint(ref["model"])
+
+    def kill_at(stage, step):
+        if (stage, step) == (2, 3):  # after stage 2's checkpoint at step 2, before the next one
+            raise Preempted()
+
+    work = tmp_path / "resumed"
+    with pytest.raises(Preempted):
+        training.train(_tiny(work), on_step=kill_at)
+    assert not (work / "model").exists() and (work / "stage1").exists()
+    assert TrainCheckpointManager(work / "checkpoints" / "stage2").latest_step() == 2
+    resumed = training.train(_tiny(work))
+    _, params = load_checkpoint(resumed["model"])
+    for (path, a), (_, b) in zip(_leaves(params), _leaves(ref_params)):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    assert resumed["eval"][2] == {**ref["eval"][2]}
+    assert resumed["eval"][2]["num_examples"] == 37
+    # keep-last-k: only the 2 newest steps of each stage survive
+    assert TrainCheckpointManager(work / "checkpoints" / "stage1").all_steps() == [4, 6]
+
+
+def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
+    real_batch = data.train_batch
+
+    def poisoned(arrays, global_batch_size, seed, step, *args):
+        batch = real_batch(arrays, global_batch_size, seed, step, *args)
+        if step == 2:  # the third step: ids past the embedding table embed as NaN
+            batch["input_ids"] = np.full_like(batch["input_ids"], 10_000)
+        return batch
+
+    monkeypatch.setattr(training.data_lib, "train_batch", poisoned)
+    work = tmp_path / "nan"
+    with pytest.raises(training.NonFiniteLossError, match=r"stage 1, step 3: loss is nan") as err:
+        training.train(_tiny(work, stages="1"))
+    ckpt_dir = work / "checkpoints" / "stage1"
+    assert str(ckpt_dir / "2") in str(err.value)
+    manager = TrainCheckpointManager(ckpt_dir)
+    assert manager.all_steps() == [2]
+    tx = training.OptimizerSettings(1e-3, 6).optimizer()
+    like = training.init_train_state(training.jitted_init_params(tiny_config(), jax.random.PRNGKey(0)), tx, 1, 2)
+    restored = manager.restore(2, like)
+    assert int(restored.step) == 2
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(restored.params))
+    assert not (work / "stage1").exists() and not (work / "model").exists()
