@@ -132,8 +132,8 @@ def test_cli_errors_name_the_fault(checkpoint, tmp_path, capsys):
     missing = tmp_path / "no_such_checkpoint"
     assert evaluate_cli.main(["--checkpoint", str(missing), "--task", "synthetic", "--out", str(tmp_path / "r.json")]) == 1
     assert str(missing) in capsys.readouterr().err
-    three = tiny_config(num_labels=3)
-    path = save_checkpoint(tmp_path / "three", three, modeling.init_params(three, jax.random.PRNGKey(0)))
+    # The labels check comes before any array is used, so the 2-label arrays can stand in.
+    path = save_checkpoint(tmp_path / "three", CONFIG.replace(num_labels=3), checkpoint[1])
     assert evaluate_cli.main(["--checkpoint", str(path), "--task", "synthetic", "--out", str(tmp_path / "r.json")]) == 1
     assert "num_labels=3" in capsys.readouterr().err
     assert evaluate_cli.main(["--checkpoint", str(checkpoint[0]), "--task", "sst9", "--out", str(tmp_path / "r.json")]) == 1
