@@ -109,6 +109,16 @@ def test_pmap_and_exit_aware_modes_agree_with_single_device(checkpoint, arrays):
     # Per-device loops: the mean over device shards is at most the whole-batch loop's depth.
     for a, b in zip(one["sweep"], many["sweep"]):
         assert b["mean_layers_run"] <= a["mean_layers_run"]
+
+    # Same shapes, 13 new thresholds: the whole evaluation (forward, pmapped loop) compiles nothing.
+    compiles = []
+    listener = lambda event, duration, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        again = evaluation.evaluate(CONFIG, params, arrays, "synthetic", batch_size=BATCH, progress=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert len(again["sweep"]) == 13 and compiles == []
     pytest.importorskip("deebert_jax.exit_aware")
     aware = evaluation.evaluate(CONFIG, params, arrays, "synthetic", mode="exit_aware", **kwargs)
     assert strip(aware) == strip(one)
