@@ -339,6 +339,9 @@ class BenchmarkSpec:
     schedule: str = "interleaved"
     dtype: str = "float32"
     backends: Sequence[str] = BACKENDS
+    # JAX params as served: "unstacked" (`modeling.unstack_params`, once, before timing) or the
+    # stacked training layout.
+    layout: str = "unstacked"
 
     def check(self) -> None:
         if self.runs < 1:
@@ -355,6 +358,8 @@ class BenchmarkSpec:
             raise BenchmarkError(f"backends={list(self.backends)}: expected a subset of {BACKENDS}")
         if self.dtype not in ("float32", "bfloat16"):
             raise BenchmarkError(f"dtype={self.dtype!r}: expected 'float32' or 'bfloat16'")
+        if self.layout not in ("unstacked", "stacked"):
+            raise BenchmarkError(f"layout={self.layout!r}: expected 'unstacked' or 'stacked'")
         if self.rule != "entropy" and "torch" in self.backends:
             raise BenchmarkError(f"rule={self.rule!r}: the PyTorch reference implements only 'entropy'")
 
@@ -365,12 +370,15 @@ def run_benchmark(config, params, arrays: Mapping[str, np.ndarray], spec: Benchm
     import jax
     import jax.numpy as jnp
     from tqdm.auto import tqdm
+    from deebert_jax import modeling
 
     spec.check()
     n = check_inputs(arrays, config)
     if "torch" in spec.backends and torch_model is None:
         raise BenchmarkError("torch backend requested but no torch model given")
     jax_dtype = jnp.bfloat16 if spec.dtype == "bfloat16" else jnp.float32
+    if spec.layout == "unstacked":
+        params = modeling.unstack_params(params)
     params = jax.device_put(params)
     jax_device = jax.devices()[0].platform
     seq_len = int(arrays["input_ids"].shape[1])
@@ -537,7 +545,7 @@ def markdown(result: Mapping[str, Any]) -> str:
     ]
     if "model" in h:
         lines += ["", f"**Model** {h['model']} | **inputs** {h.get('inputs', '')} | **runs** {h.get('runs')} "
-                      f"per cell, {h.get('schedule', '')} | **command** `{h.get('command', '')}`"]
+                      f"per cell, {h.get('schedule', '')} | **JAX params** {h.get('jax_params_layout', '')}, {h.get('dtype', '')} | **command** `{h.get('command', '')}`"]
     lines += ["", "| backend | mode | batch | seq | threshold | median ms | p90 ms | per-example ms | "
                   "mean exit layer | layer saving | wall saving | compile s |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--schedule", choices=("interleaved", "blocked"), default="interleaved")
     p.add_argument("--backends", default="jax,torch", help="comma-separated subset of jax,torch")
+    p.add_argument("--layout", choices=("unstacked", "stacked"), default="unstacked",
+                   help="JAX params as served: unstacked per layer (modeling.unstack_params) or stacked")
     p.add_argument("--probe-size", type=int, default=None,
                    help="n of the n x n matmul-rate probe (default 1024 on CPU, 4096 on GPU)")
     p.add_argument("--seed", type=int, default=0)
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     try:
         spec = bm.BenchmarkSpec(batch_sizes=args.batch_sizes, thresholds=args.thresholds, runs=args.runs,
-                                warmup=args.warmup, schedule=args.schedule, dtype=args.dtype,
+                                warmup=args.warmup, schedule=args.schedule, dtype=args.dtype, layout=args.layout,
                                 backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()))
         spec.check()
         if args.checkpoint:
@@ -110,7 +112,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     result = {**env, "model": model_name, "inputs": inputs, "runs": spec.runs, "warmup": spec.warmup,
-              "schedule": spec.schedule, "dtype": spec.dtype, "rule": spec.rule,
+              "schedule": spec.schedule, "dtype": spec.dtype, "rule": spec.rule, "jax_params_layout": spec.layout,
               "command": "python -m train.benchmark " + shlex.join(argv), "rows": rows}
     result["targets"] = bm.check_targets(result)
     paths = bm.write_outputs(result, args.out)
