@@ -26,6 +26,10 @@ from deebert_jax.config import DeeBertConfig
 from deebert_jax import modeling
 
 PMAP_AXIS = "devices"
+try:
+    from jax.core import Tracer as _Tracer
+except ImportError:  # jax.core re-exports move between releases; the GPU image runs a newer jax
+    from jax._src.core import Tracer as _Tracer
 
 
 class ExitResult(NamedTuple):
@@ -91,7 +95,7 @@ def check_threshold(threshold, rule: str = "entropy") -> None:
     """Raises ValueError for an unknown rule or a NaN / out-of-range concrete threshold."""
     if rule not in EXIT_RULES:
         raise ValueError(f"unknown exit rule {rule!r}; expected one of {sorted(EXIT_RULES)}")
-    if isinstance(threshold, jax.core.Tracer):
+    if isinstance(threshold, _Tracer):
         return  # inside a caller's jit: nothing concrete to check
     if np.ndim(threshold) != 0:
         raise ValueError(f"threshold for rule {rule!r} must be a scalar, got shape {np.shape(threshold)}")
@@ -121,7 +125,7 @@ def check_inputs(config: DeeBertConfig, input_ids, attention_mask, token_type_id
 def _canonical(threshold, dtype):
     # One cache entry whatever the caller passes: a Python float (weak type), np.float64 and a
     # jax array would otherwise each compile their own loop.
-    if not isinstance(threshold, jax.core.Tracer):
+    if not isinstance(threshold, _Tracer):
         threshold = np.float32(threshold)
     return threshold, jnp.dtype(dtype)
 

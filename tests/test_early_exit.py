@@ -227,6 +227,9 @@ def test_sweep_of_13_thresholds_compiles_once(params):
     assert ee._exit_loop._cache_size() - before == 1
     means = [float(np.mean(l)) for l in layers]
     assert means == sorted(means, reverse=True) and means[0] == L
+    # Inside a caller's jit the threshold is a tracer: no concrete check, same answer.
+    traced = jax.jit(lambda t: ee.early_exit_predict(CONFIG, params, ids, mask, types, t).exit_layer)
+    np.testing.assert_array_equal(traced(0.1), layers[5])
 
 
 @pytest.mark.parametrize("rule, threshold, message", [
