@@ -1,0 +1,41 @@
+"""`python -m train.train --config configs/tiny.py` end to end, as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from deebert_jax.checkpoint import load_checkpoint
+from tests.conftest import REPO
+
+
+def test_tiny_config_end_to_end(tmp_path):
+    workdir = tmp_path / "tiny"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "train.train", "--config", "configs/tiny.py",
+                           f"--config.workdir={workdir}"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stage 2: dev accuracy of the final ramp" in proc.stdout and "ramp 1: accuracy" in proc.stdout
+
+    config, params = load_checkpoint(workdir / "model")
+    assert config.num_hidden_layers == 2 and params["ramps"]["classifier"]["kernel"].shape == (2, 32, 2)
+    _, stage1 = load_checkpoint(workdir / "stage1")
+    # stage 2 changed only the off-ramp
+    np.testing.assert_array_equal(params["layers"]["query"]["kernel"], stage1["layers"]["query"]["kernel"])
+    assert not np.array_equal(params["ramps"]["pooler"]["kernel"][0], stage1["ramps"]["pooler"]["kernel"][0])
+
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["event"] == "train"]
+    evals = {r["stage"]: r for r in records if r["event"] == "eval"}
+    assert {r["stage"] for r in train} == {1, 2}
+    assert all(np.isfinite(r["loss"]) and r["examples_per_second"] > 0 for r in train)
+    assert [r["step"] for r in train if r["stage"] == 1][-1] == 64
+    assert evals[1]["num_examples"] == evals[2]["num_examples"] == 100  # 100 is not a multiple of 8 x 8
+    assert "ramps" not in evals[1] and [r["layer"] for r in evals[2]["ramps"]] == [1, 2]
+    # the synthetic rule is learnable: both the final ramp and the off-ramp get it
+    assert evals[1]["final"]["accuracy"] > 0.8 and evals[2]["ramps"][0]["accuracy"] > 0.8
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
+    assert sorted(os.listdir(workdir / "checkpoints" / "stage1")) == ["60", "64"]  # keep the last 2
