@@ -167,7 +167,8 @@ def evaluate(config: DeeBertConfig, params, arrays: Mapping[str, np.ndarray], ta
     if labels.max(initial=0) >= config.num_labels:
         raise ValueError(f"task {task}: label {int(labels.max())} does not fit a model with "
                          f"num_labels={config.num_labels}")
-    devices = early_exit.local_devices(devices)
+    # No more devices than rows per batch: batch size 1 (the paper's setting) is a plain jit loop.
+    devices = early_exit.local_devices(devices)[:batch_size]
     per_ramp = per_ramp_metrics(task, all_ramp_logits(config, params, arrays, batch_size, dtype, progress), labels)
     predict = make_predictor(config, params, rule, mode, dtype, devices)
     sweep = sweep_thresholds(predict, task, L, arrays, thresholds, batch_size, progress)

@@ -106,6 +106,8 @@ def test_pmap_and_exit_aware_modes_agree_with_single_device(checkpoint, arrays):
     keys = ("metric", "exit_counts", "mean_exit_layer")
     strip = lambda r: [{k: p[k] for k in keys} for p in r["sweep"]]
     assert strip(many) == strip(one)
+    assert evaluation.evaluate(CONFIG, params, {k: v[:3] for k, v in arrays.items()}, "synthetic",
+                               thresholds=[0.3], batch_size=1, progress=False)["num_devices"] == 1
     # Per-device loops: the mean over device shards is at most the whole-batch loop's depth.
     for a, b in zip(one["sweep"], many["sweep"]):
         assert b["mean_layers_run"] <= a["mean_layers_run"]
