@@ -147,7 +147,16 @@ def environment(threads: int, torch_device: str, probe_n: int | None = None) -> 
                           "jax": round(matmul_gflops("jax", n), 1),
                           "torch": round(matmul_gflops("torch", n, torch_device=torch_device), 1)},
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "load_average_before": load_average(),
     }
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages: other work on a shared machine shows up here."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,7 +548,8 @@ def markdown(result: Mapping[str, Any]) -> str:
     lines = [
         f"**Device** {h['device']} | **threads** XLA {th.get('xla_cpu')}, torch {th.get('torch')} "
         f"(requested {th.get('requested')}) | **matmul** {mm.get('n')}^3 fp32: JAX {mm.get('jax')} GFLOP/s, "
-        f"torch {mm.get('torch')} GFLOP/s",
+        f"torch {mm.get('torch')} GFLOP/s | **load average** before {h.get('load_average_before')}, "
+        f"after {h.get('load_average_after')}",
         "",
         "**Versions** " + ", ".join(f"{k} {v}" for k, v in h["versions"].items()),
     ]

@@ -113,7 +113,8 @@ def main(argv=None) -> int:
         return 1
     result = {**env, "model": model_name, "inputs": inputs, "runs": spec.runs, "warmup": spec.warmup,
               "schedule": spec.schedule, "dtype": spec.dtype, "rule": spec.rule, "jax_params_layout": spec.layout,
-              "command": "python -m train.benchmark " + shlex.join(argv), "rows": rows}
+              "command": "python -m train.benchmark " + shlex.join(argv), "load_average_after": bm.load_average(),
+              "rows": rows}
     result["targets"] = bm.check_targets(result)
     paths = bm.write_outputs(result, args.out)
     print(bm.markdown(result))
