@@ -37,4 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.log_every_steps = 50
     c.multihost = "auto"            # auto: jax.distributed.initialize() on multi-host TPU slices
+    # After training (read by train.demo only)
+    c.eval_mode = "exit_aware"      # dev-set sweep: exit_aware (rows compacted as they exit) or batch
+    c.bench_batch_sizes = "1"       # latency benchmark: batch sizes, thresholds, timed runs per cell
+    c.bench_thresholds = "0,0.01,0.05,0.1,0.2,0.3,0.4,0.5,0.6,0.7"
+    c.bench_runs = 30
     return c

@@ -20,10 +20,5 @@ def get_config():
     c.stage2_learning_rate = 5e-4   # the ramps start from scratch: a larger step pays off
     c.workdir = "workdirs/demo"
     c.save_every_steps = 50
-    # Evaluation and latency (read by train.demo only).
-    c.eval_mode = "exit_aware"
     c.eval_batch_size = 64
-    c.bench_batch_sizes = "1"
-    c.bench_thresholds = "0,0.01,0.05,0.1,0.2,0.3,0.4,0.5,0.6,0.7"
-    c.bench_runs = 30
     return c

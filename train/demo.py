@@ -21,10 +21,6 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "demo/training config file", lock_config=False)
 
-DEFAULTS = {"eval_mode": "exit_aware", "bench_batch_sizes": "1", "bench_runs": 30,
-            "bench_thresholds": "0,0.01,0.05,0.1,0.2,0.3,0.4,0.5,0.6,0.7"}
-
-
 def _config_overrides(argv: list[str]) -> list[str]:
     """The user's --config.FIELD=VALUE flags, passed on to train.train unchanged."""
     return [a for a in argv if a.startswith("--config.")]
@@ -58,7 +54,6 @@ def _glue_note(cfg) -> str:
 
 def main(argv):
     cfg = _CONFIG.value
-    get = lambda k: cfg.get(k, DEFAULTS[k])
     py = sys.executable
     workdir = os.path.abspath(cfg.workdir)
     config_file = config_flags.get_config_filename(flags.FLAGS["config"])
@@ -86,20 +81,20 @@ def main(argv):
     results_path = os.path.join(workdir, "results.json")
     timings["evaluate"] = _run("evaluate: every ramp, then the threshold sweep", [
         py, "-m", "train.evaluate", "--checkpoint", model, "--task", cfg.task, "--max-seq-length",
-        str(cfg.max_seq_length), "--batch-size", str(cfg.eval_batch_size), "--mode", get("eval_mode"),
+        str(cfg.max_seq_length), "--batch-size", str(cfg.eval_batch_size), "--mode", cfg.eval_mode,
         *glue, *eval_limit, "--out", results_path])
     bench_path = os.path.join(workdir, "bench.json")
     timings["benchmark"] = _run("benchmark: the same weights and sentences through JAX and eager PyTorch", [
         py, "-m", "train.benchmark", "--checkpoint", model, "--task", cfg.task, "--seq-len", str(cfg.max_seq_length),
-        "--batch-sizes", str(get("bench_batch_sizes")), "--thresholds", str(get("bench_thresholds")),
-        "--runs", str(get("bench_runs")), *glue, "--no-progress", "--out", bench_path])
+        "--batch-sizes", str(cfg.bench_batch_sizes), "--thresholds", str(cfg.bench_thresholds),
+        "--runs", str(cfg.bench_runs), *glue, "--no-progress", "--out", bench_path])
 
     from deebert_jax.report import format_summary
     with open(results_path) as f:
         results = json.load(f)
     with open(bench_path) as f:
         bench = json.load(f)
-    batch = int(str(get("bench_batch_sizes")).split(",")[0])
+    batch = int(str(cfg.bench_batch_sizes).split(",")[0])
     limit = cfg.get("train_limit", 0)
     print("\n" + "=" * 100)
     print(f"deebert-jax demo: {cfg.task}, {source}; trained on "
