@@ -1,0 +1,33 @@
+"""The demo's whole pipeline (convert -> train -> evaluate -> benchmark -> summary) on configs/tiny.py."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_demo_pipeline_on_tiny_config(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.demo", "--config", "configs/tiny.py", f"--config.workdir={tmp_path}",
+         "--config.bench_runs=3", "--config.bench_thresholds=0,0.7", "--config.eval_mode=exit_aware"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    for step in ("train: stage 1", "evaluate: every ramp", "benchmark: the same weights"):
+        assert step in out
+    summary = out[out.index("deebert-jax demo:"):]
+    assert "synthetic dev, 100 examples, 2 layers" in summary
+    lines = [l.split() for l in summary.splitlines() if l.strip() and l.split()[0] in ("0", "0.7")]
+    assert len(lines) == 2 and all(l[5] != "-" and l[6] != "-" for l in lines), summary  # JAX and torch latency
+    results = json.load(open(tmp_path / "results.json"))
+    assert results["mode"] == "exit_aware" and results["num_examples"] == 100
+    assert results["sweep"][-1]["mean_exit_layer"] == 1.0  # 0.7 > ln 2: everything leaves at layer 1
+    bench = json.load(open(tmp_path / "bench.json"))
+    assert {(r["backend"], r["mode"]) for r in bench["rows"]} == {
+        ("jax", "full"), ("jax", "early_exit"), ("torch", "full"), ("torch", "early_exit")}
+    for name in ("results.png", "bench.png", "train/model/deebert_config.json"):
+        assert (tmp_path / name).exists(), name
