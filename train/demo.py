@@ -26,8 +26,13 @@ def _config_overrides(argv: list[str]) -> list[str]:
     return [a for a in argv if a.startswith("--config.")]
 
 
+COMMANDS: list[str] = []
+
+
 def _run(step: str, cmd: list[str]) -> float:
-    print(f"\n==> {step}\n$ {shlex.join(cmd)}", flush=True)
+    line = shlex.join(["python", *cmd[1:]] if cmd[0] == sys.executable else cmd)
+    COMMANDS.append(line)
+    print(f"\n==> {step}\n$ {line}", flush=True)
     start = time.time()
     proc = subprocess.run(cmd)
     if proc.returncode != 0:
@@ -108,6 +113,11 @@ def main(argv):
                         ("model", model), ("training log", os.path.join(train_dir, "metrics.jsonl"))]:
         print(f"  {label:<13} {path}")
     print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {time.time() - started:.0f}s")
+    # What produced these files, for reports (train.report) that must not type numbers by hand.
+    with open(os.path.join(workdir, "run.json"), "w") as f:
+        json.dump({"command": shlex.join(["python", "-m", "train.demo", *sys.argv[1:]]), "steps": COMMANDS,
+                   "config": cfg.to_dict(), "data": source, "seconds": timings,
+                   "results": results_path, "bench": bench_path, "model": model}, f, indent=2, default=str)
     return 0
 
 
