@@ -57,3 +57,63 @@ def format_summary(results: Mapping[str, Any], bench: Mapping[str, Any] | None =
         lines.append("full-depth forward: " + ", ".join(
             f"{b} {row['median_ms']:.2f} ms" for b, row in full if row))
     return "\n".join(lines)
+
+
+# The Hugging Face Flax GLUE example, bert-base-cased, 3 epochs (DESIGN.md section 5): context only.
+REFERENCE_BERT_BASE = {"sst2": "accuracy 92.2", "mrpc": "F1 89.0", "rte": "accuracy 64.8", "qnli": "accuracy 90.8"}
+# Issue 6's target on SST-2: at least this layer saving with at most this metric loss vs the final ramp.
+TARGET_SAVING, TARGET_LOSS = 0.40, 0.010
+
+
+def best_saving_within(results: Mapping[str, Any], max_loss: float) -> dict | None:
+    """The sweep point with the largest layer saving whose metric is within `max_loss` of ramp L."""
+    final = results["per_ramp"][-1]["metric"]
+    ok = [p for p in results["sweep"] if final - p["metric"] <= max_loss + 1e-12]
+    return max(ok, key=lambda p: p["layer_saving"]) if ok else None
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def format_markdown_section(meta: Mapping[str, Any], results: Mapping[str, Any], bench: Mapping[str, Any],
+                            pngs: Mapping[str, str]) -> str:
+    """One task's RESULTS.md section: setup, per-ramp metric, sweep, target, latency."""
+    task, name, L = results["task"], results["metric_name"], results["num_layers"]
+    cfg = meta.get("config", {})
+    final = results["per_ramp"][-1]["metric"]
+    limit = cfg.get("train_limit", 0)
+    out = [f"## {task}", "",
+           f"Command: `{meta['command']}`  ",
+           f"Data: {meta.get('data', '?')}; training examples: " + (f"first {limit}" if limit else "all")
+           + f"; length {cfg.get('max_seq_length')}; epochs {cfg.get('stage1_epochs')} (stage 1) + "
+             f"{cfg.get('stage2_epochs')} (stage 2); lr {cfg.get('learning_rate')} / {cfg.get('stage2_learning_rate')}; "
+             f"batch {cfg.get('per_device_batch_size')} per device; seed {cfg.get('seed')}.  ",
+           f"Steps: " + "; ".join(f"`{s}`" for s in meta.get("steps", [])), "",
+           f"Final ramp (layer {L}) dev {name}: **{100 * final:.2f}** on {results['num_examples']} examples"
+           + (f" (bert-base reference: {REFERENCE_BERT_BASE[task]})" if task in REFERENCE_BERT_BASE else ""), ""]
+    out += _md_table(["layer"] + [str(r["layer"]) for r in results["per_ramp"]],
+                     [[name] + [f"{100 * r['metric']:.2f}" for r in results["per_ramp"]]])
+    out += ["", f"Threshold sweep ({results.get('rule', 'entropy')}, mode {results.get('mode')}):", ""]
+    out += _md_table(["threshold", name, "change (points)", "layer saving", "mean exit layer",
+                      f"exit counts (layer 1..{L})"],
+                     [[f"{p['threshold']:g}", f"{100 * p['metric']:.2f}", f"{100 * (p['metric'] - final):+.2f}",
+                       f"{100 * p['layer_saving']:.1f}%", f"{p['mean_exit_layer']:.2f}",
+                       " ".join(str(c) for c in p["exit_counts"])] for p in results["sweep"]])
+    best = best_saving_within(results, TARGET_LOSS)
+    if best is not None:
+        met = best["layer_saving"] >= TARGET_SAVING
+        out += ["", f"Largest layer saving within {100 * TARGET_LOSS:.1f} point of the final ramp: "
+                    f"**{100 * best['layer_saving']:.1f}%** at threshold {best['threshold']:g} "
+                    f"({name} {100 * best['metric']:.2f}). Target (>= {100 * TARGET_SAVING:.0f}% saved, <= "
+                    f"{100 * TARGET_LOSS:.1f} point lost): **{'met' if met else 'not met'}**."]
+    out += ["", f"![{task} trade-off]({pngs['tradeoff']})", "",
+            f"Latency ({bench.get('device')}, threads {bench.get('threads')}; `{bench.get('command', '')}`):", ""]
+    rows = sorted(bench["rows"], key=lambda r: (r["batch_size"], r["backend"], r["mode"] != "full", r["threshold"] or 0))
+    out += _md_table(["backend", "mode", "batch", "threshold", "median ms", "p90 ms", "mean exit layer",
+                      "wall saving"],
+                     [[r["backend"], r["mode"], str(r["batch_size"]), ("-" if r["threshold"] is None else f"{r['threshold']:g}"), f"{r['median_ms']:.2f}",
+                       f"{r['p90_ms']:.2f}", f"{r['mean_exit_layer']:.2f}",
+                       f"{100 * r['wall_saving']:.1f}%" if r.get("wall_saving") is not None else "-"] for r in rows])
+    out += ["", f"![{task} latency]({pngs['latency']})", ""]
+    return "\n".join(out)
