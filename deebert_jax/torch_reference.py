@@ -135,9 +135,9 @@ class TorchDeeBert(nn.Module):
         hidden = self.bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         bias = self._mask_bias(attention_mask, hidden.dtype)
         B, L = input_ids.shape[0], self.num_layers
-        out = torch.zeros(B, self.config.num_labels, dtype=torch.float32)
-        exit_layer = torch.zeros(B, dtype=torch.long)
-        done = torch.zeros(B, dtype=torch.bool)
+        out = torch.zeros(B, self.config.num_labels, dtype=torch.float32, device=hidden.device)
+        exit_layer = torch.zeros(B, dtype=torch.long, device=hidden.device)
+        done = torch.zeros(B, dtype=torch.bool, device=hidden.device)
         for i in range(L):
             hidden = self.layer(i, hidden, bias)
             logits = self.ramp(i, hidden).float()
