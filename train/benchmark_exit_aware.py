@@ -1,19 +1,22 @@
 """Benchmark P4: exit-aware batching vs the plain batched early-exit loop over a pool of examples.
 
     python -m train.benchmark_exit_aware [--pool 256] [--batch-size 32] [--layer-savings 0.3,0.5,0.7]
-        [--schedulers device,host] [--bucket-sizes 32,8] [--seq-len 128] [--out FILE.json]
+        [--schedulers device,host,refill] [--bucket-sizes "8;32,8"] [--more-batch-sizes 8,1]
+        [--seq-len 128] [--out FILE.json]
 
 Model: the packaged MiniLM-L6 (`--pytorch DIR` for another PyTorch BERT, `--checkpoint DIR` for a
 deebert-jax checkpoint). Its ramps are untrained, so by default they are made synthetic: classifiers
 scaled (`--ramp-scale`) and centred over the pool so that confidence varies from row to row
 (`--trained-ramps` keeps a fine-tuned model's ramps). Thresholds are chosen to hit target
-per-example layer savings (or given with --thresholds). Data: SST-2 dev sentences from GLUE_DIR (random tokens if absent), padded to --seq-len.
+per-example layer savings (or given with --thresholds). Data: SST-2 dev sentences from GLUE_DIR
+(random tokens if absent), padded to --seq-len.
 
 For each threshold it times (best of --repeats interleaved rounds, after a warm-up call) the plain loop
 `early_exit_predict` over batches of --batch-size and `exit_aware_predict` over the whole pool,
-and reports realized wall-clock saving = 1 - time / time of the plain loop at threshold 0
-(every row runs all L layers), next to the layer saving 1 - mean(exit_layer) / L. The same
-saving in process CPU time is shown too: on a shared machine it is steadier than wall time.
+and reports realized wall-clock saving = 1 - time / full-depth time (the fastest run in which every
+row goes through all L layers: the plain loop at threshold 0 or the model's full forward pass, at
+--batch-size and each of --more-batch-sizes), next to the layer saving 1 - mean(exit_layer) / L.
+The same saving in process CPU time is shown too: on a shared machine it is steadier than wall time.
 P4 asks exit-aware realized saving >= 0.8 x layer saving.
 """
 
@@ -52,10 +55,13 @@ def parse_args(argv=None):
                    help="target per-example layer savings; thresholds are chosen to hit them (entropy rule)")
     p.add_argument("--thresholds", type=_floats, default=None, help="explicit thresholds (instead of --layer-savings)")
     p.add_argument("--schedulers", default="device,host", help="exit-aware schedulers to time: device, host")
-    p.add_argument("--bucket-sizes", type=_ints, default=[32, 8])
+    p.add_argument("--bucket-sizes", type=lambda t: [_ints(x) for x in t.split(";") if x.strip()], default=[None],
+                   help="exit_aware bucket sizes, e.g. 32,8 (default: the library's default for this backend); "
+                        "several alternatives separated by ';' are each timed")
     p.add_argument("--pool-size", type=int, default=1024, help="exit_aware_predict pool_size")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--batch1", action="store_true", help="also time the plain loop at batch size 1 (slow)")
+    p.add_argument("--more-batch-sizes", type=_ints, default=[],
+                   help="also time the plain loop (and the full-depth base) at these batch sizes, e.g. 8,1")
     p.add_argument("--out", default=os.path.join("workdirs", "benchmark_exit_aware.json"))
     return p.parse_args(argv)
 
@@ -145,7 +151,7 @@ def main(argv=None) -> int:
 
     from deebert_jax import modeling
     from deebert_jax.early_exit import early_exit_predict, entropy
-    from deebert_jax.exit_aware import exit_aware_predict
+    from deebert_jax.exit_aware import default_bucket_sizes, exit_aware_predict
 
     config, params, source = load_model(args)
     synthetic_ramps = not args.trained_ramps
@@ -153,21 +159,21 @@ def main(argv=None) -> int:
     n, L, bs = ids.shape[0], config.num_hidden_layers, args.batch_size
     schedulers = [s for s in args.schedulers.split(",") if s]
 
-    def plain(threshold, batch_size=bs):
+    def pad_batch(start, batch_size):
         # Fixed batch shape: the last batch is padded with all-padding rows (they start exited).
-        out_logits, out_exit = [], []
-        for start in range(0, n, batch_size):
-            chunk = [a[start:start + batch_size] for a in (ids, mask, types)]
-            rows = chunk[0].shape[0]
-            if rows < batch_size:
-                chunk = [np.concatenate([a, np.zeros((batch_size - rows,) + a.shape[1:], a.dtype)]) for a in chunk]
-            r = early_exit_predict(config, params, *chunk, threshold, args.rule)
-            out_logits.append(r.logits[:rows])
-            out_exit.append(r.exit_layer[:rows])
-        return np.concatenate(out_logits), np.concatenate(out_exit)
+        chunk = [a[start:start + batch_size] for a in (ids, mask, types)]
+        rows = chunk[0].shape[0]
+        return [np.concatenate([a, np.zeros((batch_size - rows,) + a.shape[1:], a.dtype)]) for a in chunk]
 
-    ramp_logits = np.concatenate([np.asarray(modeling.forward(config, params, ids[s:s + bs], mask[s:s + bs],
-                                                              types[s:s + bs])) for s in range(0, n, bs)], axis=1)
+    def plain(threshold, batch_size):
+        results = [early_exit_predict(config, params, *pad_batch(start, batch_size), threshold, args.rule)
+                   for start in range(0, n, batch_size)]   # all dispatched before any is read
+        return (np.concatenate([np.asarray(r.logits) for r in results])[:n],
+                np.concatenate([np.asarray(r.exit_layer) for r in results])[:n])
+
+    forward = jax.jit(modeling.forward, static_argnums=0)
+    ramp_logits = np.concatenate([np.asarray(forward(config, params, *pad_batch(s, bs)))[:, :min(bs, n - s)]
+                                  for s in range(0, n, bs)], axis=1)
     if synthetic_ramps:
         # Random ramps see near-identical [CLS] vectors, so every row would exit at the same layer;
         # centring each ramp's logits over the pool makes confidence vary from row to row.
@@ -182,50 +188,73 @@ def main(argv=None) -> int:
         raise SystemExit(f"--rule {args.rule} needs explicit --thresholds")
 
     params = jax.device_put(params)
-    def exit_aware(threshold, scheduler):
+    full_params = modeling.unstack_params(params) if hasattr(modeling, "unstack_params") else params
+
+    def full_forward(batch_size):
+        # No early exit at all: the model's fastest full-depth eval pass, batch by batch.
+        outs = [forward(config, full_params, *pad_batch(start, batch_size))[-1] for start in range(0, n, batch_size)]
+        logits = np.concatenate([np.asarray(o) for o in outs])[:n]
+        return logits, np.full((n,), L, np.int32)
+
+    def exit_aware(threshold, scheduler, buckets):
         return exit_aware_predict(config, params, ids, mask, types, threshold, args.rule,
-                                  bucket_sizes=args.bucket_sizes, pool_size=args.pool_size, scheduler=scheduler)
+                                  bucket_sizes=buckets, pool_size=args.pool_size, scheduler=scheduler)
 
     plain_label = f"plain loop, batch {bs}"
-    rows, base = [], None
+    rows, base, own_base = [], None, {}
     thresholds = [0.0] + [t for t in thresholds if t != 0.0]
     with tqdm(total=len(thresholds) * args.repeats, desc="timing", unit="round") as progress:
         for threshold in thresholds:
-            fns = {plain_label: lambda: plain(threshold)}
+            fns = {f"plain loop, batch {b}": (lambda b=b: plain(threshold, b)) for b in [bs] + args.more_batch_sizes}
             for scheduler in schedulers:
-                fns[f"exit_aware ({scheduler})"] = lambda s=scheduler: exit_aware(threshold, s)
-            if args.batch1:
-                fns["plain loop, batch 1"] = lambda: plain(threshold, 1)
+                for buckets in args.bucket_sizes:
+                    buckets = tuple(buckets) if buckets else default_bucket_sizes()
+                    label = f"exit_aware ({scheduler}, {'+'.join(map(str, buckets))})"
+                    fns[label] = lambda s=scheduler, b=buckets: exit_aware(threshold, s, b)
+            full_labels = []
+            if base is None:  # threshold 0 comes first
+                for b in [bs] + args.more_batch_sizes:
+                    full_labels.append(f"full forward, batch {b}")
+                    fns[full_labels[-1]] = lambda b=b: full_forward(b)
             measured = measure(fns, args.repeats, progress)
-            if base is None:  # threshold 0: every row runs all L layers in the plain loop
-                base = measured[plain_label][1:]
+            if base is None:
+                # Every row runs all L layers: the fastest full-depth run of any kind is the base.
+                full_depth = [k for k in measured if k.startswith(("plain", "full"))]
+                base = tuple(min(measured[k][i] for k in full_depth) for i in (1, 2))
+                own_base = {k: v[1:] for k, v in measured.items()}
             ref_logits, ref_exit = (np.asarray(x) for x in measured[plain_label][0][:2])
             for label, (result, wall, cpu) in measured.items():
                 logits, exit_layer = np.asarray(result[0]), np.asarray(result[1])
                 layer_saving = float(1.0 - exit_layer.mean() / L)
                 realized, realized_cpu = 1.0 - wall / base[0], 1.0 - cpu / base[1]
                 rows.append(dict(
-                    threshold=threshold, method=label, seconds=wall, cpu_seconds=cpu, examples_per_s=n / wall,
+                    threshold=None if label in full_labels else threshold, method=label, seconds=wall,
+                    cpu_seconds=cpu, examples_per_s=n / wall,
                     layer_saving=layer_saving, realized_saving=realized, realized_cpu_saving=realized_cpu,
                     ratio=realized / layer_saving if layer_saving > 0 else None,
+                    cpu_ratio=realized_cpu / layer_saving if layer_saving > 0 else None,
+                    # the saving against this method's own threshold-0 run (isolates the early-exit effect)
+                    realized_saving_vs_own_full=None if label in full_labels else 1.0 - wall / own_base[label][0],
+                    realized_cpu_saving_vs_own_full=None if label in full_labels else 1.0 - cpu / own_base[label][1],
                     exit_histogram=np.bincount(exit_layer, minlength=L + 1)[1:].tolist(),
                     mean_exit_layer=float(exit_layer.mean()),
                     same_exits_as_plain=bool(np.array_equal(ref_exit, exit_layer)),
                     max_logit_diff=float(np.abs(ref_logits - logits).max())))
 
-    header = (f"{'threshold':>9} {'method':<24} {'wall s':>7} {'cpu s':>7} {'ex/s':>6} {'layer sav':>9} "
+    header = (f"{'threshold':>9} {'method':<28} {'wall s':>7} {'cpu s':>7} {'ex/s':>6} {'layer sav':>9} "
               f"{'realized':>8} {'(cpu)':>6} {'ratio':>6}  exits per layer")
     print(header)
     for r in rows:
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        same = "" if r["same_exits_as_plain"] else "  (exits differ from plain!)"
-        print(f"{r['threshold']:>9.4g} {r['method']:<24} {r['seconds']:>7.2f} {r['cpu_seconds']:>7.2f} "
+        same = "" if r["same_exits_as_plain"] or r["threshold"] is None else "  (exits differ from plain!)"
+        threshold = "-" if r["threshold"] is None else f"{r['threshold']:.4g}"
+        print(f"{threshold:>9} {r['method']:<28} {r['seconds']:>7.2f} {r['cpu_seconds']:>7.2f} "
               f"{r['examples_per_s']:>6.1f} {r['layer_saving']:>9.3f} {r['realized_saving']:>8.3f} "
               f"{r['realized_cpu_saving']:>6.3f} {ratio:>6}  {r['exit_histogram']}{same}")
     report = dict(
         benchmark="P4 exit-aware batching", command=" ".join(["python -m train.benchmark_exit_aware"] + (argv or sys.argv[1:])),
         model=source, synthetic_ramps=synthetic_ramps, ramp_scale=args.ramp_scale if synthetic_ramps else None, layers=L, data=data_note, pool=n, seq_len=args.seq_len, batch_size=bs,
-        bucket_sizes=args.bucket_sizes, pool_size=args.pool_size, rule=args.rule, repeats=args.repeats,
+        bucket_sizes=[list(b) if b else list(default_bucket_sizes()) for b in args.bucket_sizes], pool_size=args.pool_size, rule=args.rule, repeats=args.repeats,
         device=str(jax.devices()[0]), cpu_count=os.cpu_count(), platform=platform.platform(),
         jax=jax.__version__, rows=rows,
     )
