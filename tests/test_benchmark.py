@@ -201,3 +201,10 @@ def test_first_token_only_layer_matches_position_zero(params):
     first = modeling.layer_forward(CONFIG, layer, hidden, bias, first_token_only=True)
     assert first.shape == (3, 1, CONFIG.hidden_size)
     np.testing.assert_allclose(first[:, 0], full[:, 0], atol=1e-6, rtol=1e-6)
+
+
+def test_typical_mean_weights_each_exit_depth_by_its_share():
+    times = [10.0, 11.0, 1000.0, 30.0, 31.0, 29.0]   # one stalled run among the 1-layer runs
+    layers = [1, 1, 1, 3, 3, 3]
+    assert bm.typical_mean_ms(times, layers) == pytest.approx(0.5 * 11.0 + 0.5 * 30.0)
+    assert bm.typical_mean_ms([5.0, 7.0], [2, 2]) == 6.0
