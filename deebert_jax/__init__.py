@@ -12,3 +12,5 @@ __all__ = [
     "save_checkpoint",
 ]
 from deebert_jax.early_exit import ExitResult, early_exit_predict, early_exit_predict_pmap, replicate_params
+from deebert_jax.data import DataError, eval_batches, load_split, load_tokenizer, num_labels
+from deebert_jax.training import NonFiniteLossError, TrainState, train
