@@ -240,18 +240,20 @@ class Cell:
     first_call_s: float | None = None
 
 
-def _jax_cells(config, params, batches, thresholds, rule, dtype, device) -> list[Cell]:
+def _jax_cells(config, params, batches, thresholds, rule, dtype, device, stacked_params=None) -> list[Cell]:
     import jax
     from deebert_jax import modeling
     from deebert_jax.early_exit import early_exit_predict
 
     full = jax.jit(modeling.forward, static_argnums=(0,), static_argnames=("dtype",))
 
-    def full_call(r):
-        b = batches[r]
-        full(config, params, b["input_ids"], b["attention_mask"], b["token_type_ids"], dtype=dtype).block_until_ready()
+    def full_call(params):
+        def call(r):
+            b = batches[r]
+            full(config, params, b["input_ids"], b["attention_mask"], b["token_type_ids"], dtype=dtype).block_until_ready()
+        return call
 
-    def exit_call(threshold):
+    def exit_call(params, threshold):
         def call(r):
             b = batches[r]
             res = early_exit_predict(config, params, b["input_ids"], b["attention_mask"], b["token_type_ids"],
@@ -261,8 +263,12 @@ def _jax_cells(config, params, batches, thresholds, rule, dtype, device) -> list
         return call
 
     bs = int(batches[0]["input_ids"].shape[0])
-    cells = [Cell("jax", "full", bs, None, full_call, device)]
-    cells += [Cell("jax", "early_exit", bs, float(t), exit_call(float(t)), device) for t in thresholds]
+    cells = [Cell("jax", "full", bs, None, full_call(params), device)]
+    cells += [Cell("jax", "early_exit", bs, float(t), exit_call(params, float(t)), device) for t in thresholds]
+    if stacked_params is not None:
+        # Ablation: the same functions on the stacked (training) layout.
+        cells += [Cell("jax", "full_stacked", bs, None, full_call(stacked_params), device),
+                  Cell("jax", "early_exit_stacked", bs, 0.0, exit_call(stacked_params, 0.0), device)]
     return cells
 
 
@@ -351,6 +357,8 @@ class BenchmarkSpec:
     # JAX params as served: "unstacked" (`modeling.unstack_params`, once, before timing) or the
     # stacked training layout.
     layout: str = "unstacked"
+    # Also time JAX on the stacked layout (modes full_stacked, early_exit_stacked at threshold 0).
+    ablation: bool = False
 
     def check(self) -> None:
         if self.runs < 1:
@@ -386,6 +394,7 @@ def run_benchmark(config, params, arrays: Mapping[str, np.ndarray], spec: Benchm
     if "torch" in spec.backends and torch_model is None:
         raise BenchmarkError("torch backend requested but no torch model given")
     jax_dtype = jnp.bfloat16 if spec.dtype == "bfloat16" else jnp.float32
+    stacked = jax.device_put(modeling.stack_params(params)) if spec.ablation else None
     if spec.layout == "unstacked":
         params = modeling.unstack_params(params)
     params = jax.device_put(params)
@@ -393,7 +402,8 @@ def run_benchmark(config, params, arrays: Mapping[str, np.ndarray], spec: Benchm
     seq_len = int(arrays["input_ids"].shape[1])
     L = config.num_hidden_layers
     rows: list[dict] = []
-    total = sum(len(spec.backends) * (1 + len(spec.thresholds)) for _ in spec.batch_sizes) * spec.runs
+    per_batch_size = len(spec.backends) * (1 + len(spec.thresholds)) + (2 if spec.ablation and "jax" in spec.backends else 0)
+    total = per_batch_size * len(spec.batch_sizes) * spec.runs
     progress = tqdm(total=total, desc="benchmark", unit="call", disable=not show_progress)
     for bs in spec.batch_sizes:
         bs = int(bs)
@@ -402,7 +412,7 @@ def run_benchmark(config, params, arrays: Mapping[str, np.ndarray], spec: Benchm
         if "jax" in spec.backends:
             jbatches = [{k: jax.device_put(np.ascontiguousarray(arrays[k][rows_])) for k in
                          ("input_ids", "attention_mask", "token_type_ids")} for rows_ in index]
-            cells += _jax_cells(config, params, jbatches, spec.thresholds, spec.rule, jax_dtype, jax_device)
+            cells += _jax_cells(config, params, jbatches, spec.thresholds, spec.rule, jax_dtype, jax_device, stacked)
         if "torch" in spec.backends:
             import torch
             tbatches = [{k: torch.from_numpy(np.ascontiguousarray(arrays[k][rows_])).long().to(torch_device)

@@ -36,7 +36,7 @@ def tiny_run(tmp_path_factory):
     from train.benchmark import main
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     rc = main(["--random-model", "tiny", "--task", "synthetic", "--probe-size", "128", "--batch-sizes", "1,2", "--thresholds", "0,0.7", "--runs", "3",
-               "--warmup", "1", "--seq-len", "16", "--threads", "1", "--no-progress", "--out", str(out)])
+               "--warmup", "1", "--seq-len", "16", "--ablation", "--threads", "1", "--no-progress", "--out", str(out)])
     assert rc == 0
     return out, json.loads(out.read_text())
 
@@ -44,13 +44,15 @@ def tiny_run(tmp_path_factory):
 def test_cli_writes_valid_json_table_and_plot(tiny_run):
     out, result = tiny_run
     bm.validate(result)
-    assert out.with_suffix(".md").read_text().count("\n| jax |") == 6
+    assert out.with_suffix(".md").read_text().count("\n| jax |") == 10
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {"jax", "torch"} <= set(result["versions"])
     assert result["threads"]["torch"] >= 1 and result["matmul_gflops"]["jax"] > 0
     cells = {(r["backend"], r["mode"], r["batch_size"], r["threshold"]) for r in result["rows"]}
-    assert cells == {(b, m, bs, t) for b in ("jax", "torch") for bs in (1, 2)
-                     for m, t in [("full", None), ("early_exit", 0.0), ("early_exit", 0.7)]}
+    assert cells == ({(b, m, bs, t) for b in ("jax", "torch") for bs in (1, 2)
+                      for m, t in [("full", None), ("early_exit", 0.0), ("early_exit", 0.7)]}
+                     | {("jax", m, bs, t) for bs in (1, 2) for m, t in [("full_stacked", None),
+                                                                         ("early_exit_stacked", 0.0)]})
     assert all(r["seq_len"] == 16 and r["runs"] == 3 for r in result["rows"])
     assert result["inputs"].startswith("synthetic dev")
     assert {t["target"] for t in result["targets"]} >= {"P1", "P2", "P6"}
@@ -60,7 +62,7 @@ def test_cli_rows_report_exits_of_both_backends(tiny_run):
     _, result = tiny_run
     L = tiny_config().num_hidden_layers
     for r in result["rows"]:
-        if r["mode"] == "full" or r["threshold"] == 0.0:
+        if r["threshold"] in (None, 0.0):
             assert r["mean_exit_layer"] == L  # threshold 0 never exits early
         else:
             # Two labels: entropy < ln 2 < 0.7, so every example leaves at the first ramp.

@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="JAX params as served: unstacked per layer (modeling.unstack_params) or stacked")
     p.add_argument("--probe-size", type=int, default=None,
                    help="n of the n x n matmul-rate probe (default 1024 on CPU, 4096 on GPU)")
+    p.add_argument("--ablation", action="store_true",
+                   help="also time JAX on the stacked training layout (modes full_stacked, early_exit_stacked)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="bench.json path (.md and .png are written beside it)")
@@ -82,6 +84,7 @@ def main(argv=None) -> int:
     try:
         spec = bm.BenchmarkSpec(batch_sizes=args.batch_sizes, thresholds=args.thresholds, runs=args.runs,
                                 warmup=args.warmup, schedule=args.schedule, dtype=args.dtype, layout=args.layout,
+                                ablation=args.ablation,
                                 backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()))
         spec.check()
         if args.checkpoint:
