@@ -599,30 +599,46 @@ def markdown(result: Mapping[str, Any]) -> str:
 
 
 def plot(result: Mapping[str, Any], path: str) -> str:
-    """Per-example median latency against threshold, one line per backend and batch size."""
+    """Per-example median latency against threshold, one line per backend and batch size.
+
+    Thresholds sit at even spacing (sweeps bunch up near ln 2); each point is labelled with its
+    mean exit layer, and dotted lines mark each backend's full forward.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    thresholds = sorted({r["threshold"] for r in rows if r["mode"] == "early_exit"})
+    x_of = {t: i for i, t in enumerate(thresholds)}
+    batch_sizes = sorted({r["batch_size"] for r in rows})
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     colors = {"jax": "tab:blue", "torch": "tab:orange"}
-    styles = ["-", "--", ":", "-."]
-    for (backend, bs) in sorted({(r["backend"], r["batch_size"]) for r in rows}):
-        style = styles[sorted({r["batch_size"] for r in rows}).index(bs) % len(styles)]
-        ee = sorted((r for r in rows if r["backend"] == backend and r["batch_size"] == bs
-                     and r["mode"] == "early_exit"), key=lambda r: r["threshold"])
-        if ee:
-            ax.plot([r["threshold"] for r in ee], [r["per_example_ms"] for r in ee], style, marker="o",
-                    color=colors.get(backend), label=f"{backend} early exit, batch {bs}")
-        for r in rows:
-            if r["backend"] == backend and r["batch_size"] == bs and r["mode"] == "full":
-                ax.axhline(r["per_example_ms"], linestyle=style, color=colors.get(backend), alpha=0.4,
-                           label=f"{backend} full forward, batch {bs}")
-    ax.set_xlabel("entropy threshold")
+    markers = ["o", "s", "^", "D"]
+    for backend in BACKENDS:
+        for k, bs in enumerate(batch_sizes):
+            ee = sorted((r for r in rows if r["backend"] == backend and r["batch_size"] == bs
+                         and r["mode"] == "early_exit"), key=lambda r: r["threshold"])
+            if not ee:
+                continue
+            xs, ys = [x_of[r["threshold"]] for r in ee], [r["per_example_ms"] for r in ee]
+            ax.plot(xs, ys, "-", marker=markers[k % len(markers)], color=colors[backend],
+                    label=f"{backend} early exit, batch {bs}")
+            for x, y, r in zip(xs, ys, ee):
+                ax.annotate(f"{r['mean_exit_layer']:.1f}", (x, y), textcoords="offset points", xytext=(4, 4),
+                            fontsize=6, color=colors[backend])
+            for r in rows:
+                if r["backend"] == backend and r["batch_size"] == bs and r["mode"] == "full":
+                    ax.axhline(r["per_example_ms"], linestyle=":", color=colors[backend], alpha=0.6,
+                               label=f"{backend} full forward, batch {bs}")
+    ax.set_xticks(range(len(thresholds)), [f"{t:g}" for t in thresholds])
+    ax.set_xlabel("entropy threshold (points labelled with the mean exit layer)")
     ax.set_ylabel("median latency per example (ms)")
     ax.set_yscale("log")
-    ax.set_title(f"{result.get('model', 'model')}: {result['device']}", fontsize=9)
+    model = str(result.get("model", "model"))
+    model = model if len(model) < 60 else "..." + model[-57:]
+    ax.set_title(f"{model}\n{result['device']}, threads {result.get('threads', {}).get('requested', '?')}",
+                 fontsize=8)
     ax.legend(fontsize=7)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
