@@ -158,3 +158,11 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
     assert int(restored.step) == 2
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(restored.params))
     assert not (work / "stage1").exists() and not (work / "model").exists()
+
+
+def test_parse_stages():
+    assert training.parse_stages("1,2") == (1, 2) and training.parse_stages("2") == (2,)
+    assert training.parse_stages(1) == (1,) and training.parse_stages(" 2, 1 ") == (1, 2)
+    for bad in ("3", "", "one", "1,3"):
+        with pytest.raises(ValueError, match="expected '1', '2' or '1,2'"):
+            training.parse_stages(bad)
