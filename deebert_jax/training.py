@@ -436,6 +436,34 @@ def _save_model(ctx: RunContext, directory: str, params: Params) -> None:
         ctx.tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
 
 
+RUN_SPEC_FILE = "run_spec.json"
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
+    return out
+
+
+def _check_run_spec(path: str, spec: dict, resuming: bool) -> None:
+    """Writes the stage's run spec; on resume, a spec that differs is an error naming the fields."""
+    spec = json.loads(json.dumps(spec))  # the JSON view, so tuples and lists compare alike
+    if resuming and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        before, now = _flatten(old), _flatten(spec)
+        diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+        if diff:
+            raise ValueError(f"{path}: this workdir's checkpoints were written by a run with different settings "
+                             f"({', '.join(diff)}); resume with the same config or use a fresh workdir")
+        return
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(spec, f, indent=2, sort_keys=True)
+
+
 def run_stage(ctx: RunContext, stage: int, params: Params) -> Params:
     """Trains one stage from `params` (or resumes it from its latest checkpoint) -> final params."""
     from tqdm.auto import tqdm
@@ -453,12 +481,14 @@ def run_stage(ctx: RunContext, stage: int, params: Params) -> Params:
     manager = TrainCheckpointManager(os.path.join(ctx.workdir, "checkpoints", f"stage{stage}"),
                                      max_to_keep=int(cfg.keep_checkpoints))
     start = manager.latest_step() or 0
+    # What decides the trajectory; a resumed run must agree with it to end where the first would have.
+    run_spec = {"optimizer": dataclasses.asdict(settings), "model": config.to_dict(), "seed": int(cfg.seed),
+                "global_batch_size": global_batch, "task": ctx.task,
+                "train_examples": data_lib.num_examples(ctx.train), "max_seq_length": int(cfg.max_seq_length)}
+    _check_run_spec(os.path.join(manager.directory, RUN_SPEC_FILE), run_spec, resuming=bool(start))
     if start:
         state = jax.tree_util.tree_map(jnp.asarray, manager.restore(start, state))
         log.info("stage %d: resumed from step %d (%s)", stage, start, manager.directory)
-    if start > total:
-        raise ValueError(f"{manager.directory}: latest step {start} is past this stage's {total} steps "
-                         "(the config changed since it was written; use a fresh workdir)")
 
     state = replicate(state, ctx.devices)
     dropout_key = replicate(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), stage), ctx.devices)

@@ -166,3 +166,14 @@ def test_parse_stages():
     for bad in ("3", "", "one", "1,3"):
         with pytest.raises(ValueError, match="expected '1', '2' or '1,2'"):
             training.parse_stages(bad)
+
+
+def test_resume_with_different_settings_is_refused(tmp_path):
+    def stop(stage, step):
+        if step == 2:
+            raise Preempted()
+
+    with pytest.raises(Preempted):
+        training.train(_tiny(tmp_path, stages="1"), on_step=stop)
+    with pytest.raises(ValueError, match=r"run_spec.json: .*different settings \(optimizer.peak_learning_rate\)"):
+        training.train(_tiny(tmp_path, stages="1", learning_rate=0.5))
