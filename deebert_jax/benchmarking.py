@@ -452,9 +452,11 @@ def _rows_for(cells: list[Cell], valid: list[np.ndarray], seq_len: int, L: int) 
         if cell.exit_layers:
             layers = np.concatenate([e[v] for e, v in zip(cell.exit_layers, valid)])
             mean_exit = float(layers.mean())
+            histogram = np.bincount(layers.astype(int), minlength=L + 1)[1:L + 1].tolist()
             layers_run = [int(e[v].max()) if v.any() else 0 for e, v in zip(cell.exit_layers, valid)]
         else:
             mean_exit = float(L)
+            histogram = None
             layers_run = [L] * len(cell.times_ms)
         rows.append({
             "backend": cell.backend, "mode": cell.mode, "batch_size": cell.batch_size, "seq_len": seq_len,
@@ -464,6 +466,7 @@ def _rows_for(cells: list[Cell], valid: list[np.ndarray], seq_len: int, L: int) 
             "runs": len(cell.times_ms), "device": cell.device,
             "layer_saving": round(1.0 - mean_exit / L, 4),
             "typical_mean_ms": round(typical_mean_ms(cell.times_ms, layers_run), 4),
+            "exit_histogram": histogram,   # examples leaving at layers 1..L, over all runs
         })
         rows[-1]["_exit_layers"] = cell.exit_layers
     # Realized wall-clock saving against the same backend's full forward over the same batches:

@@ -67,6 +67,7 @@ def test_cli_rows_report_exits_of_both_backends(tiny_run):
         else:
             # Two labels: entropy < ln 2 < 0.7, so every example leaves at the first ramp.
             assert r["mean_exit_layer"] == 1.0 and r["layer_saving"] == 0.5
+            assert r["exit_histogram"] == [3 * r["batch_size"], 0]
         if r["backend"] == "jax":
             assert r["compile_s"] is not None and r["compile_s"] >= 0
         else:
