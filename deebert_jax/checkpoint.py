@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -17,8 +17,12 @@ CONFIG_FILE = "deebert_config.json"
 PARAMS_DIR = "params"
 
 
-def save_checkpoint(directory: str | os.PathLike, config: DeeBertConfig, params: Any) -> str:
-    """Writes `directory/{params/, deebert_config.json}`; replaces an old one only once complete."""
+def save_checkpoint(directory: str | os.PathLike, config: DeeBertConfig, params: Any,
+                    *, write_extra: Callable[[str], None] | None = None) -> str:
+    """Writes `directory/{params/, deebert_config.json}`; replaces an old one only once complete.
+
+    `write_extra(tmp_dir)` may add files (a tokenizer) that then appear in the same rename.
+    """
     directory = os.path.abspath(os.fspath(directory))
     params = jax.tree_util.tree_map(np.asarray, jax.device_get(params))
     with atomic_directory(directory) as tmp:
@@ -28,6 +32,8 @@ def save_checkpoint(directory: str | os.PathLike, config: DeeBertConfig, params:
             ckptr.wait_until_finished()
         with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+        if write_extra is not None:
+            write_extra(tmp)
     return directory
 
 

@@ -431,9 +431,11 @@ def _save_model(ctx: RunContext, directory: str, params: Params) -> None:
     """A model directory others can use alone: checkpoint + `tokenizer/` (host 0 writes)."""
     if jax.process_index() != 0:
         return
-    save_checkpoint(directory, ctx.config, params)
+    write_tokenizer = None
     if ctx.tokenizer is not None:
-        ctx.tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
+        write_tokenizer = lambda tmp: ctx.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+    # The tokenizer goes in with the same atomic rename: a stage directory is complete or absent.
+    save_checkpoint(directory, ctx.config, params, write_extra=write_tokenizer)
 
 
 RUN_SPEC_FILE = "run_spec.json"

@@ -177,3 +177,18 @@ def test_resume_with_different_settings_is_refused(tmp_path):
         training.train(_tiny(tmp_path, stages="1"), on_step=stop)
     with pytest.raises(ValueError, match=r"run_spec.json: .*different settings \(optimizer.peak_learning_rate\)"):
         training.train(_tiny(tmp_path, stages="1", learning_rate=0.5))
+
+
+def test_model_directory_holds_its_tokenizer(tmp_path, minilm_dir):
+    tokenizer = data.load_tokenizer(minilm_dir)
+    config = tiny_config()
+    params = training.jitted_init_params(config, jax.random.PRNGKey(0))
+    ctx = training.RunContext(cfg=None, workdir=str(tmp_path), task="sst2", config=config, train={}, dev={},
+                              tokenizer=tokenizer, devices=jax.local_devices(), log=None)
+    training._save_model(ctx, str(tmp_path / "model"), params)
+    loaded_config, loaded = load_checkpoint(tmp_path / "model")
+    assert loaded_config == config
+    np.testing.assert_array_equal(loaded["layers"]["key"]["kernel"], params["layers"]["key"]["kernel"])
+    again = data.load_tokenizer(tmp_path / "model")
+    assert again("a pair", "of sentences")["input_ids"] == tokenizer("a pair", "of sentences")["input_ids"]
+    assert sorted(os.listdir(tmp_path)) == ["model"]  # no temporary directories left behind
