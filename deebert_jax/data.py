@@ -296,7 +296,24 @@ def eval_batches(arrays: Mapping[str, np.ndarray], batch_size: int) -> Iterator[
                 v = np.concatenate([v, np.zeros((batch_size - rows, *v.shape[1:]), v.dtype)])
             batch[k] = v
         batch["valid"] = np.arange(batch_size) < rows
+        if "valid" in arrays:  # rows that are already padding (see `host_eval_rows`)
+            batch["valid"][:rows] &= np.asarray(arrays["valid"][start:start + rows], bool)
         yield batch
+
+
+def host_eval_rows(arrays: Mapping[str, np.ndarray], process_index: int, process_count: int) -> dict[str, np.ndarray]:
+    """This host's contiguous share of an eval split, padded so that every host has the same
+    number of rows (`valid` [n] bool marks the real ones): on a multi-host slice every host must
+    run the same number of pmapped batches."""
+    n = num_examples(arrays)
+    rows = process_slice(n, process_index, process_count)
+    per = -(-n // process_count)
+    out = {}
+    for k in ARRAY_KEYS:
+        v = arrays[k][rows]
+        out[k] = np.concatenate([v, np.zeros((per - len(v), *v.shape[1:]), v.dtype)])
+    out["valid"] = np.arange(per) < (rows.stop - rows.start)
+    return out
 
 
 def describe(arrays: Mapping[str, np.ndarray]) -> str:

@@ -584,8 +584,8 @@ def train(cfg, *, on_step: Callable[[int, int], None] | None = None) -> dict:
                   vocab_size=config.vocab_size, seed=int(cfg.seed))
     train_arrays = data_lib.load_split(task, "train", limit=cfg.get("train_limit", 0) or None, **common)
     dev_arrays = data_lib.load_split(task, "dev", limit=cfg.get("eval_limit", 0) or None, **common)
-    dev_arrays = {k: v[data_lib.process_slice(len(v), jax.process_index(), jax.process_count())]
-                  for k, v in dev_arrays.items()}
+    if jax.process_count() > 1:
+        dev_arrays = data_lib.host_eval_rows(dev_arrays, jax.process_index(), jax.process_count())
     log.info("task %s: train %s; dev %s", task, data_lib.describe(train_arrays), data_lib.describe(dev_arrays))
 
     ctx = RunContext(cfg, workdir, task, config, train_arrays, dev_arrays, tokenizer, jax.local_devices(),

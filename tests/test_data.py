@@ -148,3 +148,17 @@ def test_hub_path_maps_columns_and_labels(monkeypatch, tokenizer):
         {"sentence": ["x"], "label": [-1]}))
     with pytest.raises(data.DataError, match=r"nyu-mll/glue/sst2\[train\]: row 0: unknown label -1"):
         data.load_split("sst2", "train", tokenizer=tokenizer)
+
+
+def test_host_eval_rows_cover_the_split_once():
+    arrays = data.load_split("synthetic", "dev", vocab_size=30, max_seq_length=6, limit=11)
+    arrays["labels"] = np.arange(11, dtype=np.int32)
+    seen, batches = [], set()
+    for host in range(3):
+        part = data.host_eval_rows(arrays, host, 3)
+        assert part["input_ids"].shape == (4, 6)  # every host the same number of rows
+        host_batches = list(data.eval_batches(part, 3))
+        batches.add(len(host_batches))
+        for b in host_batches:
+            seen.extend(b["labels"][b["valid"]].tolist())
+    assert seen == list(range(11)) and batches == {2}
