@@ -141,6 +141,7 @@ def environment(threads: int, torch_device: str, probe_n: int | None = None) -> 
         "device": device,
         "versions": versions(),
         "jax_platform": platform_name,
+        "cpu_cores": available_cpus(),
         "torch_device": torch_device,
         "threads": {"requested": threads, "xla_cpu": xla_cpu_threads(), "torch": torch.get_num_threads()},
         "matmul_gflops": {"n": n, "dtype": "float32",
@@ -235,8 +236,6 @@ class Cell:
     device: str = "cpu"
     times_ms: list[float] = dataclasses.field(default_factory=list)
     exit_layers: list[np.ndarray] = dataclasses.field(default_factory=list)
-    valid: list[np.ndarray] = dataclasses.field(default_factory=list)
-    compile_s: float | None = None
     first_call_s: float | None = None
 
 
@@ -520,6 +519,10 @@ def check_targets(result: Mapping[str, Any]) -> list[dict]:
                 ratio = e["wall_saving"] / e["layer_saving"]
                 out.append({"target": "P3", "what": f"{backend} wall / layer saving, batch 1, threshold {e['threshold']}",
                             "value": round(ratio, 3), "limit": f">= {P3_MIN}", "met": ratio >= P3_MIN})
+    if contention_warning(result):
+        for t in out:
+            if t["target"] in ("P1",):
+                t["note"] = "machine was busy (see the warning): not evidence either way"
     seen = set()
     for e in find(backend="jax", mode="early_exit"):
         if e["batch_size"] not in seen and e["compile_s"] is not None:
@@ -567,6 +570,18 @@ def validate(result: Mapping[str, Any]) -> None:
             raise BenchmarkError(f"bench.json: rows[{i}] batch_size and seq_len must be >= 1")
 
 
+def contention_warning(result: Mapping[str, Any]) -> str | None:
+    """A note when other work competed for the cores: eager PyTorch's OpenMP threads spin at
+    barriers, so a multi-threaded PyTorch run on a busy machine stalls far more than XLA's pool."""
+    loads = [x for key in ("load_average_before", "load_average_after") for x in (result.get(key) or [])[:1]]
+    cores = result.get("cpu_cores")
+    if not loads or not cores or max(loads) <= cores:
+        return None
+    return (f"the 1-minute load average reached {max(loads)} on {cores} cores: other processes competed "
+            "for the CPU during this run, which inflates multi-threaded eager PyTorch (OpenMP threads "
+            "spin at barriers) far more than XLA; compare backends on a quiet machine or at --threads 1.")
+
+
 def markdown(result: Mapping[str, Any]) -> str:
     """Header, one table row per cell, then the targets."""
     h = result
@@ -580,6 +595,9 @@ def markdown(result: Mapping[str, Any]) -> str:
         "",
         "**Versions** " + ", ".join(f"{k} {v}" for k, v in h["versions"].items()),
     ]
+    warning = contention_warning(h)
+    if warning:
+        lines += ["", f"**Warning** {warning}"]
     if "model" in h:
         lines += ["", f"**Model** {h['model']} | **inputs** {h.get('inputs', '')} | **runs** {h.get('runs')} "
                       f"per cell, {h.get('schedule', '')} | **JAX params** {h.get('jax_params_layout', '')}, {h.get('dtype', '')} | **command** `{h.get('command', '')}`"]
@@ -595,9 +613,9 @@ def markdown(result: Mapping[str, Any]) -> str:
             f"{fmt(r['compile_s'], '.2f')} |")
     targets = h.get("targets") or []
     if targets:
-        lines += ["", "| target | what | value | limit | met |", "|---|---|---|---|---|"]
-        lines += [f"| {t['target']} | {t['what']} | {t['value']} | {t['limit']} | {'yes' if t['met'] else 'NO'} |"
-                  for t in targets]
+        lines += ["", "| target | what | value | limit | met | note |", "|---|---|---|---|---|---|"]
+        lines += [f"| {t['target']} | {t['what']} | {t['value']} | {t['limit']} | {'yes' if t['met'] else 'NO'} | "
+                  f"{t.get('note', '')} |" for t in targets]
     return "\n".join(lines) + "\n"
 
 

@@ -211,3 +211,12 @@ def test_typical_mean_weights_each_exit_depth_by_its_share():
     layers = [1, 1, 1, 3, 3, 3]
     assert bm.typical_mean_ms(times, layers) == pytest.approx(0.5 * 11.0 + 0.5 * 30.0)
     assert bm.typical_mean_ms([5.0, 7.0], [2, 2]) == 6.0
+
+
+def test_busy_machine_is_flagged():
+    rows = [_row(median_ms=6.0), _row(backend="torch", median_ms=10.0, compile_s=None)]
+    quiet = {"rows": rows, "cpu_cores": 2, "load_average_before": [1.5, 1, 1], "load_average_after": [1.9, 1, 1]}
+    busy = {**quiet, "load_average_after": [7.9, 6, 6]}
+    assert bm.contention_warning(quiet) is None
+    assert "7.9 on 2 cores" in bm.contention_warning(busy)
+    assert "note" not in bm.check_targets(quiet)[0] and "busy" in bm.check_targets(busy)[0]["note"]
