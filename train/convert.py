@@ -28,10 +28,13 @@ def main(argv=None) -> int:
 
     try:
         config, params, report = convert_pytorch_checkpoint(args.pytorch, args.num_labels, seed=args.seed)
-        out = save_checkpoint(args.out, config, params)
-        tokenizer_note = "not copied"
-        if not args.no_tokenizer:
-            tokenizer_note = _copy_tokenizer(resolve_model_dir(args.pytorch), os.path.join(out, "tokenizer"))
+        source_dir = resolve_model_dir(args.pytorch)
+        copy = None if args.no_tokenizer or not _has_tokenizer(source_dir) else (
+            lambda tmp_dir: _save_tokenizer(source_dir, os.path.join(tmp_dir, "tokenizer")))
+        # The tokenizer goes inside the same atomic rename as the weights.
+        out = save_checkpoint(args.out, config, params, write_extra=copy)
+        tokenizer_note = ("not copied" if args.no_tokenizer else
+                          os.path.join(out, "tokenizer") if copy else f"none found in {source_dir}")
     except (CheckpointError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -41,13 +44,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def _copy_tokenizer(src: str, dst: str) -> str:
-    """Saves the source's fast tokenizer beside the weights, so evaluation needs only `--out`."""
-    if not any(os.path.isfile(os.path.join(src, f)) for f in ("tokenizer.json", "vocab.txt")):
-        return f"none found in {src}"
+def _has_tokenizer(directory: str) -> bool:
+    return any(os.path.isfile(os.path.join(directory, f)) for f in ("tokenizer.json", "vocab.txt"))
+
+
+def _save_tokenizer(src: str, dst: str) -> None:
+    """The source's fast tokenizer beside the weights, so evaluation needs only `--out`."""
     from transformers import AutoTokenizer
     AutoTokenizer.from_pretrained(src).save_pretrained(dst)
-    return dst
 
 
 if __name__ == "__main__":
