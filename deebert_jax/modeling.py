@@ -185,21 +185,31 @@ def forward(config: DeeBertConfig, params: Params, input_ids, attention_mask, to
     """Full-depth eval forward -> ramp logits [L, B, K].
 
     Stacked params run the Flax module (the training graph, `nn.scan` over layers). Params from
-    `unstack_params` take the inference path: the layers unrolled over their own weights (no
-    copy of a layer's weights per call, which slicing the stacked L axis makes) and the last
-    layer computed for the first token only, which is all the ramps read. Both agree to float32
-    rounding (`docs/performance.md`).
+    `unstack_params` take the inference path: a loop whose body picks each layer's own weights
+    with `lax.switch` (no copy of a layer's weights per call, which slicing the stacked L axis
+    makes; the same body as the early-exit loop), and the last layer computed for the first
+    token only, which is all the ramps read. Both agree to float32 rounding
+    (`docs/performance.md`).
     """
     if not is_unstacked(params):
         return DeeBert(config, dtype).apply({"params": params}, input_ids, attention_mask, token_type_ids)
     hidden = embed(config, params, input_ids, token_type_ids, dtype)
     mask_bias = attention_bias(attention_mask, dtype)
     L = config.num_hidden_layers
-    logits = []
-    for i, (layer_params, ramp_params) in enumerate(zip(params["layers"], params["ramps"])):
-        hidden = layer_forward(config, layer_params, hidden, mask_bias, dtype, first_token_only=i == L - 1)
-        logits.append(ramp_forward(config, ramp_params, hidden, dtype))
-    return jnp.stack(logits)
+
+    def body(i, carry):
+        hidden, first_tokens = carry
+        hidden = layer_forward_at(config, params, i, hidden, mask_bias, dtype)
+        return hidden, first_tokens.at[i].set(hidden[:, 0])
+
+    # A loop rather than L unrolled layers: as fast in float32, and XLA's CPU fusion of bf16
+    # converts across unrolled layer boundaries made the unrolled graph 1.5x slower in bf16.
+    first_tokens = jnp.zeros((L, hidden.shape[0], hidden.shape[-1]), hidden.dtype)
+    hidden, first_tokens = jax.lax.fori_loop(0, L - 1, body, (hidden, first_tokens))
+    last = layer_forward(config, params["layers"][L - 1], hidden, mask_bias, dtype, first_token_only=True)
+    first_tokens = first_tokens.at[L - 1].set(last[:, 0])
+    return jnp.stack([ramp_forward(config, ramp_params, first_tokens[i][:, None], dtype)
+                      for i, ramp_params in enumerate(params["ramps"])])
 
 
 # The inference layout: the same arrays, with the L axis split into a tuple of per-layer trees.
