@@ -9,15 +9,19 @@ jitted function (a `while_loop` over layers holding `while_loop`s over buckets),
 host round trip per layer and XLA compiles one program per padded pool size, with a handful of
 bucket shapes inside it. Pools are padded to `largest bucket * 2**k` rows (padding rows start
 exited and cost only their embedding), so arbitrary input sizes reuse a few compiled programs.
+The last layer is peeled off the loop: every row still running exits there, so it computes
+position 0 only (all the final ramp reads). Layer weights are selected once per layer per pool,
+not once per batch.
 
-`scheduler="host"` runs the same bucket step from a Python loop (one device->host sync per
-layer); it is kept for measurement and as a fallback. `docs/exit_aware.md` has the numbers.
+Two measured alternatives stay selectable: `scheduler="host"` runs the same bucket step from a
+Python loop (one device->host sync per layer), and `scheduler="refill"` keeps fixed slots, each
+at its own layer, refilled from the pool as rows exit (per-slot weights: slower on CPU).
+`docs/exit_aware.md` has the design notes and the numbers.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Sequence
 
 import jax
@@ -28,10 +32,10 @@ from deebert_jax import modeling
 from deebert_jax.config import DeeBertConfig
 from deebert_jax.early_exit import EXIT_RULES, ExitResult, check_threshold
 
-# Measured on CPU (docs/exit_aware.md): batches of 8 rows run ~20% faster per row than 32 (cache),
-# and a single small bucket wastes at most 7 padded rows per layer. Accelerators want bigger
-# matmuls; their default is a guess, not measured here.
-CPU_BUCKET_SIZES = (8,)
+# Measured on CPU (docs/exit_aware.md): buckets of 8 rows run ~20% faster per row than 32 (cache),
+# and a 2-row bucket for the remainder wastes at most one padded row per layer. Accelerators want
+# bigger matmuls; their default is a guess, not measured here.
+CPU_BUCKET_SIZES = (8, 2)
 ACCELERATOR_BUCKET_SIZES = (64, 16)
 DEFAULT_POOL_SIZE = 1024
 SCHEDULERS = ("device", "host", "refill")
