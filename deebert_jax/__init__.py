@@ -14,3 +14,4 @@ __all__ = [
 from deebert_jax.early_exit import ExitResult, early_exit_predict, early_exit_predict_pmap, replicate_params
 from deebert_jax.data import DataError, eval_batches, load_split, load_tokenizer, num_labels
 from deebert_jax.training import NonFiniteLossError, TrainState, train
+from deebert_jax.exit_aware import exit_aware_predict
