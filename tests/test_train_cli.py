@@ -76,3 +76,18 @@ def test_two_process_multihost_run(tmp_path):
         assert "RESULT 2 4 100" in out  # both hosts see the whole dev set's count after the gather
     assert sorted(os.listdir(tmp_path / "mh" / "checkpoints" / "stage2")) == ["2", "4", "run_spec.json"]
     load_checkpoint(tmp_path / "mh" / "model")
+
+
+def test_configs_load_and_accept_overrides():
+    import importlib
+
+    from deebert_jax import data, training
+
+    for name in ("tiny", "glue_minilm", "glue_bert_base"):
+        cfg = importlib.import_module(f"configs.{name}").get_config()
+        data.canonical_task(cfg.task)
+        assert training.parse_stages(cfg.stages) == (1, 2)
+        cfg.train_limit, cfg.max_seq_length, cfg.stage1_epochs, cfg.eval_batch_size = 100, 64, 1.0, 16
+        assert training.stage_steps(cfg, 1, n_train=100, global_batch=10) == 10
+    bert = importlib.import_module("configs.glue_bert_base").get_config()
+    assert (bert.learning_rate, bert.per_device_batch_size, bert.stage1_epochs, bert.max_seq_length) == (2e-5, 8, 3.0, 128)
