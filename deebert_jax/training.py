@@ -538,7 +538,6 @@ def evaluate_stage(ctx: RunContext, stage: int, params: Params, step: int) -> di
     """Dev metrics after `stage`: the final ramp after stage 1; every ramp after stage 2."""
     result = evaluate(ctx.config, params, ctx.dev, ctx.task, int(ctx.cfg.eval_batch_size), devices=ctx.devices,
                       progress=jax.process_index() == 0)
-    L = ctx.config.num_hidden_layers
     name = metric_name(ctx.task)
     record = {"event": "eval", "stage": stage, "step": step, "task": ctx.task, "metric": name,
               "num_examples": result["num_examples"], "final": result["ramps"][-1]}
