@@ -220,3 +220,16 @@ def test_busy_machine_is_flagged():
     assert bm.contention_warning(quiet) is None
     assert "7.9 on 2 cores" in bm.contention_warning(busy)
     assert "note" not in bm.check_targets(quiet)[0] and "busy" in bm.check_targets(busy)[0]["note"]
+    one_thread = {**busy, "threads": {"requested": 1}}
+    assert "no barrier can stall" in bm.contention_warning(one_thread)
+    assert "note" not in bm.check_targets(one_thread)[0]
+
+
+def test_render_rederives_outputs(tiny_run, tmp_path):
+    from train.benchmark import main
+    out, result = tiny_run
+    copy = tmp_path / "again.json"
+    copy.write_text(json.dumps({**result, "targets": []}))
+    assert main(["--render", str(copy)]) == 0
+    assert json.loads(copy.read_text())["targets"] == result["targets"]
+    assert (tmp_path / "again.md").read_text() == out.with_suffix(".md").read_text()

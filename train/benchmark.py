@@ -37,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--checkpoint", help="deebert-jax (orbax) checkpoint directory")
     src.add_argument("--pytorch", help="PyTorch BERT / DeeBERT directory (config.json + weights)")
     src.add_argument("--random-model", choices=RANDOM_MODELS, help="random weights of this size")
+    src.add_argument("--render", metavar="BENCH_JSON",
+                     help="only re-derive targets, table and plot of an existing bench.json")
     p.add_argument("--num-labels", type=int, default=2, help="classes for --pytorch / --random-model")
     p.add_argument("--task", default="none", help="GLUE task for real dev sentences (e.g. sst2); 'none': random tokens")
     p.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"), help="local GLUE folder (default $GLUE_DIR)")
@@ -60,14 +62,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also time JAX on the stacked training layout (modes full_stacked, early_exit_stacked)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", required=True, help="bench.json path (.md and .png are written beside it)")
-    return p.parse_args(argv)
+    p.add_argument("--out", help="bench.json path (.md and .png are written beside it)")
+    args = p.parse_args(argv)
+    if not args.render and not args.out:
+        p.error("--out is required")
+    return args
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     from deebert_jax import benchmarking as bm
+    if args.render:
+        try:
+            paths = bm.render(args.render)
+        except (bm.BenchmarkError, OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print("wrote " + ", ".join(paths.values()), file=sys.stderr)
+        return 0
     import jax
     # Both must be fixed before JAX starts its backends (importing jax does not start them).
     bm.set_thread_env(args.threads)
