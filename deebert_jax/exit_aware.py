@@ -30,7 +30,12 @@ import numpy as np
 
 from deebert_jax import modeling
 from deebert_jax.config import DeeBertConfig
-from deebert_jax.early_exit import EXIT_RULES, ExitResult, check_threshold
+from deebert_jax.early_exit import EXIT_RULES, ExitResult, check_inputs, check_threshold
+
+try:
+    from jax.core import Tracer as _Tracer
+except ImportError:  # jax.core re-exports move between releases; the GPU image runs a newer jax
+    from jax._src.core import Tracer as _Tracer
 
 # Measured on CPU (docs/exit_aware.md): buckets of 8 rows run ~20% faster per row than 32 (cache),
 # and a 2-row bucket for the remainder wastes at most one padded row per layer. Accelerators want
@@ -248,11 +253,7 @@ def padded_pool_size(n: int, bucket_sizes: Sequence[int], pool_size: int) -> int
     return min(size, cap)
 
 
-def _validate(input_ids, attention_mask, token_type_ids, bucket_sizes, pool_size, scheduler):
-    shapes = {"input_ids": np.shape(input_ids), "attention_mask": np.shape(attention_mask),
-              "token_type_ids": np.shape(token_type_ids)}
-    if len(shapes["input_ids"]) != 2 or len(set(shapes.values())) != 1:
-        raise ValueError(f"input_ids, attention_mask, token_type_ids must all be [N, S]; got {shapes}")
+def _validate(bucket_sizes, pool_size, scheduler):
     if not bucket_sizes or any(isinstance(b, bool) or int(b) != b or b < 1 for b in bucket_sizes):
         raise ValueError(f"bucket_sizes={bucket_sizes!r} must be positive integers")
     if int(pool_size) < 1:
@@ -277,14 +278,15 @@ def exit_aware_predict(config: DeeBertConfig, params, input_ids, attention_mask,
     """
     if bucket_sizes is None:
         bucket_sizes = default_bucket_sizes()
-    _validate(input_ids, attention_mask, token_type_ids, bucket_sizes, pool_size, scheduler)
+    _validate(bucket_sizes, pool_size, scheduler)
+    check_inputs(config, input_ids, attention_mask, token_type_ids)
     bucket_sizes = tuple(sorted({int(b) for b in bucket_sizes}, reverse=True))
     check_threshold(threshold, rule)
     n = int(np.shape(input_ids)[0])
     if n == 0:
         k = config.num_labels
         return ExitResult(jnp.zeros((0, k), jnp.float32), jnp.zeros((0,), jnp.int32), jnp.int32(0))
-    if not isinstance(threshold, jax.core.Tracer):
+    if not isinstance(threshold, _Tracer):
         threshold = np.float32(threshold)  # one cache entry for Python floats, numpy and jax scalars
     dtype = jnp.dtype(dtype)
     run = {"device": _pool_loop_device, "host": _pool_loop_host, "refill": _pool_loop_refill}[scheduler]

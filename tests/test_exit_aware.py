@@ -143,6 +143,9 @@ def test_empty_input_and_bad_arguments(models):
     batch = random_batch(4, seed=1)
     with pytest.raises(ValueError, match="attention_mask"):
         exit_aware_predict(CONFIG, params, batch[0], batch[1][:, :5], batch[2], 0.5)
+    too_long = np.ones((2, CONFIG.max_position_embeddings + 1), np.int32)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        exit_aware_predict(CONFIG, params, too_long, too_long, too_long, 0.5)
     with pytest.raises(ValueError, match="bucket_sizes"):
         exit_aware_predict(CONFIG, params, *batch, 0.5, bucket_sizes=(0,))
     with pytest.raises(ValueError, match="scheduler"):

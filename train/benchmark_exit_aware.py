@@ -208,8 +208,11 @@ def main(argv=None) -> int:
     else:
         raise SystemExit(f"--rule {args.rule} needs explicit --thresholds")
 
+    # The serving layout for every method (each layer's weights read in place, see README).
     params = jax.device_put(params)
-    full_params = modeling.unstack_params(params) if hasattr(modeling, "unstack_params") else params
+    if hasattr(modeling, "unstack_params"):
+        params = modeling.unstack_params(params)
+    full_params = params
 
     def full_forward(batch_size):
         # No early exit at all: the model's fastest full-depth eval pass, batch by batch.
