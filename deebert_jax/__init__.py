@@ -15,3 +15,4 @@ from deebert_jax.early_exit import ExitResult, early_exit_predict, early_exit_pr
 from deebert_jax.data import DataError, eval_batches, load_split, load_tokenizer, num_labels
 from deebert_jax.training import NonFiniteLossError, TrainState, train
 from deebert_jax.exit_aware import exit_aware_predict
+from deebert_jax.modeling import stack_params, unstack_params
