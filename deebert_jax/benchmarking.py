@@ -239,10 +239,12 @@ class Cell:
     first_call_s: float | None = None
 
 
-def _jax_cells(config, params, batches, thresholds, rule, dtype, device, stacked_params=None) -> list[Cell]:
+def _jax_cells(config, params, batches, thresholds, rule, dtype, device, stacked_params=None,
+               exit_aware: bool = False) -> list[Cell]:
     import jax
     from deebert_jax import modeling
     from deebert_jax.early_exit import early_exit_predict
+    from deebert_jax.exit_aware import exit_aware_predict
 
     full = jax.jit(modeling.forward, static_argnums=(0,), static_argnames=("dtype",))
 
@@ -252,11 +254,11 @@ def _jax_cells(config, params, batches, thresholds, rule, dtype, device, stacked
             full(config, params, b["input_ids"], b["attention_mask"], b["token_type_ids"], dtype=dtype).block_until_ready()
         return call
 
-    def exit_call(params, threshold):
+    def exit_call(params, threshold, predict=early_exit_predict):
         def call(r):
             b = batches[r]
-            res = early_exit_predict(config, params, b["input_ids"], b["attention_mask"], b["token_type_ids"],
-                                     threshold, rule=rule, dtype=dtype)
+            res = predict(config, params, b["input_ids"], b["attention_mask"], b["token_type_ids"],
+                          threshold, rule=rule, dtype=dtype)
             jax.block_until_ready(res)
             return res.exit_layer
         return call
@@ -264,6 +266,9 @@ def _jax_cells(config, params, batches, thresholds, rule, dtype, device, stacked
     bs = int(batches[0]["input_ids"].shape[0])
     cells = [Cell("jax", "full", bs, None, full_call(params), device)]
     cells += [Cell("jax", "early_exit", bs, float(t), exit_call(params, float(t)), device) for t in thresholds]
+    if exit_aware:
+        cells += [Cell("jax", "exit_aware", bs, float(t), exit_call(params, float(t), exit_aware_predict), device)
+                  for t in thresholds]
     if stacked_params is not None:
         # Ablation: the same functions on the stacked (training) layout.
         cells += [Cell("jax", "full_stacked", bs, None, full_call(stacked_params), device),
@@ -358,6 +363,8 @@ class BenchmarkSpec:
     layout: str = "unstacked"
     # Also time JAX on the stacked layout (modes full_stacked, early_exit_stacked at threshold 0).
     ablation: bool = False
+    # Also time JAX exit-aware batching (mode exit_aware, one row per threshold).
+    exit_aware: bool = False
 
     def check(self) -> None:
         if self.runs < 1:
@@ -402,6 +409,7 @@ def run_benchmark(config, params, arrays: Mapping[str, np.ndarray], spec: Benchm
     L = config.num_hidden_layers
     rows: list[dict] = []
     per_batch_size = len(spec.backends) * (1 + len(spec.thresholds)) + (2 if spec.ablation and "jax" in spec.backends else 0)
+    per_batch_size += len(spec.thresholds) if spec.exit_aware and "jax" in spec.backends else 0
     total = per_batch_size * len(spec.batch_sizes) * spec.runs
     progress = tqdm(total=total, desc="benchmark", unit="call", disable=not show_progress)
     for bs in spec.batch_sizes:
@@ -411,7 +419,8 @@ def run_benchmark(config, params, arrays: Mapping[str, np.ndarray], spec: Benchm
         if "jax" in spec.backends:
             jbatches = [{k: jax.device_put(np.ascontiguousarray(arrays[k][rows_])) for k in
                          ("input_ids", "attention_mask", "token_type_ids")} for rows_ in index]
-            cells += _jax_cells(config, params, jbatches, spec.thresholds, spec.rule, jax_dtype, jax_device, stacked)
+            cells += _jax_cells(config, params, jbatches, spec.thresholds, spec.rule, jax_dtype, jax_device, stacked,
+                                spec.exit_aware)
         if "torch" in spec.backends:
             import torch
             tbatches = [{k: torch.from_numpy(np.ascontiguousarray(arrays[k][rows_])).long().to(torch_device)

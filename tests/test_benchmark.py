@@ -36,7 +36,7 @@ def tiny_run(tmp_path_factory):
     from train.benchmark import main
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     rc = main(["--random-model", "tiny", "--task", "synthetic", "--probe-size", "128", "--batch-sizes", "1,2", "--thresholds", "0,0.7", "--runs", "3",
-               "--warmup", "1", "--seq-len", "16", "--ablation", "--threads", "1", "--no-progress", "--out", str(out)])
+               "--warmup", "1", "--seq-len", "16", "--ablation", "--exit-aware", "--threads", "1", "--no-progress", "--out", str(out)])
     assert rc == 0
     return out, json.loads(out.read_text())
 
@@ -44,7 +44,7 @@ def tiny_run(tmp_path_factory):
 def test_cli_writes_valid_json_table_and_plot(tiny_run):
     out, result = tiny_run
     bm.validate(result)
-    assert out.with_suffix(".md").read_text().count("\n| jax |") == 10
+    assert out.with_suffix(".md").read_text().count("\n| jax |") == 14
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {"jax", "torch"} <= set(result["versions"])
     assert result["threads"]["torch"] >= 1 and result["matmul_gflops"]["jax"] > 0
@@ -52,7 +52,8 @@ def test_cli_writes_valid_json_table_and_plot(tiny_run):
     assert cells == ({(b, m, bs, t) for b in ("jax", "torch") for bs in (1, 2)
                       for m, t in [("full", None), ("early_exit", 0.0), ("early_exit", 0.7)]}
                      | {("jax", m, bs, t) for bs in (1, 2) for m, t in [("full_stacked", None),
-                                                                         ("early_exit_stacked", 0.0)]})
+                                                                         ("early_exit_stacked", 0.0),
+                                                                         ("exit_aware", 0.0), ("exit_aware", 0.7)]})
     assert all(r["seq_len"] == 16 and r["runs"] == 3 for r in result["rows"])
     assert result["inputs"].startswith("synthetic dev")
     assert {t["target"] for t in result["targets"]} >= {"P1", "P2", "P6"}

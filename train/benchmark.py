@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="n of the n x n matmul-rate probe (default 1024 on CPU, 4096 on GPU)")
     p.add_argument("--ablation", action="store_true",
                    help="also time JAX on the stacked training layout (modes full_stacked, early_exit_stacked)")
+    p.add_argument("--exit-aware", action="store_true",
+                   help="also time exit-aware batching (deebert_jax.exit_aware_predict; mode exit_aware)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", help="bench.json path (.md and .png are written beside it)")
@@ -97,7 +99,7 @@ def main(argv=None) -> int:
     try:
         spec = bm.BenchmarkSpec(batch_sizes=args.batch_sizes, thresholds=args.thresholds, runs=args.runs,
                                 warmup=args.warmup, schedule=args.schedule, dtype=args.dtype, layout=args.layout,
-                                ablation=args.ablation,
+                                ablation=args.ablation, exit_aware=args.exit_aware,
                                 backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()))
         spec.check()
         if args.checkpoint:
