@@ -20,7 +20,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 

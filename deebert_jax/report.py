@@ -89,7 +89,7 @@ def format_markdown_section(meta: Mapping[str, Any], results: Mapping[str, Any],
            + f"; length {cfg.get('max_seq_length')}; epochs {cfg.get('stage1_epochs')} (stage 1) + "
              f"{cfg.get('stage2_epochs')} (stage 2); lr {cfg.get('learning_rate')} / {cfg.get('stage2_learning_rate')}; "
              f"batch {cfg.get('per_device_batch_size')} per device; seed {cfg.get('seed')}.  ",
-           f"Steps: " + "; ".join(f"`{s}`" for s in meta.get("steps", [])), "",
+           "Steps: " + "; ".join(f"`{s}`" for s in meta.get("steps", [])), "",
            f"Final ramp (layer {L}) dev {name}: **{100 * final:.2f}** on {results['num_examples']} examples"
            + (f" (bert-base reference: {REFERENCE_BERT_BASE[task]})" if task in REFERENCE_BERT_BASE else ""), ""]
     out += _md_table(["layer"] + [str(r["layer"]) for r in results["per_ramp"]],

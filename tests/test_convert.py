@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 from deebert_jax import modeling
 from deebert_jax.config import tiny_config
 from deebert_jax.convert import (CheckpointError, convert_pytorch_checkpoint, export_pytorch_checkpoint,
-                                 load_pytorch_checkpoint, params_to_state_dict)
+                                 load_pytorch_checkpoint)
 from deebert_jax.torch_reference import TorchDeeBert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

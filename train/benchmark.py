@@ -88,7 +88,6 @@ def main(argv=None) -> int:
     bm.set_thread_env(args.threads)
     if args.device == "cpu":
         jax.config.update("jax_platforms", "cpu")
-    import numpy as np
     import torch
     from deebert_jax.checkpoint import load_checkpoint
     from deebert_jax.config import ConfigError
