@@ -15,6 +15,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_checkpoint = ""          # "" packaged MiniLM-L6; a PyTorch/HF or deebert-jax dir; "random"
     c.tokenizer = ""                # "" -> the init checkpoint's own tokenizer
     c.model = ml_collections.ConfigDict()  # DeeBertConfig fields (random init) / dropout overrides
+    # What off-ramps 1..L-1 read: "first" token (DeeBERT), "mean" of the real tokens, or "" (keep
+    # the init checkpoint's; "first" for a random model or a plain BERT checkpoint).
+    c.model.ramp_pooling = ""
     # Optimisation
     c.stages = "1,2"
     c.per_device_batch_size = 8

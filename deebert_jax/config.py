@@ -11,6 +11,9 @@ from typing import Any, Mapping
 SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish", "tanh")
 
 
+RAMP_POOLINGS = ("first", "mean")
+
+
 class ConfigError(ValueError):
     """A configuration we cannot run faithfully."""
 
@@ -36,6 +39,11 @@ class DeeBertConfig:
     initializer_range: float = 0.02
     pad_token_id: int = 0
     num_labels: int = 2
+    # What off-ramps 1..L-1 read: "first" (DeeBERT: the first token) or "mean" (the average of the
+    # non-padding tokens, for encoders pretrained with mean pooling such as MiniLM sentence
+    # models, whose early first-token vectors hardly vary between inputs). Ramp L, the usual
+    # pooler + classifier, always reads the first token.
+    ramp_pooling: str = "first"
 
     def __post_init__(self):
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
@@ -46,6 +54,8 @@ class DeeBertConfig:
             raise ConfigError(
                 f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads={self.num_attention_heads}"
             )
+        if self.ramp_pooling not in RAMP_POOLINGS:
+            raise ConfigError(f"ramp_pooling={self.ramp_pooling!r}; expected one of {RAMP_POOLINGS}")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels"):
             if int(getattr(self, name)) < 1:

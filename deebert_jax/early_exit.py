@@ -148,7 +148,7 @@ def _loop(config: DeeBertConfig, params, input_ids, attention_mask, token_type_i
         # The last layer updates the first token only: its ramp reads nothing else.
         hidden = modeling.layer_forward_at(config, params, layer, hidden, mask_bias, dtype,
                                            first_token_only_at_last=True)
-        ramp_logits = modeling.ramp_forward_at(config, params, layer, hidden, dtype)
+        ramp_logits = modeling.ramp_forward_at(config, params, layer, hidden, mask_bias, dtype)
         wants_exit, rule_state = exit_rule.step(rule_state, ramp_logits, threshold)
         exits = ~done & (wants_exit | (layer == L - 1))
         logits = jnp.where(exits[:, None], ramp_logits, logits)

@@ -66,9 +66,11 @@ def _bucket_step(config, rule, dtype, layer_params, ramp_params, layer, threshol
     n = hidden.shape[0]
     # Padding slots compute on a real row (no NaNs from an all-masked row) and write nowhere.
     safe = jnp.minimum(rows, n - 1)
-    h = modeling.layer_forward(config, layer_params, jnp.take(hidden, safe, axis=0),
-                               jnp.take(mask_bias, safe, axis=0), dtype, first_token_only=last)
-    ramp_logits = modeling.ramp_forward(config, ramp_params, h, dtype)
+    bias = jnp.take(mask_bias, safe, axis=0)
+    h = modeling.layer_forward(config, layer_params, jnp.take(hidden, safe, axis=0), bias, dtype,
+                               first_token_only=last)
+    ramp_logits = modeling.ramp_forward(config, ramp_params, h, bias, config.num_hidden_layers - 1 if last else layer,
+                                        dtype)
     if last:
         exit_rows = rows
     else:
@@ -195,9 +197,9 @@ def _pool_loop_refill(config: DeeBertConfig, params, input_ids, attention_mask, 
     queue = jnp.nonzero(~padding_row, size=n + slots, fill_value=n)[0].astype(jnp.int32)
     fresh_rule_state = exit_rule.init(slots)
 
-    def per_slot(layer_params, ramp_params, hidden, bias):
+    def per_slot(layer_params, ramp_params, hidden, bias, layer):
         hidden = modeling.layer_forward(config, layer_params, hidden[None], bias[None], dtype)
-        return hidden[0], modeling.ramp_forward(config, ramp_params, hidden, dtype)[0]
+        return hidden[0], modeling.ramp_forward(config, ramp_params, hidden, bias[None], layer, dtype)[0]
 
     def refill(free, slot_row, slot_layer, slot_hidden, rule_state, next_row):
         rank = jnp.cumsum(free) - 1
@@ -220,7 +222,7 @@ def _pool_loop_refill(config: DeeBertConfig, params, input_ids, attention_mask, 
         layer_params = jax.tree_util.tree_map(lambda x: jnp.take(x, index, axis=0), params["layers"])
         ramp_params = jax.tree_util.tree_map(lambda x: jnp.take(x, index, axis=0), params["ramps"])
         bias = jnp.take(mask_bias, jnp.minimum(slot_row, n - 1), axis=0)
-        slot_hidden, ramp_logits = jax.vmap(per_slot)(layer_params, ramp_params, slot_hidden, bias)
+        slot_hidden, ramp_logits = jax.vmap(per_slot)(layer_params, ramp_params, slot_hidden, bias, index)
         wants_exit, rule_state = exit_rule.step(rule_state, ramp_logits, threshold)
         exits = running & (wants_exit | (slot_layer == L - 1))
         exit_rows = jnp.where(exits, slot_row, n)

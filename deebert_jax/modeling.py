@@ -8,8 +8,9 @@ Parameter tree (L = num_hidden_layers, every `layers` and `ramps` leaf has a lea
     layers/{attention_LayerNorm,output_LayerNorm}/{scale,bias}
     ramps/{pooler,classifier}/{kernel,bias}
 
-Ramp l (1-based) reads the first token after layer l; ramp L is the usual pooler + classifier,
-ramps 1..L-1 are DeeBERT's off-ramps ("highways").
+Ramp l (1-based) reads layer l's output; ramp L is the usual pooler + classifier on the first
+token, ramps 1..L-1 are DeeBERT's off-ramps ("highways"), reading the first token too, or the
+mean of the real tokens with `ramp_pooling="mean"` (`ramp_input`).
 """
 
 from __future__ import annotations
@@ -113,16 +114,16 @@ class Layer(nn.Module):
 
 
 class Ramp(nn.Module):
-    """Off-ramp: pooler (dense + tanh on the first token) -> dropout -> classifier."""
+    """Off-ramp: pooler (dense + tanh on what `ramp_input` picks) -> dropout -> classifier."""
 
     config: DeeBertConfig
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, first_token, deterministic: bool = True):
-        """first_token [B, H] -> logits [B, K] (float32)."""
+    def __call__(self, features, deterministic: bool = True):
+        """features [B, H] (`ramp_input`) -> logits [B, K] (float32)."""
         c = self.config
-        pooled = jnp.tanh(_dense(c, c.hidden_size, "pooler", self.dtype)(first_token))
+        pooled = jnp.tanh(_dense(c, c.hidden_size, "pooler", self.dtype)(features))
         pooled = nn.Dropout(c.hidden_dropout_prob)(pooled, deterministic=deterministic)
         return _dense(c, c.num_labels, "classifier", self.dtype)(pooled).astype(jnp.float32)
 
@@ -149,19 +150,28 @@ class DeeBert(nn.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         hidden = Embeddings(c, self.dtype, name="embeddings")(input_ids, token_type_ids, deterministic=not train)
         keep = output_hidden_states
+        mean = c.ramp_pooling == "mean"
 
         def body(layer, hidden, mask_bias):
             hidden = layer(hidden, mask_bias)
-            return hidden, (hidden if keep else hidden[:, 0])
+            if keep:
+                return hidden, hidden
+            return hidden, (hidden[:, 0], mean_of_real_tokens(hidden, mask_bias) if mean else None)
 
         # Lifting a bound Layer keeps its parameters at params["layers"] with a leading L axis.
         scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                        in_axes=nn.broadcast, length=c.num_hidden_layers)
-        _, per_layer = scan(Layer(c, self.dtype, not train, name="layers"), hidden,
-                            attention_bias(attention_mask, self.dtype))
-        first_tokens = per_layer[:, :, 0] if output_hidden_states else per_layer  # [L, B, H]
+        mask_bias = attention_bias(attention_mask, self.dtype)
+        _, per_layer = scan(Layer(c, self.dtype, not train, name="layers"), hidden, mask_bias)
+        if output_hidden_states:
+            first_tokens = per_layer[:, :, 0]                                  # [L, B, H]
+            means = mean_of_real_tokens(per_layer, mask_bias[None]) if mean else None
+        else:
+            first_tokens, means = per_layer
+        # What each ramp reads [L, B, H]: off-ramps the mean under "mean", ramp L the first token.
+        features = jnp.concatenate([means[:-1], first_tokens[-1:]]) if mean else first_tokens
         if stop_backbone_gradient:
-            first_tokens = jax.lax.stop_gradient(first_tokens)
+            features = jax.lax.stop_gradient(features)
         ramps = nn.vmap(
             Ramp,
             variable_axes={"params": 0},
@@ -169,8 +179,34 @@ class DeeBert(nn.Module):
             in_axes=(0, None),
             out_axes=0,
         )
-        logits = ramps(c, self.dtype, name="ramps")(first_tokens, not train)
+        logits = ramps(c, self.dtype, name="ramps")(features, not train)
         return (logits, per_layer) if output_hidden_states else logits
+
+
+def mean_of_real_tokens(hidden, mask_bias) -> jax.Array:
+    """hidden [..., S, H], additive mask_bias [..., S] -> [..., H], the mean over non-padding tokens.
+
+    Summed in float32; an all-padding row gives zeros, not NaNs.
+    """
+    real = (mask_bias == 0).astype(jnp.float32)[..., None]
+    total = jnp.sum(hidden.astype(jnp.float32) * real, axis=-2)
+    return (total / jnp.maximum(jnp.sum(real, axis=-2), 1.0)).astype(hidden.dtype)
+
+
+def ramp_input(config: DeeBertConfig, hidden, mask_bias, layer) -> jax.Array:
+    """What ramp `layer` (0-based, may be traced) reads of that layer's output hidden [B, S, H] -> [B, H].
+
+    The first token, except for off-ramps (layer < L-1) under `ramp_pooling="mean"`: the mean of
+    the real tokens (mask_bias [B, S] additive, as `attention_bias` makes it).
+    """
+    first = hidden[:, 0]
+    if config.ramp_pooling == "first":
+        return first
+    last = config.num_hidden_layers - 1
+    static = _static_index(layer)
+    if static is not None:
+        return first if static == last else mean_of_real_tokens(hidden, mask_bias)
+    return jnp.where(layer == last, first, mean_of_real_tokens(hidden, mask_bias))
 
 
 def init_params(config: DeeBertConfig, rng: jax.Array, seq_len: int = 8) -> Params:
@@ -198,17 +234,17 @@ def forward(config: DeeBertConfig, params: Params, input_ids, attention_mask, to
     L = config.num_hidden_layers
 
     def body(i, carry):
-        hidden, first_tokens = carry
+        hidden, features = carry
         hidden = layer_forward_at(config, params, i, hidden, mask_bias, dtype)
-        return hidden, first_tokens.at[i].set(hidden[:, 0])
+        return hidden, features.at[i].set(ramp_input(config, hidden, mask_bias, i))
 
     # A loop rather than L unrolled layers: as fast in float32, and XLA's CPU fusion of bf16
     # converts across unrolled layer boundaries made the unrolled graph 1.5x slower in bf16.
-    first_tokens = jnp.zeros((L, hidden.shape[0], hidden.shape[-1]), hidden.dtype)
-    hidden, first_tokens = jax.lax.fori_loop(0, L - 1, body, (hidden, first_tokens))
+    features = jnp.zeros((L, hidden.shape[0], hidden.shape[-1]), hidden.dtype)
+    hidden, features = jax.lax.fori_loop(0, L - 1, body, (hidden, features))
     last = layer_forward(config, params["layers"][L - 1], hidden, mask_bias, dtype, first_token_only=True)
-    first_tokens = first_tokens.at[L - 1].set(last[:, 0])
-    return jnp.stack([ramp_forward(config, ramp_params, first_tokens[i][:, None], dtype)
+    features = features.at[L - 1].set(last[:, 0])
+    return jnp.stack([Ramp(config, dtype).apply({"params": ramp_params}, features[i])
                       for i, ramp_params in enumerate(params["ramps"])])
 
 
@@ -257,9 +293,13 @@ def layer_forward(config: DeeBertConfig, layer_params: Params, hidden, mask_bias
     return Layer(config, dtype, first_token_only=first_token_only).apply({"params": layer_params}, hidden, mask_bias)
 
 
-def ramp_forward(config: DeeBertConfig, ramp_params: Params, hidden, dtype=jnp.float32) -> jax.Array:
-    """One ramp's parameters (no L axis), hidden [B, S, H] -> logits [B, K] (eval mode)."""
-    return Ramp(config, dtype).apply({"params": ramp_params}, hidden[:, 0])
+def ramp_forward(config: DeeBertConfig, ramp_params: Params, hidden, mask_bias, layer,
+                 dtype=jnp.float32) -> jax.Array:
+    """Ramp `layer`'s parameters (no L axis), that layer's output hidden [B, S, H] -> logits [B, K].
+
+    `layer` (0-based, may be traced) and mask_bias [B, S] decide what the ramp reads (`ramp_input`).
+    """
+    return Ramp(config, dtype).apply({"params": ramp_params}, ramp_input(config, hidden, mask_bias, layer))
 
 
 def _static_index(index) -> int | None:
@@ -321,10 +361,12 @@ def layer_forward_at(config: DeeBertConfig, params: Params, index, hidden, mask_
                         functools.partial(run, layer_params, last=False), hidden)
 
 
-def ramp_forward_at(config: DeeBertConfig, params: Params, index, hidden, dtype=jnp.float32) -> jax.Array:
-    """Ramp `index` (0-based, may be traced) of the whole model's params, hidden [B, S, H] -> [B, K]."""
+def ramp_forward_at(config: DeeBertConfig, params: Params, index, hidden, mask_bias, dtype=jnp.float32) -> jax.Array:
+    """Ramp `index` (0-based, may be traced) of the whole model's params, hidden [B, S, H],
+    mask_bias [B, S] -> [B, K]."""
     static = _static_index(index)
     if static is None and is_unstacked(params):
-        branches = [functools.partial(ramp_forward, config, p, dtype=dtype) for p in params["ramps"]]
-        return jax.lax.switch(index, branches, hidden)
-    return ramp_forward(config, ramp_params_at(params, index), hidden, dtype)
+        branches = [functools.partial(ramp_forward, config, p, layer=i, dtype=dtype)
+                    for i, p in enumerate(params["ramps"])]
+        return jax.lax.switch(index, branches, hidden, mask_bias)
+    return ramp_forward(config, ramp_params_at(params, index), hidden, mask_bias, index, dtype)

@@ -89,10 +89,18 @@ class TorchDeeBert(nn.Module):
     def _mask_bias(self, attention_mask: torch.Tensor, dtype) -> torch.Tensor:
         return ((1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min)
 
-    def ramp(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Ramp i (0-based): highway i for i < L-1, the final pooler + classifier for i = L-1."""
+    def ramp(self, i: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Ramp i (0-based): highway i for i < L-1, the final pooler + classifier for i = L-1.
+
+        Highways read the first token, or with `ramp_pooling: "mean"` in config.json (a
+        deebert-jax extension) the mean of the real tokens.
+        """
         if i == self.num_layers - 1:
             return self.classifier(self.dropout(self.bert.pooler(hidden)))
+        if getattr(self.config, "ramp_pooling", "first") == "mean":
+            real = attention_mask[:, :, None].to(torch.float32)
+            mean = (hidden.float() * real).sum(1) / real.sum(1).clamp(min=1.0)
+            hidden = mean.to(hidden.dtype)[:, None]  # the pooler reads position 0
         return self.bert.encoder.highway[i](hidden)
 
     def layer(self, i: int, hidden: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
@@ -109,7 +117,7 @@ class TorchDeeBert(nn.Module):
         for i in range(self.num_layers):
             hidden = self.layer(i, hidden, bias)
             states.append(hidden)
-            logits.append(self.ramp(i, hidden))
+            logits.append(self.ramp(i, hidden, attention_mask))
         logits = torch.stack(logits)
         return (logits, torch.stack(states)) if output_hidden_states else logits
 
@@ -121,7 +129,7 @@ class TorchDeeBert(nn.Module):
         bias = self._mask_bias(attention_mask, hidden.dtype)
         for i in range(self.num_layers):
             hidden = self.layer(i, hidden, bias)
-        return self.ramp(self.num_layers - 1, hidden)
+        return self.ramp(self.num_layers - 1, hidden, attention_mask)
 
     def early_exit(self, input_ids, attention_mask=None, token_type_ids=None, threshold: float = 0.0):
         """DeeBERT inference -> (logits [B, K], exit_layer [B], 1-based).
@@ -140,7 +148,7 @@ class TorchDeeBert(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=hidden.device)
         for i in range(L):
             hidden = self.layer(i, hidden, bias)
-            logits = self.ramp(i, hidden).float()
+            logits = self.ramp(i, hidden, attention_mask).float()
             exits = ~done & ((entropy(logits) < threshold) | (i == L - 1))
             out[exits] = logits[exits]
             exit_layer[exits] = i + 1

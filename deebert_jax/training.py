@@ -360,7 +360,7 @@ def load_initial_model(cfg, labels: int) -> tuple[DeeBertConfig, Params, str | N
 
     init = cfg.get("init_checkpoint", "") or ""
     if init == "random":
-        fields = dict(cfg.get("model", {}) or {})
+        fields = {k: v for k, v in dict(cfg.get("model", {}) or {}).items() if v != ""}
         fields["num_labels"] = labels
         config = DeeBertConfig(**fields)
         return config, jitted_init_params(config, jax.random.PRNGKey(cfg.seed)), None
@@ -375,9 +375,17 @@ def load_initial_model(cfg, labels: int) -> tuple[DeeBertConfig, Params, str | N
             raise ValueError(f"{path}: checkpoint has {config.num_labels} labels, the task needs {labels}")
     else:
         config, params = load_pytorch_checkpoint(path, num_labels=labels)
-    overrides = {k: v for k, v in dict(cfg.get("model", {}) or {}).items()
-                 if k in ("hidden_dropout_prob", "attention_probs_dropout_prob")}
-    return config.replace(**overrides), params, tokenizer_source
+    return config.replace(**model_overrides(cfg)), params, tokenizer_source
+
+
+# DeeBertConfig fields `cfg.model` may change on a loaded checkpoint: none of them changes a
+# parameter's shape.
+OVERRIDABLE_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "ramp_pooling")
+
+
+def model_overrides(cfg) -> dict:
+    """The `cfg.model` fields applied to a loaded checkpoint's config (dropout, ramp pooling)."""
+    return {k: v for k, v in dict(cfg.get("model", {}) or {}).items() if k in OVERRIDABLE_FIELDS and v != ""}
 
 
 class MetricsLog:
@@ -570,6 +578,7 @@ def train(cfg, *, on_step: Callable[[int, int], None] | None = None) -> dict:
     if 2 in stages and 1 not in stages and _is_model_dir(os.path.join(workdir, "stage1")):
         # Stage 2 alone continues from this workdir's stage 1 when there is one.
         config, params = load_checkpoint(os.path.join(workdir, "stage1"))
+        config = config.replace(**model_overrides(cfg))
         init_dir = os.path.join(workdir, "stage1")
     tokenizer = None
     if task != "synthetic":

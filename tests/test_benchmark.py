@@ -186,7 +186,7 @@ def test_layer_loop_with_traced_index_matches_module(params, unstacked, first_to
             hidden, logits = carry
             hidden = modeling.layer_forward_at(CONFIG, p, i, hidden, bias,
                                                first_token_only_at_last=first_token_only_at_last)
-            return hidden, logits.at[i].set(modeling.ramp_forward_at(CONFIG, p, i, hidden))
+            return hidden, logits.at[i].set(modeling.ramp_forward_at(CONFIG, p, i, hidden, bias))
 
         start = (modeling.embed(CONFIG, p, ids, types), jnp.zeros((L, ids.shape[0], CONFIG.num_labels)))
         return jax.lax.fori_loop(0, L, body, start)[1]

@@ -59,7 +59,7 @@ def test_layer_by_layer_pieces_match_scanned_forward(params):
     for i in range(CONFIG.num_hidden_layers):
         hidden = modeling.layer_forward(CONFIG, modeling.layer_params_at(params, i), hidden, bias)
         np.testing.assert_allclose(hidden, states[i], atol=1e-6)
-        ramp = modeling.ramp_forward(CONFIG, modeling.ramp_params_at(params, i), hidden)
+        ramp = modeling.ramp_forward(CONFIG, modeling.ramp_params_at(params, i), hidden, bias, i)
         np.testing.assert_allclose(ramp, logits[i], atol=1e-6)
 
 
