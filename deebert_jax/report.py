@@ -76,19 +76,28 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def ramp_pooling(cfg: Mapping[str, Any]) -> str:
+    """What a run's off-ramps read, from its config ("" and runs before the field: "first")."""
+    return (cfg.get("model") or {}).get("ramp_pooling") or "first"
+
+
 def format_markdown_section(meta: Mapping[str, Any], results: Mapping[str, Any], bench: Mapping[str, Any],
-                            pngs: Mapping[str, str]) -> str:
-    """One task's RESULTS.md section: setup, per-ramp metric, sweep, target, latency."""
+                            pngs: Mapping[str, str], label: str = "") -> str:
+    """One run's RESULTS.md section: setup, per-ramp metric, sweep, target, latency."""
     task, name, L = results["task"], results["metric_name"], results["num_layers"]
     cfg = meta.get("config", {})
     final = results["per_ramp"][-1]["metric"]
     limit = cfg.get("train_limit", 0)
-    out = [f"## {task}", "",
+    pooling = ramp_pooling(cfg)
+    title = f"{task}: " + (f"first {limit} training examples" if limit else "full training set") + \
+        f", {'mean-pooled' if pooling == 'mean' else 'first-token'} off-ramps" + (f" ({label})" if label else "")
+    out = [f"## {title}", "",
            f"Command: `{meta['command']}`  ",
            f"Data: {meta.get('data', '?')}; training examples: " + (f"first {limit}" if limit else "all")
            + f"; length {cfg.get('max_seq_length')}; epochs {cfg.get('stage1_epochs')} (stage 1) + "
              f"{cfg.get('stage2_epochs')} (stage 2); lr {cfg.get('learning_rate')} / {cfg.get('stage2_learning_rate')}; "
-             f"batch {cfg.get('per_device_batch_size')} per device; seed {cfg.get('seed')}.  ",
+             f"batch {cfg.get('per_device_batch_size')} per device; seed {cfg.get('seed')}; "
+             f"off-ramps read the {'mean of the real tokens' if pooling == 'mean' else 'first token'}.  ",
            "Steps: " + "; ".join(f"`{s}`" for s in meta.get("steps", [])), "",
            f"Final ramp (layer {L}) dev {name}: **{100 * final:.2f}** on {results['num_examples']} examples"
            + (f" (bert-base reference: {REFERENCE_BERT_BASE[task]})" if task in REFERENCE_BERT_BASE else ""), ""]

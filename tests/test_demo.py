@@ -31,3 +31,17 @@ def test_demo_pipeline_on_tiny_config(tmp_path):
         ("jax", "full"), ("jax", "early_exit"), ("torch", "full"), ("torch", "early_exit")}
     for name in ("results.png", "bench.png", "train/model/deebert_config.json"):
         assert (tmp_path / name).exists(), name
+
+    # RESULTS.md from that run: every number read from its JSON files, plots copied beside it.
+    out_md = tmp_path / "RESULTS.md"
+    proc = subprocess.run([sys.executable, "-m", "train.report", str(tmp_path), "--out", str(out_md)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out_md.read_text()
+    final = results["per_ramp"][-1]["metric"]
+    assert "## synthetic: first 512 training examples, first-token off-ramps" in text
+    assert f"Final ramp (layer 2) dev accuracy: **{100 * final:.2f}**" in text
+    assert text.count("| jax | early_exit |") == 2  # thresholds 0 and 0.7
+    name = os.path.basename(str(tmp_path))
+    for kind in ("tradeoff", "latency"):
+        assert (tmp_path / "docs" / "results" / f"{name}_{kind}.png").exists()
