@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     base = os.path.dirname(os.path.abspath(args.out))
     plots = os.path.join(base, args.plots)
     os.makedirs(plots, exist_ok=True)
-    sections = []
+    sections, names = [], set()
     for run in args.runs:
         try:
             with open(os.path.join(run, "run.json")) as f:
@@ -41,9 +41,13 @@ def main(argv=None) -> int:
             print(f"error: {run}: not a finished run ({e})", file=sys.stderr)
             return 1
         pngs = {}
+        name = base_name = os.path.basename(os.path.normpath(run))
+        while name in names:  # two runs called `demo` get distinct plot files
+            name = f"{base_name}_{len(names)}"
+        names.add(name)
         for kind, src in (("tradeoff", meta["results"]), ("latency", meta["bench"])):
             src_png = os.path.splitext(src)[0] + ".png"
-            dst = os.path.join(plots, f"{os.path.basename(os.path.normpath(run))}_{kind}.png")
+            dst = os.path.join(plots, f"{name}_{kind}.png")
             shutil.copyfile(src_png, dst)
             pngs[kind] = os.path.relpath(dst, base)
         sections.append(format_markdown_section(meta, results, bench, pngs, label=os.path.normpath(run)))
