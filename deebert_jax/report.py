@@ -72,6 +72,21 @@ def best_saving_within(results: Mapping[str, Any], max_loss: float) -> dict | No
     return max(ok, key=lambda p: p["layer_saving"]) if ok else None
 
 
+def target_line(results: Mapping[str, Any], bold: str = "") -> str | None:
+    """One sentence: the largest saving within TARGET_LOSS of ramp L, and whether the target is met.
+
+    `bold`: the Markdown emphasis to wrap the numbers in ("**"), "" for plain text.
+    """
+    best = best_saving_within(results, TARGET_LOSS)
+    if best is None:
+        return None
+    met = best["layer_saving"] >= TARGET_SAVING
+    return (f"Largest layer saving within {100 * TARGET_LOSS:.1f} point of the final ramp: "
+            f"{bold}{100 * best['layer_saving']:.1f}%{bold} at threshold {best['threshold']:g} "
+            f"({results['metric_name']} {100 * best['metric']:.2f}). Target (>= {100 * TARGET_SAVING:.0f}% saved, "
+            f"<= {100 * TARGET_LOSS:.1f} point lost): {bold}{'met' if met else 'not met'}{bold}.")
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -109,13 +124,9 @@ def format_markdown_section(meta: Mapping[str, Any], results: Mapping[str, Any],
                      [[f"{p['threshold']:g}", f"{100 * p['metric']:.2f}", f"{100 * (p['metric'] - final):+.2f}",
                        f"{100 * p['layer_saving']:.1f}%", f"{p['mean_exit_layer']:.2f}",
                        " ".join(str(c) for c in p["exit_counts"])] for p in results["sweep"]])
-    best = best_saving_within(results, TARGET_LOSS)
-    if best is not None:
-        met = best["layer_saving"] >= TARGET_SAVING
-        out += ["", f"Largest layer saving within {100 * TARGET_LOSS:.1f} point of the final ramp: "
-                    f"**{100 * best['layer_saving']:.1f}%** at threshold {best['threshold']:g} "
-                    f"({name} {100 * best['metric']:.2f}). Target (>= {100 * TARGET_SAVING:.0f}% saved, <= "
-                    f"{100 * TARGET_LOSS:.1f} point lost): **{'met' if met else 'not met'}**."]
+    target = target_line(results, bold="**")
+    if target is not None:
+        out += ["", target]
     out += ["", f"![{task} trade-off]({pngs['tradeoff']})", "",
             f"Latency ({bench.get('device')}, threads {bench.get('threads')}; `{bench.get('command', '')}`):", ""]
     rows = sorted(bench["rows"], key=lambda r: (r["batch_size"], r["backend"], r["mode"] != "full", r["threshold"] or 0))

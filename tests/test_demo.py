@@ -21,6 +21,7 @@ def test_demo_pipeline_on_tiny_config(tmp_path):
         assert step in out
     summary = out[out.index("deebert-jax demo:"):]
     assert "synthetic dev, 100 examples, 2 layers" in summary
+    assert "off-ramps read the first token" in summary and "Target (>= 40% saved, <= 1.0 point lost)" in summary
     lines = [l.split() for l in summary.splitlines() if l.strip() and l.split()[0] in ("0", "0.7")]
     assert len(lines) == 2 and all(l[5] != "-" and l[6] != "-" for l in lines), summary  # JAX and torch latency
     results = json.load(open(tmp_path / "results.json"))

@@ -94,7 +94,7 @@ def main(argv):
         "--batch-sizes", str(cfg.bench_batch_sizes), "--thresholds", str(cfg.bench_thresholds),
         "--runs", str(cfg.bench_runs), *glue, "--no-progress", "--out", bench_path])
 
-    from deebert_jax.report import format_summary
+    from deebert_jax.report import format_summary, ramp_pooling, target_line
     with open(results_path) as f:
         results = json.load(f)
     with open(bench_path) as f:
@@ -104,9 +104,11 @@ def main(argv):
     print("\n" + "=" * 100)
     print(f"deebert-jax demo: {cfg.task}, {source}; trained on "
           + (f"the first {limit} training examples (train_limit; 0 = all)" if limit else "the full training set")
-          + f", length {cfg.max_seq_length}, {cfg.stage1_epochs:g} + {cfg.stage2_epochs:g} epochs")
+          + f", length {cfg.max_seq_length}, {cfg.stage1_epochs:g} + {cfg.stage2_epochs:g} epochs; off-ramps read "
+          + ("the mean of the tokens" if ramp_pooling(cfg.to_dict()) == "mean" else "the first token"))
     print(f"device: {bench.get('device')}, threads {bench.get('threads')}")
     print(format_summary(results, bench, batch))
+    print(target_line(results) or "")
     print("\nfiles:")
     for label, path in [("sweep", results_path), ("sweep plot", os.path.splitext(results_path)[0] + ".png"),
                         ("latency", bench_path), ("latency plot", os.path.splitext(bench_path)[0] + ".png"),
