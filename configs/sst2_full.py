@@ -1,8 +1,9 @@
-"""MiniLM-L6 on the full SST-2 training set, sized for a 2-core CPU box (about 90 minutes).
+"""MiniLM-L6 on the full SST-2 training set, sized for a 2-core CPU box (about 75 minutes).
 
 `configs/glue_minilm.py` (3 + 3 epochs at length 128) is about 20 hours on 2 CPU cores for
 SST-2's 67,349 sentences; this keeps every training example but uses length 64 (99% of SST-2
-fits), one stage-1 epoch and one stage-2 epoch at the stage-2 step size `configs/demo.py` uses.
+fits), one stage-1 epoch (58 min measured) and one stage-2 epoch (14 min) at the stage-2 step
+size `configs/demo.py` uses.
     python -m train.demo --config configs/sst2_full.py --config.workdir=workdirs/results/sst2
 """
 
