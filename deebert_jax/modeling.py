@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from deebert_jax.config import DeeBertConfig
+from deebert_jax.trees import stack_trees, unstack_tree
 
 Params = Any
 
@@ -221,31 +221,29 @@ def forward(config: DeeBertConfig, params: Params, input_ids, attention_mask, to
     """Full-depth eval forward -> ramp logits [L, B, K].
 
     Stacked params run the Flax module (the training graph, `nn.scan` over layers). Params from
-    `unstack_params` take the inference path: a loop whose body picks each layer's own weights
-    with `lax.switch` (no copy of a layer's weights per call, which slicing the stacked L axis
-    makes; the same body as the early-exit loop), and the last layer computed for the first
+    `unstack_params` take the inference path: a loop over `layer_step` (the same step as the
+    early-exit loops, each layer's weights read in place), the last layer computed for the first
     token only, which is all the ramps read. Both agree to float32 rounding
     (`docs/performance.md`).
     """
     if not is_unstacked(params):
         return DeeBert(config, dtype).apply({"params": params}, input_ids, attention_mask, token_type_ids)
-    hidden = embed(config, params, input_ids, token_type_ids, dtype)
+    step = layer_step(config, params, dtype, first_token_only_at_last=True)
     mask_bias = attention_bias(attention_mask, dtype)
-    L = config.num_hidden_layers
+    L, K = config.num_hidden_layers, config.num_labels
 
     def body(i, carry):
-        hidden, features = carry
-        hidden = layer_forward_at(config, params, i, hidden, mask_bias, dtype)
-        return hidden, features.at[i].set(ramp_input(config, hidden, mask_bias, i))
+        hidden, logits = carry
+        hidden, ramp_logits = step(i, hidden, mask_bias)
+        return hidden, logits.at[i].set(ramp_logits)
 
     # A loop rather than L unrolled layers: as fast in float32, and XLA's CPU fusion of bf16
     # converts across unrolled layer boundaries made the unrolled graph 1.5x slower in bf16.
-    features = jnp.zeros((L, hidden.shape[0], hidden.shape[-1]), hidden.dtype)
-    hidden, features = jax.lax.fori_loop(0, L - 1, body, (hidden, features))
-    last = layer_forward(config, params["layers"][L - 1], hidden, mask_bias, dtype, first_token_only=True)
-    features = features.at[L - 1].set(last[:, 0])
-    return jnp.stack([Ramp(config, dtype).apply({"params": ramp_params}, features[i])
-                      for i, ramp_params in enumerate(params["ramps"])])
+    hidden = embed(config, params, input_ids, token_type_ids, dtype)
+    logits = jnp.zeros((L, input_ids.shape[0], K), jnp.float32)
+    hidden, logits = jax.lax.fori_loop(0, L - 1, body, (hidden, logits))
+    _, last_logits = step(L - 1, hidden, mask_bias)
+    return logits.at[L - 1].set(last_logits)
 
 
 # The inference layout: the same arrays, with the L axis split into a tuple of per-layer trees.
@@ -258,23 +256,20 @@ def is_unstacked(params: Params) -> bool:
 def unstack_params(params: Params) -> Params:
     """Stacked params -> the inference layout: `layers` and `ramps` as tuples of L per-layer trees.
 
-    Do it once after loading: `forward`, `layer_forward_at` and `ramp_forward_at` then read each
-    layer's weights in place. Numpy leaves stay numpy (views); device arrays are sliced once.
+    Do it once after loading: `forward` and `layer_step` then read each layer's weights in place.
+    Numpy leaves stay numpy (views); device arrays are sliced once.
     """
     if is_unstacked(params):
         return params
     L = jax.tree_util.tree_leaves(params["layers"])[0].shape[0]
-    split = lambda tree: tuple(jax.tree_util.tree_map(lambda x: x[i], tree) for i in range(L))
-    return {**params, "layers": split(params["layers"]), "ramps": split(params["ramps"])}
+    return {**params, "layers": unstack_tree(params["layers"], L), "ramps": unstack_tree(params["ramps"], L)}
 
 
 def stack_params(params: Params) -> Params:
     """The inverse of `unstack_params` (for saving, exporting and training)."""
     if not is_unstacked(params):
         return params
-    stack = lambda trees: jax.tree_util.tree_map(lambda *xs: (np.stack(xs) if isinstance(xs[0], np.ndarray)
-                                                              else jnp.stack(xs)), *trees)
-    return {**params, "layers": stack(params["layers"]), "ramps": stack(params["ramps"])}
+    return {**params, "layers": stack_trees(params["layers"]), "ramps": stack_trees(params["ramps"])}
 
 
 # Pieces of the model as pure functions, for loops that run one layer at a time.
@@ -309,10 +304,74 @@ def _static_index(index) -> int | None:
         return None
 
 
+def per_layer(config: DeeBertConfig, params: Params,
+              fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Binds the whole model's params once -> `run(layer, *args) = fn(layer_params, ramp_params, layer, *args)`.
+
+    The one place that decides how a layer's weights are reached. `layer` is 0-based: a Python
+    int indexes directly; a traced index on params from `unstack_params` is a `lax.switch` whose
+    branch i calls `fn` with layer i's own weights (read in place) and a static `layer`; on stacked
+    params it slices the L axis (a copy of the layer's weights per call) and `fn` gets the
+    traced index.
+    """
+    unstacked = is_unstacked(params)
+
+    def weights(i):
+        if unstacked:
+            return params["layers"][i], params["ramps"][i]
+        take = lambda x: x[i] if isinstance(i, int) else jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
+        return jax.tree_util.tree_map(take, params["layers"]), jax.tree_util.tree_map(take, params["ramps"])
+
+    def run(layer, *args):
+        static = _static_index(layer)
+        if static is not None:
+            return fn(*weights(static), static, *args)
+        if unstacked:
+            branches = [functools.partial(fn, *weights(i), i) for i in range(config.num_hidden_layers)]
+            return jax.lax.switch(layer, branches, *args)
+        return fn(*weights(layer), layer, *args)
+
+    return run
+
+
+def _layer_apply(config, layer_params, layer, hidden, mask_bias, dtype, first_token_only_at_last):
+    """Layer `layer` (0-based, int or traced) -> [B, S, H]; with `first_token_only_at_last` the last
+    layer updates position 0 only (the other positions keep their input), all a ramp reads there."""
+    if not first_token_only_at_last:
+        return layer_forward(config, layer_params, hidden, mask_bias, dtype)
+
+    def first_only(hidden):
+        first = layer_forward(config, layer_params, hidden, mask_bias, dtype, first_token_only=True)
+        return jax.lax.dynamic_update_slice_in_dim(hidden, first.astype(hidden.dtype), 0, axis=1)
+
+    last = config.num_hidden_layers - 1
+    static = _static_index(layer)
+    if static is not None:
+        return first_only(hidden) if static == last else layer_forward(config, layer_params, hidden, mask_bias, dtype)
+    return jax.lax.cond(layer == last, first_only,
+                        lambda h: layer_forward(config, layer_params, h, mask_bias, dtype), hidden)
+
+
+def layer_step(config: DeeBertConfig, params: Params, dtype=jnp.float32, *,
+               first_token_only_at_last: bool = False) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """-> `step(layer, hidden [B, S, H], mask_bias [B, S]) -> (hidden [B, S, H], ramp_logits [B, K])`.
+
+    One layer and its ramp, eval mode, `layer` 0-based (int or traced); the params layout is
+    decided here, once per call site (`per_layer`). Every inference loop runs on this step:
+    `forward`, the while_loop predictor and exit-aware batching.
+    `first_token_only_at_last`: see `_layer_apply`.
+    """
+    def one(layer_params, ramp_params, layer, hidden, mask_bias):
+        hidden = _layer_apply(config, layer_params, layer, hidden, mask_bias, dtype, first_token_only_at_last)
+        return hidden, ramp_forward(config, ramp_params, hidden, mask_bias, layer, dtype)
+
+    return per_layer(config, params, one)
+
+
 def layer_params_at(params: Params, index) -> Params:
     """The parameters of layer `index` (0-based, may be traced) without the L axis.
 
-    A copy of the layer's weights when `index` is traced; `layer_forward_at` avoids it.
+    A copy of the layer's weights when `index` is traced; `layer_step` avoids it.
     """
     return _select(params["layers"], index)
 
@@ -335,38 +394,16 @@ def layer_forward_at(config: DeeBertConfig, params: Params, index, hidden, mask_
                      first_token_only_at_last: bool = False) -> jax.Array:
     """Layer `index` (0-based, may be traced) of the whole model's params, hidden [B, S, H] -> [B, S, H].
 
-    With params from `unstack_params` a traced index is a `lax.switch` over the layers, each
-    branch reading its own weights in place; stacked params are sliced (a copy per call).
-    `first_token_only_at_last`: the last layer updates position 0 only (the other positions keep
-    their input), all an exit loop's final ramp reads, for a fraction of the layer's cost.
+    `layer_step` without the ramp; `first_token_only_at_last` as there.
     """
-    L = config.num_hidden_layers
-
-    def run(layer_params, hidden, last: bool):
-        if first_token_only_at_last and last:
-            first = layer_forward(config, layer_params, hidden, mask_bias, dtype, first_token_only=True)
-            return jax.lax.dynamic_update_slice_in_dim(hidden, first.astype(hidden.dtype), 0, axis=1)
-        return layer_forward(config, layer_params, hidden, mask_bias, dtype)
-
-    static = _static_index(index)
-    if static is not None:
-        return run(layer_params_at(params, static), hidden, static == L - 1)
-    if is_unstacked(params):
-        branches = [functools.partial(run, p, last=i == L - 1) for i, p in enumerate(params["layers"])]
-        return jax.lax.switch(index, branches, hidden)
-    layer_params = layer_params_at(params, index)
-    if not first_token_only_at_last:
-        return run(layer_params, hidden, False)
-    return jax.lax.cond(index == L - 1, functools.partial(run, layer_params, last=True),
-                        functools.partial(run, layer_params, last=False), hidden)
+    run = per_layer(config, params, lambda lp, rp, layer, hidden: _layer_apply(
+        config, lp, layer, hidden, mask_bias, dtype, first_token_only_at_last))
+    return run(index, hidden)
 
 
 def ramp_forward_at(config: DeeBertConfig, params: Params, index, hidden, mask_bias, dtype=jnp.float32) -> jax.Array:
     """Ramp `index` (0-based, may be traced) of the whole model's params, hidden [B, S, H],
     mask_bias [B, S] -> [B, K]."""
-    static = _static_index(index)
-    if static is None and is_unstacked(params):
-        branches = [functools.partial(ramp_forward, config, p, layer=i, dtype=dtype)
-                    for i, p in enumerate(params["ramps"])]
-        return jax.lax.switch(index, branches, hidden, mask_bias)
-    return ramp_forward(config, ramp_params_at(params, index), hidden, mask_bias, index, dtype)
+    run = per_layer(config, params, lambda lp, rp, layer, hidden: ramp_forward(
+        config, rp, hidden, mask_bias, layer, dtype))
+    return run(index, hidden)
