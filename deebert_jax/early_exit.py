@@ -17,6 +17,7 @@ import functools
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +31,11 @@ try:
     from jax.core import Tracer as _Tracer
 except ImportError:  # jax.core re-exports move between releases; the GPU image runs a newer jax
     from jax._src.core import Tracer as _Tracer
+
+
+def is_tracer(x) -> bool:
+    """True inside a caller's `jit`/`pmap` trace: nothing concrete to check or canonicalise."""
+    return isinstance(x, _Tracer)
 
 
 class ExitResult(NamedTuple):
@@ -95,7 +101,7 @@ def check_threshold(threshold, rule: str = "entropy") -> None:
     """Raises ValueError for an unknown rule or a NaN / out-of-range concrete threshold."""
     if rule not in EXIT_RULES:
         raise ValueError(f"unknown exit rule {rule!r}; expected one of {sorted(EXIT_RULES)}")
-    if isinstance(threshold, _Tracer):
+    if is_tracer(threshold):
         return  # inside a caller's jit: nothing concrete to check
     if np.ndim(threshold) != 0:
         raise ValueError(f"threshold for rule {rule!r} must be a scalar, got shape {np.shape(threshold)}")
@@ -125,40 +131,83 @@ def check_inputs(config: DeeBertConfig, input_ids, attention_mask, token_type_id
 def _canonical(threshold, dtype):
     # One cache entry whatever the caller passes: a Python float (weak type), np.float64 and a
     # jax array would otherwise each compile their own loop.
-    if not isinstance(threshold, _Tracer):
+    if not is_tracer(threshold):
         threshold = np.float32(threshold)
     return threshold, jnp.dtype(dtype)
 
 
+@flax.struct.dataclass
+class ExitState:
+    """What an early-exit loop carries: the next layer and, per row, its state and exit so far.
+
+    layer [] int32 (0-based, the next layer to run); hidden [B, S, H]; logits [B, K] float32 (a
+    row's exit-ramp logits once it has exited, zeros before); exit_layer [B] int32 (1-based, 0
+    until it exits); done [B] bool; rule_state: the exit rule's per-row state (leading axis B).
+    The exit-aware pool holds one of these for all its rows and works on subsets (`take_rows`).
+    """
+
+    layer: jax.Array
+    hidden: jax.Array
+    logits: jax.Array
+    exit_layer: jax.Array
+    done: jax.Array
+    rule_state: Any
+
+    @classmethod
+    def start(cls, hidden, attention_mask, num_labels: int, rule: str) -> "ExitState":
+        """Before layer 1: all-padding rows start exited (at layer 0)."""
+        B = hidden.shape[0]
+        return cls(layer=jnp.int32(0), hidden=hidden, logits=jnp.zeros((B, num_labels), jnp.float32),
+                   exit_layer=jnp.zeros((B,), jnp.int32), done=jnp.sum(attention_mask, axis=-1) == 0,
+                   rule_state=EXIT_RULES[rule].init(B))
+
+    def take_rows(self, rows) -> "ExitState":
+        """The rows `rows` [b] of every per-row field (indices must be in range)."""
+        per_row = lambda x: jnp.take(x, rows, axis=0)
+        return self.replace(hidden=per_row(self.hidden), logits=per_row(self.logits),
+                            exit_layer=per_row(self.exit_layer), done=per_row(self.done),
+                            rule_state=jax.tree_util.tree_map(per_row, self.rule_state))
+
+    def put_rows(self, rows, part: "ExitState", hidden: bool = True) -> "ExitState":
+        """Writes `part` (from `take_rows`) back at `rows` [b]; out-of-range rows write nowhere.
+        `hidden=False` leaves the hidden states alone (nothing reads them after the last layer)."""
+        put = lambda x, v: x.at[rows].set(v, mode="drop")
+        return self.replace(hidden=put(self.hidden, part.hidden) if hidden else self.hidden,
+                            logits=put(self.logits, part.logits), exit_layer=put(self.exit_layer, part.exit_layer),
+                            done=put(self.done, part.done),
+                            rule_state=jax.tree_util.tree_map(put, self.rule_state, part.rule_state))
+
+
+def record_exits(state: ExitState, rule: str, ramp_logits, threshold, last_layer: int) -> ExitState:
+    """The exit update, shared by every loop: rows not yet done exit at `state.layer` when the rule
+    fires or it is the last layer (`last_layer`, 0-based), keeping that ramp's logits [B, K]."""
+    wants_exit, rule_state = EXIT_RULES[rule].step(state.rule_state, ramp_logits, threshold)
+    exits = ~state.done & (wants_exit | (state.layer == last_layer))
+    return state.replace(logits=jnp.where(exits[:, None], ramp_logits.astype(jnp.float32), state.logits),
+                         exit_layer=jnp.where(exits, state.layer + 1, state.exit_layer),
+                         done=state.done | exits, rule_state=rule_state)
+
+
 def _loop(config: DeeBertConfig, params, input_ids, attention_mask, token_type_ids, threshold,
           rule: str, dtype) -> ExitResult:
-    L, B, K = config.num_hidden_layers, input_ids.shape[0], config.num_labels
-    exit_rule = EXIT_RULES[rule]
+    L = config.num_hidden_layers
     threshold = jnp.asarray(threshold, jnp.float32)
     mask_bias = modeling.attention_bias(attention_mask, dtype)
+    # The last layer updates the first token only: its ramp reads nothing else.
+    step = modeling.layer_step(config, params, dtype, first_token_only_at_last=True)
+
+    def running(state: ExitState):
+        return (state.layer < L) & ~jnp.all(state.done)
+
+    def one_layer(state: ExitState) -> ExitState:
+        hidden, ramp_logits = step(state.layer, state.hidden, mask_bias)
+        state = record_exits(state.replace(hidden=hidden), rule, ramp_logits, threshold, L - 1)
+        return state.replace(layer=state.layer + 1)
+
     hidden = modeling.embed(config, params, input_ids, token_type_ids, dtype)
-    padding_row = jnp.sum(attention_mask, axis=-1) == 0
-
-    def cond(carry):
-        layer, _, _, _, done, _ = carry
-        return (layer < L) & ~jnp.all(done)
-
-    def body(carry):
-        layer, hidden, logits, exit_layer, done, rule_state = carry
-        # The last layer updates the first token only: its ramp reads nothing else.
-        hidden = modeling.layer_forward_at(config, params, layer, hidden, mask_bias, dtype,
-                                           first_token_only_at_last=True)
-        ramp_logits = modeling.ramp_forward_at(config, params, layer, hidden, mask_bias, dtype)
-        wants_exit, rule_state = exit_rule.step(rule_state, ramp_logits, threshold)
-        exits = ~done & (wants_exit | (layer == L - 1))
-        logits = jnp.where(exits[:, None], ramp_logits, logits)
-        exit_layer = jnp.where(exits, layer + 1, exit_layer)
-        return layer + 1, hidden, logits, exit_layer, done | exits, rule_state
-
-    carry = (jnp.int32(0), hidden, jnp.zeros((B, K), jnp.float32), jnp.zeros((B,), jnp.int32),
-             padding_row, exit_rule.init(B))
-    layers_run, _, logits, exit_layer, _, _ = jax.lax.while_loop(cond, body, carry)
-    return ExitResult(logits, exit_layer, layers_run)
+    state = jax.lax.while_loop(running, one_layer,
+                               ExitState.start(hidden, attention_mask, config.num_labels, rule))
+    return ExitResult(state.logits, state.exit_layer, state.layer)
 
 
 _exit_loop = jax.jit(_loop, static_argnames=("config", "rule", "dtype"))
