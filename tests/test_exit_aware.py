@@ -10,6 +10,7 @@ from deebert_jax.config import tiny_config
 from deebert_jax.early_exit import early_exit_predict, entropy
 from deebert_jax.exit_aware import exit_aware_predict, padded_pool_size
 from deebert_jax.modeling import forward, init_params
+from train.exit_aware_alternatives import exit_aware_predict_with
 
 CONFIG = tiny_config(num_hidden_layers=4, num_labels=3)
 SEQ = 12
@@ -85,8 +86,8 @@ def test_matches_early_exit_on_random_models_and_thresholds(models, rule, bucket
             result = exit_aware_predict(CONFIG, params, *batch, threshold, rule, bucket_sizes=bucket_sizes)
             assert_same(result, reference)
             if rule == "patience":  # the refill scheduler (per-slot rule state, 29 rows through 8 slots)
-                assert_same(exit_aware_predict(CONFIG, params, *batch, threshold, rule, bucket_sizes=(8,),
-                                               scheduler="refill"), reference)
+                assert_same(exit_aware_predict_with("refill", CONFIG, params, *batch, threshold, rule,
+                                                    bucket_sizes=(8,)), reference)
             spread |= set(np.asarray(result.exit_layer).tolist())
     # The thresholds must actually exercise compaction: early and late exits, and padding rows.
     assert 0 in spread and len(spread - {0}) >= 3
@@ -101,9 +102,9 @@ def test_pools_bucket_remainders_and_host_scheduler(models):
                                 (0.2, 0.4))[0]
     reference = early_exit_predict(CONFIG, params, *batch, threshold)
     assert len(set(np.asarray(reference.exit_layer).tolist())) >= 3
-    for kwargs in (dict(bucket_sizes=(8, 2), pool_size=16), dict(bucket_sizes=(3,)),
-                   dict(bucket_sizes=(5,), scheduler="host")):
+    for kwargs in (dict(bucket_sizes=(8, 2), pool_size=16), dict(bucket_sizes=(3,))):
         assert_same(exit_aware_predict(CONFIG, params, *batch, threshold, **kwargs), reference)
+    assert_same(exit_aware_predict_with("host", CONFIG, params, *batch, threshold, bucket_sizes=(5,)), reference)
 
 
 def test_threshold_zero_runs_every_row_to_the_last_layer_and_padding_rows_exit_at_zero(models):
