@@ -1,6 +1,7 @@
 """PyTorch (Hugging Face BERT / original DeeBERT) checkpoints <-> our Flax parameter tree.
 
-Keys follow `../shared/DESIGN.md` section 3. Every key is accounted for: an unused key, a missing
+Keys are those of Hugging Face BERT and the original DeeBERT code (`LAYER_MODULES`, `EMBEDDINGS`,
+`bert.encoder.highway.{i}.*`). Every key is accounted for: an unused key, a missing
 key or a shape mismatch is a `CheckpointError` that names the key; only pretraining heads and
 buffers (`SKIPPED_PREFIXES`) are skipped, and the report lists them.
 """
@@ -17,6 +18,7 @@ import numpy as np
 
 from deebert_jax.config import ConfigError, DeeBertConfig
 from deebert_jax.fileutil import atomic_directory
+from deebert_jax.trees import leaves, stack_trees
 
 # Pretraining heads and non-persistent buffers: not part of a classifier, safe to leave out.
 SKIPPED_PREFIXES = ("cls.", "embeddings.position_ids", "embeddings.token_type_ids")
@@ -242,25 +244,9 @@ def state_dict_to_params(state: Mapping[str, np.ndarray], config: DeeBertConfig,
         raise CheckpointError(f"{source}: unexpected key {unused[0]!r}"
                               + (f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""))
 
-    stack = lambda trees: _tree_stack(trees)
-    params = {"embeddings": emb, "layers": stack(per_layer), "ramps": stack(ramps)}
-    report.num_params = int(sum(x.size for x in _leaves(params)))
+    params = {"embeddings": emb, "layers": stack_trees(per_layer), "ramps": stack_trees(ramps)}
+    report.num_params = int(sum(x.size for x in leaves(params)))
     return params, report
-
-
-def _leaves(tree):
-    if isinstance(tree, Mapping):
-        for v in tree.values():
-            yield from _leaves(v)
-    else:
-        yield tree
-
-
-def _tree_stack(trees: list[dict]) -> dict:
-    first = trees[0]
-    if isinstance(first, Mapping):
-        return {k: _tree_stack([t[k] for t in trees]) for k in first}
-    return np.stack(trees)
 
 
 def _read_config(directory: str, num_labels: int | None) -> DeeBertConfig:

@@ -137,6 +137,8 @@ class TorchDeeBert(nn.Module):
         At batch size 1 this is the original: the first off-ramp whose entropy is under the
         threshold answers, else the final classifier. A larger batch runs until every example
         has exited, each keeping its own first exit (the loop a PyTorch user would write).
+        Written out here rather than shared with the JAX loops' `record_exits`: this is the
+        independent reference those loops are checked against.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

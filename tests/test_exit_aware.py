@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ragged_batch
 
 from deebert_jax import exit_aware, modeling
 from deebert_jax.config import tiny_config
@@ -34,13 +35,7 @@ def random_params(config, seed, ramp_scale=0.5):
 
 
 def random_batch(n, seed, padding_rows=()):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, CONFIG.vocab_size, (n, SEQ)).astype(np.int32)
-    lengths = rng.integers(1, SEQ + 1, n)
-    lengths[list(padding_rows)] = 0
-    mask = (np.arange(SEQ)[None, :] < lengths[:, None]).astype(np.int32)
-    types = (rng.random((n, SEQ)) < 0.3).astype(np.int32) * mask
-    return ids, mask, types
+    return ragged_batch(n, SEQ, CONFIG.vocab_size, seed, padding_rows=padding_rows, type_fraction=0.3)
 
 
 def safe_thresholds(scores, rng, count, band):

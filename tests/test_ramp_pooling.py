@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ragged_batch
 
 from deebert_jax import modeling
 from deebert_jax.config import ConfigError, DeeBertConfig, tiny_config
@@ -23,12 +24,8 @@ def params():
 
 
 def make_batch(n, seed, padding_rows=()):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, CONFIG.vocab_size, (n, SEQ)).astype(np.int32)
-    lengths = rng.integers(2, SEQ + 1, n)
-    lengths[list(padding_rows)] = 0
-    mask = (np.arange(SEQ)[None, :] < lengths[:, None]).astype(np.int32)
-    return ids * mask, mask, np.zeros_like(ids)
+    return ragged_batch(n, SEQ, CONFIG.vocab_size, seed, padding_rows=padding_rows, min_length=2,
+                        zero_padding_ids=True)
 
 
 def np_ramp(ramp_params, features):
