@@ -82,7 +82,7 @@ def torch_step(model_dir: str, batch: dict):
 
 def main(argv=None) -> dict:
     """Times the three steps, prints the table, writes --out -> the result written there."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m train.benchmark_train", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="", help="model directory (default: the packaged MiniLM-L6)")
     ap.add_argument("--batch-size", type=positive_int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
