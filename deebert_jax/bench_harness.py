@@ -27,7 +27,6 @@ class BenchmarkError(ValueError):
     """Bad benchmark input or a malformed result; the message names the value or key at fault."""
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Threads, devices, versions, matmul rate
 

@@ -276,10 +276,15 @@ def _main(argv: list[str]) -> int:
         print(f"{threshold:>9} {r['method']:<28} {r['seconds']:>7.2f} {r['cpu_seconds']:>7.2f} "
               f"{r['examples_per_s']:>6.1f} {r['layer_saving']:>9.3f} {r['realized_saving']:>8.3f} "
               f"{r['realized_cpu_saving']:>6.3f} {ratio:>6}  {r['exit_histogram']}{same}")
+    # Paths under the checkout are recorded relative to it.
     report = dict(
-        benchmark="P4 exit-aware batching", command=relative_paths(" ".join(["python -m train.benchmark_exit_aware"] + argv)),
-        model=relative_paths(source), synthetic_ramps=synthetic_ramps, ramp_scale=args.ramp_scale if synthetic_ramps else None, layers=L, data=relative_paths(data_note), pool=n, seq_len=args.seq_len, batch_size=bs,
-        bucket_sizes=[list(b) if b else list(default_bucket_sizes()) for b in args.bucket_sizes], pool_size=args.pool_size, rule=args.rule, repeats=args.repeats,
+        benchmark="P4 exit-aware batching",
+        command=relative_paths(" ".join(["python -m train.benchmark_exit_aware"] + argv)),
+        model=relative_paths(source), synthetic_ramps=synthetic_ramps,
+        ramp_scale=args.ramp_scale if synthetic_ramps else None, layers=L, data=relative_paths(data_note), pool=n,
+        seq_len=args.seq_len, batch_size=bs,
+        bucket_sizes=[list(b) if b else list(default_bucket_sizes()) for b in args.bucket_sizes],
+        pool_size=args.pool_size, rule=args.rule, repeats=args.repeats,
         device=str(jax.devices()[0]), cpu_count=os.cpu_count(), platform=platform.platform(),
         jax=jax.__version__, rows=rows,
     )
