@@ -2,7 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Any, Mapping
+
+# Where a path may start: not inside a word or another path.
+_PATH_START = r"(?<![\w.~/-])"
+# What may follow a path in a command line: whitespace, a quote, a closing bracket, a separator.
+_PATH_END = r"""[\s'"`),;]"""
+
+
+def relative_paths(text: str, root: str | None = None) -> str:
+    """`text` (a command line or a path) with every absolute path under `root` (default: the current
+    directory) written relative to it; other text is left alone.
+
+    In /ckpt: "train.x --out /ckpt/workdirs/a --data /data" -> "train.x --out workdirs/a --data /data".
+    """
+    root = os.path.normpath(os.path.abspath(root or os.getcwd()))
+    if root == os.sep:
+        return text
+    # Either the root, slashes and more of the path (-> that rest) or the root itself (-> ".").
+    pattern = re.compile(_PATH_START + re.escape(root) + rf"(?:(/+)(?!{_PATH_END}|/|$)|/*(?={_PATH_END}|$))")
+    return pattern.sub(lambda m: "" if m.group(1) else ".", text)
 
 
 def _bench_row(bench: Mapping[str, Any] | None, backend: str, mode: str, batch_size: int, threshold=None):
@@ -59,9 +80,10 @@ def format_summary(results: Mapping[str, Any], bench: Mapping[str, Any] | None =
     return "\n".join(lines)
 
 
-# The Hugging Face Flax GLUE example, bert-base-cased, 3 epochs (DESIGN.md section 5): context only.
+# The Hugging Face Flax GLUE example, bert-base-cased, 3 epochs: dev scores for context only.
 REFERENCE_BERT_BASE = {"sst2": "accuracy 92.2", "mrpc": "F1 89.0", "rte": "accuracy 64.8", "qnli": "accuracy 90.8"}
-# Issue 6's target on SST-2: at least this layer saving with at most this metric loss vs the final ramp.
+# The accuracy/saving target on SST-2: at least this layer saving with at most this metric loss vs the
+# final ramp.
 TARGET_SAVING, TARGET_LOSS = 0.40, 0.010
 
 
@@ -98,8 +120,13 @@ def ramp_pooling(cfg: Mapping[str, Any]) -> str:
 
 def format_markdown_section(meta: Mapping[str, Any], results: Mapping[str, Any], bench: Mapping[str, Any],
                             pngs: Mapping[str, str], label: str = "") -> str:
-    """One run's RESULTS.md section: setup, per-ramp metric, sweep, target, latency."""
+    """One run's RESULTS.md section: setup, per-ramp metric, sweep, target, latency.
+
+    Paths under the current directory in the commands and the label are written relative to it
+    (run.json and bench.json record absolute ones).
+    """
     task, name, L = results["task"], results["metric_name"], results["num_layers"]
+    label = relative_paths(label)
     cfg = meta.get("config", {})
     final = results["per_ramp"][-1]["metric"]
     limit = cfg.get("train_limit", 0)
@@ -107,13 +134,13 @@ def format_markdown_section(meta: Mapping[str, Any], results: Mapping[str, Any],
     title = f"{task}: " + (f"first {limit} training examples" if limit else "full training set") + \
         f", {'mean-pooled' if pooling == 'mean' else 'first-token'} off-ramps" + (f" ({label})" if label else "")
     out = [f"## {title}", "",
-           f"Command: `{meta['command']}`  ",
-           f"Data: {meta.get('data', '?')}; training examples: " + (f"first {limit}" if limit else "all")
+           f"Command: `{relative_paths(meta['command'])}`  ",
+           f"Data: {relative_paths(str(meta.get('data', '?')))}; training examples: " + (f"first {limit}" if limit else "all")
            + f"; length {cfg.get('max_seq_length')}; epochs {cfg.get('stage1_epochs')} (stage 1) + "
              f"{cfg.get('stage2_epochs')} (stage 2); lr {cfg.get('learning_rate')} / {cfg.get('stage2_learning_rate')}; "
              f"batch {cfg.get('per_device_batch_size')} per device; seed {cfg.get('seed')}; "
              f"off-ramps read the {'mean of the real tokens' if pooling == 'mean' else 'first token'}.  ",
-           "Steps: " + "; ".join(f"`{s}`" for s in meta.get("steps", [])), "",
+           "Steps: " + "; ".join(f"`{relative_paths(s)}`" for s in meta.get("steps", [])), "",
            f"Final ramp (layer {L}) dev {name}: **{100 * final:.2f}** on {results['num_examples']} examples"
            + (f" (bert-base reference: {REFERENCE_BERT_BASE[task]})" if task in REFERENCE_BERT_BASE else ""), ""]
     out += _md_table(["layer"] + [str(r["layer"]) for r in results["per_ramp"]],
@@ -128,7 +155,7 @@ def format_markdown_section(meta: Mapping[str, Any], results: Mapping[str, Any],
     if target is not None:
         out += ["", target]
     out += ["", f"![{task} trade-off]({pngs['tradeoff']})", "",
-            f"Latency ({bench.get('device')}, threads {bench.get('threads')}; `{bench.get('command', '')}`):", ""]
+            f"Latency ({bench.get('device')}, threads {bench.get('threads')}; `{relative_paths(bench.get('command', ''))}`):", ""]
     rows = sorted(bench["rows"], key=lambda r: (r["batch_size"], r["backend"], r["mode"] != "full", r["threshold"] or 0))
     out += _md_table(["backend", "mode", "batch", "threshold", "median ms", "p90 ms", "mean exit layer",
                       "wall saving"],

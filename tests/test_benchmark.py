@@ -97,6 +97,27 @@ def test_timing_statistics():
     assert len(calls) == 6 and len(stats.times_ms) == 4
 
 
+def test_interleaved_timer_takes_turns():
+    order, rounds = [], []
+    timings = bm.time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, rounds=3,
+                                  warmup=2, cpu=True, on_round=rounds.append)
+    assert order == ["a", "a", "b", "b"] + ["a", "b"] * 3 and rounds == [0, 1, 2]
+    assert list(timings) == ["a", "b"]
+    for t in timings.values():
+        assert len(t.times_ms) == len(t.cpu_ms) == 3 and t.min_ms <= t.median_ms and t.min_cpu_ms >= 0
+    assert bm.time_interleaved({"a": lambda: None}, rounds=2)["a"].cpu_ms is None
+
+
+def test_cli_records_paths_relative_to_the_checkout(tmp_path, monkeypatch):
+    from train.benchmark import main
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "bench" / "b.json"
+    assert main(["--random-model", "tiny", "--backends", "jax", "--batch-sizes", "1", "--thresholds", "0",
+                 "--runs", "1", "--warmup", "1", "--seq-len", "8", "--probe-size", "64", "--threads", "1",
+                 "--no-progress", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["command"].endswith("--out bench/b.json")
+
+
 def test_batches_cycle_through_the_pool():
     assert bm.batch_rows(5, 2, 0).tolist() == [0, 1]
     assert bm.batch_rows(5, 2, 2).tolist() == [4, 0]

@@ -15,19 +15,7 @@ import shlex
 import sys
 import tempfile
 
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+from train.cli import floats, ints, run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,8 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"), help="local GLUE folder (default $GLUE_DIR)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
     p.add_argument("--seq-len", type=int, default=128, help="padded length (the predictor's max_seq_length)")
-    p.add_argument("--batch-sizes", type=_ints, default=[1, 32])
-    p.add_argument("--thresholds", type=_floats, default=list(DEFAULT_THRESHOLDS))
+    p.add_argument("--batch-sizes", type=ints, default=[1, 32])
+    p.add_argument("--thresholds", type=floats, default=list(DEFAULT_THRESHOLDS))
     p.add_argument("--runs", type=int, default=MIN_RUNS, help=f"timed runs per cell (>= {MIN_RUNS} for reported numbers)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=available_cpus(), help="threads for XLA and torch alike")
@@ -72,15 +60,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    return run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     from deebert_jax import benchmarking as bm
+    from deebert_jax.report import relative_paths
     if args.render:
-        try:
-            paths = bm.render(args.render)
-        except (bm.BenchmarkError, OSError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+        paths = bm.render(args.render)
         print("wrote " + ", ".join(paths.values()), file=sys.stderr)
         return 0
     import jax
@@ -90,48 +78,44 @@ def main(argv=None) -> int:
         jax.config.update("jax_platforms", "cpu")
     import torch
     from deebert_jax.checkpoint import load_checkpoint
-    from deebert_jax.config import ConfigError
-    from deebert_jax.convert import CheckpointError, load_pytorch_checkpoint
+    from deebert_jax.convert import load_pytorch_checkpoint
     from deebert_jax.modeling import init_params
 
     torch.set_num_threads(args.threads)
-    try:
-        spec = bm.BenchmarkSpec(batch_sizes=args.batch_sizes, thresholds=args.thresholds, runs=args.runs,
-                                warmup=args.warmup, schedule=args.schedule, dtype=args.dtype, layout=args.layout,
-                                ablation=args.ablation, exit_aware=args.exit_aware,
-                                backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()))
-        spec.check()
-        if args.checkpoint:
-            config, params = load_checkpoint(args.checkpoint)
-            model_name, model_dir = f"checkpoint {args.checkpoint}", args.checkpoint
-        elif args.pytorch:
-            config, params = load_pytorch_checkpoint(args.pytorch, num_labels=args.num_labels)
-            model_name, model_dir = f"pytorch {args.pytorch}", args.pytorch
-        else:
-            config = bm.random_model_config(args.random_model, args.num_labels)
-            params = init_params(config, jax.random.PRNGKey(args.seed))
-            model_name, model_dir = f"random {args.random_model}", None
-        model_name += (f" ({config.num_hidden_layers} layers, width {config.hidden_size}, "
-                       f"{config.num_labels} labels)")
-        arrays, inputs = _inputs(args, config, model_dir, spec)
-        jax_platform = jax.devices()[0].platform
-        torch_device = bm.torch_device_for(jax_platform)
-        env = bm.environment(args.threads, torch_device, args.probe_size)
-        print(f"device: {env['device']}; threads: {env['threads']}; matmul GFLOP/s: {env['matmul_gflops']}",
-              file=sys.stderr)
-        with tempfile.TemporaryDirectory(prefix="deebert-bench-") as tmp:
-            torch_model = None
-            if "torch" in spec.backends:
-                torch_model = bm.torch_twin(config, params, os.path.join(tmp, "torch"), torch_device, args.dtype)
-            rows = bm.run_benchmark(config, params, arrays, spec, torch_model=torch_model,
-                                    torch_device=torch_device, show_progress=not args.no_progress)
-    except (bm.BenchmarkError, CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    spec = bm.BenchmarkSpec(batch_sizes=args.batch_sizes, thresholds=args.thresholds, runs=args.runs,
+                            warmup=args.warmup, schedule=args.schedule, dtype=args.dtype, layout=args.layout,
+                            ablation=args.ablation, exit_aware=args.exit_aware,
+                            backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()))
+    spec.check()
+    if args.checkpoint:
+        config, params = load_checkpoint(args.checkpoint)
+        model_name, model_dir = f"checkpoint {relative_paths(args.checkpoint)}", args.checkpoint
+    elif args.pytorch:
+        config, params = load_pytorch_checkpoint(args.pytorch, num_labels=args.num_labels)
+        model_name, model_dir = f"pytorch {relative_paths(args.pytorch)}", args.pytorch
+    else:
+        config = bm.random_model_config(args.random_model, args.num_labels)
+        params = init_params(config, jax.random.PRNGKey(args.seed))
+        model_name, model_dir = f"random {args.random_model}", None
+    model_name += (f" ({config.num_hidden_layers} layers, width {config.hidden_size}, "
+                   f"{config.num_labels} labels)")
+    arrays, inputs = _inputs(args, config, model_dir, spec)
+    jax_platform = jax.devices()[0].platform
+    torch_device = bm.torch_device_for(jax_platform)
+    env = bm.environment(args.threads, torch_device, args.probe_size)
+    print(f"device: {env['device']}; threads: {env['threads']}; matmul GFLOP/s: {env['matmul_gflops']}",
+          file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="deebert-bench-") as tmp:
+        torch_model = None
+        if "torch" in spec.backends:
+            torch_model = bm.torch_twin(config, params, os.path.join(tmp, "torch"), torch_device, args.dtype)
+        rows = bm.run_benchmark(config, params, arrays, spec, torch_model=torch_model,
+                                torch_device=torch_device, show_progress=not args.no_progress)
+    # Paths under the checkout are recorded relative to it, so results read the same on any machine.
     result = {**env, "model": model_name, "inputs": inputs, "runs": spec.runs, "warmup": spec.warmup,
               "schedule": spec.schedule, "dtype": spec.dtype, "rule": spec.rule, "jax_params_layout": spec.layout,
-              "command": "python -m train.benchmark " + shlex.join(argv), "load_average_after": bm.load_average(),
-              "rows": rows}
+              "command": relative_paths("python -m train.benchmark " + shlex.join(argv)),
+              "load_average_after": bm.load_average(), "rows": rows}
     result["targets"] = bm.check_targets(result)
     paths = bm.write_outputs(result, args.out)
     print(bm.markdown(result))

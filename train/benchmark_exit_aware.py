@@ -29,15 +29,8 @@ import json
 import os
 import platform
 import sys
-import time
 
-
-def _floats(text):
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
-def _ints(text):
-    return [int(x) for x in text.split(",") if x.strip()]
+from train.cli import floats, ints, run
 
 
 def parse_args(argv=None):
@@ -54,16 +47,16 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32, help="batch of the plain loop")
     p.add_argument("--rule", default="entropy", choices=["entropy", "max_prob", "patience"])
-    p.add_argument("--layer-savings", type=_floats, default=[0.3, 0.5, 0.7],
+    p.add_argument("--layer-savings", type=floats, default=[0.3, 0.5, 0.7],
                    help="target per-example layer savings; thresholds are chosen to hit them (entropy rule)")
-    p.add_argument("--thresholds", type=_floats, default=None, help="explicit thresholds (instead of --layer-savings)")
+    p.add_argument("--thresholds", type=floats, default=None, help="explicit thresholds (instead of --layer-savings)")
     p.add_argument("--schedulers", default="device,host", help="exit-aware schedulers to time: device, host")
-    p.add_argument("--bucket-sizes", type=lambda t: [_ints(x) for x in t.split(";") if x.strip()], default=[None],
+    p.add_argument("--bucket-sizes", type=lambda t: [ints(x) for x in t.split(";") if x.strip()], default=[None],
                    help="exit_aware bucket sizes, e.g. 32,8 (default: the library's default for this backend); "
                         "several alternatives separated by ';' are each timed")
     p.add_argument("--pool-size", type=int, default=1024, help="exit_aware_predict pool_size")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--more-batch-sizes", type=_ints, default=[],
+    p.add_argument("--more-batch-sizes", type=ints, default=[],
                    help="also time the plain loop (and the full-depth base) at these batch sizes, e.g. 8,1")
     p.add_argument("--out", default=os.path.join("workdirs", "benchmark_exit_aware.json"))
     return p.parse_args(argv)
@@ -99,6 +92,7 @@ def load_model(args):
 def load_pool(args, config, source):
     """-> (input_ids, attention_mask, token_type_ids) [pool, seq_len] int32, and a description."""
     import numpy as np
+    from deebert_jax.data import DataError
 
     path = os.path.join(args.glue_dir, "SST-2", "dev.tsv")
     tokenizer_file = os.path.join(source, "tokenizer.json") if os.path.isdir(source) else ""
@@ -107,7 +101,7 @@ def load_pool(args, config, source):
         with open(path, encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
         if "sentence" not in (rows[0] if rows else {}):
-            raise SystemExit(f"{path}: no 'sentence' column")
+            raise DataError(f"{path}: no 'sentence' column")
         sentences = [r["sentence"] for r in rows][: args.pool]
         tok = Tokenizer.from_file(tokenizer_file)
         tok.enable_truncation(args.seq_len)
@@ -145,28 +139,35 @@ def measure(fns, repeats, progress):
     """Warm-up call each, then `repeats` interleaved rounds (shared-machine noise hits all methods
     alike). -> {label: (result, best wall seconds, best process CPU seconds)}."""
     import jax
-    results = {label: jax.block_until_ready(fn()) for label, fn in fns.items()}
-    wall = {label: float("inf") for label in fns}
-    cpu = dict(wall)
-    for _ in range(repeats):
-        for label, fn in fns.items():
-            w, c = time.perf_counter(), time.process_time()
-            jax.block_until_ready(fn())
-            wall[label] = min(wall[label], time.perf_counter() - w)
-            cpu[label] = min(cpu[label], time.process_time() - c)
-        progress.update(1)
-    return {label: (results[label], wall[label], cpu[label]) for label in fns}
+    from deebert_jax.bench_harness import time_interleaved
+
+    results = {}
+
+    def blocking(label, fn):
+        def call():
+            results[label] = jax.block_until_ready(fn())
+        return call
+
+    timings = time_interleaved({label: blocking(label, fn) for label, fn in fns.items()}, repeats, warmup=1,
+                               cpu=True, on_round=lambda _: progress.update(1))
+    return {label: (results[label], t.min_ms / 1e3, t.min_cpu_ms / 1e3) for label, t in timings.items()}
 
 
 def main(argv=None) -> int:
+    return run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     import jax
     import numpy as np
     from tqdm import tqdm
 
     from deebert_jax import modeling
+    from deebert_jax.bench_harness import BenchmarkError
     from deebert_jax.early_exit import early_exit_predict, entropy
     from deebert_jax.exit_aware import default_bucket_sizes, exit_aware_predict
+    from deebert_jax.report import relative_paths
 
     config, params, source = load_model(args)
     synthetic_ramps = not args.trained_ramps
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
     elif args.rule == "entropy":
         thresholds = thresholds_for_savings(np.asarray(entropy(ramp_logits)), args.layer_savings)
     else:
-        raise SystemExit(f"--rule {args.rule} needs explicit --thresholds")
+        raise BenchmarkError(f"--rule {args.rule} needs explicit --thresholds")
 
     # The serving layout for every method (each layer's weights read in place, see README).
     params = jax.device_put(params)
@@ -275,10 +276,15 @@ def main(argv=None) -> int:
         print(f"{threshold:>9} {r['method']:<28} {r['seconds']:>7.2f} {r['cpu_seconds']:>7.2f} "
               f"{r['examples_per_s']:>6.1f} {r['layer_saving']:>9.3f} {r['realized_saving']:>8.3f} "
               f"{r['realized_cpu_saving']:>6.3f} {ratio:>6}  {r['exit_histogram']}{same}")
+    # Paths under the checkout are recorded relative to it.
     report = dict(
-        benchmark="P4 exit-aware batching", command=" ".join(["python -m train.benchmark_exit_aware"] + (argv or sys.argv[1:])),
-        model=source, synthetic_ramps=synthetic_ramps, ramp_scale=args.ramp_scale if synthetic_ramps else None, layers=L, data=data_note, pool=n, seq_len=args.seq_len, batch_size=bs,
-        bucket_sizes=[list(b) if b else list(default_bucket_sizes()) for b in args.bucket_sizes], pool_size=args.pool_size, rule=args.rule, repeats=args.repeats,
+        benchmark="P4 exit-aware batching",
+        command=relative_paths(" ".join(["python -m train.benchmark_exit_aware"] + argv)),
+        model=relative_paths(source), synthetic_ramps=synthetic_ramps,
+        ramp_scale=args.ramp_scale if synthetic_ramps else None, layers=L, data=relative_paths(data_note), pool=n,
+        seq_len=args.seq_len, batch_size=bs,
+        bucket_sizes=[list(b) if b else list(default_bucket_sizes()) for b in args.bucket_sizes],
+        pool_size=args.pool_size, rule=args.rule, repeats=args.repeats,
         device=str(jax.devices()[0]), cpu_count=os.cpu_count(), platform=platform.platform(),
         jax=jax.__version__, rows=rows,
     )

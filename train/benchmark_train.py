@@ -15,9 +15,11 @@ import json
 import os
 import platform
 import statistics
-import time
+import sys
 
 import numpy as np
+
+from train.cli import positive_int, run
 
 
 def _inputs(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -26,21 +28,6 @@ def _inputs(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.nda
             "attention_mask": np.ones((batch, seq), np.int32),
             "token_type_ids": np.zeros((batch, seq), np.int32),
             "labels": rng.integers(0, 2, (batch,)).astype(np.int32)}
-
-
-def _interleaved(steps_by_name: dict, warmup: int, rounds: int) -> dict[str, list[float]]:
-    """Warm every step up, then time them in turns, so that load from other processes on a
-    shared machine falls on all variants alike."""
-    for step in steps_by_name.values():
-        for _ in range(warmup):
-            step()
-    times = {name: [] for name in steps_by_name}
-    for _ in range(rounds):
-        for name, step in steps_by_name.items():
-            t = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t)
-    return times
 
 
 def jax_steps(model_dir: str, batch: dict) -> dict:
@@ -94,11 +81,12 @@ def torch_step(model_dir: str, batch: dict):
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """Times the three steps, prints the table, writes --out -> the result written there."""
+    ap = argparse.ArgumentParser(prog="python -m train.benchmark_train", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="", help="model directory (default: the packaged MiniLM-L6)")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=positive_int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=5, help="timed rounds (one step of each variant per round; medians reported)")
+    ap.add_argument("--steps", type=positive_int, default=5, help="timed rounds (one step of each variant per round; medians reported)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default="workdirs/benchmark_train.json")
     args = ap.parse_args(argv)
@@ -109,8 +97,13 @@ def main(argv=None) -> dict:
         vocab = json.load(f)["vocab_size"]
     batch = _inputs(args.batch_size, args.seq_len, vocab)
 
+    from deebert_jax.bench_harness import time_interleaved
+    from deebert_jax.report import relative_paths
+
     steps = {"torch_adamw": torch_step(model_dir, batch), **jax_steps(model_dir, batch)}
-    times = _interleaved(steps, args.warmup, args.steps)
+    # In turns, one step of each per round: load from other processes falls on all variants alike.
+    timings = time_interleaved(steps, args.steps, args.warmup)
+    times = {k: [ms / 1e3 for ms in t.times_ms] for k, t in timings.items()}
     import jax
     import torch
 
@@ -118,7 +111,7 @@ def main(argv=None) -> dict:
     fastest = {k: min(v) for k, v in times.items()}  # less sensitive to other load on a shared machine
     rate = {k: args.batch_size / v for k, v in median.items()}
     result = {
-        "model": model_dir, "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
+        "model": relative_paths(model_dir), "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
         "device": f"{jax.devices()[0].platform} x{jax.local_device_count()} ({platform.processor() or platform.machine()}, "
                   f"{os.cpu_count()} cores)",
         "versions": {"jax": jax.__version__, "torch": torch.__version__},
@@ -142,5 +135,10 @@ def main(argv=None) -> dict:
     return result
 
 
+def _cli(argv: list[str]) -> int:
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run(_cli))
