@@ -50,7 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--layer-savings", type=floats, default=[0.3, 0.5, 0.7],
                    help="target per-example layer savings; thresholds are chosen to hit them (entropy rule)")
     p.add_argument("--thresholds", type=floats, default=None, help="explicit thresholds (instead of --layer-savings)")
-    p.add_argument("--schedulers", default="device,host", help="exit-aware schedulers to time: device, host")
+    p.add_argument("--schedulers", default="device,host", help="exit-aware schedulers to time: device (the library's), host, refill "
+                   "(the measured alternatives, train/exit_aware_alternatives.py)")
     p.add_argument("--bucket-sizes", type=lambda t: [ints(x) for x in t.split(";") if x.strip()], default=[None],
                    help="exit_aware bucket sizes, e.g. 32,8 (default: the library's default for this backend); "
                         "several alternatives separated by ';' are each timed")
@@ -168,12 +169,17 @@ def _main(argv: list[str]) -> int:
     from deebert_jax.early_exit import early_exit_predict, entropy
     from deebert_jax.exit_aware import default_bucket_sizes, exit_aware_predict
     from deebert_jax.report import relative_paths
+    from train import exit_aware_alternatives as alternatives
 
     config, params, source = load_model(args)
     synthetic_ramps = not args.trained_ramps
     ids, mask, types, data_note = load_pool(args, config, source)
     n, L, bs = ids.shape[0], config.num_hidden_layers, args.batch_size
     schedulers = [s for s in args.schedulers.split(",") if s]
+    unknown = sorted(set(schedulers) - {"device", *alternatives.SCHEDULERS})
+    if unknown:
+        raise BenchmarkError(f"--schedulers: unknown {unknown}; expected device, "
+                             + ", ".join(alternatives.SCHEDULERS))
 
     def pad_batch(start, batch_size):
         # Fixed batch shape: the last batch is padded with all-padding rows (they start exited).
@@ -222,8 +228,11 @@ def _main(argv: list[str]) -> int:
         return logits, np.full((n,), L, np.int32)
 
     def exit_aware(threshold, scheduler, buckets):
+        if scheduler in alternatives.SCHEDULERS:   # benchmark-only designs, one pool
+            return alternatives.exit_aware_predict_with(scheduler, config, params, ids, mask, types, threshold,
+                                                        args.rule, bucket_sizes=buckets)
         return exit_aware_predict(config, params, ids, mask, types, threshold, args.rule,
-                                  bucket_sizes=buckets, pool_size=args.pool_size, scheduler=scheduler)
+                                  bucket_sizes=buckets, pool_size=args.pool_size)
 
     plain_label = f"plain loop, batch {bs}"
     rows, base, own_base = [], None, {}
