@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from typing import Any, Callable, Iterable
@@ -13,7 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from deebert_jax.config import ConfigError, DeeBertConfig
+from deebert_jax.config import ConfigError, DeeBertConfig, read_json_object
 from deebert_jax.convert import CheckpointError
 from deebert_jax.fileutil import atomic_directory
 
@@ -63,12 +64,9 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[DeeBertConfig, Any]:
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{directory}: not a deebert-jax checkpoint (no {CONFIG_FILE})")
     try:
-        with open(config_path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DamagedCheckpointError(f"{config_path}: damaged checkpoint config, not valid JSON ({e})") from e
-    if not isinstance(raw, dict):
-        raise DamagedCheckpointError(f"{config_path}: damaged checkpoint config, expected a JSON object")
+        raw = read_json_object(config_path)
+    except ConfigError as e:
+        raise DamagedCheckpointError(f"{e} (damaged checkpoint)") from e
     config = DeeBertConfig.from_dict(raw, source=config_path)
     silence_closed_loop_noise()
     try:
@@ -99,15 +97,29 @@ def _is_closed_loop_noise(unraisable) -> bool:
     return "call_soon_threadsafe" in frames
 
 
-def silence_closed_loop_noise() -> None:
-    """Drops the `RuntimeError: Event loop is closed` tracebacks a failed orbax read prints.
+class _OrphanedReadFilter(logging.Filter):
+    """Drops asyncio's "... exception was never retrieved" for orbax's abandoned tensorstore reads
+    (their errors are absl statuses: 'NOT_FOUND: ...', 'OUT_OF_RANGE: ...')."""
 
-    Orbax runs a read in a fresh event loop and closes it as soon as one tensorstore read fails;
-    the reads still in flight then complete on tensorstore threads and try to wake the closed loop
-    (`call_soon_threadsafe`), which Python reports through `sys.unraisablehook`, possibly after
-    `restore` has returned. This hook drops exactly those reports and passes every other one on.
-    Idempotent.
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (str(record.msg).split("\n", 1)[0].endswith("exception was never retrieved")
+                    and isinstance(exc, ValueError) and re.match(r"[A-Z_]+: ", str(exc)))
+
+
+def silence_closed_loop_noise() -> None:
+    """Drops the tracebacks a failed orbax read leaves behind after its error is raised.
+
+    Orbax runs a read in a fresh event loop and closes it as soon as one tensorstore read fails.
+    The reads still in flight then finish on tensorstore threads: waking the closed loop
+    (`call_soon_threadsafe`) raises `RuntimeError: Event loop is closed`, which Python reports
+    through `sys.unraisablehook`, and a second failed read is logged by asyncio as "Task exception
+    was never retrieved" when its task is collected; both possibly after `restore` has returned.
+    This drops exactly those two reports and passes every other one on. Idempotent.
     """
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _OrphanedReadFilter) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_OrphanedReadFilter())
     previous = sys.unraisablehook
     if getattr(previous, "_deebert_filter", False):
         return

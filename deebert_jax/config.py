@@ -105,12 +105,8 @@ class DeeBertConfig:
             source = path
             if not os.path.isfile(path):
                 raise ConfigError(f"{path}: no such config file")
-            try:
-                with open(path, encoding="utf-8") as f:
-                    hf = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ConfigError(f"{path}: not valid JSON ({e})") from e
-        if not isinstance(hf, Mapping):
+            hf = read_json_object(path)
+        elif not isinstance(hf, Mapping):
             raise ConfigError(f"{source}: expected a JSON object, found {type(hf).__name__}")
         model_type = hf.get("model_type", "bert")
         if model_type != "bert":
@@ -144,6 +140,18 @@ class DeeBertConfig:
             num_labels=self.num_labels,
         )
         return d
+
+
+def read_json_object(path: str) -> dict[str, Any]:
+    """The JSON object in `path`; invalid JSON or another JSON value is a ConfigError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 _FIELD_KINDS = {f.name: {"int": int, "float": float, "str": str}[f.type] for f in dataclasses.fields(DeeBertConfig)}

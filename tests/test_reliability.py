@@ -238,7 +238,7 @@ def test_load_checkpoint_bad_config_file(tmp_path, params):
     with pytest.raises(ConfigError, match=f"{config_file}: field hidden_size='32' \\(str\\) must be an integer"):
         load_checkpoint(path)
     open(config_file, "w").write('{"hidden_size": 3')
-    with pytest.raises(DamagedCheckpointError, match=f"{config_file}: damaged checkpoint config, not valid JSON"):
+    with pytest.raises(DamagedCheckpointError, match=f"{config_file}: not valid JSON .*\\(damaged checkpoint\\)$"):
         load_checkpoint(path)
 
 
@@ -273,6 +273,16 @@ def test_closed_event_loop_noise_is_dropped_and_nothing_else():
     finally:
         sys.unraisablehook = saved
     assert [str(e) for e in seen] == ["Event loop is closed", "x"]
+    # asyncio's report of a second failed read, collected after the loop closed; others still pass.
+    asyncio_log = logging.getLogger("asyncio")
+
+    def record(message, exc):
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None, (type(exc), exc, None))
+
+    assert not asyncio_log.filter(record("Future exception was never retrieved\nfuture: <Future>",
+                                         ValueError("NOT_FOUND: Error reading 'a/0.0'")))
+    assert asyncio_log.filter(record("Future exception was never retrieved", ValueError("a bug of ours")))
+    assert asyncio_log.filter(record("Task was destroyed but it is pending!", ValueError("NOT_FOUND: x")))
 
 
 def test_damaged_restore_prints_no_event_loop_tracebacks(tmp_path):
@@ -284,7 +294,7 @@ m = TrainCheckpointManager({str(tmp_path / 'ckpt')!r})
 tree = {{k: np.random.default_rng(0).random((64, 64), np.float32) for k in "abcdefgh"}}
 for step in (1, 2):
     m.save(step, tree)
-for _ in range(5):
+for _ in range(10):  # the noise came from a race: about one read in two printed it
     damage({str(tmp_path / 'ckpt' / '2')!r}, "delete")
     print(m.restore_latest(tree)[0])
     m.save(2, tree)
@@ -293,7 +303,7 @@ for _ in range(5):
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["1"] * 5
+    assert proc.stdout.split() == ["1"] * 10
     assert "Event loop is closed" not in proc.stderr and "Traceback" not in proc.stderr
 
 
