@@ -104,12 +104,13 @@ def load_tokenizer(path: str | os.PathLike):
 
 def _undecodable_line(path: str, encoding: str) -> str:
     """'line N: ...' for the first line of `path` that `encoding` cannot decode."""
+    name = "UTF-8" if encoding.startswith("utf-8") else encoding
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
                 raw.decode(encoding)
             except UnicodeDecodeError as e:
-                return f"line {number}: byte 0x{raw[e.start]:02x} at column {e.start + 1} is not valid {encoding}"
+                return f"line {number}: byte 0x{raw[e.start]:02x} at column {e.start + 1} is not valid {name}"
     return "not valid text"
 
 
