@@ -159,11 +159,13 @@ _FIELD_KINDS = {f.name: {"int": int, "float": float, "str": str}[f.type] for f i
 
 def _check_type(name: str, value: Any, kind: type) -> Any:
     """`value` as `kind` (an integral float is an int, an int is a float); a wrong type is a ConfigError."""
-    ok = not isinstance(value, bool) and (
-        isinstance(value, str) if kind is str else
-        isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer()) if kind is int else
-        isinstance(value, numbers.Real))
-    if not ok:
+    if kind is str:
+        ok = isinstance(value, str)
+    elif kind is int:
+        ok = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+    else:
+        ok = isinstance(value, numbers.Real)
+    if isinstance(value, bool) or not ok:  # True is an Integral, never a layer count
         expected = {int: "an integer", float: "a number", str: "a string"}[kind]
         raise ConfigError(f"field {name}={value!r} ({type(value).__name__}) must be {expected}")
     if kind is int and not isinstance(value, int):
