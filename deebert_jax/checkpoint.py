@@ -3,29 +3,49 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-from typing import Any, Callable
+import re
+import sys
+import traceback
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from deebert_jax.config import DeeBertConfig
+from deebert_jax.config import ConfigError, DeeBertConfig, read_json_object
+from deebert_jax.convert import CheckpointError
 from deebert_jax.fileutil import atomic_directory
 
 CONFIG_FILE = "deebert_config.json"
 PARAMS_DIR = "params"
 
+log = logging.getLogger(__name__)
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint whose files are truncated or missing; the message names its directory."""
+
+
+def is_checkpoint_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a model directory written by `save_checkpoint` (it may be replaced)."""
+    return os.path.isfile(os.path.join(os.fspath(path), CONFIG_FILE))
+
 
 def save_checkpoint(directory: str | os.PathLike, config: DeeBertConfig, params: Any,
-                    *, write_extra: Callable[[str], None] | None = None) -> str:
+                    *, write_extra: Callable[[str], None] | None = None, overwrite: bool = False,
+                    sources: Iterable[str | os.PathLike] = ()) -> str:
     """Writes `directory/{params/, deebert_config.json}`; replaces an old one only once complete.
 
-    `write_extra(tmp_dir)` may add files (a tokenizer) that then appear in the same rename.
+    `write_extra(tmp_dir)` may add files (a tokenizer) that then appear in the same rename. An
+    existing `directory` is replaced only if it is empty or a previous `save_checkpoint` output,
+    or with `overwrite=True`; one equal to, inside or containing a `sources` path never is
+    (`fileutil.check_output_path`).
     """
     directory = os.path.abspath(os.fspath(directory))
     params = jax.tree_util.tree_map(np.asarray, jax.device_get(params))
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, is_ours=is_checkpoint_dir, overwrite=overwrite, sources=sources) as tmp:
         # Only the calling host writes (multi-host training calls this from process 0 alone).
         with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as ckptr:
             ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
@@ -38,15 +58,23 @@ def save_checkpoint(directory: str | os.PathLike, config: DeeBertConfig, params:
 
 
 def load_checkpoint(directory: str | os.PathLike) -> tuple[DeeBertConfig, Any]:
-    """-> (config, params as numpy arrays)."""
+    """-> (config, params as numpy arrays); a damaged directory is one `CheckpointError` naming it."""
     directory = os.path.abspath(os.fspath(directory))
     config_path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{directory}: not a deebert-jax checkpoint (no {CONFIG_FILE})")
-    with open(config_path, encoding="utf-8") as f:
-        config = DeeBertConfig.from_dict(json.load(f))
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(os.path.join(directory, PARAMS_DIR))
+    try:
+        raw = read_json_object(config_path)
+    except ConfigError as e:
+        raise DamagedCheckpointError(f"{e} (damaged checkpoint)") from e
+    config = DeeBertConfig.from_dict(raw, source=config_path)
+    silence_closed_loop_noise()
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(os.path.join(directory, PARAMS_DIR))
+    except Exception as e:  # orbax/tensorstore raise many types for missing or truncated files
+        raise DamagedCheckpointError(f"{directory}: damaged checkpoint, cannot read {PARAMS_DIR}/ "
+                                     f"({_first_line(e)})") from e
     return config, jax.tree_util.tree_map(np.asarray, params)
 
 
@@ -56,19 +84,95 @@ def _this_process_only() -> ocp.options.MultiprocessingOptions:
     return ocp.options.MultiprocessingOptions(primary_host=index, active_processes={index})
 
 
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return f"{type(e).__name__}: {text[:limit]}"
+
+
+def _is_closed_loop_noise(unraisable) -> bool:
+    exc = unraisable.exc_value
+    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+        return False
+    frames = [f.f_code.co_name for f, _ in traceback.walk_tb(unraisable.exc_traceback)]
+    return "call_soon_threadsafe" in frames
+
+
+class _OrphanedReadFilter(logging.Filter):
+    """Drops asyncio's "... exception was never retrieved" for orbax's abandoned tensorstore reads
+    (their errors are absl statuses: 'NOT_FOUND: ...', 'OUT_OF_RANGE: ...')."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (str(record.msg).split("\n", 1)[0].endswith("exception was never retrieved")
+                    and isinstance(exc, ValueError) and re.match(r"[A-Z_]+: ", str(exc)))
+
+
+def silence_closed_loop_noise() -> None:
+    """Drops the tracebacks a failed orbax read leaves behind after its error is raised.
+
+    Orbax runs a read in a fresh event loop and closes it as soon as one tensorstore read fails.
+    The reads still in flight then finish on tensorstore threads: waking the closed loop
+    (`call_soon_threadsafe`) raises `RuntimeError: Event loop is closed`, which Python reports
+    through `sys.unraisablehook`, and a second failed read is logged by asyncio as "Task exception
+    was never retrieved" when its task is collected; both possibly after `restore` has returned.
+    This drops exactly those two reports and passes every other one on. Idempotent.
+    """
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _OrphanedReadFilter) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_OrphanedReadFilter())
+    previous = sys.unraisablehook
+    if getattr(previous, "_deebert_filter", False):
+        return
+
+    def hook(unraisable):
+        if not _is_closed_loop_noise(unraisable):
+            previous(unraisable)
+
+    hook._deebert_filter = True
+    sys.unraisablehook = hook
+
+
+def _key_name(key) -> str:
+    for attr in ("name", "key", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple]:
+    """{'params/layers/query/kernel': shape} for every leaf (arrays, scalars or orbax metadata)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {"/".join(_key_name(k) for k in path): tuple(getattr(leaf, "shape", np.shape(leaf)))
+            for path, leaf in leaves}
+
+
+def _first_difference(saved: dict[str, tuple], wanted: dict[str, tuple]) -> str | None:
+    for name in sorted(set(saved) | set(wanted)):
+        if name not in saved:
+            return f"{name} is not in the checkpoint"
+        if name not in wanted:
+            return f"{name} is in the checkpoint but not in this run's state"
+        if saved[name] != wanted[name]:
+            return f"{name} has shape {saved[name]} in the checkpoint, {wanted[name]} in this run"
+    return None
+
+
 class TrainCheckpointManager:
     """Keep-last-k checkpoints of a training state under `directory/<step>/`.
 
     Orbax writes each step into a temporary directory and renames it when complete, so a run
     killed mid-save leaves the previous steps readable and `latest_step` never names a partial
-    one. Every host calls `save`/`restore` (orbax writes once, from the primary host).
+    one. A step damaged later (a file truncated or deleted) is found by `restore_latest`, which
+    moves it aside and falls back to the newest intact step. Every host calls
+    `save`/`restore`/`restore_latest` (orbax writes once, from the primary host).
     """
 
     def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3):
         self.directory = os.path.abspath(os.fspath(directory))
         options = ocp.CheckpointManagerOptions(max_to_keep=max(1, int(max_to_keep)), create=True,
                                                enable_async_checkpointing=False)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_handlers=ocp.StandardCheckpointHandler())
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -84,13 +188,75 @@ class TrainCheckpointManager:
         self._manager.wait_until_finished()
 
     def restore(self, step: int, like: Any) -> Any:
-        """The state saved at `step`, with the tree structure, shapes and dtypes of `like`."""
-        target = jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), jax.device_get(like))
+        """The state saved at `step`, with the tree structure, shapes and dtypes of `like`.
+
+        A checkpoint of a different state (other leaves or shapes) is a ValueError saying it
+        "does not match this run's state"; unreadable files are a `DamagedCheckpointError`.
+        """
+        where = os.path.join(self.directory, str(step))
+        like = jax.device_get(like)
+        wanted = _leaf_shapes(like)
+        target = jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), like)
+        silence_closed_loop_noise()
         try:
             restored = self._manager.restore(int(step), args=ocp.args.StandardRestore(target))
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"{self.directory}/{step}: checkpoint does not match this run's state ({e})") from e
-        return jax.tree_util.tree_map(np.asarray, restored)
+        except Exception as e:  # a mismatch and a damaged file both surface as assorted errors
+            difference = self._difference(step, wanted)
+            if difference:
+                raise ValueError(f"{where}: checkpoint does not match this run's state ({difference})") from e
+            raise DamagedCheckpointError(f"{where}: damaged checkpoint ({_first_line(e)})") from e
+        restored = jax.tree_util.tree_map(np.asarray, restored)
+        # Orbax restores the saved shapes even where `like` has others: that is a mismatch too.
+        difference = _first_difference(_leaf_shapes(restored), wanted)
+        if difference:
+            raise ValueError(f"{where}: checkpoint does not match this run's state ({difference})")
+        return restored
+
+    def _difference(self, step: int, wanted: dict[str, tuple]) -> str | None:
+        """How the saved tree differs from `wanted`; None if it matches or its metadata is unreadable."""
+        try:
+            metadata = self._manager.item_metadata(int(step))
+        except Exception:  # unreadable metadata: the step is damaged, not a different run's
+            return None
+        tree = getattr(metadata, "tree", metadata)
+        if tree is None:
+            return None
+        return _first_difference(_leaf_shapes(tree), wanted)
+
+    def restore_latest(self, like: Any) -> tuple[int | None, Any]:
+        """-> (step, state) of the newest intact step, or (None, None) when there is none saved.
+
+        Damaged steps (files truncated or missing) are logged as warnings, moved aside to
+        `<step>.damaged` (so the run can save that step again) and skipped; a checkpoint that does
+        not match `like` is the same ValueError as `restore`; all steps damaged is a
+        `DamagedCheckpointError`.
+        """
+        damaged = []
+        for step in reversed(self.all_steps()):
+            try:
+                state = self.restore(step, like)
+            except DamagedCheckpointError as e:
+                log.warning("%s; falling back to the previous checkpoint", e)
+                damaged.append(step)
+                continue
+            self._set_aside(damaged)
+            return step, state
+        if damaged:
+            raise DamagedCheckpointError(f"{self.directory}: every checkpoint is damaged (steps "
+                                         f"{', '.join(map(str, damaged))}); move the directory away to start over")
+        return None, None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Renames damaged step directories to `<step>.damaged[.n]`, which orbax ignores (host 0 only)."""
+        if steps and jax.process_index() == 0:
+            for step in steps:
+                src = os.path.join(self.directory, str(step))
+                dst, n = f"{src}.damaged", 1
+                while os.path.lexists(dst):
+                    dst, n = f"{src}.damaged.{n}", n + 1
+                os.replace(src, dst)
+                log.warning("moved the damaged checkpoint %s to %s", src, dst)
+        self._manager.reload()
 
     def close(self) -> None:
         self._manager.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from typing import Any, Mapping
 
@@ -46,6 +47,11 @@ class DeeBertConfig:
     ramp_pooling: str = "first"
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            checked = _check_type(f.name, value, _FIELD_KINDS[f.name])
+            if checked is not value:
+                object.__setattr__(self, f.name, checked)  # 384.0 -> 384, 1 -> 1.0: same hash as the literal
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             raise ConfigError(
                 f"hidden_act={self.hidden_act!r} is not supported; expected one of {SUPPORTED_ACTIVATIONS}"
@@ -76,12 +82,16 @@ class DeeBertConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DeeBertConfig":
+    def from_dict(cls, d: Mapping[str, Any], source: str | None = None) -> "DeeBertConfig":
+        """From `to_dict` output; `source` (a file) prefixes every error message."""
+        prefix = f"{source}: " if source else ""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{prefix}expected a JSON object of DeeBertConfig fields, found {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ConfigError(f"unknown DeeBertConfig fields: {unknown}")
-        return cls(**d)
+            raise ConfigError(f"{prefix}unknown DeeBertConfig fields: {unknown}")
+        return _build(cls, dict(d), source)
 
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any] | str | os.PathLike,
@@ -95,11 +105,9 @@ class DeeBertConfig:
             source = path
             if not os.path.isfile(path):
                 raise ConfigError(f"{path}: no such config file")
-            try:
-                with open(path, encoding="utf-8") as f:
-                    hf = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: not valid JSON ({e})") from e
+            hf = read_json_object(path)
+        elif not isinstance(hf, Mapping):
+            raise ConfigError(f"{source}: expected a JSON object, found {type(hf).__name__}")
         model_type = hf.get("model_type", "bert")
         if model_type != "bert":
             raise ConfigError(f"{source}: model_type={model_type!r} is not supported (only 'bert')")
@@ -112,10 +120,12 @@ class DeeBertConfig:
         if act not in SUPPORTED_ACTIVATIONS:
             raise ConfigError(f"{source}: hidden_act={act!r} is not supported; expected one of {SUPPORTED_ACTIVATIONS}")
         if num_labels is None:
-            num_labels = hf.get("num_labels") or (len(hf["id2label"]) if hf.get("id2label") else 2)
+            id2label = hf.get("id2label")
+            num_labels = hf.get("num_labels") or (len(id2label) if isinstance(id2label, (Mapping, list)) and id2label
+                                                  else 2)
         fields = {f.name for f in dataclasses.fields(cls)} - {"num_labels"}
         kwargs = {k: hf[k] for k in fields if k in hf and hf[k] is not None}
-        return cls(num_labels=int(num_labels), **kwargs)
+        return _build(cls, dict(kwargs, num_labels=num_labels), None if source == "config" else source)
 
     def to_hf_config(self, architectures=("DeeBertForSequenceClassification",)) -> dict[str, Any]:
         """A Hugging Face style `config.json` dict (BERT, absolute positions)."""
@@ -130,6 +140,49 @@ class DeeBertConfig:
             num_labels=self.num_labels,
         )
         return d
+
+
+def read_json_object(path: str) -> dict[str, Any]:
+    """The JSON object in `path`; invalid JSON or another JSON value is a ConfigError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+_FIELD_KINDS = {f.name: {"int": int, "float": float, "str": str}[f.type] for f in dataclasses.fields(DeeBertConfig)}
+
+
+def _check_type(name: str, value: Any, kind: type) -> Any:
+    """`value` as `kind` (an integral float is an int, an int is a float); a wrong type is a ConfigError."""
+    if kind is str:
+        ok = isinstance(value, str)
+    elif kind is int:
+        ok = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+    else:
+        ok = isinstance(value, numbers.Real)
+    if isinstance(value, bool) or not ok:  # True is an Integral, never a layer count
+        expected = {int: "an integer", float: "a number", str: "a string"}[kind]
+        raise ConfigError(f"field {name}={value!r} ({type(value).__name__}) must be {expected}")
+    if kind is int and not isinstance(value, int):
+        return int(value)
+    if kind is float and not isinstance(value, float):
+        return float(value)
+    return value
+
+
+def _build(cls, kwargs: dict, source: str | None) -> DeeBertConfig:
+    """`cls(**kwargs)` with the file name (if any) in front of any ConfigError."""
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        if source and not str(e).startswith(source):
+            raise ConfigError(f"{source}: {e}") from e
+        raise
 
 
 def tiny_config(**overrides) -> DeeBertConfig:

@@ -323,13 +323,31 @@ def params_to_state_dict(config: DeeBertConfig, params: Mapping[str, Any]) -> di
     return sd
 
 
-def export_pytorch_checkpoint(config: DeeBertConfig, params: Mapping[str, Any], directory: str | os.PathLike) -> str:
-    """Writes `model.safetensors` + `config.json` (DeeBERT layout) atomically; returns the directory."""
+# A key in the `config.json` we write: marks the directory as ours, so exporting again may replace it.
+EXPORT_MARKER = "deebert_jax"
+
+
+def is_export_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a directory written by `export_pytorch_checkpoint` (it may be replaced)."""
+    try:
+        with open(os.path.join(os.fspath(path), "config.json"), encoding="utf-8") as f:
+            return EXPORT_MARKER in json.load(f)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def export_pytorch_checkpoint(config: DeeBertConfig, params: Mapping[str, Any], directory: str | os.PathLike,
+                              *, overwrite: bool = False) -> str:
+    """Writes `model.safetensors` + `config.json` (DeeBERT layout) atomically; returns the directory.
+
+    An existing `directory` is replaced only if empty or a previous export, or with `overwrite=True`.
+    """
     from safetensors.numpy import save_file
     directory = os.fspath(directory)
     sd = params_to_state_dict(config, params)
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, is_ours=is_export_dir, overwrite=overwrite) as tmp:
         save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(config.to_hf_config(), f, indent=2, sort_keys=True)
+            json.dump(dict(config.to_hf_config(), **{EXPORT_MARKER: {"format": "deebert"}}), f, indent=2,
+                      sort_keys=True)
     return directory

@@ -41,14 +41,14 @@ class TaskSpec:
     header: bool = True
     dev_file: str = "dev.tsv"
     hub_dev_split: str = "validation"
-    encoding: str = "utf-8"
+    # utf-8-sig: a byte-order mark before the header (MRPC ships one; an edited file may) is dropped.
+    encoding: str = "utf-8-sig"
 
 
 TASKS: dict[str, TaskSpec | None] = {
     "sst2": TaskSpec("SST-2", "sst2", ("sentence",), "label", ("0", "1"), ("sentence",)),
-    # The MRPC header starts with a byte-order mark: utf-8-sig strips it.
     "mrpc": TaskSpec("MRPC", "mrpc", ("#1 String", "#2 String"), "Quality", ("0", "1"),
-                     ("sentence1", "sentence2"), encoding="utf-8-sig"),
+                     ("sentence1", "sentence2")),
     "rte": TaskSpec("RTE", "rte", ("sentence1", "sentence2"), "label", ("entailment", "not_entailment"),
                     ("sentence1", "sentence2")),
     "qnli": TaskSpec("QNLI", "qnli", ("question", "sentence"), "label", ("entailment", "not_entailment"),
@@ -102,10 +102,29 @@ def load_tokenizer(path: str | os.PathLike):
 # ----------------------------------------------------------------------------------------------
 # Reading
 
+def _undecodable_line(path: str, encoding: str) -> str:
+    """'line N: ...' for the first line of `path` that `encoding` cannot decode."""
+    name = "UTF-8" if encoding.startswith("utf-8") else encoding
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode(encoding)
+            except UnicodeDecodeError as e:
+                return f"line {number}: byte 0x{raw[e.start]:02x} at column {e.start + 1} is not valid {name}"
+    return "not valid text"
+
+
 def _read_tsv(path: str, spec: TaskSpec) -> tuple[list[tuple[str, ...]], np.ndarray]:
     """-> (one tuple of texts per example, int labels); every bad row is an error with its line."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: GLUE file not found (task folder {spec.folder})")
+    try:
+        return _parse_tsv(path, spec)
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: {_undecodable_line(path, spec.encoding)}; save the file as UTF-8") from None
+
+
+def _parse_tsv(path: str, spec: TaskSpec) -> tuple[list[tuple[str, ...]], np.ndarray]:
     label_index = {s: i for i, s in enumerate(spec.labels)}
     texts, labels = [], []
     with open(path, encoding=spec.encoding, newline="") as f:

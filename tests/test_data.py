@@ -63,6 +63,32 @@ def test_mrpc_bom_header(tmp_path, tokenizer):
     assert data.load_split("mrpc", "dev", glue_dir=tmp_path, tokenizer=tokenizer, max_seq_length=8)["labels"].tolist() == [1]
 
 
+@pytest.mark.parametrize("task, folder, header", [
+    ("sst2", "SST-2", "sentence\tlabel\nfine .\t1\n"),
+    ("rte", "RTE", "index\tsentence1\tsentence2\tlabel\n0\tA .\tB .\tentailment\n"),
+    ("cola", "CoLA", "gj04\t1\t\tGood sentence.\n"),
+])
+def test_bom_header_any_task(tmp_path, tokenizer, task, folder, header):
+    _write(tmp_path / folder / "dev.tsv", "\ufeff" + header)
+    arrays = data.load_split(task, "dev", glue_dir=tmp_path, tokenizer=tokenizer, max_seq_length=8)
+    assert arrays["labels"].tolist() == [1 if task != "rte" else 0]
+    plain = data.load_split(task, "dev", glue_dir=_write(tmp_path / "plain" / folder / "dev.tsv", header).parents[1],
+                            tokenizer=tokenizer, max_seq_length=8)
+    assert all(np.array_equal(arrays[k], plain[k]) for k in data.ARRAY_KEYS)  # the mark is not text
+
+
+@pytest.mark.parametrize("raw, match", [
+    (b"sentence\tlabel\nfine .\t1\nbad \xff byte\t0\n", r"SST-2/dev.tsv: line 3: byte 0xff at column 5 is not valid"),
+    (b"\xef\xbb\xbfsentence\tlabel\nfine .\t1\n" + b"x .\t1\n" * 5000 + b"caf\xe9 .\t1\n",
+     r"SST-2/dev.tsv: line 5003: byte 0xe9 at column 4 is not valid"),
+])
+def test_undecodable_bytes_name_file_and_line(tmp_path, tokenizer, raw, match):
+    (tmp_path / "SST-2").mkdir()
+    (tmp_path / "SST-2" / "dev.tsv").write_bytes(raw)
+    with pytest.raises(data.DataError, match=match):
+        data.load_split("sst2", "dev", glue_dir=tmp_path, tokenizer=tokenizer)
+
+
 @pytest.mark.parametrize("content,match", [
     (None, r"SST-2/dev.tsv: GLUE file not found"),
     ("sentence\tlabels\nfine .\t1\n", r"dev.tsv: line 1: missing column\(s\) \['label'\]"),

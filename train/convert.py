@@ -1,6 +1,6 @@
 """Convert a PyTorch BERT / DeeBERT checkpoint into a deebert-jax (orbax) checkpoint.
 
-    python -m train.convert --pytorch PATH --out DIR [--num-labels K] [--seed S]
+    python -m train.convert --pytorch PATH --out DIR [--num-labels K] [--seed S] [--overwrite]
 
 Prints what was imported and what was initialised. On bad input it exits non-zero and its last
 line names the file or key at fault.
@@ -20,22 +20,28 @@ def main(argv=None) -> int:
     parser.add_argument("--num-labels", type=int, default=None, help="classes; default: from the checkpoint, else 2")
     parser.add_argument("--seed", type=int, default=0, help="seed for heads the checkpoint does not have")
     parser.add_argument("--no-tokenizer", action="store_true", help="do not copy the tokenizer files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out even if it is not an earlier deebert-jax checkpoint")
     args = parser.parse_args(argv)
 
-    from deebert_jax.checkpoint import save_checkpoint
+    from deebert_jax.checkpoint import is_checkpoint_dir, save_checkpoint
     from deebert_jax.config import ConfigError
     from deebert_jax.convert import CheckpointError, convert_pytorch_checkpoint, resolve_model_dir
+    from deebert_jax.fileutil import OutputPathError, check_output_path
 
     try:
+        # Before any work: --out must not hold the user's files or overlap the source.
+        check_output_path(args.out, sources=[args.pytorch], is_ours=is_checkpoint_dir, overwrite=args.overwrite)
         config, params, report = convert_pytorch_checkpoint(args.pytorch, args.num_labels, seed=args.seed)
         source_dir = resolve_model_dir(args.pytorch)
         copy = None if args.no_tokenizer or not _has_tokenizer(source_dir) else (
             lambda tmp_dir: _save_tokenizer(source_dir, os.path.join(tmp_dir, "tokenizer")))
         # The tokenizer goes inside the same atomic rename as the weights.
-        out = save_checkpoint(args.out, config, params, write_extra=copy)
+        out = save_checkpoint(args.out, config, params, write_extra=copy, overwrite=args.overwrite,
+                              sources=[source_dir])
         tokenizer_note = ("not copied" if args.no_tokenizer else
                           os.path.join(out, "tokenizer") if copy else f"none found in {source_dir}")
-    except (CheckpointError, ConfigError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, FileNotFoundError, OutputPathError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(report.summary())

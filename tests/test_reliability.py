@@ -1,0 +1,402 @@
+"""Bad inputs at the library's edges: nothing a user owns is lost, every error is one clear line.
+
+Grouped as: outputs that would replace what we did not write; damaged checkpoints; config field
+types; model inputs.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import stat
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deebert_jax import modeling
+from deebert_jax.checkpoint import (DamagedCheckpointError, TrainCheckpointManager, load_checkpoint,
+                                    save_checkpoint, silence_closed_loop_noise)
+from deebert_jax.config import ConfigError, DeeBertConfig, tiny_config
+from deebert_jax.convert import export_pytorch_checkpoint, load_pytorch_checkpoint
+from deebert_jax.fileutil import OutputPathError, atomic_directory, check_output_path
+from deebert_jax.validation import check_model_inputs, is_tracer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = tiny_config(num_labels=3)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return jax.tree_util.tree_map(np.asarray, modeling.init_params(CONFIG, jax.random.PRNGKey(0)))
+
+
+def snapshot(root):
+    """{relative path: (mode, sha1 of content)} for every file and directory under `root`."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            digest = hashlib.sha1(open(path, "rb").read()).hexdigest() if stat.S_ISREG(st.st_mode) else None
+            out[os.path.relpath(path, root)] = (st.st_mode, digest)
+    return out
+
+
+def user_dir(path):
+    """A directory of the user's own files (nothing deebert-jax wrote)."""
+    (path / "notes").mkdir(parents=True)
+    (path / "notes" / "todo.txt").write_text("mine\n")
+    (path / "data.csv").write_text("a,b\n1,2\n")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs: a directory we did not write is never replaced
+
+def run_convert(*args, cwd=REPO):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-m", "train.convert", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def source(tmp_path, params):
+    return export_pytorch_checkpoint(CONFIG, params, tmp_path / "src")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("user_dir", "refusing to replace a directory that is not an output of deebert-jax (2 entries, e.g. 'data.csv')"),
+    ("file", "exists and is not a directory"),
+    ("same_as_source", "output directory is the source"),
+    ("inside_source", "output directory is inside the source"),
+    ("contains_source", "output directory contains the source"),
+])
+def test_convert_cli_refuses_outputs_that_lose_data(tmp_path, source, case, message):
+    out = {"user_dir": lambda: user_dir(tmp_path / "mine"),
+           "file": lambda: (tmp_path / "model.bin").write_bytes(b"weights") and tmp_path / "model.bin",
+           "same_as_source": lambda: source,
+           "inside_source": lambda: os.path.join(source, "converted"),
+           "contains_source": lambda: tmp_path}[case]()
+    before = snapshot(tmp_path)
+    args = ["--pytorch", source, "--out", out] + (["--overwrite"] if case.endswith("source") else [])
+    proc = run_convert(*args)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and str(os.path.abspath(out)) in last and message in last, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_convert_cli_refuses_the_current_directory(tmp_path, source):
+    work = user_dir(tmp_path / "work")
+    before = snapshot(tmp_path)
+    proc = run_convert("--pytorch", source, "--out", ".", "--overwrite", cwd=work)
+    assert proc.returncode != 0
+    assert f"error: {work}: output directory is (or contains) the current directory" in proc.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_convert_cli_replaces_only_its_own_output(tmp_path, source, params):
+    out = tmp_path / "out"
+    assert run_convert("--pytorch", source, "--out", out).returncode == 0
+    (out / "stale.txt").write_text("from an earlier run")
+    proc = run_convert("--pytorch", source, "--out", out)  # an earlier output: replaced
+    assert proc.returncode == 0, proc.stderr
+    assert not (out / "stale.txt").exists() and load_checkpoint(out)[0] == CONFIG
+    mine = user_dir(tmp_path / "mine")
+    proc = run_convert("--pytorch", source, "--out", mine, "--overwrite")  # said so: replaced
+    assert proc.returncode == 0, proc.stderr
+    assert not (mine / "data.csv").exists() and load_checkpoint(mine)[0] == CONFIG
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n or ".old-" in n]
+
+
+def test_library_writers_refuse_user_directories(tmp_path, params):
+    mine = user_dir(tmp_path / "mine")
+    before = snapshot(tmp_path)
+    with pytest.raises(OutputPathError, match=f"{mine}: refusing to replace"):
+        save_checkpoint(mine, CONFIG, params)
+    with pytest.raises(OutputPathError, match=f"{mine}: refusing to replace"):
+        export_pytorch_checkpoint(CONFIG, params, mine)
+    assert snapshot(tmp_path) == before
+    # Empty directories and earlier outputs of the same writer are replaced.
+    (tmp_path / "empty").mkdir()
+    save_checkpoint(tmp_path / "empty", CONFIG, params)
+    save_checkpoint(tmp_path / "empty", CONFIG, params)
+    export_pytorch_checkpoint(CONFIG, params, tmp_path / "pt")
+    export_pytorch_checkpoint(CONFIG, params, tmp_path / "pt")
+    assert load_pytorch_checkpoint(tmp_path / "pt")[0] == CONFIG
+    # ... but not each other's: an export is not an orbax checkpoint.
+    with pytest.raises(OutputPathError, match="refusing to replace"):
+        save_checkpoint(tmp_path / "pt", CONFIG, params)
+
+
+def test_output_directory_follows_the_umask(tmp_path, params):
+    old = os.umask(0o027)
+    try:
+        path = save_checkpoint(tmp_path / "model", CONFIG, params)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o750
+
+
+def test_check_output_path_rechecks_before_the_rename(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(OutputPathError, match="refusing to replace"):
+        with atomic_directory(target) as tmp:
+            open(os.path.join(tmp, "x"), "w").close()
+            user_dir(target)  # someone else filled the path meanwhile
+    assert (target / "data.csv").exists()
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+    assert check_output_path(tmp_path / "absent") == str(tmp_path / "absent")
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged checkpoints
+
+def damage(step_dir, how):
+    """Truncates (to half) or deletes the largest array-data file under `step_dir`."""
+    files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs
+             if os.path.basename(d) == "d"]
+    victim = max(files, key=os.path.getsize)
+    if how == "truncate":
+        data = open(victim, "rb").read()
+        open(victim, "wb").write(data[: len(data) // 2])
+    else:
+        os.remove(victim)
+    return victim
+
+
+def train_state(config, value):
+    from deebert_jax import training
+    tx = training.OptimizerSettings(1e-3, 6).optimizer()
+    # Random (incompressible) weights: each array has its own bytes in the data files.
+    p = jax.tree_util.tree_map(lambda x: np.asarray(x) + value, modeling.init_params(config, jax.random.PRNGKey(0)))
+    return training.init_train_state(p, tx, 1, config.num_hidden_layers)
+
+
+@pytest.mark.parametrize("how", ["truncate", "delete"])
+def test_restore_latest_falls_back_past_a_damaged_step(tmp_path, how, caplog):
+    config = tiny_config()
+    manager = TrainCheckpointManager(tmp_path / "ckpt", max_to_keep=3)
+    for step in (2, 4, 6):
+        manager.save(step, train_state(config, step))
+    damage(tmp_path / "ckpt" / "6", how)
+    like = train_state(config, 0)
+    with pytest.raises(DamagedCheckpointError, match=f"{tmp_path / 'ckpt' / '6'}: damaged checkpoint"):
+        manager.restore(6, like)
+    with caplog.at_level(logging.WARNING, logger="deebert_jax.checkpoint"):
+        step, state = manager.restore_latest(like)
+    assert step == 4 and float(state.params["embeddings"]["LayerNorm"]["bias"][0]) == 4
+    assert any(str(tmp_path / "ckpt" / "6") in r.getMessage() for r in caplog.records)
+    # Set aside, not deleted; the run can save step 6 again.
+    assert manager.all_steps() == [2, 4] and (tmp_path / "ckpt" / "6.damaged").is_dir()
+    manager.save(6, train_state(config, 7))
+    assert manager.restore_latest(like)[0] == 6
+
+
+def test_restore_latest_mismatch_is_an_error_not_a_fallback(tmp_path):
+    manager = TrainCheckpointManager(tmp_path / "ckpt")
+    for step in (1, 2):
+        manager.save(step, train_state(tiny_config(), step))
+    other = train_state(tiny_config(hidden_size=48, num_attention_heads=4), 0)
+    with pytest.raises(ValueError, match=r"ckpt/2: checkpoint does not match this run's state \(.* has shape"):
+        manager.restore_latest(other)
+    # A different structure: also a mismatch, whether or not the newest step is damaged.
+    damage(tmp_path / "ckpt" / "2", "truncate")
+    with pytest.raises(ValueError, match="does not match this run's state"):
+        manager.restore_latest({"step": np.zeros((), np.int32), "extra": np.zeros(3, np.float32)})
+    assert manager.all_steps() == [1, 2]
+
+
+def test_restore_latest_every_step_damaged_and_empty(tmp_path):
+    manager = TrainCheckpointManager(tmp_path / "ckpt")
+    assert manager.restore_latest(train_state(tiny_config(), 0)) == (None, None)
+    manager.save(1, train_state(tiny_config(), 1))
+    damage(tmp_path / "ckpt" / "1", "delete")
+    with pytest.raises(DamagedCheckpointError, match=r"ckpt: every checkpoint is damaged \(steps 1\)"):
+        manager.restore_latest(train_state(tiny_config(), 0))
+
+
+@pytest.mark.parametrize("how", ["truncate", "delete"])
+def test_load_checkpoint_of_a_damaged_model_is_one_line(tmp_path, params, how):
+    path = save_checkpoint(tmp_path / "model", CONFIG, params)
+    damage(os.path.join(path, "params"), how)
+    with pytest.raises(DamagedCheckpointError, match=f"{path}: damaged checkpoint, cannot read params/") as e:
+        load_checkpoint(path)
+    assert "\n" not in str(e.value)
+
+
+def test_load_checkpoint_bad_config_file(tmp_path, params):
+    path = save_checkpoint(tmp_path / "model", CONFIG, params)
+    config_file = os.path.join(path, "deebert_config.json")
+    d = json.load(open(config_file))
+    json.dump(dict(d, hidden_size="32"), open(config_file, "w"))
+    with pytest.raises(ConfigError, match=f"{config_file}: field hidden_size='32' \\(str\\) must be an integer"):
+        load_checkpoint(path)
+    open(config_file, "w").write('{"hidden_size": 3')
+    with pytest.raises(DamagedCheckpointError, match=f"{config_file}: not valid JSON .*\\(damaged checkpoint\\)$"):
+        load_checkpoint(path)
+
+
+def test_closed_event_loop_noise_is_dropped_and_nothing_else():
+    import asyncio
+    import types
+
+    def unraisable(exc):
+        try:
+            raise exc
+        except Exception as e:
+            return types.SimpleNamespace(exc_type=type(e), exc_value=e, exc_traceback=e.__traceback__,
+                                         err_msg=None, object=None)
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:
+        loop.call_soon_threadsafe(print)
+    except RuntimeError as e:
+        noise = types.SimpleNamespace(exc_type=RuntimeError, exc_value=e, exc_traceback=e.__traceback__,
+                                      err_msg=None, object=None)
+    seen = []
+    saved = sys.unraisablehook
+    sys.unraisablehook = lambda u: seen.append(u.exc_value)
+    try:
+        silence_closed_loop_noise()
+        silence_closed_loop_noise()  # idempotent: one filter
+        sys.unraisablehook(noise)
+        other = unraisable(RuntimeError("Event loop is closed"))  # not from call_soon_threadsafe
+        sys.unraisablehook(other)
+        sys.unraisablehook(unraisable(ValueError("x")))
+    finally:
+        sys.unraisablehook = saved
+    assert [str(e) for e in seen] == ["Event loop is closed", "x"]
+    # asyncio's report of a second failed read, collected after the loop closed; others still pass.
+    asyncio_log = logging.getLogger("asyncio")
+
+    def record(message, exc):
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None, (type(exc), exc, None))
+
+    assert not asyncio_log.filter(record("Future exception was never retrieved\nfuture: <Future>",
+                                         ValueError("NOT_FOUND: Error reading 'a/0.0'")))
+    assert asyncio_log.filter(record("Future exception was never retrieved", ValueError("a bug of ours")))
+    assert asyncio_log.filter(record("Task was destroyed but it is pending!", ValueError("NOT_FOUND: x")))
+
+
+def test_damaged_restore_prints_no_event_loop_tracebacks(tmp_path):
+    script = f"""
+import numpy as np
+from deebert_jax.checkpoint import TrainCheckpointManager
+from tests.test_reliability import damage
+m = TrainCheckpointManager({str(tmp_path / 'ckpt')!r})
+tree = {{k: np.random.default_rng(0).random((64, 64), np.float32) for k in "abcdefgh"}}
+for step in (1, 2):
+    m.save(step, tree)
+for _ in range(10):  # the noise came from a race: about one read in two printed it
+    damage({str(tmp_path / 'ckpt' / '2')!r}, "delete")
+    print(m.restore_latest(tree)[0])
+    m.save(2, tree)
+"""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1"] * 10
+    assert "Event loop is closed" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Config field types
+
+@pytest.mark.parametrize("field, value, message", [
+    ("hidden_size", "384", "field hidden_size='384' (str) must be an integer"),
+    ("num_hidden_layers", [2], "field num_hidden_layers=[2] (list) must be an integer"),
+    ("num_labels", True, "field num_labels=True (bool) must be an integer"),
+    ("layer_norm_eps", "1e-12", "field layer_norm_eps='1e-12' (str) must be a number"),
+    ("hidden_dropout_prob", None, "field hidden_dropout_prob=None (NoneType) must be a number"),
+    ("vocab_size", 100.5, "field vocab_size=100.5 (float) must be an integer"),
+    ("ramp_pooling", 1, "field ramp_pooling=1 (int) must be a string"),
+])
+def test_config_field_types_name_file_and_field(tmp_path, field, value, message):
+    d = dict(tiny_config().to_dict(), **{field: value})
+    with pytest.raises(ConfigError) as e:
+        DeeBertConfig.from_dict(d, source="model/deebert_config.json")
+    assert str(e.value) == f"model/deebert_config.json: {message}"
+    with pytest.raises(ConfigError, match=f"^field {field}="):
+        DeeBertConfig.from_dict(d)
+    if value is None:
+        return  # a null in a Hugging Face config means "the default"
+    hf = dict(tiny_config().to_hf_config(), **{field: value})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(hf))
+    with pytest.raises(ConfigError) as e:
+        DeeBertConfig.from_hf_config(tmp_path)
+    assert str(e.value) == f"{path}: {message}"
+
+
+def test_config_types_that_are_fine():
+    d = dict(tiny_config().to_dict(), hidden_size=32.0, hidden_dropout_prob=0, layer_norm_eps=np.float32(1e-5))
+    c = DeeBertConfig.from_dict(d)
+    assert c == tiny_config(layer_norm_eps=float(np.float32(1e-5)), hidden_dropout_prob=0.0)
+    assert type(c.hidden_size) is int and type(c.hidden_dropout_prob) is float
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        DeeBertConfig.from_dict([1, 2], source="x.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# Model inputs
+
+def _inputs(b=2, s=6):
+    ids = np.arange(1, b * s + 1, dtype=np.int32).reshape(b, s)
+    return ids, np.ones((b, s), np.int32), np.zeros((b, s), np.int32)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda i, m, t: i.__setitem__((1, 4), 100), r"input_ids\[1, 4\] = 100: expected a value in \[0, vocab_size=100\)"),
+    (lambda i, m, t: i.__setitem__((0, 2), -1), r"input_ids\[0, 2\] = -1: expected a value in \[0, vocab_size=100\)"),
+    (lambda i, m, t: t.__setitem__((1, slice(3, None)), 2),
+     r"token_type_ids\[1, 3\] = 2: expected a value in \[0, type_vocab_size=2\) \(2 more values like it\)"),
+    (lambda i, m, t: m.__setitem__((0, 5), 2), r"attention_mask\[0, 5\] = 2: expected 0 or 1"),
+])
+def test_out_of_range_values_name_array_row_position(edit, message):
+    arrays = _inputs()
+    edit(*arrays)
+    with pytest.raises(ValueError, match=message):
+        check_model_inputs(CONFIG, *arrays)
+    with pytest.raises(ValueError, match=message):  # the same from device arrays
+        check_model_inputs(CONFIG, *map(jnp.asarray, arrays))
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (lambda i, m, t: (i.astype(np.float32), m, t), "input_ids has dtype float32: expected integers"),
+    (lambda i, m, t: (i, m.astype(np.float32), t), "attention_mask has dtype float32"),
+    (lambda i, m, t: (i[0], m[0], t[0]), r"input_ids has shape \(6,\): expected \[batch, sequence\]"),
+    (lambda i, m, t: (i, m[:, :5], t), r"attention_mask has shape \(2, 5\), input_ids \(2, 6\)"),
+    (lambda i, m, t: (np.ones((1, 65), np.int32),) * 3, "sequence length 65: longer than the model's "
+                                                       "max_position_embeddings=64"),
+    (lambda i, m, t: (i, None, t), "attention_mask is missing"),
+])
+def test_bad_dtypes_and_shapes(arrays, message):
+    with pytest.raises(ValueError, match=message):
+        check_model_inputs(CONFIG, *arrays(*_inputs()))
+
+
+def test_good_inputs_and_tracers():
+    ids, mask, types = _inputs()
+    mask[1, 3:] = 0
+    check_model_inputs(CONFIG, ids, mask.astype(bool), types)
+    check_model_inputs(CONFIG, ids.tolist(), mask.tolist(), types.tolist())
+    check_model_inputs(CONFIG, *map(jnp.asarray, (ids, mask, types)))
+
+    @jax.jit
+    def f(i, m, t):
+        assert is_tracer(i) and not is_tracer(ids)
+        check_model_inputs(CONFIG, i, m, t)  # values unknown here: shapes and dtypes only
+        return i.sum()
+
+    ids[0, 0] = 10_000
+    assert int(f(ids, mask, types)) == ids.sum()
+    with pytest.raises(ValueError, match="input_ids has dtype float32"):
+        f(ids.astype(np.float32), mask, types)
