@@ -25,17 +25,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deebert_jax.config import DeeBertConfig
 from deebert_jax import modeling
+from deebert_jax.validation import check_model_inputs, is_tracer
 
 PMAP_AXIS = "devices"
-try:
-    from jax.core import Tracer as _Tracer
-except ImportError:  # jax.core re-exports move between releases; the GPU image runs a newer jax
-    from jax._src.core import Tracer as _Tracer
-
-
-def is_tracer(x) -> bool:
-    """True inside a caller's `jit`/`pmap` trace: nothing concrete to check or canonicalise."""
-    return isinstance(x, _Tracer)
 
 
 class ExitResult(NamedTuple):
@@ -114,18 +106,9 @@ def check_threshold(threshold, rule: str = "entropy") -> None:
 
 
 def check_inputs(config: DeeBertConfig, input_ids, attention_mask, token_type_ids) -> None:
-    """Raises ValueError unless the three inputs are integer (or bool) [B, S] arrays of one shape that fits."""
-    named = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
-    shapes = {k: tuple(np.shape(v)) for k, v in named.items()}
-    if len(shapes["input_ids"]) != 2 or len(set(shapes.values())) != 1:
-        raise ValueError(f"input_ids, attention_mask, token_type_ids must share one [B, S] shape, got {shapes}")
-    for k, v in named.items():
-        dtype = v.dtype if hasattr(v, "dtype") else np.asarray(v).dtype
-        if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_)):
-            raise ValueError(f"{k} must hold integers, got dtype {getattr(v, 'dtype', type(v))}")
-    if shapes["input_ids"][1] > config.max_position_embeddings:
-        raise ValueError(f"sequence length {shapes['input_ids'][1]} exceeds max_position_embeddings="
-                         f"{config.max_position_embeddings}")
+    """`validation.check_model_inputs`: one [B, S] integer shape that fits, ids, token types and
+    mask values in range (values of arrays traced inside a caller's `jit` are not checked)."""
+    check_model_inputs(config, input_ids, attention_mask, token_type_ids)
 
 
 def _canonical(threshold, dtype):

@@ -29,7 +29,8 @@ import numpy as np
 
 from deebert_jax import modeling
 from deebert_jax.config import DeeBertConfig
-from deebert_jax.early_exit import ExitResult, ExitState, check_inputs, check_threshold, is_tracer, record_exits
+from deebert_jax.early_exit import ExitResult, ExitState, check_inputs, check_threshold, record_exits
+from deebert_jax.validation import is_tracer
 
 # Measured on CPU (docs/exit_aware.md): buckets of 8 rows run ~20% faster per row than 32 (cache),
 # and a 2-row bucket for the remainder wastes at most one padded row per layer. Accelerators want

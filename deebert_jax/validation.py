@@ -53,14 +53,17 @@ def check_model_inputs(config: DeeBertConfig, input_ids, attention_mask, token_t
             x = arrays[name] = np.asarray(x)
         dtype = np.dtype(x.dtype)
         if not (np.issubdtype(dtype, np.integer) or dtype == np.bool_):
-            raise ValueError(f"{name} has dtype {dtype}: expected integers (token ids, mask and segment values)")
+            raise ValueError(f"{name} has dtype {dtype}: expected integers ({name} must hold integers: token ids, "
+                             "mask and segment values)")
         shapes[name] = tuple(x.shape)
     shape = shapes["input_ids"]
-    if len(shape) != 2 or 0 in shape:
-        raise ValueError(f"input_ids has shape {shape}: expected [batch, sequence], both at least 1")
+    # An empty batch (B = 0) is allowed: exit-aware batching answers it with empty results.
+    if len(shape) != 2 or shape[1] == 0:
+        raise ValueError(f"input_ids has shape {shape}: expected [batch, sequence], sequence at least 1")
     for name in INPUT_NAMES[1:]:
         if shapes[name] != shape:
-            raise ValueError(f"{name} has shape {shapes[name]}, input_ids {shape}: expected the same [batch, sequence]")
+            raise ValueError(f"{name} has shape {shapes[name]}, input_ids {shape}: input_ids, attention_mask, "
+                             "token_type_ids must share one [B, S] shape")
     if shape[1] > config.max_position_embeddings:
         raise ValueError(f"input_ids has sequence length {shape[1]}: longer than the model's "
                          f"max_position_embeddings={config.max_position_embeddings}")
