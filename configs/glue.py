@@ -1,7 +1,6 @@
 """One GLUE task, two stages, as variants of a model and a compute budget.
 
-    python -m train.train --config configs/glue.py:model=minilm,budget=paper --config.task=SST-2 \
-        --config.workdir=workdirs/sst2
+    python -m train.train --config configs/glue.py:model=bert_base,budget=paper --config.task=RTE
     python -m train.demo --config configs/glue.py:model=minilm,budget=demo
 
 `model` (default minilm):
