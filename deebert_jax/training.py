@@ -254,9 +254,9 @@ def run_stage(ctx: RunContext, stage: int, params: Params) -> Params:
     n_dev = len(ctx.devices)
     global_batch = int(cfg.per_device_batch_size) * jax.device_count()
     total = stage_steps(cfg, stage, data_lib.num_examples(ctx.train), global_batch)
-    settings = OptimizerSettings(stage_learning_rate(cfg, stage), total, int(round(float(cfg.get("warmup_ratio", 0.0)) * total)),
-                                 float(cfg.weight_decay), float(cfg.adam_b1), float(cfg.adam_b2),
-                                 float(cfg.adam_eps), float(cfg.max_grad_norm))
+    settings = OptimizerSettings(stage_learning_rate(cfg, stage), total,
+                                 int(round(float(cfg.get("warmup_ratio", 0.0)) * total)), float(cfg.weight_decay),
+                                 float(cfg.adam_b1), float(cfg.adam_b2), float(cfg.adam_eps), float(cfg.max_grad_norm))
     p_step, tx = pmapped_train_step(config, stage, settings, pmap_devices(ctx.devices))
     state = init_train_state(params, tx, stage, config.num_hidden_layers)
     manager = TrainCheckpointManager(os.path.join(ctx.workdir, "checkpoints", f"stage{stage}"),

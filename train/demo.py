@@ -23,8 +23,8 @@ from ml_collections import config_flags
 
 from train import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "demo/training config file (configs/*.py[:ARGS])",
-                                          lock_config=False)
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py",
+                                          "demo/training config file (configs/*.py[:ARGS])", lock_config=False)
 _DEBUG = flags.DEFINE_bool("debug", False, "on an error, show the traceback instead of one line (each step too)")
 
 
