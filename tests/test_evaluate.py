@@ -152,3 +152,10 @@ def test_cli_errors_name_the_fault(checkpoint, tmp_path, capsys):
     assert "sst9" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown exit rule"):
         evaluation.default_thresholds("nope", L)
+
+
+def test_cli_debug_raises_instead(tmp_path):
+    missing = tmp_path / "no_such_checkpoint"
+    with pytest.raises(FileNotFoundError, match="not a deebert-jax checkpoint"):
+        evaluate_cli.main(["--checkpoint", str(missing), "--task", "synthetic", "--out", str(tmp_path / "r.json"),
+                           "--debug"])

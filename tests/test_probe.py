@@ -20,3 +20,10 @@ def test_probe_writes_one_row_per_layer(tmp_path, capsys):
         for cell in (r[2], r[4]):
             assert 0.0 <= float(cell) <= 100.0
         assert float(r[1]) > 0 and float(r[3]) > 0
+
+
+def test_probe_errors_are_one_line(tmp_path, capsys):
+    missing = tmp_path / "no_such_model"
+    assert probe_ramps.main(["--checkpoint", str(missing), "--task", "synthetic"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(missing) in err[0]

@@ -83,11 +83,41 @@ def test_configs_load_and_accept_overrides():
 
     from deebert_jax import data, training
 
-    for name in ("tiny", "glue_minilm", "glue_bert_base"):
+    for name in ("tiny", "glue_minilm", "glue_bert_base", "demo", "sst2_full", "glue"):
         cfg = importlib.import_module(f"configs.{name}").get_config()
+        cfg.workdir = "unused"
+        assert training.validate_config(cfg) == (1, 2)
         data.canonical_task(cfg.task)
         assert training.parse_stages(cfg.stages) == (1, 2)
         cfg.train_limit, cfg.max_seq_length, cfg.stage1_epochs, cfg.eval_batch_size = 100, 64, 1.0, 16
         assert training.stage_steps(cfg, 1, n_train=100, global_batch=10) == 10
     bert = importlib.import_module("configs.glue_bert_base").get_config()
     assert (bert.learning_rate, bert.per_device_batch_size, bert.stage1_epochs, bert.max_seq_length) == (2e-5, 8, 3.0, 128)
+
+
+def _train_cli(*args):
+    env = {**{k: v for k, v in os.environ.items() if k != "DEEBERT_DEBUG"}, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "train.train", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "configs/tiny.py", "--config.learning_rate=-1"], "error: config.learning_rate=-1.0: expected"),
+    (["--config", "configs/tiny.py", "--config.task=sst9"], "error: unknown task 'sst9'"),
+    (["--config", "configs/glue.py:model=roberta"], "error: configs/glue.py:model=roberta: model='roberta'"),
+    (["--config", "configs/tiny.py", "--config.no_such_field=1"], "error: the config has no field 'no_such_field'"),
+    (["--config", "configs/tiny.py", "--config.per_device_batch_size=x"], "error: flag --config.per_device_batch_size"),
+])
+def test_config_and_data_errors_are_one_line(tmp_path, args, message):
+    proc = _train_cli(*args, f"--config.workdir={tmp_path / 'run'}")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(message), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = _train_cli("--config", "configs/tiny.py", "--config.learning_rate=0", f"--config.workdir={tmp_path}",
+                      "--debug")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+    assert "ValueError: config.learning_rate=0.0" in proc.stderr

@@ -1,15 +1,22 @@
 """Two-stage training: pmap equivalence, stage-2 freezing, resume after a kill, NaN stop."""
 
+import json
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from configs import tiny as tiny_cfg
-from deebert_jax import data, training
+from deebert_jax import data, runtime, training
 from deebert_jax.checkpoint import TrainCheckpointManager, load_checkpoint
 from deebert_jax.config import tiny_config
+from tests.conftest import REPO
 
 SEQ = 16
 
@@ -112,20 +119,30 @@ class Preempted(Exception):
     pass
 
 
+def _records(workdir):
+    """metrics.jsonl without the one field that depends on the clock."""
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "examples_per_second"} for line in lines]
+
+
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
-    ref = training.train(_tiny(tmp_path / "ref"))
+    ref = training.train(_tiny(tmp_path / "ref", log_every_steps=1))
     _, ref_params = load_checkpoint(ref["model"])
 
-    def kill_at(stage, step):
-        if (stage, step) == (2, 3):  # after stage 2's checkpoint at step 2, before the next one
-            raise Preempted()
+    def kill_at(when):
+        def on_step(stage, step):
+            if (stage, step) == when:  # after the checkpoint at step 2, before the next one
+                raise Preempted()
+        return on_step
 
     work = tmp_path / "resumed"
     with pytest.raises(Preempted):
-        training.train(_tiny(work), on_step=kill_at)
+        training.train(_tiny(work, log_every_steps=1), on_step=kill_at((1, 3)))
+    with pytest.raises(Preempted):
+        training.train(_tiny(work, log_every_steps=1), on_step=kill_at((2, 3)))
     assert not (work / "model").exists() and (work / "stage1").exists()
     assert TrainCheckpointManager(work / "checkpoints" / "stage2").latest_step() == 2
-    resumed = training.train(_tiny(work))
+    resumed = training.train(_tiny(work, log_every_steps=1))
     _, params = load_checkpoint(resumed["model"])
     for (path, a), (_, b) in zip(_leaves(params), _leaves(ref_params)):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
@@ -133,6 +150,58 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     assert resumed["eval"][2]["num_examples"] == 37
     # keep-last-k: only the 2 newest steps of each stage survive
     assert TrainCheckpointManager(work / "checkpoints" / "stage1").all_steps() == [4, 6]
+    # Two resumes, each re-running a logged step: every step is logged once, as in the uninterrupted run.
+    records = _records(work)
+    assert [(r["event"], r["stage"], r["step"]) for r in records] == (
+        [("train", 1, i) for i in range(1, 7)] + [("eval", 1, 6)] + [("train", 2, i) for i in range(1, 7)]
+        + [("eval", 2, 6)])
+    assert records == _records(tmp_path / "ref")
+
+
+def test_damaged_newest_checkpoint_resumes_from_the_previous_one_bitwise(tmp_path, monkeypatch, caplog):
+    """Killed while writing step 4 of stage 1 (its array data cut short) and once more mid-stage
+    after an orbax temporary directory was left behind: the resumed run warns, sets step 4 aside,
+    restarts from step 2 and ends bitwise where the uninterrupted run ends."""
+    from tests.test_reliability import damage
+
+    ref = training.train(_tiny(tmp_path / "ref", log_every_steps=1))
+    _, ref_params = load_checkpoint(ref["model"])
+    work = tmp_path / "resumed"
+    real_save = TrainCheckpointManager.save
+
+    def save_then_die_at_4(self, step, state):
+        real_save(self, step, state)
+        if step == 4 and self.directory.endswith("stage1"):
+            damage(os.path.join(self.directory, "4"), "truncate")   # the kill landed mid-write
+            raise Preempted()
+
+    monkeypatch.setattr(TrainCheckpointManager, "save", save_then_die_at_4)
+    with pytest.raises(Preempted):
+        training.train(_tiny(work, log_every_steps=1))
+    monkeypatch.setattr(TrainCheckpointManager, "save", real_save)
+    stage1 = work / "checkpoints" / "stage1"
+    (stage1 / "6.orbax-checkpoint-tmp-1").mkdir()   # an interrupted write of a later step
+    with caplog.at_level("WARNING"):
+        resumed = training.train(_tiny(work, log_every_steps=1))
+    assert any("4" in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
+    assert (stage1 / "4.damaged").is_dir()          # set aside, not deleted
+    _, params = load_checkpoint(resumed["model"])
+    for (path, a), (_, b) in zip(_leaves(params), _leaves(ref_params)):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    assert resumed["eval"][2] == ref["eval"][2]
+    assert _records(work) == _records(tmp_path / "ref")
+
+
+def test_metrics_log_drops_what_a_resume_logs_again(tmp_path):
+    lines = [{"event": "train", "stage": 1, "step": 2}, {"event": "eval", "stage": 1, "step": 6},
+             {"event": "train", "stage": 2, "step": 2}, {"event": "train", "stage": 2, "step": 4},
+             {"event": "eval", "stage": 2, "step": 6}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"event": "tr')
+    log = runtime.MetricsLog(str(tmp_path))
+    log.drop_after(2, 2)  # stage 2 resumes from step 2; the line cut short by a kill goes too
+    log.write({"event": "train", "stage": 2, "step": 3})
+    log.close()
+    assert _records(tmp_path) == lines[:3] + [{"event": "train", "stage": 2, "step": 3}]
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
@@ -192,3 +261,64 @@ def test_model_directory_holds_its_tokenizer(tmp_path, minilm_dir):
     again = data.load_tokenizer(tmp_path / "model")
     assert again("a pair", "of sentences")["input_ids"] == tokenizer("a pair", "of sentences")["input_ids"]
     assert sorted(os.listdir(tmp_path)) == ["model"]  # no temporary directories left behind
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("learning_rate", 0.0, "config.learning_rate=0.0: expected a finite number > 0"),
+    ("learning_rate", float("nan"), "config.learning_rate=nan"),
+    ("stage2_learning_rate", float("inf"), "config.stage2_learning_rate=inf"),
+    ("per_device_batch_size", 0, "config.per_device_batch_size=0: expected an integer >= 1"),
+    ("eval_batch_size", -8, "config.eval_batch_size=-8"),
+    ("max_seq_length", 0, "config.max_seq_length=0"),
+    ("stage1_epochs", -1.0, "config.stage1_epochs=-1.0: expected a number >= 0"),
+    ("steps_per_stage", -2, "config.steps_per_stage=-2"),
+    ("stages", "1,3", "config.stages='1,3': expected '1', '2' or '1,2'"),
+    ("workdir", "", "config.workdir is empty"),
+    ("warmup_ratio", 1.5, "config.warmup_ratio=1.5"),
+])
+def test_bad_config_fails_before_any_work(tmp_path, field, value, message):
+    work = tmp_path / "run"
+    cfg = _tiny(work)
+    cfg[field] = value
+    with pytest.raises(ValueError, match=re.escape(message)):
+        training.train(cfg)
+    assert not work.exists()
+
+
+def test_no_steps_and_sequences_longer_than_the_model_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=re.escape("config.stage2_epochs=0 and config.steps_per_stage=0")):
+        training.train(_tiny(tmp_path, steps_per_stage=0, stage2_epochs=0.0))
+    training.validate_config(_tiny(tmp_path, steps_per_stage=0, stage2_epochs=0.0, stages="1"))  # stage 2 not run
+    with pytest.raises(ValueError, match=re.escape("config.max_seq_length=65: expected an integer in [1, 64]")):
+        training.train(_tiny(tmp_path, max_seq_length=65))  # the tiny model has 64 positions
+
+
+HOLD_LOCK = """
+import sys, time
+from deebert_jax import runtime
+with runtime.workdir_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_one_run_per_workdir(tmp_path):
+    work = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(work)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        start = time.perf_counter()
+        with pytest.raises(ValueError, match=re.escape(f"{work}: another run (pid {holder.pid}) is using")):
+            training.train(_tiny(work))
+        assert time.perf_counter() - start < 10  # at once, not after loading the model and data
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The holder died without unlocking: its lock file (with its pid) no longer blocks.
+    assert (work / ".lock").read_text().strip() == str(holder.pid)
+    with runtime.workdir_lock(str(work)):
+        assert (work / ".lock").read_text().strip() == str(os.getpid())
+        with pytest.raises(ValueError, match=f"pid {os.getpid()}"):  # a second writer in this process too
+            with runtime.workdir_lock(str(work)):
+                pass

@@ -67,6 +67,27 @@ def one_line(e: BaseException) -> str:
     return " | ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+def parse_absl_flags(argv: list[str]) -> list[str]:
+    """`app.run(main, flags_parser=parse_absl_flags)`: a bad flag, config file or `--config.FIELD`
+    (absl, ml_collections `config_flags`) -> one line `error: ...` and exit 1, as `run` does."""
+    from absl import flags
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, OSError, AttributeError, KeyError, TypeError, ValueError) as e:
+        if debug_requested(argv[1:]):
+            raise
+        text = str(e).strip()
+        if isinstance(e, (AttributeError, KeyError)):   # config_flags: an override of a field the config lacks
+            text = f"the config has no field {text.strip(chr(34) + chr(39))!r} (--config.FIELD=VALUE)"
+        elif "Traceback" in text or isinstance(e, OSError):
+            # config_flags folds a config file's traceback (or the paths it tried) into the message;
+            # its last line says what is wrong.
+            text = text.splitlines()[-1].strip()
+            text = text.split(": ", 1)[1] if text.split(":")[0].endswith(("Error", "Exception")) else text
+        print(f"error: {one_line(ValueError(text))}", file=sys.stderr)
+        sys.exit(1)
+
+
 def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
     """Calls `main(argv)` (argv without `--debug`) -> its exit status; a project error -> 1 and one line."""
     argv = list(sys.argv[1:] if argv is None else argv)

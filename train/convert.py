@@ -2,8 +2,8 @@
 
     python -m train.convert --pytorch PATH --out DIR [--num-labels K] [--seed S] [--overwrite]
 
-Prints what was imported and what was initialised. On bad input it exits non-zero and its last
-line names the file or key at fault.
+Prints what was imported and what was initialised. On bad input its last line, `error: ...`,
+names the file or key at fault and the exit status is 1 (`--debug`: the traceback).
 """
 
 from __future__ import annotations
@@ -12,8 +12,15 @@ import argparse
 import os
 import sys
 
+from train import cli
+
 
 def main(argv=None) -> int:
+    """-> exit status: 0, 1 on a project error (one line on stderr), 2 on bad flags."""
+    return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pytorch", required=True, help="model directory: config.json + model.safetensors or pytorch_model.bin")
     parser.add_argument("--out", required=True, help="output directory (deebert-jax orbax checkpoint)")
@@ -25,25 +32,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from deebert_jax.checkpoint import is_checkpoint_dir, save_checkpoint
-    from deebert_jax.config import ConfigError
-    from deebert_jax.convert import CheckpointError, convert_pytorch_checkpoint, resolve_model_dir
-    from deebert_jax.fileutil import OutputPathError, check_output_path
+    from deebert_jax.convert import convert_pytorch_checkpoint, resolve_model_dir
+    from deebert_jax.fileutil import check_output_path
 
-    try:
-        # Before any work: --out must not hold the user's files or overlap the source.
-        check_output_path(args.out, sources=[args.pytorch], is_ours=is_checkpoint_dir, overwrite=args.overwrite)
-        config, params, report = convert_pytorch_checkpoint(args.pytorch, args.num_labels, seed=args.seed)
-        source_dir = resolve_model_dir(args.pytorch)
-        copy = None if args.no_tokenizer or not _has_tokenizer(source_dir) else (
-            lambda tmp_dir: _save_tokenizer(source_dir, os.path.join(tmp_dir, "tokenizer")))
-        # The tokenizer goes inside the same atomic rename as the weights.
-        out = save_checkpoint(args.out, config, params, write_extra=copy, overwrite=args.overwrite,
-                              sources=[source_dir])
-        tokenizer_note = ("not copied" if args.no_tokenizer else
-                          os.path.join(out, "tokenizer") if copy else f"none found in {source_dir}")
-    except (CheckpointError, ConfigError, FileNotFoundError, OutputPathError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    # Before any work: --out must not hold the user's files or overlap the source.
+    check_output_path(args.out, sources=[args.pytorch], is_ours=is_checkpoint_dir, overwrite=args.overwrite)
+    config, params, report = convert_pytorch_checkpoint(args.pytorch, args.num_labels, seed=args.seed)
+    source_dir = resolve_model_dir(args.pytorch)
+    copy = None if args.no_tokenizer or not _has_tokenizer(source_dir) else (
+        lambda tmp_dir: _save_tokenizer(source_dir, os.path.join(tmp_dir, "tokenizer")))
+    # The tokenizer goes inside the same atomic rename as the weights.
+    out = save_checkpoint(args.out, config, params, write_extra=copy, overwrite=args.overwrite,
+                          sources=[source_dir])
+    tokenizer_note = ("not copied" if args.no_tokenizer else
+                      os.path.join(out, "tokenizer") if copy else f"none found in {source_dir}")
     print(report.summary())
     print(f"tokenizer:   {tokenizer_note}")
     print(f"saved:       {out}")

@@ -1,10 +1,12 @@
 """The main job end to end: convert MiniLM-L6, train both stages, sweep thresholds, time JAX vs PyTorch.
 
     python -m train.demo --config configs/demo.py [--config.FIELD=VALUE ...]
+    python -m train.demo --config configs/glue.py:model=minilm,budget=demo
 
 Each step is one of the project's own commands, printed before it runs so it can be re-run
 alone; a second run on the same workdir resumes training and redoes the rest. Ends with one
-summary table and the paths of the plots and JSON files.
+summary table and the paths of the plots and JSON files. A failed step or missing data ends with
+one line `error: ...` and exit status 1 (`--debug`: tracebacks, here and in every step).
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "demo/training config file", lock_config=False)
+from train import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py",
+                                          "demo/training config file (configs/*.py[:ARGS])", lock_config=False)
+_DEBUG = flags.DEFINE_bool("debug", False, "on an error, show the traceback instead of one line (each step too)")
+
 
 def _config_overrides(argv: list[str]) -> list[str]:
     """The user's --config.FIELD=VALUE flags, passed on to train.train unchanged."""
@@ -36,7 +43,7 @@ def _run(step: str, cmd: list[str]) -> float:
     start = time.time()
     proc = subprocess.run(cmd)
     if proc.returncode != 0:
-        raise SystemExit(f"demo: step '{step}' failed (exit {proc.returncode}); see its output above")
+        raise ChildProcessError(f"demo: step '{step}' failed (exit {proc.returncode}); see its output above")
     return time.time() - start
 
 
@@ -46,18 +53,25 @@ def _glue_note(cfg) -> str:
         return "synthetic data"
     if glue_dir:
         if not os.path.isdir(glue_dir):
-            raise SystemExit(f"demo: GLUE_DIR={glue_dir} is not a directory; point it at the GLUE TSV folder")
+            raise NotADirectoryError(f"demo: GLUE_DIR={glue_dir} is not a directory; point it at the GLUE TSV folder")
         return f"GLUE TSVs from {glue_dir}"
     try:
         from huggingface_hub import HfApi
         HfApi().dataset_info("nyu-mll/glue", timeout=10)
     except Exception as e:
-        raise SystemExit("demo: no GLUE data: GLUE_DIR is not set and the datasets hub (nyu-mll/glue) cannot be "
-                         f"reached ({type(e).__name__}). Set GLUE_DIR=/path/to/glue (folders SST-2, MRPC, ...)")
+        raise FileNotFoundError("demo: no GLUE data: GLUE_DIR is not set and the datasets hub (nyu-mll/glue) cannot be "
+                                f"reached ({type(e).__name__}). Set GLUE_DIR=/path/to/glue (folders SST-2, MRPC, ...)")
     return "GLUE from the datasets hub (nyu-mll/glue)"
 
 
 def main(argv):
+    # absl has parsed the flags (--debug among them); cli.run gives the one-line error convention.
+    if _DEBUG.value:
+        os.environ["DEEBERT_DEBUG"] = "1"   # read by cli.run here and by every step's command
+    return cli.run(_demo, argv)
+
+
+def _demo(argv) -> int:
     cfg = _CONFIG.value
     py = sys.executable
     workdir = os.path.abspath(cfg.workdir)
@@ -69,7 +83,7 @@ def main(argv):
 
     init = cfg.init_checkpoint
     if init != "random":
-        from deebert_jax.training import default_init_checkpoint
+        from deebert_jax.model_loading import default_init_checkpoint
         from deebert_jax.data import num_labels
         converted = os.path.join(workdir, "converted")
         timings["convert"] = _run("convert the PyTorch checkpoint", [
@@ -124,4 +138,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_absl_flags)

@@ -6,7 +6,8 @@
 
 Prints a table, writes `results.json` and a PNG beside it (metric against layer saving, and each
 ramp's metric against its layer). GLUE tasks are tokenised with DIR/tokenizer (or DIR); the
-`synthetic` task needs no tokenizer. On bad input it exits non-zero and names what is at fault.
+`synthetic` task needs no tokenizer. Bad input: one line `error: ...` naming what is at fault and
+exit status 1 (`--debug`: the traceback).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import argparse
 import math
 import os
 import sys
+
+from train import cli
+from train.cli import positive_int  # noqa: F401 (importable from here, as before)
 
 
 def parse_thresholds(text: str) -> list[float]:
@@ -33,17 +37,12 @@ def parse_thresholds(text: str) -> list[float]:
     return values
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return value
-
-
 def main(argv=None) -> int:
+    """-> exit status: 0, 1 on a project error (one line on stderr), 2 on bad flags."""
+    return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
     from deebert_jax.evaluation import MODES
     from deebert_jax.early_exit import EXIT_RULES
 
@@ -67,26 +66,21 @@ def main(argv=None) -> int:
 
     from deebert_jax import data, evaluation
     from deebert_jax.checkpoint import load_checkpoint
-    from deebert_jax.config import ConfigError
 
-    try:
-        config, params = load_checkpoint(args.checkpoint)
-        task = data.canonical_task(args.task)
-        if data.num_labels(task) != config.num_labels:
-            raise ValueError(f"{args.checkpoint}: model has num_labels={config.num_labels} but task {task} "
-                             f"has {data.num_labels(task)} labels")
-        tokenizer = None if data.TASKS[task] is None else data.load_tokenizer(args.checkpoint)
-        arrays = data.load_split(task, "dev", glue_dir=args.glue_dir, tokenizer=tokenizer,
-                                 max_seq_length=args.max_seq_length, limit=args.limit, vocab_size=config.vocab_size)
-        print(f"{task} dev: {data.describe(arrays)}", file=sys.stderr)
-        results = evaluation.evaluate(config, params, arrays, task, thresholds=args.thresholds, rule=args.rule,
-                                      batch_size=args.batch_size, mode=args.mode, dtype=args.dtype,
-                                      progress=not args.no_progress)
-        results["checkpoint"] = os.path.abspath(args.checkpoint)
-        json_path, png_path = evaluation.write_results(results, args.out)
-    except (ValueError, ConfigError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    config, params = load_checkpoint(args.checkpoint)
+    task = data.canonical_task(args.task)
+    if data.num_labels(task) != config.num_labels:
+        raise ValueError(f"{args.checkpoint}: model has num_labels={config.num_labels} but task {task} "
+                         f"has {data.num_labels(task)} labels")
+    tokenizer = None if data.TASKS[task] is None else data.load_tokenizer(args.checkpoint)
+    arrays = data.load_split(task, "dev", glue_dir=args.glue_dir, tokenizer=tokenizer,
+                             max_seq_length=args.max_seq_length, limit=args.limit, vocab_size=config.vocab_size)
+    print(f"{task} dev: {data.describe(arrays)}", file=sys.stderr)
+    results = evaluation.evaluate(config, params, arrays, task, thresholds=args.thresholds, rule=args.rule,
+                                  batch_size=args.batch_size, mode=args.mode, dtype=args.dtype,
+                                  progress=not args.no_progress)
+    results["checkpoint"] = os.path.abspath(args.checkpoint)
+    json_path, png_path = evaluation.write_results(results, args.out)
     print(evaluation.format_table(results))
     print(f"\nwrote {json_path} and {png_path}")
     return 0

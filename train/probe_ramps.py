@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from deebert_jax import data as data_lib
 from deebert_jax.checkpoint import load_checkpoint
 from deebert_jax.modeling import DeeBert, attention_bias, mean_of_real_tokens
+from train import cli
 
 
 def layer_features(config, params, arrays, batch_size=128):
@@ -82,15 +83,20 @@ def train_ramp(x_train, y_train, x_dev, y_dev, labels, lr, epochs, batch, seed) 
 
 
 def main(argv=None) -> int:
+    """-> exit status: 0, 1 on a project error (one line on stderr), 2 on bad flags."""
+    return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
     p = argparse.ArgumentParser(prog="python -m train.probe_ramps", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a deebert-jax model directory (e.g. WORKDIR/stage1)")
     p.add_argument("--task", default="sst2")
     p.add_argument("--glue-dir", default=None, help="default: $GLUE_DIR")
     p.add_argument("--limit", type=int, default=4000, help="training examples to cache (0: all)")
-    p.add_argument("--max-seq-length", type=int, default=64)
+    p.add_argument("--max-seq-length", type=cli.positive_int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=cli.positive_int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the table as Markdown here")
     args = p.parse_args(argv)
@@ -114,7 +120,7 @@ def main(argv=None) -> int:
                                         args.batch_size, args.seed)
         rows.append([str(layer + 1), f"{spread(train_first[layer]):.4f}", f"{100 * fit(train_first, dev_first):.2f}",
                      f"{spread(train_mean[layer]):.4f}", f"{100 * fit(train_mean, dev_mean):.2f}"])
-    command = "python -m train.probe_ramps " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m train.probe_ramps " + " ".join(argv)
     lines = [f"`{command}`", "",
              f"{task}: {len(y_train)} training / {len(y_dev)} dev examples, length {args.max_seq_length}; "
              f"one ramp per layer and feature, AdamW lr {args.lr:g}, {args.epochs} epochs, batch {args.batch_size}; "

@@ -1,35 +1,36 @@
 """Two-stage DeeBERT training.
 
     python -m train.train --config configs/tiny.py
-    python -m train.train --config configs/glue_minilm.py --config.task=SST-2 --config.workdir=workdirs/sst2
+    python -m train.train --config configs/glue.py:model=minilm,budget=paper --config.task=SST-2 --config.workdir=DIR
 
-Started again on the same workdir it resumes from the latest checkpoint.
+Started again on the same workdir it resumes from the latest checkpoint. A bad config, bad data
+or a NaN loss ends with one line `error: ...` and exit status 1 (`--debug`: the traceback).
 """
 
 import logging
 import sys
 
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=True)
+from train import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:ARGS])",
+                                          lock_config=True)
+_DEBUG = flags.DEFINE_bool("debug", False, "on an error, show the traceback instead of one line")
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def _train(argv) -> int:
+    if argv:
+        raise app.UsageError(f"unexpected arguments: {argv}")
+    cfg = _CONFIG.value
+    if cfg is None:
+        raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
     from deebert_jax import training
 
-    cfg = _CONFIG.value
-    if cfg is None:
-        raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
-    try:
-        result = training.train(cfg)
-    except training.NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    result = training.train(cfg)
     for stage, record in result["eval"].items():
         final = record["final"]
         print(f"stage {stage}: dev {record['metric']} of the final ramp = {final[record['metric']]:.4f} "
@@ -40,5 +41,10 @@ def main(argv):
     return 0
 
 
+def main(argv):
+    # absl has parsed the flags (--debug among them); cli.run gives the one-line error convention.
+    return cli.run(_train, argv[1:] + ([cli.DEBUG_FLAG] if _DEBUG.value else []))
+
+
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_absl_flags)

