@@ -197,7 +197,7 @@ _exit_loop = jax.jit(_loop, static_argnames=("config", "rule", "dtype"))
 
 
 def early_exit_predict(config: DeeBertConfig, params, input_ids, attention_mask, token_type_ids, threshold,
-                       rule: str = "entropy", dtype=jnp.float32) -> ExitResult:
+                       rule: str = "entropy", dtype=jnp.float32, *, validate_inputs: bool = True) -> ExitResult:
     """Batched DeeBERT inference in one compiled loop (one device, or a globally sharded batch).
 
     input_ids, attention_mask, token_type_ids [B, S] -> ExitResult(logits [B, K], exit_layer [B]
@@ -208,10 +208,13 @@ def early_exit_predict(config: DeeBertConfig, params, input_ids, attention_mask,
     the whole batch. `threshold` is traced, so one compiled function serves every threshold.
     `params` stacked (training layout) or from `modeling.unstack_params` (faster: each layer's
     weights are read in place, not copied per iteration). Pass device arrays: numpy params are
-    copied to the device on every call.
+    copied to the device on every call. The inputs' values are checked first (`check_inputs`: one
+    host copy of device arrays); a caller that checked its whole data set once, or times calls,
+    passes `validate_inputs=False`. Inputs traced inside a caller's own `jit` are not checked.
     """
     check_threshold(threshold, rule)
-    check_inputs(config, input_ids, attention_mask, token_type_ids)
+    if validate_inputs:
+        check_inputs(config, input_ids, attention_mask, token_type_ids)
     threshold, dtype = _canonical(threshold, dtype)
     return _exit_loop(config, params, input_ids, attention_mask, token_type_ids, threshold, rule=rule, dtype=dtype)
 
@@ -236,7 +239,8 @@ def _pmapped_loop(config: DeeBertConfig, rule: str, dtype, devices: tuple):
 
 def early_exit_predict_pmap(config: DeeBertConfig, params, input_ids, attention_mask, token_type_ids, threshold,
                             rule: str = "entropy", dtype=jnp.float32,
-                            devices: Sequence[jax.Device] | None = None) -> ExitResult:
+                            devices: Sequence[jax.Device] | None = None, *,
+                            validate_inputs: bool = True) -> ExitResult:
     """`early_exit_predict` with the batch split over local devices by `jax.pmap`.
 
     Inputs [B, S] (any B: the batch is padded with all-padding rows, which start exited, to a
@@ -247,7 +251,8 @@ def early_exit_predict_pmap(config: DeeBertConfig, params, input_ids, attention_
     repeatedly.
     """
     check_threshold(threshold, rule)
-    check_inputs(config, input_ids, attention_mask, token_type_ids)
+    if validate_inputs:
+        check_inputs(config, input_ids, attention_mask, token_type_ids)
     threshold, dtype = _canonical(threshold, dtype)
     devices = local_devices(devices)
     D = len(devices)

@@ -46,11 +46,13 @@ def default_thresholds(rule: str, num_layers: int) -> list[float]:
 
 
 def make_predictor(config: DeeBertConfig, params, rule: str = "entropy", mode: str = "batch",
-                   dtype=jnp.float32, devices: Sequence[jax.Device] | None = None) -> Predictor:
+                   dtype=jnp.float32, devices: Sequence[jax.Device] | None = None,
+                   validate_inputs: bool = True) -> Predictor:
     """A function `(batch dict [B, S] arrays, threshold) -> ExitResult` with params placed once.
 
     mode "batch": one loop per batch; with several local devices the pmap form, whose loops end
     per device. mode "exit_aware": `exit_aware.exit_aware_predict` (rows compacted as they exit).
+    `validate_inputs=False` when the caller checked the whole data set once (as `evaluate` does).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -65,13 +67,16 @@ def make_predictor(config: DeeBertConfig, params, rule: str = "entropy", mode: s
     if mode == "exit_aware":
         from deebert_jax.exit_aware import exit_aware_predict
         device_params = jax.device_put(params, devices[0])
-        return lambda batch, t: exit_aware_predict(config, device_params, *inputs(batch), t, rule, dtype=dtype)
+        return lambda batch, t: exit_aware_predict(config, device_params, *inputs(batch), t, rule, dtype=dtype,
+                                                   validate_inputs=validate_inputs)
     if len(devices) > 1:
         replicated = early_exit.replicate_params(params, devices)
         return lambda batch, t: early_exit.early_exit_predict_pmap(config, replicated, *inputs(batch), t, rule,
+                                                                   validate_inputs=validate_inputs,
                                                                    dtype=dtype, devices=devices)
     device_params = jax.device_put(params, devices[0])
-    return lambda batch, t: early_exit.early_exit_predict(config, device_params, *inputs(batch), t, rule, dtype=dtype)
+    return lambda batch, t: early_exit.early_exit_predict(config, device_params, *inputs(batch), t, rule, dtype=dtype,
+                                                          validate_inputs=validate_inputs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,6 +233,8 @@ def evaluate(config: DeeBertConfig, params, arrays: Mapping[str, np.ndarray], ta
         raise ValueError("no thresholds to sweep")
     for t in thresholds:
         early_exit.check_threshold(t, rule)
+    # Once for the whole set, before anything compiles (the per-batch loops then skip nothing).
+    early_exit.check_inputs(config, arrays["input_ids"], arrays["attention_mask"], arrays["token_type_ids"])
     labels = arrays["labels"]
     if labels.max(initial=0) >= config.num_labels:
         raise ValueError(f"task {task}: label {int(labels.max())} does not fit a model with "
@@ -236,7 +243,7 @@ def evaluate(config: DeeBertConfig, params, arrays: Mapping[str, np.ndarray], ta
     devices = early_exit.local_devices(devices)[:batch_size]
     ramp_logits, ramp_labels = ramp_logits_and_labels(config, params, arrays, batch_size, dtype, progress, devices)
     per_ramp = per_ramp_metrics(task, ramp_logits, ramp_labels)
-    predict = make_predictor(config, params, rule, mode, dtype, devices)
+    predict = make_predictor(config, params, rule, mode, dtype, devices, validate_inputs=False)
     sweep = sweep_thresholds(predict, task, L, arrays, thresholds, batch_size, progress)
     return {
         "task": data.canonical_task(task),

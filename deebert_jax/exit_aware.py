@@ -144,7 +144,7 @@ def _validate(bucket_sizes, pool_size, scheduler):
 def exit_aware_predict(config: DeeBertConfig, params, input_ids, attention_mask, token_type_ids, threshold,
                        rule: str = "entropy", *, bucket_sizes: Sequence[int] | None = None,
                        pool_size: int = DEFAULT_POOL_SIZE, scheduler: str = "device",
-                       dtype=jnp.float32) -> ExitResult:
+                       dtype=jnp.float32, validate_inputs: bool = True) -> ExitResult:
     """Early exit over N examples whose cost is about sum(exit_layer) row-layers, not N * max.
 
     input_ids, attention_mask, token_type_ids [N, S] (any N); -> ExitResult with logits [N, K],
@@ -158,7 +158,8 @@ def exit_aware_predict(config: DeeBertConfig, params, input_ids, attention_mask,
     if bucket_sizes is None:
         bucket_sizes = default_bucket_sizes()
     _validate(bucket_sizes, pool_size, scheduler)
-    check_inputs(config, input_ids, attention_mask, token_type_ids)
+    if validate_inputs:  # as in `early_exit_predict`
+        check_inputs(config, input_ids, attention_mask, token_type_ids)
     bucket_sizes = tuple(sorted({int(b) for b in bucket_sizes}, reverse=True))
     check_threshold(threshold, rule)
     n = int(np.shape(input_ids)[0])

@@ -400,3 +400,26 @@ def test_good_inputs_and_tracers():
     assert int(f(ids, mask, types)) == ids.sum()
     with pytest.raises(ValueError, match="input_ids has dtype float32"):
         f(ids.astype(np.float32), mask, types)
+
+
+def test_predictors_and_evaluate_check_values_before_running():
+    """The checks sit at every public predictor's edge (and `evaluate` checks its data set once)."""
+    from deebert_jax import evaluation
+    from deebert_jax.early_exit import early_exit_predict, early_exit_predict_pmap
+    from deebert_jax.exit_aware import exit_aware_predict
+
+    params = modeling.init_params(CONFIG, jax.random.PRNGKey(0))
+    ids, mask, types = _inputs()
+    ids[1, 4] = CONFIG.vocab_size
+    message = r"input_ids\[1, 4\] = 100: expected a value in \[0, vocab_size=100\)"
+    for predict in (early_exit_predict, early_exit_predict_pmap, exit_aware_predict):
+        with pytest.raises(ValueError, match=message):
+            predict(CONFIG, params, ids, mask, types, 0.5)
+    arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types,
+              "labels": np.zeros(len(ids), np.int32)}
+    with pytest.raises(ValueError, match=message):
+        evaluation.evaluate(CONFIG, params, arrays, "synthetic", thresholds=[0.5], progress=False)
+    # A caller that checked its data once may skip the per-call check (benchmarks time the loop alone).
+    ids[1, 4] = 1
+    out = early_exit_predict(CONFIG, params, ids, mask, types, 0.5, validate_inputs=False)
+    assert out.exit_layer.shape == (len(ids),)
