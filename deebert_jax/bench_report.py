@@ -229,7 +229,7 @@ def write_outputs(result: dict[str, Any], out_json: str) -> dict[str, str]:
     paths = {"json": out_json, "markdown": stem + ".md", "png": stem + ".png"}
     tmp = out_json + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+        json.dump(result, f, indent=2, allow_nan=False)   # strict JSON
     os.replace(tmp, out_json)
     with open(paths["markdown"], "w", encoding="utf-8") as f:
         f.write(markdown(result))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
 from typing import Callable, Mapping, Sequence
@@ -233,6 +234,9 @@ def evaluate(config: DeeBertConfig, params, arrays: Mapping[str, np.ndarray], ta
         raise ValueError("no thresholds to sweep")
     for t in thresholds:
         early_exit.check_threshold(t, rule)
+        if not math.isfinite(t):
+            raise ValueError(f"threshold {t}: a sweep's thresholds must be finite (results.json is strict JSON); "
+                             "for entropy any value above ln(num_labels) already exits every row at ramp 1")
     # Once for the whole set, before anything compiles (the per-batch loops then skip nothing).
     early_exit.check_inputs(config, arrays["input_ids"], arrays["attention_mask"], arrays["token_type_ids"])
     labels = arrays["labels"]
@@ -311,6 +315,6 @@ def write_results(results: Mapping, out: str | os.PathLike) -> tuple[str, str]:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
+        json.dump(results, f, indent=2, allow_nan=False)   # strict JSON: no NaN or Infinity
     os.replace(tmp, out)
     return out, plot_results(results, os.path.splitext(out)[0] + ".png")

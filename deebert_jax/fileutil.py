@@ -23,6 +23,23 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+def check_output_file(path: str | os.PathLike) -> str:
+    """-> the absolute `path`, if a result file can be written there; checked before long work.
+
+    Refused: an existing directory, and a path whose parent is an existing file. A file we wrote
+    before (or any file) is replaced, in one rename, when the new one is complete.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise OutputPathError(f"{path}: is a directory; name a file to write (e.g. {os.path.join(path, 'results.json')})")
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
+    if parent and not os.path.isdir(parent):
+        raise OutputPathError(f"{path}: {parent} is a file, not a directory")
+    return path
+
+
 def check_output_path(path: str | os.PathLike, *, sources: Iterable[str | os.PathLike] = (),
                       is_ours: Callable[[str], bool] | None = None, overwrite: bool = False) -> str:
     """-> the absolute `path`, if writing a directory there (replacing what is there) is safe.

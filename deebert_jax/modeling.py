@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from deebert_jax.config import DeeBertConfig
 from deebert_jax.trees import stack_trees, unstack_tree
+from deebert_jax.validation import check_model_inputs
 
 Params = Any
 
@@ -224,8 +225,10 @@ def forward(config: DeeBertConfig, params: Params, input_ids, attention_mask, to
     `unstack_params` take the inference path: a loop over `layer_step` (the same step as the
     early-exit loops, each layer's weights read in place), the last layer computed for the first
     token only, which is all the ramps read. Both agree to float32 rounding
-    (`docs/performance.md`).
+    (`docs/performance.md`). Inputs are checked (`validation.check_model_inputs`); under a
+    caller's `jit` only their shapes and dtypes can be.
     """
+    check_model_inputs(config, input_ids, attention_mask, token_type_ids)
     if not is_unstacked(params):
         return DeeBert(config, dtype).apply({"params": params}, input_ids, attention_mask, token_type_ids)
     step = layer_step(config, params, dtype, first_token_only_at_last=True)

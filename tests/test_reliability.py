@@ -423,3 +423,14 @@ def test_predictors_and_evaluate_check_values_before_running():
     ids[1, 4] = 1
     out = early_exit_predict(CONFIG, params, ids, mask, types, 0.5, validate_inputs=False)
     assert out.exit_layer.shape == (len(ids),)
+
+
+def test_forward_checks_concrete_inputs_and_traced_shapes():
+    params = modeling.init_params(CONFIG, jax.random.PRNGKey(0))
+    ids, mask, types = _inputs()
+    mask[0, 5] = 2
+    with pytest.raises(ValueError, match=r"attention_mask\[0, 5\] = 2: expected 0 or 1"):
+        modeling.forward(CONFIG, modeling.unstack_params(params), ids, mask, types)
+    mask[0, 5] = 1
+    with pytest.raises(ValueError, match="must share one"):   # under jit: shapes are still checked
+        jax.jit(modeling.forward, static_argnums=0)(CONFIG, params, ids, mask[:, :4], types)

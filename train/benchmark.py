@@ -71,6 +71,8 @@ def _main(argv: list[str]) -> int:
         paths = bm.render(args.render)
         print("wrote " + ", ".join(paths.values()), file=sys.stderr)
         return 0
+    from deebert_jax.fileutil import check_output_file
+    check_output_file(args.out)   # before the timing, not after it
     import jax
     # Both must be fixed before JAX starts its backends (importing jax does not start them).
     bm.set_thread_env(args.threads)

@@ -160,6 +160,8 @@ def main(argv=None) -> int:
 
 def _main(argv: list[str]) -> int:
     args = parse_args(argv)
+    from deebert_jax.fileutil import check_output_file
+    check_output_file(args.out)   # before the timing, not after it
     import jax
     import numpy as np
     from tqdm import tqdm

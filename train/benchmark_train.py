@@ -90,7 +90,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default="workdirs/benchmark_train.json")
     args = ap.parse_args(argv)
+    from deebert_jax.fileutil import check_output_file
     from deebert_jax.training import default_init_checkpoint
+    if args.out:
+        check_output_file(args.out)   # before the timing, not after it
 
     model_dir = args.model or default_init_checkpoint()
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:

@@ -31,6 +31,8 @@ def parse_thresholds(text: str) -> list[float]:
             raise argparse.ArgumentTypeError(f"--thresholds: {item!r} is not a number") from None
         if math.isnan(value) or value < 0:
             raise argparse.ArgumentTypeError(f"--thresholds: {item!r} must be a number >= 0")
+        if math.isinf(value):
+            raise argparse.ArgumentTypeError(f"--thresholds: {item!r} must be finite (results.json is strict JSON)")
         values.append(value)
     if not values:
         raise argparse.ArgumentTypeError("--thresholds: no values given")
@@ -66,7 +68,9 @@ def _main(argv) -> int:
 
     from deebert_jax import data, evaluation
     from deebert_jax.checkpoint import load_checkpoint
+    from deebert_jax.fileutil import check_output_file
 
+    check_output_file(args.out)   # before the evaluation, not after it
     config, params = load_checkpoint(args.checkpoint)
     task = data.canonical_task(args.task)
     if data.num_labels(task) != config.num_labels:

@@ -1,0 +1,101 @@
+"""Every command, driven with bad input the way a user would: one line that names the fault, a
+non-zero exit, no traceback, and nothing of the user's changed."""
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from tests.conftest import REPO
+
+W = "work"  # an output directory each case may create
+
+
+def _snapshot(root):
+    """path -> sha256 of every file below `root`."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            path = os.path.join(d, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, root)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+@pytest.fixture
+def user_tree(tmp_path):
+    """A working directory holding the user's own files: `user/` (notes, data) and `src/`, a
+    directory that looks like a model source, and a model config with a wrong field type."""
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "notes.txt").write_text("mine\n")
+    (tmp_path / "user" / "data.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "weights.bin").write_bytes(b"\0" * 64)
+    (tmp_path / "bad_model").mkdir()
+    (tmp_path / "bad_model" / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": "384"}))
+    save_file({"classifier.weight": np.zeros((2, 4), np.float32)}, str(tmp_path / "bad_model" / "model.safetensors"))
+    (tmp_path / "bad_model" / "deebert_config.json").write_text(json.dumps({"num_hidden_layers": [2]}))
+    return tmp_path
+
+
+TINY = ["--config", str(REPO / "configs" / "tiny.py"), f"--config.workdir={W}"]
+
+CASES = [
+    # Config values, before any work
+    ("train.train", TINY + ["--config.learning_rate=-0.001"], r"config\.learning_rate"),
+    ("train.train", TINY + ["--config.per_device_batch_size=0"], r"config\.per_device_batch_size"),
+    ("train.train", TINY + ["--config.max_seq_length=100000"], r"max_seq_length"),
+    # A model directory whose config.json has a field of the wrong type
+    ("train.convert", ["--pytorch", "bad_model", "--out", "converted"],
+     r"bad_model/config\.json: field hidden_size='384' \(str\) must be an integer"),
+    ("train.evaluate", ["--checkpoint", "bad_model", "--task", "synthetic", "--out", "r.json"],
+     r"bad_model/deebert_config\.json: field num_hidden_layers=\[2\] \(list\) must be an integer"),
+    # Directories that are not what the flag wants
+    ("train.evaluate", ["--checkpoint", "user", "--task", "synthetic", "--out", "r.json"],
+     r"user: not a deebert-jax checkpoint"),
+    ("train.evaluate", ["--checkpoint", "user", "--task", "synthetic", "--out", "user"], r"user: is a directory"),
+    ("train.probe_ramps", ["--checkpoint", "user", "--task", "synthetic"], r"user: not a deebert-jax checkpoint"),
+    ("train.report", ["user", "--out", "R.md"], r"user: not a finished run"),
+    # Outputs that would replace the user's files or the source
+    ("train.convert", ["--pytorch", "src", "--out", "user"], r"user: refusing to replace a directory"),
+    ("train.convert", ["--pytorch", "src", "--out", "src/converted", "--overwrite"], r"inside the source"),
+    ("train.convert", ["--pytorch", "user", "--out", "converted"], r"user: no model\.safetensors or pytorch_model\.bin"),
+    # Benchmark inputs
+    ("train.benchmark", ["--random-model", "tiny", "--seq-len", "128", "--runs", "1", "--out", "b.json"],
+     r"seq_len 128 exceeds max_position_embeddings"),
+    ("train.benchmark", ["--random-model", "tiny", "--out", "user"], r"user: is a directory"),
+    ("train.benchmark_exit_aware", ["--pool", "16", "--schedulers", "gpu", "--out", "ea.json"],
+     r"--schedulers: unknown \['gpu'\]"),
+    # The demo's data folder
+    ("train.demo", ["--config", str(REPO / "configs" / "demo.py"), "--config.glue_dir=user/notes.txt",
+                    f"--config.workdir={W}"], r"user/notes\.txt is not a directory"),
+]
+
+
+@pytest.mark.parametrize("module, args, message", CASES, ids=[f"{m}-{i}" for i, (m, _, _) in enumerate(CASES)])
+def test_bad_input_is_one_line_and_nothing_is_lost(user_tree, module, args, message):
+    before = {name: _snapshot(user_tree / name) for name in ("user", "src", "bad_model")}
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+    env.pop("DEEBERT_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=user_tree, env=env, capture_output=True,
+                          text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines and lines[-1].startswith("error: "), proc.stderr[-2000:]
+    assert re.search(message, lines[-1]), lines[-1]
+    assert {name: _snapshot(user_tree / name) for name in before} == before
+
+
+def test_usage_errors_exit_2_with_the_flag_named(user_tree):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "train.evaluate", "--checkpoint", "user", "--task", "sst2",
+                           "--thresholds", "0,inf", "--out", "r.json"], cwd=user_tree, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "--thresholds: 'inf' must be finite" in proc.stderr.splitlines()[-1]
