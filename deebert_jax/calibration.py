@@ -242,24 +242,27 @@ def guarantee(max_drop: float, confidence: float | None) -> str | None:
 # ----------------------------------------------------------------------------------------------
 # The policy file
 
-def write_exit_policy(model_dir: str | os.PathLike, policy: Mapping, filename: str = POLICY_FILE) -> str:
-    """Writes `model_dir/filename` atomically (a temporary file, then one rename) and touches
-    nothing else in the directory."""
-    model_dir = os.fspath(model_dir)
-    if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"{model_dir}: no such directory")
-    path = os.path.join(model_dir, filename)
-    fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", dir=model_dir)
+def atomic_write_text(path: str | os.PathLike, text: str) -> str:
+    """Writes `text` to `path` through a temporary file in the same folder and one rename, so a
+    reader sees the old file or the whole new one; nothing else in the folder changes."""
+    path = os.path.abspath(os.fspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(policy, f, indent=2)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def write_exit_policy(model_dir: str | os.PathLike, policy: Mapping, filename: str = POLICY_FILE) -> str:
+    """Writes `model_dir/filename` atomically; touches nothing else in the directory."""
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"{os.fspath(model_dir)}: no such directory")
+    return atomic_write_text(os.path.join(os.fspath(model_dir), filename), json.dumps(policy, indent=2) + "\n")
 
 
 def load_exit_policy(model_dir: str | os.PathLike) -> dict | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from typing import Mapping, Sequence
 
@@ -239,19 +238,10 @@ def format_predictions(examples: Sequence[Example], probs: np.ndarray, exit_laye
 
 
 def write_jsonl(records: Sequence[Mapping], path: str | os.PathLike) -> str:
-    """All records at once, atomically: a temporary file in the same folder, then one rename."""
+    """All records at once, atomically (nothing appears until every line is ready)."""
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return calibration.atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def summary(exit_layer: np.ndarray, num_layers: int, seconds: float, truncated: np.ndarray,

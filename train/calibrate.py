@@ -19,24 +19,21 @@ import sys
 from train.cli import floats, positive_int, run
 
 
-def _confidence(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be in (0, 1)")
-    return value
+def _number(ok, requirement: str):
+    """An argparse type: a float for which `ok(value)` holds."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} {requirement}")
+        return value
+    return parse
 
 
-def _max_drop(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a number of points >= 0")
-    return value
+_confidence = _number(lambda v: 0 < v < 1, "must be in (0, 1)")
+_max_drop = _number(lambda v: 0 <= v < float("inf"), "must be a number of points >= 0")
 
 
 def parse_args(argv):

@@ -20,13 +20,6 @@ import sys
 from train.cli import positive_int, run
 
 
-def _threshold(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-
-
 def parse_args(argv):
     from deebert_jax.early_exit import EXIT_RULES
 
@@ -36,7 +29,7 @@ def parse_args(argv):
     source.add_argument("--text", help="one text to classify")
     source.add_argument("--input", help="a .txt, .tsv or .jsonl file of texts")
     parser.add_argument("--text-pair", help="the second text of a pair (with --text)")
-    parser.add_argument("--threshold", type=_threshold, default=None,
+    parser.add_argument("--threshold", type=float, default=None,
                         help="default: DIR/exit_policy.json, else the full depth")
     parser.add_argument("--rule", default=None, choices=sorted(EXIT_RULES),
                         help="default: the exit policy's rule, else entropy")
