@@ -288,8 +288,9 @@ def load_exit_policy(model_dir: str | os.PathLike) -> dict | None:
 def format_summary(policy: Mapping) -> str:
     """A one-screen summary: the tested thresholds, the choice, and the reported split."""
     conf = policy["confidence"]
+    level = f", confidence {conf:g}" if conf is not None else " (empirical, no guarantee)"
     lines = [f"{policy['task']}: rule {policy['rule']}, budget {policy['max_drop']:g} points of "
-             f"{policy['metric_name']}" + (f", confidence {conf:g}" if conf is not None else " (empirical, no guarantee)"),
+             f"{policy['metric_name']}{level}",
              f"{'threshold':>9}  {'disagree':>8}  {'bound':>7}  {'drop':>6}  {'saving':>7}"]
     for s in policy["tested"]:
         bound = f"{s['bound']:>7.2%}" if "bound" in s else f"{'-':>7}"

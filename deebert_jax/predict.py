@@ -168,8 +168,9 @@ def encode(tokenizer, examples: Sequence[Example], max_seq_length: int,
     return arrays, truncated
 
 
-def predict_arrays(config: DeeBertConfig, params, arrays: Mapping[str, np.ndarray], threshold: float, rule: str = "entropy",
-        batch_size: int = 256, progress: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+def predict_arrays(config: DeeBertConfig, params, arrays: Mapping[str, np.ndarray], threshold: float,
+                   rule: str = "entropy", batch_size: int = 256,
+                   progress: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
     """Exit-aware early exit in chunks of `batch_size` rows -> (probabilities [N, K], exit_layer [N],
     seconds, compilation included)."""
     params = jax.device_put(modeling.unstack_params(params))   # once, not per chunk
@@ -218,7 +219,8 @@ def resolve_threshold(model_dir: str | os.PathLike, threshold: float | None, rul
     if policy is not None and policy["rule"] == rule:
         return float(policy["threshold"]), rule, f"rule {rule}, threshold {policy['threshold']:g} from {path}"
     full = evaluation.default_thresholds(rule, num_layers)[0]
-    why = f"no {calibration.POLICY_FILE} in {os.fspath(model_dir)}" if policy is None else f"{path} is for rule {policy['rule']}"
+    why = (f"no {calibration.POLICY_FILE} in {os.fspath(model_dir)}" if policy is None
+           else f"{path} is for rule {policy['rule']}")
     return full, rule, (f"rule {rule}, threshold {full:g}: the full depth ({why}; "
                         "python -m train.calibrate chooses a threshold)")
 

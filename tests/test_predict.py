@@ -85,7 +85,8 @@ def test_pairs_in_tsv_jsonl_and_on_the_command_line(model_dir, tmp_path, capsys)
     probs, exits = expected(model_dir, PAIRS, 0.35)
     assert len(set(exits.tolist())) == 2
     (tmp_path / "pairs.tsv").write_text("".join(f"{a}\t{b}\n" for a, b in PAIRS))
-    (tmp_path / "header.tsv").write_text("idx\tsentence1\tsentence2\n" + "".join(f"{i}\t{a}\t{b}\n" for i, (a, b) in enumerate(PAIRS)))
+    header_rows = "".join(f"{i}\t{a}\t{b}\n" for i, (a, b) in enumerate(PAIRS))
+    (tmp_path / "header.tsv").write_text("idx\tsentence1\tsentence2\n" + header_rows)
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"text": a, "text_pair": b}) + "\n" for a, b in PAIRS))
     for name in ("pairs.tsv", "header.tsv", "pairs.jsonl"):
         out = tmp_path / f"{name}.out.jsonl"
@@ -95,11 +96,12 @@ def test_pairs_in_tsv_jsonl_and_on_the_command_line(model_dir, tmp_path, capsys)
     assert predict_main(model_dir, "--text", PAIRS[0][0], "--text-pair", PAIRS[0][1], "--threshold", "0.35") == 0
     check_records([json.loads(capsys.readouterr().out)], PAIRS[:1], probs[:1], exits[:1])
     # Single texts and pairs mixed in one file: each as when alone.
-    (tmp_path / "mixed.jsonl").write_text(json.dumps({"text": TEXTS[0]}) + "\n" + json.dumps({"text": PAIRS[0][0], "text_pair": PAIRS[0][1], "label": 1}) + "\n")
+    mixed = [{"text": TEXTS[0]}, {"text": PAIRS[0][0], "text_pair": PAIRS[0][1], "label": 1}]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mixed))
     out = tmp_path / "mixed.out.jsonl"
     assert predict_main(model_dir, "--input", str(tmp_path / "mixed.jsonl"), "--threshold", "0.35", "--out", str(out)) == 0
-    single_probs, single_exits = expected(model_dir, [(TEXTS[0], None)], 0.35)
-    check_records(read_jsonl(out), [(TEXTS[0], None), PAIRS[0]], [single_probs[0], probs[0]], [single_exits[0], exits[0]])
+    one_probs, one_exits = expected(model_dir, [(TEXTS[0], None)], 0.35)
+    check_records(read_jsonl(out), [(TEXTS[0], None), PAIRS[0]], [one_probs[0], probs[0]], [one_exits[0], exits[0]])
 
 
 @pytest.mark.parametrize("name, content, line, message", [
