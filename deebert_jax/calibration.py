@@ -285,6 +285,17 @@ def load_exit_policy(model_dir: str | os.PathLike) -> dict | None:
     return policy
 
 
+def with_policy_threshold(thresholds: Sequence[float], model_dir: str | os.PathLike | None,
+                          rule: str = "entropy") -> list[float]:
+    """A sweep (sorted safe to aggressive: entropy ascending, the other rules descending) plus the
+    threshold of `model_dir/exit_policy.json` when that policy is for `rule`; else as given."""
+    out = [float(t) for t in thresholds]
+    policy = load_exit_policy(model_dir) if model_dir else None
+    if policy is None or policy["rule"] != rule or float(policy["threshold"]) in out:
+        return out
+    return sorted(out + [float(policy["threshold"])], reverse=rule != "entropy")
+
+
 def format_summary(policy: Mapping) -> str:
     """A one-screen summary: the tested thresholds, the choice, and the reported split."""
     conf = policy["confidence"]

@@ -193,3 +193,13 @@ def test_load_exit_policy_rejects_a_malformed_file(tmp_path):
     with pytest.raises(ValueError, match="threshold=-1"):
         calibration.load_exit_policy(tmp_path)
     assert os.listdir(tmp_path) == [calibration.POLICY_FILE]
+
+
+def test_sweeps_gain_the_policy_threshold(tmp_path):
+    sweep = evaluation.default_thresholds("entropy", L)
+    assert calibration.with_policy_threshold(sweep, tmp_path) == sweep
+    calibration.write_exit_policy(tmp_path, {"rule": "entropy", "threshold": 0.25})
+    assert calibration.with_policy_threshold(sweep, tmp_path) == sorted(sweep + [0.25])
+    assert calibration.with_policy_threshold([1.0, 0.9], tmp_path, "max_prob") == [1.0, 0.9]
+    calibration.write_exit_policy(tmp_path, {"rule": "max_prob", "threshold": 0.95})
+    assert calibration.with_policy_threshold([1.0, 0.9], tmp_path, "max_prob") == [1.0, 0.95, 0.9]
