@@ -236,7 +236,8 @@ def guarantee(max_drop: float, confidence: float | None) -> str | None:
     if confidence is None:
         return None
     return (f"with probability >= {confidence:g} over the calibration draw (i.i.d. from the serving distribution), "
-            f"the disagreement rate with the full model, and so the expected accuracy drop, is <= {max_drop / 100:g}")
+            f"the disagreement rate with the full model is at most {max_drop:g}%, so the expected accuracy drop is "
+            f"at most {max_drop:g} points")
 
 
 # ----------------------------------------------------------------------------------------------
