@@ -1,0 +1,254 @@
+"""Early-exit predictions on raw text: read inputs, tokenise, run `exit_aware_predict`, format.
+
+Input files, by extension (every line one example; an empty or malformed line is a `DataError`
+naming the file and line, so nothing half-read is used):
+- `.txt`: one text per line.
+- `.tsv`: tab-separated. If the first line names a text column (`text`, `sentence`, `sentence1`
+  or `text_a`, case-insensitive) it is a header: that column is the text, a column named
+  `text_pair`, `sentence2` or `text_b` the optional second text, and other columns (labels, ids)
+  are ignored. Otherwise there is no header and every line holds one text, or two (a pair), the
+  same number on every line.
+- `.jsonl`: one object per line, `{"text": "...", "text_pair": "..."}` (`text_pair` optional or
+  null; other keys ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from deebert_jax import calibration, evaluation, modeling
+from deebert_jax.config import DeeBertConfig
+from deebert_jax.data import DataError
+from deebert_jax.exit_aware import exit_aware_predict
+
+Example = tuple[str, "str | None"]   # (text, text_pair or None)
+INPUT_FORMATS = (".txt", ".tsv", ".jsonl")
+FIRST_COLUMNS = ("text", "sentence", "sentence1", "text_a")
+SECOND_COLUMNS = ("text_pair", "sentence2", "text_b")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+def _lines(path: str):
+    with open(path, encoding="utf-8", newline="") as f:
+        for number, line in enumerate(f, 1):
+            yield number, line.rstrip("\r\n")
+
+
+def check_text(value, where: str) -> str:
+    """`value` if it is a non-blank string, else a DataError '<where> is empty' (or not a string)."""
+    if isinstance(value, str) and value.strip():
+        return value
+    if value is None or isinstance(value, str):
+        raise DataError(f"{where} is empty")
+    raise DataError(f"{where} must be a string, got {type(value).__name__}")
+
+
+def _text(path: str, number: int, value, what: str) -> str:
+    return check_text(value, f"{path}: line {number}: {what}")
+
+
+def _read_txt(path: str) -> list[Example]:
+    return [(_text(path, n, line, "the line"), None) for n, line in _lines(path)]
+
+
+def _tsv_header(fields: Sequence[str]) -> tuple[int, int | None] | None:
+    names = [f.strip().lower() for f in fields]
+    first = [i for i, name in enumerate(names) if name in FIRST_COLUMNS]
+    second = [i for i, name in enumerate(names) if name in SECOND_COLUMNS]
+    if not first:
+        return None
+    if len(first) > 1 or len(second) > 1:
+        raise ValueError(f"header names several text columns {fields}")
+    return first[0], (second[0] if second else None)
+
+
+def _read_tsv(path: str) -> list[Example]:
+    examples, columns, width = [], None, None
+    for n, line in _lines(path):
+        fields = line.split("\t")
+        if n == 1:
+            try:
+                columns = _tsv_header(fields)
+            except ValueError as e:
+                raise DataError(f"{path}: line 1: {e}") from None
+            if columns is not None:
+                continue
+        if columns is None:
+            width = width or len(fields)
+            if len(fields) not in (1, 2) or len(fields) != width:
+                raise DataError(f"{path}: line {n}: {len(fields)} tab-separated columns; expected "
+                                f"{width if width in (1, 2) else '1 or 2'} (or a header naming {FIRST_COLUMNS[:2]})")
+            first, second = 0, (1 if width == 2 else None)
+        else:
+            first, second = columns
+            needed = max(first, second or 0) + 1
+            if len(fields) < needed:
+                raise DataError(f"{path}: line {n}: {len(fields)} columns, the header needs {needed}")
+        pair = None if second is None else _text(path, n, fields[second], "the second text")
+        examples.append((_text(path, n, fields[first], "the text"), pair))
+    return examples
+
+
+def _read_jsonl(path: str) -> list[Example]:
+    examples = []
+    for n, line in _lines(path):
+        if not line.strip():
+            raise DataError(f"{path}: line {n}: empty line")
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or "text" not in record:
+            raise DataError(f"{path}: line {n}: expected an object with a \"text\" key")
+        pair = record.get("text_pair")
+        examples.append((_text(path, n, record["text"], '"text"'),
+                         None if pair is None else _text(path, n, pair, '"text_pair"')))
+    return examples
+
+
+def read_inputs(path: str | os.PathLike) -> list[Example]:
+    """A `.txt`, `.tsv` or `.jsonl` file (see the module docstring) -> [(text, text_pair or None)]."""
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    readers = {".txt": _read_txt, ".tsv": _read_tsv, ".jsonl": _read_jsonl}
+    if ext not in readers:
+        raise DataError(f"{path}: unknown input format {ext or '(no extension)'!r}; expected one of {INPUT_FORMATS}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such input file")
+    try:
+        examples = readers[ext](path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not examples:
+        raise DataError(f"{path}: no examples (empty file)")
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenising and running
+
+def encode(tokenizer, examples: Sequence[Example], max_seq_length: int,
+           vocab_size: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """-> (input_ids, attention_mask, token_type_ids [N, S] int32, S the longest example rounded up
+    to a power of two, at most `max_seq_length`; truncated [N] bool). Single texts and pairs may be mixed."""
+    if vocab_size is not None and len(tokenizer) > vocab_size:  # larger ids would read past the embeddings
+        raise DataError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size={vocab_size}")
+    rows: list = [None] * len(examples)
+    truncated = np.zeros(len(examples), bool)
+    for pairs in (False, True):
+        index = [i for i, (_, pair) in enumerate(examples) if (pair is not None) == pairs]
+        if not index:
+            continue
+        firsts = [examples[i][0] for i in index]
+        seconds = [examples[i][1] for i in index] if pairs else None
+        full = tokenizer(firsts, seconds, truncation=False, verbose=False)["input_ids"]
+        enc = tokenizer(firsts, seconds, truncation=True, max_length=max_seq_length, return_token_type_ids=True)
+        for j, i in enumerate(index):
+            rows[i] = (enc["input_ids"][j], enc["token_type_ids"][j])
+            truncated[i] = len(full[j]) > len(enc["input_ids"][j])
+    # Padded to the longest row rounded up to a power of two (at most max_seq_length), not to
+    # max_seq_length: short inputs run short, and few shapes compile.
+    longest = max(len(ids) for ids, _ in rows)
+    seq = max(longest, min(max_seq_length, 1 << max(3, (longest - 1).bit_length())))
+    arrays = {k: np.zeros((len(rows), seq), np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    arrays["input_ids"][:] = tokenizer.pad_token_id or 0
+    for i, (ids, types) in enumerate(rows):
+        arrays["input_ids"][i, :len(ids)] = ids
+        arrays["attention_mask"][i, :len(ids)] = 1
+        arrays["token_type_ids"][i, :len(ids)] = types
+    return arrays, truncated
+
+
+def predict_arrays(config: DeeBertConfig, params, arrays: Mapping[str, np.ndarray], threshold: float,
+                   rule: str = "entropy", batch_size: int = 256,
+                   progress: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+    """Exit-aware early exit in chunks of `batch_size` rows -> (probabilities [N, K], exit_layer [N],
+    seconds, compilation included)."""
+    params = jax.device_put(modeling.unstack_params(params))   # once, not per chunk
+    n = len(arrays["input_ids"])
+    probs, exits = [], []
+    start = time.perf_counter()
+    with tqdm(total=n, desc="predict", unit="ex", disable=not progress) as bar:
+        for lo in range(0, n, batch_size):
+            chunk = [arrays[k][lo:lo + batch_size] for k in ("input_ids", "attention_mask", "token_type_ids")]
+            out = exit_aware_predict(config, params, *chunk, threshold, rule, pool_size=batch_size)
+            probs.append(np.asarray(jax.nn.softmax(out.logits, axis=-1)))
+            exits.append(np.asarray(out.exit_layer))
+            bar.update(len(chunk[0]))
+    return np.concatenate(probs), np.concatenate(exits), time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------------
+# Labels, thresholds and output
+
+def label_names(model_dir: str | os.PathLike, num_labels: int) -> list[str]:
+    """`id2label` from the model directory's `config.json` or `deebert_config.json` when one has
+    it for every label, else LABEL_0 .. LABEL_{K-1}."""
+    for name in ("config.json", "deebert_config.json"):
+        path = os.path.join(os.fspath(model_dir), name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                id2label = json.load(f).get("id2label") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        names = [id2label.get(str(i), id2label.get(i)) for i in range(num_labels)]
+        if all(isinstance(x, str) for x in names):
+            return names
+    return [f"LABEL_{i}" for i in range(num_labels)]
+
+
+def resolve_threshold(model_dir: str | os.PathLike, threshold: float | None, rule: str | None,
+                      num_layers: int) -> tuple[float, str, str]:
+    """-> (threshold, rule, a note saying where they came from). A missing threshold comes from
+    the model directory's exit_policy.json (when its rule is `rule` or `rule` is None), else the
+    rule's full-depth threshold (entropy 0). A missing rule: the policy's, else entropy."""
+    policy = calibration.load_exit_policy(model_dir)
+    rule = rule or (policy["rule"] if policy and threshold is None else "entropy")
+    if threshold is not None:
+        return float(threshold), rule, f"rule {rule}, threshold {threshold:g} (given)"
+    path = os.path.join(os.fspath(model_dir), calibration.POLICY_FILE)
+    if policy is not None and policy["rule"] == rule:
+        return float(policy["threshold"]), rule, f"rule {rule}, threshold {policy['threshold']:g} from {path}"
+    full = evaluation.default_thresholds(rule, num_layers)[0]
+    why = (f"no {calibration.POLICY_FILE} in {os.fspath(model_dir)}" if policy is None
+           else f"{path} is for rule {policy['rule']}")
+    return full, rule, (f"rule {rule}, threshold {full:g}: the full depth ({why}; "
+                        "python -m train.calibrate chooses a threshold)")
+
+
+def format_predictions(examples: Sequence[Example], probs: np.ndarray, exit_layer: np.ndarray,
+                       names: Sequence[str], truncated: np.ndarray) -> list[dict]:
+    """One JSON-ready dict per example: text (, text_pair), label, label_id, probabilities,
+    exit_layer (1-based), truncated."""
+    records = []
+    for (text, pair), p, layer, cut in zip(examples, probs, exit_layer, truncated):
+        record = {"text": text} if pair is None else {"text": text, "text_pair": pair}
+        best = int(np.argmax(p))
+        record.update(label=names[best], label_id=best, probabilities=[round(float(x), 6) for x in p],
+                      exit_layer=int(layer), truncated=bool(cut))
+        records.append(record)
+    return records
+
+
+def write_jsonl(records: Sequence[Mapping], path: str | os.PathLike) -> str:
+    """All records at once, atomically (nothing appears until every line is ready)."""
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return calibration.atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def summary(exit_layer: np.ndarray, num_layers: int, seconds: float, truncated: np.ndarray,
+            max_seq_length: int) -> str:
+    n, mean_exit = len(exit_layer), float(np.mean(exit_layer))
+    return (f"{n} examples in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} examples/s, compilation included); "
+            f"mean exit layer {mean_exit:.2f} of {num_layers}, layer saving {1 - mean_exit / num_layers:.1%}; "
+            f"{int(truncated.sum())} truncated to {max_seq_length} tokens")

@@ -1,0 +1,111 @@
+"""Choose an early-exit threshold within an accuracy-drop budget and save it with the model.
+
+    python -m train.calibrate --checkpoint DIR --task T --max-drop 1.0 [--rule entropy] [--confidence 0.95]
+        [--calibration-split dev-half|train-holdout] [--glue-dir D] [--max-seq-length S] [--limit N] [--out FILE]
+
+Computes every ramp's logits once, picks the threshold with the largest layer saving whose drop
+(in points of the task metric, against the full model) stays within `--max-drop` on the
+calibration examples, and reports its drop and saving on examples disjoint from them.
+`--confidence` adds a Learn-then-Test guarantee on the disagreement with the full model (see
+`deebert_jax.calibration`). Writes DIR/exit_policy.json (or `--out`), which `train.predict` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from train.cli import floats, positive_int, run
+
+
+def _number(ok, requirement: str):
+    """An argparse type: a float for which `ok(value)` holds."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} {requirement}")
+        return value
+    return parse
+
+
+_confidence = _number(lambda v: 0 < v < 1, "must be in (0, 1)")
+_max_drop = _number(lambda v: 0 <= v < float("inf"), "must be a number of points >= 0")
+
+
+def parse_args(argv):
+    from deebert_jax.calibration import CALIBRATION_SPLITS
+    from deebert_jax.early_exit import EXIT_RULES
+
+    parser = argparse.ArgumentParser(prog="python -m train.calibrate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="deebert-jax model directory")
+    parser.add_argument("--task", required=True, help="GLUE task or synthetic")
+    parser.add_argument("--max-drop", type=_max_drop, required=True,
+                        help="budget: points of the task metric (accuracy 1.0 = one point) below the full model")
+    parser.add_argument("--rule", default="entropy", choices=sorted(EXIT_RULES))
+    parser.add_argument("--confidence", type=_confidence, default=None,
+                        help="e.g. 0.95: bound the disagreement with the full model at this confidence")
+    parser.add_argument("--calibration-split", default="dev-half", choices=CALIBRATION_SPLITS,
+                        help="dev-half: a seeded half of dev calibrates, the other half is reported; "
+                             "train-holdout: the last --calibration-size train rows calibrate, dev is reported")
+    parser.add_argument("--calibration-size", type=positive_int, default=1000, help="rows for train-holdout")
+    parser.add_argument("--seed", type=int, default=0, help="the dev-half split's seed")
+    parser.add_argument("--thresholds", type=floats, default=None,
+                        help="the grid to test, safe to aggressive (default: a fixed grid per rule)")
+    parser.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"), help="local GLUE folder (default $GLUE_DIR)")
+    parser.add_argument("--max-seq-length", type=positive_int, default=128)
+    parser.add_argument("--limit", type=positive_int, default=None, help="only the first N dev examples")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--out", default=None, help="policy path (default DIR/exit_policy.json)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from deebert_jax import calibration, data, evaluation
+    from deebert_jax.checkpoint import load_checkpoint
+
+    config, params = load_checkpoint(args.checkpoint)
+    task = data.canonical_task(args.task)
+    if data.num_labels(task) != config.num_labels:
+        raise ValueError(f"{args.checkpoint}: model has num_labels={config.num_labels} but task {task} "
+                         f"has {data.num_labels(task)} labels")
+    tokenizer = None if data.TASKS[task] is None else data.load_tokenizer(args.checkpoint)
+    common = dict(glue_dir=args.glue_dir, tokenizer=tokenizer, max_seq_length=args.max_seq_length,
+                  vocab_size=config.vocab_size)
+    dev = data.load_split(task, "dev", limit=args.limit, **common)
+    logits = lambda arrays: evaluation.all_ramp_logits(config, params, arrays, args.batch_size,
+                                                       progress=not args.no_progress)
+    if args.calibration_split == "dev-half":
+        dev_logits = logits(dev)
+        cal_rows, rep_rows = calibration.split_indices(data.num_examples(dev), args.seed)
+        cal = (dev_logits[:, cal_rows], dev["labels"][cal_rows])
+        rep = (dev_logits[:, rep_rows], dev["labels"][rep_rows])
+        extra = {"seed": args.seed}
+    else:
+        train = data.load_split(task, "train", **common)
+        tail = {k: v[-args.calibration_size:] for k, v in train.items()}
+        cal, rep = (logits(tail), tail["labels"]), (logits(dev), dev["labels"])
+        extra = {"calibration_size": data.num_examples(tail)}
+    chosen, tested = calibration.choose_threshold(task, *cal, args.max_drop, args.rule, args.confidence,
+                                                  args.thresholds)
+    reported = calibration.threshold_stats(task, *rep, chosen["threshold"], args.rule)
+    policy = calibration.make_policy(task, args.rule, args.max_drop, args.confidence, chosen, tested, reported,
+                                     args.calibration_split, config.num_hidden_layers, **extra)
+    if args.out:
+        out_dir = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(out_dir, exist_ok=True)
+        path = calibration.write_exit_policy(out_dir, policy, os.path.basename(args.out))
+    else:
+        path = calibration.write_exit_policy(args.checkpoint, policy)
+    print(calibration.format_summary(policy))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
