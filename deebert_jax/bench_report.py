@@ -13,6 +13,7 @@ import math
 import os
 from typing import Any, Mapping
 
+from deebert_jax.fileutil import atomic_write_text
 from deebert_jax.bench_harness import BACKENDS, BenchmarkError
 
 ROW_KEYS = ("backend", "mode", "batch_size", "seq_len", "threshold", "median_ms", "p90_ms",
@@ -223,16 +224,10 @@ def render(out_json: str) -> dict[str, str]:
 def write_outputs(result: dict[str, Any], out_json: str) -> dict[str, str]:
     """Writes bench.json, the markdown table beside it (.md) and the plot (.png)."""
     validate(result)
-    directory = os.path.dirname(os.path.abspath(out_json))
-    os.makedirs(directory, exist_ok=True)
     stem = os.path.splitext(out_json)[0]
     paths = {"json": out_json, "markdown": stem + ".md", "png": stem + ".png"}
-    tmp = out_json + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2, allow_nan=False)   # strict JSON
-    os.replace(tmp, out_json)
-    with open(paths["markdown"], "w", encoding="utf-8") as f:
-        f.write(markdown(result))
+    atomic_write_text(out_json, json.dumps(result, indent=2, allow_nan=False))   # strict JSON
+    atomic_write_text(paths["markdown"], markdown(result))
     plot(result, paths["png"])
     return paths
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -33,6 +32,7 @@ import numpy as np
 from deebert_jax import metrics
 from deebert_jax.early_exit import EXIT_RULES, check_threshold
 from deebert_jax.evaluation import default_thresholds
+from deebert_jax.fileutil import atomic_write_text
 
 POLICY_FILE = "exit_policy.json"
 POLICY_FORMAT = 1
@@ -242,22 +242,6 @@ def guarantee(max_drop: float, confidence: float | None) -> str | None:
 
 # ----------------------------------------------------------------------------------------------
 # The policy file
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> str:
-    """Writes `text` to `path` through a temporary file in the same folder and one rename, so a
-    reader sees the old file or the whole new one; nothing else in the folder changes."""
-    path = os.path.abspath(os.fspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
 
 def write_exit_policy(model_dir: str | os.PathLike, policy: Mapping, filename: str = POLICY_FILE) -> str:
     """Writes `model_dir/filename` atomically; touches nothing else in the directory."""

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from deebert_jax import data, early_exit, metrics, modeling, runtime
 from deebert_jax.config import DeeBertConfig
+from deebert_jax.fileutil import atomic_write_text
 from deebert_jax.early_exit import ExitResult
 
 # The original DeeBERT scripts' entropy sweep.
@@ -312,9 +313,5 @@ def plot_results(results: Mapping, path: str | os.PathLike) -> str:
 def write_results(results: Mapping, out: str | os.PathLike) -> tuple[str, str]:
     """Writes `out` (JSON) and the plot beside it (`out` with .png) -> (json path, png path)."""
     out = os.fspath(out)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, allow_nan=False)   # strict JSON: no NaN or Infinity
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(results, indent=2, allow_nan=False))   # strict JSON: no NaN or Infinity
     return out, plot_results(results, os.path.splitext(out)[0] + ".png")

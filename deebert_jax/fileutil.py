@@ -23,6 +23,25 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> str:
+    """Writes `text` to `path` through a temporary file in the same folder and one rename, so a
+    reader sees the old file or the whole new one; nothing else in the folder changes. The file's
+    mode follows the umask, as a plain `open` would give."""
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
 def check_output_file(path: str | os.PathLike) -> str:
     """-> the absolute `path`, if a result file can be written there; checked before long work.
 

@@ -61,3 +61,17 @@ def load_initial_model(cfg, labels: int) -> tuple[DeeBertConfig, Params, str | N
     else:
         config, params = load_pytorch_checkpoint(path, num_labels=labels)
     return config.replace(**model_overrides(cfg)), params, tokenizer_source
+
+
+def load_model_for_task(checkpoint: str, task: str) -> tuple[DeeBertConfig, Params, str, Any]:
+    """A deebert-jax model directory and the task it will run -> (config, params, canonical task,
+    tokenizer: the directory's own, None for the synthetic task). The label counts must agree."""
+    from deebert_jax import data
+
+    config, params = load_checkpoint(checkpoint)
+    task = data.canonical_task(task)
+    if data.num_labels(task) != config.num_labels:
+        raise ValueError(f"{checkpoint}: model has num_labels={config.num_labels} but task {task} "
+                         f"has {data.num_labels(task)} labels")
+    tokenizer = None if data.TASKS[task] is None else data.load_tokenizer(checkpoint)
+    return config, params, task, tokenizer

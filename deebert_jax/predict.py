@@ -27,6 +27,7 @@ from deebert_jax import calibration, evaluation, modeling
 from deebert_jax.config import DeeBertConfig
 from deebert_jax.data import DataError
 from deebert_jax.exit_aware import exit_aware_predict
+from deebert_jax.fileutil import atomic_write_text
 
 Example = tuple[str, "str | None"]   # (text, text_pair or None)
 INPUT_FORMATS = (".txt", ".tsv", ".jsonl")
@@ -243,7 +244,7 @@ def write_jsonl(records: Sequence[Mapping], path: str | os.PathLike) -> str:
     """All records at once, atomically (nothing appears until every line is ready)."""
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    return calibration.atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def summary(exit_layer: np.ndarray, num_layers: int, seconds: float, truncated: np.ndarray,

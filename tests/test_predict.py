@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from deebert_jax import calibration, data, modeling, predict
+from deebert_jax import calibration, data, modeling
 from deebert_jax.checkpoint import load_checkpoint, save_checkpoint
 from deebert_jax.config import tiny_config
 from deebert_jax.early_exit import early_exit_predict

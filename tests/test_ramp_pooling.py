@@ -4,7 +4,6 @@ reference computed by hand from the hidden states, and with the PyTorch referenc
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ragged_batch

@@ -33,7 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
     p.add_argument("--seq-len", type=int, default=128, help="padded length (the predictor's max_seq_length)")
     p.add_argument("--batch-sizes", type=ints, default=[1, 32])
-    p.add_argument("--thresholds", type=floats, default=list(DEFAULT_THRESHOLDS))
+    p.add_argument("--thresholds", type=floats, default=None,
+                   help=f"default {','.join(f'{t:g}' for t in DEFAULT_THRESHOLDS)}, plus CHECKPOINT/exit_policy.json's "
+                        "entropy threshold when there is one (train.calibrate)")
     p.add_argument("--runs", type=int, default=MIN_RUNS, help=f"timed runs per cell (>= {MIN_RUNS} for reported numbers)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=available_cpus(), help="threads for XLA and torch alike")
@@ -84,7 +86,9 @@ def _main(argv: list[str]) -> int:
     from deebert_jax.modeling import init_params
 
     torch.set_num_threads(args.threads)
-    spec = bm.BenchmarkSpec(batch_sizes=args.batch_sizes, thresholds=args.thresholds, runs=args.runs,
+    from deebert_jax.calibration import with_policy_threshold
+    thresholds = args.thresholds or with_policy_threshold(bm.DEFAULT_THRESHOLDS, args.checkpoint, bm.BenchmarkSpec.rule)
+    spec = bm.BenchmarkSpec(batch_sizes=args.batch_sizes, thresholds=thresholds, runs=args.runs,
                             warmup=args.warmup, schedule=args.schedule, dtype=args.dtype, layout=args.layout,
                             ablation=args.ablation, exit_aware=args.exit_aware,
                             backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()))

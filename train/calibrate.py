@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from train.cli import floats, positive_int, run
+from train.cli import add_dev_data_flags, floats, positive_int, run
 
 
 def _number(ok, requirement: str):
@@ -55,9 +55,7 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0, help="the dev-half split's seed")
     parser.add_argument("--thresholds", type=floats, default=None,
                         help="the grid to test, safe to aggressive (default: a fixed grid per rule)")
-    parser.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"), help="local GLUE folder (default $GLUE_DIR)")
-    parser.add_argument("--max-seq-length", type=positive_int, default=128)
-    parser.add_argument("--limit", type=positive_int, default=None, help="only the first N dev examples")
+    add_dev_data_flags(parser)
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--out", default=None, help="policy path (default DIR/exit_policy.json)")
     parser.add_argument("--no-progress", action="store_true")
@@ -67,14 +65,9 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from deebert_jax import calibration, data, evaluation
-    from deebert_jax.checkpoint import load_checkpoint
+    from deebert_jax.model_loading import load_model_for_task
 
-    config, params = load_checkpoint(args.checkpoint)
-    task = data.canonical_task(args.task)
-    if data.num_labels(task) != config.num_labels:
-        raise ValueError(f"{args.checkpoint}: model has num_labels={config.num_labels} but task {task} "
-                         f"has {data.num_labels(task)} labels")
-    tokenizer = None if data.TASKS[task] is None else data.load_tokenizer(args.checkpoint)
+    config, params, task, tokenizer = load_model_for_task(args.checkpoint, args.task)
     common = dict(glue_dir=args.glue_dir, tokenizer=tokenizer, max_seq_length=args.max_seq_length,
                   vocab_size=config.vocab_size)
     dev = data.load_split(task, "dev", limit=args.limit, **common)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 from typing import Callable, Sequence
 
 DEBUG_FLAG = "--debug"
@@ -99,3 +98,11 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
+
+
+def add_dev_data_flags(parser: argparse.ArgumentParser, limit_help: str = "only the first N dev examples") -> None:
+    """--glue-dir, --max-seq-length and --limit, as every command that reads a GLUE dev set takes them."""
+    parser.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"),
+                        help="local GLUE folder (default $GLUE_DIR; without it the datasets hub)")
+    parser.add_argument("--max-seq-length", type=positive_int, default=128)
+    parser.add_argument("--limit", type=positive_int, default=None, help=limit_help)

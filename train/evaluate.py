@@ -52,35 +52,32 @@ def _main(argv) -> int:
     parser.add_argument("--checkpoint", required=True, help="deebert-jax checkpoint directory (save_checkpoint)")
     parser.add_argument("--task", required=True, help="GLUE task (sst2, mrpc, rte, qnli, qqp, mnli, cola) or synthetic")
     parser.add_argument("--thresholds", type=parse_thresholds, default=None,
-                        help="comma-separated; default for entropy: 0,0.001,0.005,0.01,0.05,0.1,...,0.7")
+                        help="comma-separated; default for entropy: 0,0.001,0.005,0.01,0.05,0.1,...,0.7, "
+                             "plus CHECKPOINT/exit_policy.json's threshold when it is for --rule")
     parser.add_argument("--rule", default="entropy", choices=sorted(EXIT_RULES))
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--mode", default="batch", choices=MODES,
                         help="batch: one loop per batch (pmap over local devices); exit_aware: rows compacted as they exit")
-    parser.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"),
-                        help="local GLUE folder (default $GLUE_DIR; without it the datasets hub)")
-    parser.add_argument("--max-seq-length", type=positive_int, default=128)
-    parser.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N dev examples")
+    cli.add_dev_data_flags(parser, "evaluate only the first N dev examples")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--out", required=True, help="results JSON path; the PNG goes beside it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
     from deebert_jax import data, evaluation
-    from deebert_jax.checkpoint import load_checkpoint
+    from deebert_jax.calibration import with_policy_threshold
     from deebert_jax.fileutil import check_output_file
+    from deebert_jax.model_loading import load_model_for_task
 
     check_output_file(args.out)   # before the evaluation, not after it
-    config, params = load_checkpoint(args.checkpoint)
-    task = data.canonical_task(args.task)
-    if data.num_labels(task) != config.num_labels:
-        raise ValueError(f"{args.checkpoint}: model has num_labels={config.num_labels} but task {task} "
-                         f"has {data.num_labels(task)} labels")
-    tokenizer = None if data.TASKS[task] is None else data.load_tokenizer(args.checkpoint)
+    config, params, task, tokenizer = load_model_for_task(args.checkpoint, args.task)
+    # A calibrated threshold (train.calibrate) joins the default sweep, so its point is on the curve.
+    thresholds = args.thresholds or with_policy_threshold(
+        evaluation.default_thresholds(args.rule, config.num_hidden_layers), args.checkpoint, args.rule)
     arrays = data.load_split(task, "dev", glue_dir=args.glue_dir, tokenizer=tokenizer,
                              max_seq_length=args.max_seq_length, limit=args.limit, vocab_size=config.vocab_size)
     print(f"{task} dev: {data.describe(arrays)}", file=sys.stderr)
-    results = evaluation.evaluate(config, params, arrays, task, thresholds=args.thresholds, rule=args.rule,
+    results = evaluation.evaluate(config, params, arrays, task, thresholds=thresholds, rule=args.rule,
                                   batch_size=args.batch_size, mode=args.mode, dtype=args.dtype,
                                   progress=not args.no_progress)
     results["checkpoint"] = os.path.abspath(args.checkpoint)

@@ -15,6 +15,7 @@ import shlex
 import shutil
 import sys
 
+from deebert_jax.fileutil import atomic_write_text
 from deebert_jax.report import REFERENCE_BERT_BASE, format_markdown_section, relative_paths
 
 
@@ -60,9 +61,7 @@ def main(argv=None) -> int:
     if args.preamble:
         with open(args.preamble) as f:
             head += [f.read().strip(), ""]
-    with open(args.out + ".tmp", "w") as f:
-        f.write("\n".join(head + sections) + "\n")
-    os.replace(args.out + ".tmp", args.out)
+    atomic_write_text(args.out, "\n".join(head + sections) + "\n")
     print(f"wrote {args.out}")
     return 0
 
