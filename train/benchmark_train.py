@@ -4,8 +4,10 @@
 
 MiniLM-L6 (the packaged weights), full-length rows (no padding), float32, all local devices for
 JAX and PyTorch's default threads. After warm-up (compilation) the three steps are timed in
-turns, one of each per round; the table shows medians. Targets: JAX stage 1 >= 1.5x PyTorch's examples/s; stage 2 <= 0.4x
-the time of a stage-1 step.
+turns, one of each per round; the table shows medians. Targets: JAX stage 1 >= 1.2x PyTorch's
+examples/s (stretch 1.5x); stage 2 <= 0.3x the time of a stage-1 step. The load average before and
+after and both frameworks' threads are recorded; a busy machine is flagged, as `train.benchmark`
+does, because oversubscribed cores slow eager PyTorch far more than XLA.
 """
 
 from __future__ import annotations
@@ -90,11 +92,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default="workdirs/benchmark_train.json")
     args = ap.parse_args(argv)
-    from deebert_jax.fileutil import check_output_file
+    from deebert_jax.fileutil import atomic_write_text, check_output_file
     from deebert_jax.training import default_init_checkpoint
     if args.out:
         check_output_file(args.out)   # before the timing, not after it
 
+    from deebert_jax.bench_harness import available_cpus, load_average, versions, xla_cpu_threads
+    load_before = load_average()   # before anything of ours runs: what else is using the machine
     model_dir = args.model or default_init_checkpoint()
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
         vocab = json.load(f)["vocab_size"]
@@ -113,27 +117,37 @@ def main(argv=None) -> dict:
     median = {k: statistics.median(v) for k, v in times.items()}
     fastest = {k: min(v) for k, v in times.items()}  # less sensitive to other load on a shared machine
     rate = {k: args.batch_size / v for k, v in median.items()}
+    from deebert_jax.bench_report import contention_warning
     result = {
         "model": relative_paths(model_dir), "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
         "device": f"{jax.devices()[0].platform} x{jax.local_device_count()} ({platform.processor() or platform.machine()}, "
                   f"{os.cpu_count()} cores)",
-        "versions": {"jax": jax.__version__, "torch": torch.__version__},
+        "versions": versions(),
+        "cpu_cores": available_cpus(),
+        # XLA's CPU pool and PyTorch's intra-op threads, as they ran (not as requested).
+        "threads": {"xla_cpu": xla_cpu_threads(), "torch": torch.get_num_threads(),
+                    "torch_interop": torch.get_num_interop_threads()},
+        "load_average_before": load_before, "load_average_after": load_average(),
+        "command": "python -m train.benchmark_train " + " ".join(argv if argv is not None else sys.argv[1:]),
         "step_seconds": times, "median_step_seconds": median, "min_step_seconds": fastest,
         "examples_per_second": rate,
         "jax_stage1_vs_torch_examples_per_second": rate["jax_stage1"] / rate["torch_adamw"],
         "stage2_vs_stage1_step_time": median["jax_stage2"] / median["jax_stage1"],
-        "targets": {"jax_stage1_vs_torch_examples_per_second": ">= 1.5", "stage2_vs_stage1_step_time": "<= 0.4"},
+        "targets": {"jax_stage1_vs_torch_examples_per_second": ">= 1.2 (stretch 1.5)",
+                    "stage2_vs_stage1_step_time": "<= 0.3"},
     }
+    result["warning"] = contention_warning(result)
     print(f"MiniLM-L6, batch {args.batch_size}, length {args.seq_len}, {result['device']}; median of {args.steps} steps")
+    print(f"threads: {result['threads']}; load average before {load_before}, after {result['load_average_after']}")
+    if result["warning"]:
+        print(f"warning: {result['warning']}")
     print(f"{'step':<28}{'median s':>10}{'min s':>8}{'examples/s':>12}{'vs torch':>10}")
     for k, label in (("torch_adamw", "PyTorch eager AdamW"), ("jax_stage1", "JAX stage 1"), ("jax_stage2", "JAX stage 2")):
         print(f"{label:<28}{median[k]:>10.3f}{fastest[k]:>8.3f}{rate[k]:>12.1f}{rate[k] / rate['torch_adamw']:>9.2f}x")
-    print(f"JAX stage 1 / PyTorch examples/s: {result['jax_stage1_vs_torch_examples_per_second']:.2f}x (target >= 1.5)")
-    print(f"stage 2 / stage 1 step time:      {result['stage2_vs_stage1_step_time']:.2f} (target <= 0.4)")
+    print(f"JAX stage 1 / PyTorch examples/s: {result['jax_stage1_vs_torch_examples_per_second']:.2f}x (target >= 1.2, stretch 1.5)")
+    print(f"stage 2 / stage 1 step time:      {result['stage2_vs_stage1_step_time']:.2f} (target <= 0.3)")
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+        atomic_write_text(args.out, json.dumps(result, indent=2, allow_nan=False))
         print(f"wrote {args.out}")
     return result
 
