@@ -55,3 +55,14 @@ def ragged_batch(n: int, seq: int, vocab_size: int, seed: int, *, padding_rows=(
     else:
         types = (rng.random((n, seq)) < type_fraction).astype(np.int32) * mask
     return (ids * mask if zero_padding_ids else ids), mask, types
+
+
+def random_checkpoint(tmp_path_factory, config, seed: int = 1):
+    """A model directory with random weights for `config` -> (its path, the params)."""
+    import jax
+
+    from deebert_jax import modeling
+    from deebert_jax.checkpoint import save_checkpoint
+
+    params = modeling.init_params(config, jax.random.PRNGKey(seed))
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", config, params), params

@@ -4,12 +4,11 @@ import json
 import math
 import os
 
-import jax
 import numpy as np
 import pytest
+from conftest import random_checkpoint
 
-from deebert_jax import calibration, data, evaluation, modeling
-from deebert_jax.checkpoint import save_checkpoint
+from deebert_jax import calibration, data, evaluation
 from deebert_jax.config import tiny_config
 from deebert_jax.early_exit import early_exit_predict
 from train import calibrate as calibrate_cli
@@ -22,8 +21,7 @@ CONFIG = tiny_config(num_hidden_layers=L, num_labels=2, initializer_range=0.5)
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    params = modeling.init_params(CONFIG, jax.random.PRNGKey(1))
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", CONFIG, params), params
+    return random_checkpoint(tmp_path_factory, CONFIG)
 
 
 @pytest.fixture(scope="module")

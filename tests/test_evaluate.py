@@ -6,8 +6,9 @@ import math
 import jax
 import numpy as np
 import pytest
+from conftest import random_checkpoint
 
-from deebert_jax import data, evaluation, modeling
+from deebert_jax import data, evaluation
 from deebert_jax.checkpoint import save_checkpoint
 from deebert_jax.config import tiny_config
 from train import evaluate as evaluate_cli
@@ -20,8 +21,7 @@ SEQ, LIMIT, BATCH = 16, 40, 16   # 40 examples in batches of 16: the last batch 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    params = modeling.init_params(CONFIG, jax.random.PRNGKey(1))
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", CONFIG, params), params
+    return random_checkpoint(tmp_path_factory, CONFIG)
 
 
 @pytest.fixture(scope="module")
