@@ -95,6 +95,7 @@ def workdir_lock(workdir: str) -> Iterator[None]:
     if jax.process_index() != 0:
         yield
         return
+    created = not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -110,6 +111,10 @@ def workdir_lock(workdir: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)   # closing the descriptor releases the lock
+        if created and os.listdir(workdir) == [LOCK_FILE]:
+            # A run that failed before writing anything leaves no trace: the directory is ours and empty.
+            os.remove(path)
+            os.rmdir(workdir)
 
 
 class MetricsLog:

@@ -91,6 +91,8 @@ def test_bad_input_is_one_line_and_nothing_is_lost(user_tree, module, args, mess
     assert lines and lines[-1].startswith("error: "), proc.stderr[-2000:]
     assert re.search(message, lines[-1]), lines[-1]
     assert {name: _snapshot(user_tree / name) for name in before} == before
+    # Nothing else appeared either: a command that fails before its work leaves no output behind.
+    assert sorted(os.listdir(user_tree)) == ["bad_model", "src", "user"]
 
 
 def test_usage_errors_exit_2_with_the_flag_named(user_tree):

@@ -29,9 +29,8 @@ def main(argv=None) -> int:
 
     base = os.path.dirname(os.path.abspath(args.out))
     plots = os.path.join(base, args.plots)
-    os.makedirs(plots, exist_ok=True)
-    sections, names = [], set()
-    for run in args.runs:
+    loaded = []
+    for run in args.runs:   # every run read before anything is written
         try:
             with open(os.path.join(run, "run.json")) as f:
                 meta = json.load(f)
@@ -39,9 +38,16 @@ def main(argv=None) -> int:
                 results = json.load(f)
             with open(meta["bench"]) as f:
                 bench = json.load(f)
+            for src in (meta["results"], meta["bench"]):
+                if not os.path.isfile(os.path.splitext(src)[0] + ".png"):
+                    raise FileNotFoundError(f"no plot {os.path.splitext(src)[0] + '.png'}")
         except (OSError, KeyError, json.JSONDecodeError) as e:
             print(f"error: {run}: not a finished run ({e})", file=sys.stderr)
             return 1
+        loaded.append((run, meta, results, bench))
+    os.makedirs(plots, exist_ok=True)
+    sections, names = [], set()
+    for run, meta, results, bench in loaded:
         pngs = {}
         name = base_name = os.path.basename(os.path.normpath(run))
         while name in names:  # two runs called `demo` get distinct plot files
