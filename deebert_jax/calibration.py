@@ -2,7 +2,7 @@
 
 Everything here is numpy over all-ramp logits computed once (`evaluation.all_ramp_logits`,
 [L, N, K]): the exit of every example at every threshold is a function of those logits
-(`exit_layers` is `early_exit_predict`'s rule in numpy), so a whole threshold grid costs one
+(`exit_layers` runs `early_exit`'s exit update on them), so a whole threshold grid costs one
 forward pass.
 
 Two ways to choose, both over thresholds ordered from safe (never exit early) to aggressive:
@@ -30,7 +30,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from deebert_jax import metrics
-from deebert_jax.early_exit import EXIT_RULES, check_threshold
+from deebert_jax.early_exit import EXIT_RULES, check_threshold, exits_from_ramp_logits
 from deebert_jax.evaluation import default_thresholds
 from deebert_jax.fileutil import atomic_write_text
 
@@ -46,38 +46,12 @@ class CalibrationError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # Exits from all-ramp logits
 
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z.astype(np.float32)
-    shifted = z - z.max(-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-
-
-def rule_fires(ramp_logits: np.ndarray, threshold: float, rule: str = "entropy") -> np.ndarray:
-    """[L, N, K] logits -> [L, N] bool: where `rule` wants the example to exit (the last ramp
-    exits anyway). The same tests as `early_exit.EXIT_RULES`, in float32 numpy."""
-    check_threshold(threshold, rule)
-    z = np.asarray(ramp_logits)
-    t = np.float32(threshold)
-    if rule == "entropy":
-        logp = _log_softmax(z)
-        return -(np.exp(logp) * logp).sum(-1) < t
-    if rule == "max_prob":
-        return np.exp(_log_softmax(z)).max(-1) > t
-    preds = z.argmax(-1)   # patience: consecutive ramps with an unchanged prediction
-    count = np.zeros(preds.shape[1], np.int64)
-    fires = np.zeros(preds.shape, bool)
-    for layer in range(preds.shape[0]):
-        same = preds[layer] == preds[layer - 1] if layer else np.zeros_like(count, bool)
-        count = np.where(same, count + 1, 0)
-        fires[layer] = count >= t
-    return fires
-
-
 def exit_layers(ramp_logits: np.ndarray, threshold: float, rule: str = "entropy") -> np.ndarray:
-    """[L, N, K] -> [N] int, the 1-based layer each example exits at (what `early_exit_predict` gives)."""
-    fires = rule_fires(ramp_logits, threshold, rule)
-    fires[-1] = True
-    return fires.argmax(0) + 1
+    """[L, N, K] -> [N] int, the 1-based layer each example exits at: `early_exit`'s own exit
+    update (`exits_from_ramp_logits`) over logits computed once, so a grid costs no model run."""
+    check_threshold(threshold, rule)
+    return np.asarray(exits_from_ramp_logits(np.asarray(ramp_logits, np.float32), np.float32(threshold), rule)
+                      .exit_layer)
 
 
 def exit_logits(ramp_logits: np.ndarray, exit_layer: np.ndarray) -> np.ndarray:

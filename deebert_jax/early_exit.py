@@ -171,6 +171,23 @@ def record_exits(state: ExitState, rule: str, ramp_logits, threshold, last_layer
                          done=state.done | exits, rule_state=rule_state)
 
 
+@functools.partial(jax.jit, static_argnames=("rule",))
+def exits_from_ramp_logits(ramp_logits, threshold, rule: str = "entropy") -> ExitResult:
+    """The exit rule over precomputed every-ramp logits [L, N, K] (no model run) -> ExitResult with
+    logits [N, K], exit_layer [N] (1-based) and layers_run: what the loops give, by the same update."""
+    L, N, K = ramp_logits.shape
+
+    def one_layer(state: ExitState, logits):
+        state = record_exits(state, rule, logits, threshold, L - 1)
+        return state.replace(layer=state.layer + 1), None
+
+    start = ExitState(layer=jnp.int32(0), hidden=None, logits=jnp.zeros((N, K), jnp.float32),
+                      exit_layer=jnp.zeros((N,), jnp.int32), done=jnp.zeros((N,), bool),
+                      rule_state=EXIT_RULES[rule].init(N))
+    state, _ = jax.lax.scan(one_layer, start, ramp_logits)
+    return ExitResult(state.logits, state.exit_layer, jnp.max(state.exit_layer, initial=0))
+
+
 def _loop(config: DeeBertConfig, params, input_ids, attention_mask, token_type_ids, threshold,
           rule: str, dtype) -> ExitResult:
     L = config.num_hidden_layers
