@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from deebert_jax.checkpoint import CONFIG_FILE, load_checkpoint
+from deebert_jax.checkpoint import is_checkpoint_dir, load_checkpoint
 from deebert_jax.config import DeeBertConfig
 from deebert_jax.modeling import init_params
 
@@ -19,10 +19,6 @@ jitted_init_params = jax.jit(init_params, static_argnums=(0, 2))
 # DeeBertConfig fields `cfg.model` may change on a loaded checkpoint: none of them changes a
 # parameter's shape.
 OVERRIDABLE_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "ramp_pooling")
-
-
-def _is_model_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, CONFIG_FILE))
 
 
 def default_init_checkpoint() -> str:
@@ -54,7 +50,7 @@ def load_initial_model(cfg, labels: int) -> tuple[DeeBertConfig, Params, str | N
     init = os.path.expanduser(init or default_init_checkpoint())
     path = os.path.abspath(resolve_model_dir(init)) if not os.path.isdir(init) else os.path.abspath(init)
     tokenizer_source = path if os.path.isdir(init) else init
-    if _is_model_dir(path):
+    if is_checkpoint_dir(path):
         config, params = load_checkpoint(path)
         if config.num_labels != labels:
             raise ValueError(f"{path}: checkpoint has {config.num_labels} labels, the task needs {labels}")

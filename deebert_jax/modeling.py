@@ -310,8 +310,7 @@ def _static_index(index) -> int | None:
         return None
 
 
-def per_layer(config: DeeBertConfig, params: Params,
-              fn: Callable[..., Any]) -> Callable[..., Any]:
+def per_layer(params: Params, fn: Callable[..., Any]) -> Callable[..., Any]:
     """Binds the whole model's params once -> `run(layer, *args) = fn(layer_params, ramp_params, layer, *args)`.
 
     The one place that decides how a layer's weights are reached. `layer` is 0-based: a Python
@@ -333,7 +332,7 @@ def per_layer(config: DeeBertConfig, params: Params,
         if static is not None:
             return fn(*weights(static), static, *args)
         if unstacked:
-            branches = [functools.partial(fn, *weights(i), i) for i in range(config.num_hidden_layers)]
+            branches = [functools.partial(fn, *weights(i), i) for i in range(len(params["layers"]))]
             return jax.lax.switch(layer, branches, *args)
         return fn(*weights(layer), layer, *args)
 
@@ -371,7 +370,7 @@ def layer_step(config: DeeBertConfig, params: Params, dtype=jnp.float32, *,
         hidden = _layer_apply(config, layer_params, layer, hidden, mask_bias, dtype, first_token_only_at_last)
         return hidden, ramp_forward(config, ramp_params, hidden, mask_bias, layer, dtype)
 
-    return per_layer(config, params, one)
+    return per_layer(params, one)
 
 
 def layer_params_at(params: Params, index) -> Params:
@@ -379,21 +378,12 @@ def layer_params_at(params: Params, index) -> Params:
 
     A copy of the layer's weights when `index` is traced; `layer_step` avoids it.
     """
-    return _select(params["layers"], index)
+    return per_layer(params, lambda layer_params, ramp_params, layer: layer_params)(index)
 
 
 def ramp_params_at(params: Params, index) -> Params:
     """The parameters of ramp `index` (0-based, may be traced) without the L axis."""
-    return _select(params["ramps"], index)
-
-
-def _select(tree, index):
-    static = _static_index(index)
-    if isinstance(tree, (tuple, list)):
-        if static is not None:
-            return tree[static]
-        return jax.lax.switch(index, [functools.partial(lambda t: t, t) for t in tree])
-    return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, index, keepdims=False), tree)
+    return per_layer(params, lambda layer_params, ramp_params, layer: ramp_params)(index)
 
 
 def layer_forward_at(config: DeeBertConfig, params: Params, index, hidden, mask_bias, dtype=jnp.float32,
@@ -402,7 +392,7 @@ def layer_forward_at(config: DeeBertConfig, params: Params, index, hidden, mask_
 
     `layer_step` without the ramp; `first_token_only_at_last` as there.
     """
-    run = per_layer(config, params, lambda lp, rp, layer, hidden: _layer_apply(
+    run = per_layer(params, lambda lp, rp, layer, hidden: _layer_apply(
         config, lp, layer, hidden, mask_bias, dtype, first_token_only_at_last))
     return run(index, hidden)
 
@@ -410,6 +400,6 @@ def layer_forward_at(config: DeeBertConfig, params: Params, index, hidden, mask_
 def ramp_forward_at(config: DeeBertConfig, params: Params, index, hidden, mask_bias, dtype=jnp.float32) -> jax.Array:
     """Ramp `index` (0-based, may be traced) of the whole model's params, hidden [B, S, H],
     mask_bias [B, S] -> [B, K]."""
-    run = per_layer(config, params, lambda lp, rp, layer, hidden: ramp_forward(
+    run = per_layer(params, lambda lp, rp, layer, hidden: ramp_forward(
         config, rp, hidden, mask_bias, layer, dtype))
     return run(index, hidden)

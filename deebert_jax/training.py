@@ -22,11 +22,11 @@ import jax.numpy as jnp
 import optax
 
 from deebert_jax import data as data_lib
-from deebert_jax.checkpoint import TrainCheckpointManager, load_checkpoint, save_checkpoint
+from deebert_jax.checkpoint import TrainCheckpointManager, is_checkpoint_dir, load_checkpoint, save_checkpoint
 from deebert_jax.config import DeeBertConfig
 from deebert_jax.evaluation import evaluate_ramps
 from deebert_jax.metrics import metric_name
-from deebert_jax.model_loading import _is_model_dir, load_initial_model, model_overrides
+from deebert_jax.model_loading import load_initial_model, model_overrides
 from deebert_jax.modeling import DeeBert
 from deebert_jax.run_config import (RUN_SPEC_FILE, STAGES, check_max_seq_length, check_run_spec, stage_learning_rate,
                                     stage_steps, validate_config)
@@ -350,7 +350,7 @@ def train(cfg, *, on_step: Callable[[int, int], None] | None = None) -> dict:
         try:
             for stage in stages:
                 stage_dir = os.path.join(workdir, f"stage{stage}")
-                if _is_model_dir(stage_dir):
+                if is_checkpoint_dir(stage_dir):
                     log.info("stage %d: already complete in %s, skipping", stage, stage_dir)
                     _, ctx.params = load_checkpoint(stage_dir)
                     continue
@@ -368,7 +368,7 @@ def train(cfg, *, on_step: Callable[[int, int], None] | None = None) -> dict:
 def _prepare(cfg, workdir: str, task: str, stages: tuple[int, ...], on_step) -> RunContext:
     """The starting model, its tokenizer and both splits -> the run's context (with `params`)."""
     config, params, init_dir = load_initial_model(cfg, data_lib.num_labels(task))
-    if 2 in stages and 1 not in stages and _is_model_dir(os.path.join(workdir, "stage1")):
+    if 2 in stages and 1 not in stages and is_checkpoint_dir(os.path.join(workdir, "stage1")):
         # Stage 2 alone continues from this workdir's stage 1 when there is one.
         config, params = load_checkpoint(os.path.join(workdir, "stage1"))
         config = config.replace(**model_overrides(cfg))
