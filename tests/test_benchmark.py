@@ -255,3 +255,11 @@ def test_render_rederives_outputs(tiny_run, tmp_path):
     assert main(["--render", str(copy)]) == 0
     assert json.loads(copy.read_text())["targets"] == result["targets"]
     assert (tmp_path / "again.md").read_text() == out.with_suffix(".md").read_text()
+
+
+def test_profile_layer_times_every_piece(capsys):
+    from train import profile_layer
+    assert profile_layer.main(["--batch-size", "2", "--seq-len", "8", "--runs", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    timed = [line for line in lines[1:] if line.strip().split()[1] == "ms"]
+    assert len(timed) == 9 and all(float(line.split()[0]) > 0 for line in timed)
