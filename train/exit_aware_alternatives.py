@@ -23,7 +23,7 @@ import numpy as np
 from deebert_jax import modeling
 from deebert_jax.config import DeeBertConfig
 from deebert_jax.early_exit import EXIT_RULES, ExitResult, ExitState, record_exits
-from deebert_jax.exit_aware import bucket_plan, bucket_step, start_pool
+from deebert_jax.exit_aware import bucket_plan, bucket_step, default_bucket_sizes, start_pool
 
 SCHEDULERS = ("host", "refill")
 
@@ -127,7 +127,6 @@ def exit_aware_predict_with(scheduler: str, config: DeeBertConfig, params, input
                             token_type_ids, threshold, rule: str = "entropy", *, bucket_sizes=None,
                             dtype=jnp.float32) -> ExitResult:
     """One pool (no splitting, no padding to shared sizes) through the `host` or `refill` scheduler."""
-    from deebert_jax.exit_aware import default_bucket_sizes
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler={scheduler!r}; expected one of {SCHEDULERS}")
     bucket_sizes = tuple(sorted({int(b) for b in (bucket_sizes or default_bucket_sizes())}, reverse=True))
