@@ -242,9 +242,10 @@ def check_inputs(arrays: Mapping[str, np.ndarray], config) -> int:
     ids = arrays["input_ids"]
     if ids.ndim != 2 or ids.shape[0] == 0:
         raise BenchmarkError(f"inputs: input_ids must be [N, S] with N > 0, got shape {ids.shape}")
-    if ids.shape[1] > config.max_position_embeddings:
-        raise BenchmarkError(f"inputs: seq_len {ids.shape[1]} exceeds max_position_embeddings "
-                             f"{config.max_position_embeddings}")
+    if ids.shape[1] > config.max_sequence_length:
+        limit = (config.sequence_limit if config.model_type == "roberta"
+                 else f"max_position_embeddings {config.max_position_embeddings}")
+        raise BenchmarkError(f"inputs: seq_len {ids.shape[1]} exceeds {limit}")
     if ids.max() >= config.vocab_size or ids.min() < 0:
         raise BenchmarkError(f"inputs: token ids outside [0, {config.vocab_size})")
     return int(ids.shape[0])

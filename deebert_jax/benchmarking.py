@@ -31,7 +31,7 @@ from deebert_jax.bench_report import (  # noqa: F401
 MODES = ("full", "early_exit")
 DEFAULT_THRESHOLDS = (0.0, 0.01, 0.1, 0.3, 0.5, 0.7)
 MIN_RUNS = 30
-RANDOM_MODELS = ("bert-base", "minilm", "tiny")
+RANDOM_MODELS = ("bert-base", "minilm", "tiny", "roberta-base")
 
 
 def _jax_cells(config, params, batches, thresholds, rule, dtype, device, stacked_params=None,
@@ -246,6 +246,9 @@ def random_model_config(name: str, num_labels: int = 2):
     from deebert_jax.config import DeeBertConfig, tiny_config
     if name == "bert-base":
         return DeeBertConfig(num_labels=num_labels)
+    if name == "roberta-base":  # FacebookAI/roberta-base's config.json
+        return DeeBertConfig(model_type="roberta", vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
+                             layer_norm_eps=1e-5, pad_token_id=1, num_labels=num_labels)
     if name == "minilm":
         return DeeBertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                              intermediate_size=1536, num_labels=num_labels)

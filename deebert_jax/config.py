@@ -1,4 +1,4 @@
-"""Model configuration: the subset of a Hugging Face BERT config that we can run."""
+"""Model configuration: the subset of a Hugging Face BERT or RoBERTa config that we can run."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "
 
 RAMP_POOLINGS = ("first", "mean")
 
+# "bert": positions 0..S-1. "roberta": positions count from pad_token_id + 1 over the non-padding
+# tokens and padding sits at pad_token_id (`modeling.position_ids`); the weights are laid out alike.
+MODEL_TYPES = ("bert", "roberta")
+
 
 class ConfigError(ValueError):
     """A configuration we cannot run faithfully."""
@@ -21,7 +25,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class DeeBertConfig:
-    """Shapes and constants of a BERT with one off-ramp per layer.
+    """Shapes and constants of a BERT (or RoBERTa) with one off-ramp per layer.
 
     Frozen (hashable) so it can be a static argument of `jax.jit`.
     """
@@ -45,6 +49,9 @@ class DeeBertConfig:
     # models, whose early first-token vectors hardly vary between inputs). Ramp L, the usual
     # pooler + classifier, always reads the first token.
     ramp_pooling: str = "first"
+    # Which encoder's embeddings: "bert" or "roberta" (`MODEL_TYPES`). Saved configs without the
+    # field are BERT.
+    model_type: str = "bert"
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -62,10 +69,15 @@ class DeeBertConfig:
             )
         if self.ramp_pooling not in RAMP_POOLINGS:
             raise ConfigError(f"ramp_pooling={self.ramp_pooling!r}; expected one of {RAMP_POOLINGS}")
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(f"model_type={self.model_type!r} is not supported; expected one of {MODEL_TYPES}")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if self.model_type == "roberta" and not 0 <= self.pad_token_id < self.max_position_embeddings - 1:
+            raise ConfigError(f"max_position_embeddings={self.max_position_embeddings} leaves no position for a "
+                              f"token: RoBERTa positions start at pad_token_id + 1 = {self.pad_token_id + 1}")
 
     @property
     def num_layers(self) -> int:
@@ -74,6 +86,22 @@ class DeeBertConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def max_sequence_length(self) -> int:
+        """The longest input the position table covers: `max_position_embeddings`, less RoBERTa's
+        `pad_token_id + 1` offset (roberta-base: 514 - 2 = 512)."""
+        if self.model_type == "roberta":
+            return self.max_position_embeddings - self.pad_token_id - 1
+        return self.max_position_embeddings
+
+    @property
+    def sequence_limit(self) -> str:
+        """`max_sequence_length` for messages, with the field it comes from."""
+        if self.model_type == "roberta":
+            return (f"{self.max_sequence_length} tokens (max_position_embeddings={self.max_position_embeddings} "
+                    f"less RoBERTa's pad_token_id + 1 = {self.pad_token_id + 1})")
+        return f"max_position_embeddings={self.max_position_embeddings}"
 
     def replace(self, **changes) -> "DeeBertConfig":
         return dataclasses.replace(self, **changes)
@@ -96,7 +124,7 @@ class DeeBertConfig:
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any] | str | os.PathLike,
                        num_labels: int | None = None) -> "DeeBertConfig":
-        """From a Hugging Face BERT `config.json` (a path, a directory or its dict)."""
+        """From a Hugging Face BERT or RoBERTa `config.json` (a path, a directory or its dict)."""
         source = "config"
         if not isinstance(hf, Mapping):
             path = os.fspath(hf)
@@ -109,8 +137,8 @@ class DeeBertConfig:
         elif not isinstance(hf, Mapping):
             raise ConfigError(f"{source}: expected a JSON object, found {type(hf).__name__}")
         model_type = hf.get("model_type", "bert")
-        if model_type != "bert":
-            raise ConfigError(f"{source}: model_type={model_type!r} is not supported (only 'bert')")
+        if model_type not in MODEL_TYPES:
+            raise ConfigError(f"{source}: model_type={model_type!r} is not supported; expected one of {MODEL_TYPES}")
         pos = hf.get("position_embedding_type", "absolute")
         if pos != "absolute":
             raise ConfigError(f"{source}: position_embedding_type={pos!r} is not supported (only 'absolute')")
@@ -125,14 +153,21 @@ class DeeBertConfig:
                                                   else 2)
         fields = {f.name for f in dataclasses.fields(cls)} - {"num_labels"}
         kwargs = {k: hf[k] for k in fields if k in hf and hf[k] is not None}
+        if model_type == "roberta":
+            kwargs.setdefault("pad_token_id", 1)  # `RobertaConfig`'s default, which its positions depend on
         return _build(cls, dict(kwargs, num_labels=num_labels), None if source == "config" else source)
 
-    def to_hf_config(self, architectures=("DeeBertForSequenceClassification",)) -> dict[str, Any]:
-        """A Hugging Face style `config.json` dict (BERT, absolute positions)."""
+    def to_hf_config(self, architectures=None) -> dict[str, Any]:
+        """A Hugging Face style `config.json` dict (BERT or RoBERTa, absolute positions).
+
+        `architectures` defaults to the DeeBERT / DeeRoBERTa sequence classifier.
+        """
+        if architectures is None:
+            architectures = ("DeeRobertaForSequenceClassification",) if self.model_type == "roberta" else (
+                "DeeBertForSequenceClassification",)
         d = self.to_dict()
         d.pop("num_labels")
         d.update(
-            model_type="bert",
             architectures=list(architectures),
             position_embedding_type="absolute",
             id2label={str(i): f"LABEL_{i}" for i in range(self.num_labels)},

@@ -1,9 +1,12 @@
-"""PyTorch (Hugging Face BERT / original DeeBERT) checkpoints <-> our Flax parameter tree.
+"""PyTorch (Hugging Face BERT / RoBERTa, original DeeBERT / DeeRoBERTa) checkpoints <-> our Flax tree.
 
 Keys are those of Hugging Face BERT and the original DeeBERT code (`LAYER_MODULES`, `EMBEDDINGS`,
-`bert.encoder.highway.{i}.*`). Every key is accounted for: an unused key, a missing
-key or a shape mismatch is a `CheckpointError` that names the key; only pretraining heads and
-buffers (`SKIPPED_PREFIXES`) are skipped, and the report lists them.
+`bert.encoder.highway.{i}.*`), and for a `config.json` with `model_type: roberta` the same under
+`roberta.` (`BASE_PREFIXES`): `RobertaModel`, `RobertaForSequenceClassification` (its head,
+`classifier.dense` + `classifier.out_proj`, is ramp L) and DeeRoBERTa from the Hugging Face
+research project. Every key is accounted for: an unused key, a missing key or a shape mismatch is
+a `CheckpointError` that names the key; only pretraining heads and buffers (`SKIPPED_PREFIXES`)
+are skipped, and the report lists them.
 """
 
 from __future__ import annotations
@@ -20,8 +23,13 @@ from deebert_jax.config import ConfigError, DeeBertConfig
 from deebert_jax.fileutil import atomic_directory
 from deebert_jax.trees import leaves, stack_trees
 
-# Pretraining heads and non-persistent buffers: not part of a classifier, safe to leave out.
-SKIPPED_PREFIXES = ("cls.", "embeddings.position_ids", "embeddings.token_type_ids")
+# Pretraining heads (BERT's `cls.*`, RoBERTa's `lm_head.*`) and non-persistent buffers: not part
+# of a classifier, safe to leave out.
+SKIPPED_PREFIXES = ("cls.", "lm_head.", "embeddings.position_ids", "embeddings.token_type_ids")
+# The encoder's prefix in a sequence classifier's state dict, per `DeeBertConfig.model_type`.
+BASE_PREFIXES = {"bert": "bert.", "roberta": "roberta."}
+# `export_pytorch_checkpoint`'s layout per model type, recorded under `EXPORT_MARKER`.
+EXPORT_FORMATS = {"bert": "deebert", "roberta": "deeroberta"}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 # Our per-layer module name -> (torch sub-key, kind).
@@ -124,8 +132,8 @@ def resolve_model_dir(path: str | os.PathLike) -> str:
 # ----------------------------------------------------------------------------------------------
 # torch state dict -> Flax tree
 
-def _normalize(key: str) -> str:
-    key = key[len("bert."):] if key.startswith("bert.") else key
+def _normalize(key: str, prefix: str = "bert.") -> str:
+    key = key[len(prefix):] if key.startswith(prefix) else key
     if ".LayerNorm." in key or key.startswith("LayerNorm."):
         key = re.sub(r"\.gamma$", ".weight", key)
         key = re.sub(r"\.beta$", ".bias", key)
@@ -164,17 +172,21 @@ def _classifier_init(config: DeeBertConfig, rng: np.random.Generator) -> dict[st
 
 def state_dict_to_params(state: Mapping[str, np.ndarray], config: DeeBertConfig, source: str = "checkpoint",
                          seed: int = 0) -> tuple[dict, ConversionReport]:
-    """Torch-named arrays -> (Flax params, report). See the module docstring for the rules."""
+    """Torch-named arrays -> (Flax params, report). See the module docstring for the rules.
+
+    `config.model_type` says which prefix the encoder's keys may carry (`BASE_PREFIXES`).
+    """
     c, H, L = config, config.hidden_size, config.num_hidden_layers
+    prefix = BASE_PREFIXES[c.model_type]
     report = ConversionReport(source=source, config=config)
     normalized: dict[str, np.ndarray] = {}
     for key, value in state.items():
-        nk = _normalize(key)
+        nk = _normalize(key, prefix)
         if nk.startswith(SKIPPED_PREFIXES):
             report.skipped.append(key)
             continue
         if nk in normalized:
-            raise CheckpointError(f"{source}: key {key!r} appears twice (with and without the 'bert.' prefix)")
+            raise CheckpointError(f"{source}: key {key!r} appears twice (with and without the {prefix!r} prefix)")
         normalized[nk] = np.asarray(value)
     r = _Reader(normalized, source)
     rng = np.random.default_rng(seed)
@@ -198,20 +210,31 @@ def state_dict_to_params(state: Mapping[str, np.ndarray], config: DeeBertConfig,
         per_layer.append(layer)
     report.imported.append(f"{L} encoder layers")
 
-    # The final ramp: the pretrained pooler and, for sequence classifiers, the classifier.
-    if r.has("pooler.dense.weight"):
+    # The final ramp: the pretrained pooler and, for sequence classifiers, the classifier;
+    # `RobertaForSequenceClassification` has no pooler, its head's dense layer takes that place.
+    roberta_head = c.model_type == "roberta" and r.has("classifier.dense.weight")
+    if roberta_head:
+        final_pooler = r.dense("classifier.dense", H, H)
+        report.imported.append("classifier.dense (as the final pooler)")
+        pooler_keys = [k for k in normalized if k.startswith("pooler.")]
+        if pooler_keys:  # older transformers saved RobertaModel's pooler in the classifier too
+            r.used.update(pooler_keys)
+            report.dropped.append("pooler.* (RobertaForSequenceClassification's head does not read it)")
+    elif r.has("pooler.dense.weight"):
         final_pooler = r.dense("pooler.dense", H, H)
         report.imported.append("pooler")
     else:
         final_pooler = {"kernel": (rng.standard_normal((H, H)) * c.initializer_range).astype(np.float32),
                         "bias": np.zeros((H,), np.float32)}
         report.initialized.append("pooler (random: the checkpoint has none)")
-    if r.has("classifier.weight"):
-        shape = tuple(normalized["classifier.weight"].shape)
-        if shape[0] != c.num_labels:
-            raise CheckpointError(f"{source}: key 'classifier.weight' has {shape[0]} labels, but num_labels={c.num_labels}")
-        final_classifier = r.dense("classifier", H, c.num_labels)
-        report.imported.append("classifier")
+    head = "classifier.out_proj" if roberta_head else "classifier"
+    # Half a RoBERTa head is a damaged file: `r.dense` then names the missing key.
+    if r.has(f"{head}.weight") or roberta_head:
+        labels = np.shape(normalized[f"{head}.weight"])[0] if r.has(f"{head}.weight") else c.num_labels
+        if labels != c.num_labels:
+            raise CheckpointError(f"{source}: key '{head}.weight' has {labels} labels, but num_labels={c.num_labels}")
+        final_classifier = r.dense(head, H, c.num_labels)
+        report.imported.append(head)
     else:
         final_classifier = _classifier_init(c, rng)
         report.initialized.append(f"final classifier (normal std {c.initializer_range}, seed {seed})")
@@ -232,7 +255,7 @@ def state_dict_to_params(state: Mapping[str, np.ndarray], config: DeeBertConfig,
         last_keys = [k for k in normalized if k.startswith(last + ".")]
         if last_keys:
             r.used.update(last_keys)
-            report.dropped.append(f"{last}.* (the last highway is never trained in DeeBERT; "
+            report.dropped.append(f"{last}.* (the last highway is never trained in DeeBERT / DeeRoBERTa; "
                                   "ramp L is the final pooler + classifier)")
     elif L > 1:
         report.initialized.append(f"off-ramps 1..{L - 1} (pooler copied from the final pooler, "
@@ -265,8 +288,11 @@ def convert_pytorch_checkpoint(path: str | os.PathLike, num_labels: int | None =
     directory = resolve_model_dir(path)
     weights = find_weights_file(directory)
     state = read_state_dict(weights)
-    if num_labels is None and "classifier.weight" in state:
-        num_labels = int(state["classifier.weight"].shape[0])
+    if num_labels is None:
+        # Checked against the config's model type by `state_dict_to_params`.
+        head = next((k for k in ("classifier.weight", "classifier.out_proj.weight") if k in state), None)
+        if head is not None and np.ndim(state[head]) == 2:
+            num_labels = int(state[head].shape[0])
     config = _read_config(directory, num_labels)
     params, report = state_dict_to_params(state, config, source=weights, seed=seed)
     return config, params, report
@@ -275,23 +301,27 @@ def convert_pytorch_checkpoint(path: str | os.PathLike, num_labels: int | None =
 def load_pytorch_checkpoint(path: str | os.PathLike, num_labels: int | None = None) -> tuple[DeeBertConfig, dict]:
     """A model directory (`config.json` + `model.safetensors` or `pytorch_model.bin`) -> (config, params).
 
-    Accepts Hugging Face `BertModel` and `BertForSequenceClassification` checkpoints and original
-    DeeBERT checkpoints (`bert.encoder.highway.{i}.*`). Params are numpy arrays in our layout.
+    Accepts Hugging Face `BertModel` and `BertForSequenceClassification` checkpoints, original
+    DeeBERT checkpoints (`bert.encoder.highway.{i}.*`), and with `model_type: roberta` in
+    `config.json` `RobertaModel`, `RobertaForSequenceClassification` and DeeRoBERTa checkpoints
+    (`roberta.encoder.highway.{i}.*`). Params are numpy arrays in our layout.
     """
     config, params, _ = convert_pytorch_checkpoint(path, num_labels)
     return config, params
 
 
 # ----------------------------------------------------------------------------------------------
-# Flax tree -> DeeBERT-format torch checkpoint
+# Flax tree -> DeeBERT / DeeRoBERTa-format torch checkpoint
 
 def params_to_state_dict(config: DeeBertConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Our params -> torch-named arrays in the original DeeBERT layout (`bert.` prefix).
+    """Our params -> torch-named arrays in the original DeeBERT layout (`bert.` prefix), or for
+    RoBERTa the DeeRoBERTa one (the same under `roberta.`).
 
     Highway L-1 is written as a copy of the final head so the original code, which expects L
     highways, loads the file strictly and gives the same answer at the last layer.
     """
     L = config.num_hidden_layers
+    base = BASE_PREFIXES[config.model_type]
     a = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
     sd: dict[str, np.ndarray] = {}
 
@@ -309,16 +339,16 @@ def params_to_state_dict(config: DeeBertConfig, params: Mapping[str, Any]) -> di
 
     e = params["embeddings"]
     for name in EMBEDDINGS:
-        sd[f"bert.embeddings.{name}.weight"] = a(e[name]["embedding"])
-    norm("bert.embeddings.LayerNorm", e["LayerNorm"])
+        sd[f"{base}embeddings.{name}.weight"] = a(e[name]["embedding"])
+    norm(f"{base}embeddings.LayerNorm", e["LayerNorm"])
     for i in range(L):
         for name, (sub, kind) in LAYER_MODULES.items():
-            (norm if kind == "norm" else dense)(f"bert.encoder.layer.{i}.{sub}", params["layers"][name], i)
+            (norm if kind == "norm" else dense)(f"{base}encoder.layer.{i}.{sub}", params["layers"][name], i)
     ramps = params["ramps"]
     for i in range(L):
-        dense(f"bert.encoder.highway.{i}.pooler.dense", ramps["pooler"], i)
-        dense(f"bert.encoder.highway.{i}.classifier", ramps["classifier"], i)
-    dense("bert.pooler.dense", ramps["pooler"], L - 1)
+        dense(f"{base}encoder.highway.{i}.pooler.dense", ramps["pooler"], i)
+        dense(f"{base}encoder.highway.{i}.classifier", ramps["classifier"], i)
+    dense(f"{base}pooler.dense", ramps["pooler"], L - 1)
     dense("classifier", ramps["classifier"], L - 1)
     return sd
 
@@ -338,9 +368,12 @@ def is_export_dir(path: str | os.PathLike) -> bool:
 
 def export_pytorch_checkpoint(config: DeeBertConfig, params: Mapping[str, Any], directory: str | os.PathLike,
                               *, overwrite: bool = False) -> str:
-    """Writes `model.safetensors` + `config.json` (DeeBERT layout) atomically; returns the directory.
+    """Writes `model.safetensors` + `config.json` atomically; returns the directory.
 
-    An existing `directory` is replaced only if empty or a previous export, or with `overwrite=True`.
+    The layout is the family the model was read from (`EXPORT_FORMATS`): DeeBERT for BERT,
+    DeeRoBERTa (`roberta.` keys, `model_type: roberta`) for RoBERTa; both read back exactly, and
+    `transformers`' `BertModel` / `RobertaModel` load their encoder and pooler from it. An existing
+    `directory` is replaced only if empty or a previous export, or with `overwrite=True`.
     """
     from safetensors.numpy import save_file
     directory = os.fspath(directory)
@@ -348,6 +381,6 @@ def export_pytorch_checkpoint(config: DeeBertConfig, params: Mapping[str, Any], 
     with atomic_directory(directory, is_ours=is_export_dir, overwrite=overwrite) as tmp:
         save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(dict(config.to_hf_config(), **{EXPORT_MARKER: {"format": "deebert"}}), f, indent=2,
-                      sort_keys=True)
+            marker = {EXPORT_MARKER: {"format": EXPORT_FORMATS[config.model_type]}}
+            json.dump(dict(config.to_hf_config(), **marker), f, indent=2, sort_keys=True)
     return directory

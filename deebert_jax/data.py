@@ -81,16 +81,35 @@ def num_labels(task: str) -> int:
     return 2 if spec is None else len(spec.labels)
 
 
+# Any of these in a directory means a tokenizer is saved there: a fast tokenizer's own file,
+# BERT's WordPiece vocabulary, RoBERTa's BPE vocabulary (with merges.txt) or the tokenizer config.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json")
+
+
+def has_tokenizer(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds tokenizer files (`TOKENIZER_FILES`)."""
+    return any(os.path.isfile(os.path.join(os.fspath(directory), f)) for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(path: str | os.PathLike):
-    """The fast tokenizer saved with a model: `path/tokenizer/` if present, else `path` (offline)."""
+    """The fast tokenizer saved with a model: `path/tokenizer/` if present, else `path` (offline).
+
+    Whatever kind the directory holds (BERT's WordPiece, RoBERTa's BPE `vocab.json` + `merges.txt`,
+    a `tokenizer.json`), through `AutoTokenizer`; one that cannot load is a `DataError` naming it.
+    """
     from transformers import AutoTokenizer
 
     path = os.fspath(path)
     candidates = [os.path.join(path, "tokenizer"), path]
     for candidate in candidates:
-        if os.path.isdir(candidate) and any(
-                os.path.isfile(os.path.join(candidate, f)) for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
-            tok = AutoTokenizer.from_pretrained(candidate, use_fast=True, local_files_only=True)
+        if os.path.isdir(candidate) and has_tokenizer(candidate):
+            present = lambda f: os.path.isfile(os.path.join(candidate, f))
+            if present("vocab.json") and not present("merges.txt") and not present("tokenizer.json"):
+                raise DataError(f"{candidate}: vocab.json without merges.txt: a BPE tokenizer (RoBERTa's) needs both")
+            try:
+                tok = AutoTokenizer.from_pretrained(candidate, use_fast=True, local_files_only=True)
+            except Exception as e:  # transformers and tokenizers raise many types (a bare Exception too)
+                raise DataError(f"{candidate}: cannot load its tokenizer ({type(e).__name__}: {e})") from e
             if not tok.is_fast:
                 raise DataError(f"{candidate}: tokenizer is not a fast tokenizer")
             return tok

@@ -1,4 +1,4 @@
-"""Flax DeeBERT: a BERT encoder with stacked layers and one off-ramp per layer.
+"""Flax DeeBERT: a BERT (or RoBERTa) encoder with stacked layers and one off-ramp per layer.
 
 Parameter tree (L = num_hidden_layers, every `layers` and `ramps` leaf has a leading L axis):
 
@@ -11,6 +11,9 @@ Parameter tree (L = num_hidden_layers, every `layers` and `ramps` leaf has a lea
 Ramp l (1-based) reads layer l's output; ramp L is the usual pooler + classifier on the first
 token, ramps 1..L-1 are DeeBERT's off-ramps ("highways"), reading the first token too, or the
 mean of the real tokens with `ramp_pooling="mean"` (`ramp_input`).
+
+RoBERTa (`model_type="roberta"`) differs only in its position ids (`position_ids`); its
+`RobertaForSequenceClassification` head (dense + tanh + out_proj on the first token) is ramp L.
 """
 
 from __future__ import annotations
@@ -61,6 +64,19 @@ def _layer_norm(config: DeeBertConfig, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=jnp.float32, name=name)
 
 
+def position_ids(config: DeeBertConfig, input_ids) -> jax.Array:
+    """[B, S] token ids -> [B, S] rows of the position table ([1, S] for BERT: 0..S-1).
+
+    RoBERTa, as `transformers`' `create_position_ids_from_input_ids`: the non-padding tokens count
+    from `pad_token_id + 1`, every `pad_token_id` token sits at `pad_token_id`. Decided by the
+    ids, not the attention mask, exactly as there.
+    """
+    if config.model_type == "roberta":
+        real = (input_ids != config.pad_token_id).astype(jnp.int32)
+        return jnp.cumsum(real, axis=-1) * real + config.pad_token_id
+    return jnp.arange(input_ids.shape[-1])[None, :]
+
+
 class Embeddings(nn.Module):
     config: DeeBertConfig
     dtype: Any = jnp.float32
@@ -71,7 +87,9 @@ class Embeddings(nn.Module):
         c = self.config
         embed = functools.partial(nn.Embed, features=c.hidden_size,
                                   embedding_init=nn.initializers.normal(c.initializer_range))
-        positions = jnp.arange(input_ids.shape[-1])[None, :]
+        # torch's `padding_idx` (RoBERTa's word and position tables) only zeroes the padding row's
+        # gradient; no loss reads a padding position's output, so that gradient is zero here too.
+        positions = position_ids(c, input_ids)
         x = (embed(c.vocab_size, name="word_embeddings")(input_ids)
              + embed(c.type_vocab_size, name="token_type_embeddings")(token_type_ids)
              + embed(c.max_position_embeddings, name="position_embeddings")(positions))
@@ -118,7 +136,12 @@ class Layer(nn.Module):
 
 
 class Ramp(nn.Module):
-    """Off-ramp: pooler (dense + tanh on what `ramp_input` picks) -> dropout -> classifier."""
+    """Off-ramp: pooler (dense + tanh on what `ramp_input` picks) -> dropout -> classifier.
+
+    `RobertaForSequenceClassification`'s head is ramp L with `classifier.dense` as the pooler and
+    `classifier.out_proj` as the classifier; it also applies dropout before the dense layer, which
+    changes training only (at eval both are the same function).
+    """
 
     config: DeeBertConfig
     dtype: Any = jnp.float32

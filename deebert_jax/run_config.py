@@ -6,6 +6,7 @@ a message naming `config.FIELD` and its value instead of after minutes of model 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -14,6 +15,7 @@ from typing import Mapping
 import jax
 
 from deebert_jax import data as data_lib
+from deebert_jax.config import DeeBertConfig
 
 STAGES = (1, 2)
 RUN_SPEC_FILE = "run_spec.json"
@@ -67,8 +69,8 @@ def _number(cfg, field: str, ok, expected: str, default=None) -> float:
 def validate_config(cfg) -> tuple[int, ...]:
     """Checks the fields a run reads -> its stages; a bad field is a ValueError naming `config.FIELD`.
 
-    `max_seq_length` is checked against the model's `max_position_embeddings` by
-    `check_max_seq_length` once the model's config is known.
+    `max_seq_length` is checked against the model's longest input (`max_position_embeddings`,
+    less RoBERTa's offset) by `check_max_seq_length` once the model's config is known.
     """
     if not cfg.get("workdir"):
         raise ValueError("config.workdir is empty: say where to write the run (--config.workdir=DIR)")
@@ -95,10 +97,11 @@ def validate_config(cfg) -> tuple[int, ...]:
     return stages
 
 
-def check_max_seq_length(cfg, max_position_embeddings: int) -> None:
-    """`cfg.max_seq_length` in [1, the model's max_position_embeddings]."""
+def check_max_seq_length(cfg, max_position_embeddings: int, limit_text: str = "the model's max_position_embeddings") -> None:
+    """`cfg.max_seq_length` in [1, `max_position_embeddings`]: the model's longest input
+    (`DeeBertConfig.max_sequence_length`, which `limit_text` explains)."""
     _number(cfg, "max_seq_length", lambda x: 1 <= x <= max_position_embeddings and x == int(x),
-            f"an integer in [1, {max_position_embeddings}] (the model's max_position_embeddings)")
+            f"an integer in [1, {max_position_embeddings}] ({limit_text})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,7 +121,11 @@ def check_run_spec(path: str, spec: dict, resuming: bool) -> None:
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
         before, now = _flatten(old), _flatten(spec)
-        diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+        # A model field added after that run started (`model_type`) is absent from its spec: at its
+        # default it is the model that run trained.
+        added = {f"model.{f.name}": f.default for f in dataclasses.fields(DeeBertConfig)}
+        diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)
+                and not (k not in before and k in added and now.get(k) == added[k])]
         if diff:
             raise ValueError(f"{path}: this workdir's checkpoints were written by a run with different settings "
                              f"({', '.join(diff)}); resume with the same config or use a fresh workdir")

@@ -3,6 +3,8 @@
 The reference for parity tests and the latency benchmark. Module names mirror the original
 DeeBERT state-dict keys (`bert.encoder.highway.{i}.*`), so a DeeBERT-format checkpoint loads with
 `load_state_dict(strict=True)` and nothing of ours (no converter) sits between file and model.
+A `config.json` with `model_type: roberta` gives DeeRoBERTa, as the Hugging Face research project
+builds it: the same model under `roberta.*` with `transformers`' `RobertaEmbeddings`.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import os
 
 import torch
 from torch import nn
-from transformers import BertConfig
+from transformers import BertConfig, RobertaConfig
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, BertPooler
+from transformers.models.roberta.modeling_roberta import RobertaEmbeddings
 
 
 class Highway(nn.Module):
@@ -39,7 +42,9 @@ class _Encoder(nn.Module):
 class _Bert(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.embeddings = BertEmbeddings(config)
+        # RoBERTa's embeddings differ only in their position ids (from pad_token_id + 1).
+        roberta = getattr(config, "model_type", "bert") == "roberta"
+        self.embeddings = (RobertaEmbeddings if roberta else BertEmbeddings)(config)
         self.encoder = _Encoder(config)
         self.pooler = BertPooler(config)
 
@@ -51,25 +56,34 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 class TorchDeeBert(nn.Module):
-    """`bert.{embeddings,encoder.layer,encoder.highway,pooler}` + `classifier`, as in DeeBERT."""
+    """`bert.{embeddings,encoder.layer,encoder.highway,pooler}` + `classifier`, as in DeeBERT
+    (`roberta.*` for a `RobertaConfig`: DeeRoBERTa)."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
         self.config = config
-        self.bert = _Bert(config)
+        # The attribute name is the state-dict prefix: `bert` or `roberta`.
+        self.base_model_prefix = "roberta" if getattr(config, "model_type", "bert") == "roberta" else "bert"
+        setattr(self, self.base_model_prefix, _Bert(config))
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
 
+    @property
+    def backbone(self) -> nn.Module:
+        """Embeddings, encoder (layers and highways) and pooler: `self.bert` or `self.roberta`."""
+        return getattr(self, self.base_model_prefix)
+
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, attn_implementation: str = "sdpa") -> "TorchDeeBert":
-        """Loads a DeeBERT-format directory (`config.json` + weights) strictly, in eval mode."""
+        """Loads a DeeBERT- or DeeRoBERTa-format directory (`config.json` + weights) strictly, in eval mode."""
         from deebert_jax.convert import CheckpointError, find_weights_file, read_state_dict
         directory = os.fspath(directory)
         path = os.path.join(directory, "config.json")
         if not os.path.isfile(path):
             raise CheckpointError(f"{directory}: no config.json in this directory")
         with open(path, encoding="utf-8") as f:
-            config = BertConfig(**json.load(f))
+            raw = json.load(f)
+        config = (RobertaConfig if raw.get("model_type") == "roberta" else BertConfig)(**raw)
         config._attn_implementation = attn_implementation
         model = cls(config)
         state = {k: torch.from_numpy(v) for k, v in read_state_dict(find_weights_file(directory)).items()
@@ -78,7 +92,8 @@ class TorchDeeBert(nn.Module):
         # Buffers that transformers recreates itself are the only keys allowed to be absent.
         missing = [k for k in missing if not k.endswith(("position_ids", "token_type_ids"))]
         if missing or unexpected:
-            raise CheckpointError(f"{directory}: not a DeeBERT checkpoint (missing {missing[:3]}, unexpected "
+            raise CheckpointError(f"{directory}: not a {'DeeRoBERTa' if model.base_model_prefix == 'roberta' else 'DeeBERT'} "
+                                  f"checkpoint (missing {missing[:3]}, unexpected "
                                   f"{unexpected[:3]}); convert it with `python -m train.convert` first")
         return model.eval()
 
@@ -96,22 +111,22 @@ class TorchDeeBert(nn.Module):
         deebert-jax extension) the mean of the real tokens.
         """
         if i == self.num_layers - 1:
-            return self.classifier(self.dropout(self.bert.pooler(hidden)))
+            return self.classifier(self.dropout(self.backbone.pooler(hidden)))
         if getattr(self.config, "ramp_pooling", "first") == "mean":
             real = attention_mask[:, :, None].to(torch.float32)
             mean = (hidden.float() * real).sum(1) / real.sum(1).clamp(min=1.0)
             hidden = mean.to(hidden.dtype)[:, None]  # the pooler reads position 0
-        return self.bert.encoder.highway[i](hidden)
+        return self.backbone.encoder.highway[i](hidden)
 
     def layer(self, i: int, hidden: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
-        out = self.bert.encoder.layer[i](hidden, mask_bias)
+        out = self.backbone.encoder.layer[i](hidden, mask_bias)
         return out[0] if isinstance(out, tuple) else out
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, output_hidden_states=False):
         """All ramps' logits [L, B, K] (and every layer's output [L, B, S, H])."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = self.bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        hidden = self.backbone.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         bias = self._mask_bias(attention_mask, hidden.dtype)
         logits, states = [], []
         for i in range(self.num_layers):
@@ -125,7 +140,7 @@ class TorchDeeBert(nn.Module):
         """The plain classifier: L layers, then the final head only. [B, K]."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = self.bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        hidden = self.backbone.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         bias = self._mask_bias(attention_mask, hidden.dtype)
         for i in range(self.num_layers):
             hidden = self.layer(i, hidden, bias)
@@ -142,7 +157,7 @@ class TorchDeeBert(nn.Module):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = self.bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        hidden = self.backbone.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         bias = self._mask_bias(attention_mask, hidden.dtype)
         B, L = input_ids.shape[0], self.num_layers
         out = torch.zeros(B, self.config.num_labels, dtype=torch.float32, device=hidden.device)

@@ -373,7 +373,7 @@ def _prepare(cfg, workdir: str, task: str, stages: tuple[int, ...], on_step) -> 
         config, params = load_checkpoint(os.path.join(workdir, "stage1"))
         config = config.replace(**model_overrides(cfg))
         init_dir = os.path.join(workdir, "stage1")
-    check_max_seq_length(cfg, config.max_position_embeddings)
+    check_max_seq_length(cfg, config.max_sequence_length, f"the model's {config.sequence_limit}")
     tokenizer = None
     if task != "synthetic":
         tokenizer_source = cfg.get("tokenizer", "") or init_dir

@@ -37,7 +37,7 @@ def _first_bad(name: str, values: np.ndarray, bad: np.ndarray, expected: str) ->
 def check_model_inputs(config: DeeBertConfig, input_ids, attention_mask, token_type_ids) -> None:
     """Raises ValueError (naming the array, and for values the first bad row, position and value)
     unless the three arrays are integer or bool, share one shape [B, S] with S <=
-    `config.max_position_embeddings`, ids lie in [0, vocab_size), token types in
+    `config.max_sequence_length` (`max_position_embeddings`, less RoBERTa's offset), ids lie in [0, vocab_size), token types in
     [0, type_vocab_size) and mask values in {0, 1}.
 
     Tracers (a call inside the caller's own `jit`) have no values: only dtypes and shapes are
@@ -64,9 +64,8 @@ def check_model_inputs(config: DeeBertConfig, input_ids, attention_mask, token_t
         if shapes[name] != shape:
             raise ValueError(f"{name} has shape {shapes[name]}, input_ids {shape}: input_ids, attention_mask, "
                              "token_type_ids must share one [B, S] shape")
-    if shape[1] > config.max_position_embeddings:
-        raise ValueError(f"input_ids has sequence length {shape[1]}: longer than the model's "
-                         f"max_position_embeddings={config.max_position_embeddings}")
+    if shape[1] > config.max_sequence_length:
+        raise ValueError(f"input_ids has sequence length {shape[1]}: longer than the model's {config.sequence_limit}")
 
     concrete = {k: v for k, v in arrays.items() if not is_tracer(v)}
     fetch = {k: v for k, v in concrete.items() if isinstance(v, jax.Array)}

@@ -26,7 +26,7 @@ def test_num_labels_from_id2label():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model_type": "roberta"}, "model_type='roberta'"),
+    ({"model_type": "gpt2"}, r"model_type='gpt2' is not supported; expected one of \('bert', 'roberta'\)"),
     ({"position_embedding_type": "relative_key"}, "position_embedding_type='relative_key'"),
     ({"hidden_act": "quick_gelu"}, "hidden_act='quick_gelu'"),
     ({"is_decoder": True}, "decoder"),

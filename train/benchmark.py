@@ -23,7 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train.benchmark", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="deebert-jax (orbax) checkpoint directory")
-    src.add_argument("--pytorch", help="PyTorch BERT / DeeBERT directory (config.json + weights)")
+    src.add_argument("--pytorch", help="PyTorch BERT / DeeBERT / RoBERTa / DeeRoBERTa directory (config.json + weights)")
     src.add_argument("--random-model", choices=RANDOM_MODELS, help="random weights of this size")
     src.add_argument("--render", metavar="BENCH_JSON",
                      help="only re-derive targets, table and plot of an existing bench.json")
@@ -103,7 +103,8 @@ def _main(argv: list[str]) -> int:
         config = bm.random_model_config(args.random_model, args.num_labels)
         params = init_params(config, jax.random.PRNGKey(args.seed))
         model_name, model_dir = f"random {args.random_model}", None
-    model_name += (f" ({config.num_hidden_layers} layers, width {config.hidden_size}, "
+    model_name += (f" ({'RoBERTa, ' if config.model_type == 'roberta' else ''}{config.num_hidden_layers} layers, "
+                   f"width {config.hidden_size}, "
                    f"{config.num_labels} labels)")
     arrays, inputs = _inputs(args, config, model_dir, spec)
     jax_platform = jax.devices()[0].platform

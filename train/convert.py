@@ -1,4 +1,4 @@
-"""Convert a PyTorch BERT / DeeBERT checkpoint into a deebert-jax (orbax) checkpoint.
+"""Convert a PyTorch BERT / DeeBERT / RoBERTa / DeeRoBERTa checkpoint into a deebert-jax (orbax) checkpoint.
 
     python -m train.convert --pytorch PATH --out DIR [--num-labels K] [--seed S] [--overwrite]
 
@@ -33,14 +33,18 @@ def _main(argv) -> int:
 
     from deebert_jax.checkpoint import is_checkpoint_dir, save_checkpoint
     from deebert_jax.convert import convert_pytorch_checkpoint, resolve_model_dir
+    from deebert_jax.data import has_tokenizer, load_tokenizer
     from deebert_jax.fileutil import check_output_path
 
     # Before any work: --out must not hold the user's files or overlap the source.
     check_output_path(args.out, sources=[args.pytorch], is_ours=is_checkpoint_dir, overwrite=args.overwrite)
     config, params, report = convert_pytorch_checkpoint(args.pytorch, args.num_labels, seed=args.seed)
     source_dir = resolve_model_dir(args.pytorch)
-    copy = None if args.no_tokenizer or not _has_tokenizer(source_dir) else (
-        lambda tmp_dir: _save_tokenizer(source_dir, os.path.join(tmp_dir, "tokenizer")))
+    # The source's fast tokenizer (WordPiece or RoBERTa's BPE) goes beside the weights, so
+    # evaluation needs only `--out`; loaded before anything is written, so a broken one stops here.
+    tokenizer = None if args.no_tokenizer or not has_tokenizer(source_dir) else load_tokenizer(source_dir)
+    copy = None if tokenizer is None else (
+        lambda tmp_dir: tokenizer.save_pretrained(os.path.join(tmp_dir, "tokenizer")))
     # The tokenizer goes inside the same atomic rename as the weights.
     out = save_checkpoint(args.out, config, params, write_extra=copy, overwrite=args.overwrite,
                           sources=[source_dir])
@@ -50,16 +54,6 @@ def _main(argv) -> int:
     print(f"tokenizer:   {tokenizer_note}")
     print(f"saved:       {out}")
     return 0
-
-
-def _has_tokenizer(directory: str) -> bool:
-    return any(os.path.isfile(os.path.join(directory, f)) for f in ("tokenizer.json", "vocab.txt"))
-
-
-def _save_tokenizer(src: str, dst: str) -> None:
-    """The source's fast tokenizer beside the weights, so evaluation needs only `--out`."""
-    from transformers import AutoTokenizer
-    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
 
 
 if __name__ == "__main__":
