@@ -4,14 +4,16 @@
     python -m train.demo --config configs/glue.py:model=minilm,budget=demo
 
 `model` (default minilm):
-  minilm     the packaged MiniLM-L6 (6 layers, width 384), its step sizes and mean-pooled off-ramps
-  bert_base  the paper's setting for bert-base (castorini/DeeBERT scripts)
+  minilm        the packaged MiniLM-L6 (6 layers, width 384), its step sizes and mean-pooled off-ramps
+  bert_base     the paper's setting for bert-base (castorini/DeeBERT scripts)
+  roberta_base  the paper's setting for roberta-base: as bert_base, 10 epochs per stage
 `budget` (default paper):
-  paper      3 + 3 epochs at length 128 on the whole training set (the paper's recipe)
+  paper      the model's epochs (3 + 3; roberta_base 10 + 10) at length 128 on the whole training set
   demo       `make demo`: 4000 SST-2 examples, length 64, 1 + 3 epochs (about 20 minutes, 2 CPU cores)
   cpu_full   the whole training set at length 64, 1 + 1 epochs (SST-2: about 75 minutes, 2 CPU cores)
 
-`configs/glue_minilm.py`, `glue_bert_base.py`, `demo.py` and `sst2_full.py` name four of these.
+`configs/glue_minilm.py`, `glue_bert_base.py`, `glue_roberta_base.py`, `demo.py` and `sst2_full.py`
+name five of these.
 """
 
 from configs.common import base_config
@@ -38,6 +40,10 @@ MODELS = {
     # Needs bert-base weights: a hub id (online) or a local directory (config.json +
     # model.safetensors or pytorch_model.bin, with its tokenizer) via --config.init_checkpoint.
     "bert_base": dict(init_checkpoint="google-bert/bert-base-uncased"),
+    # The same scripts train RoBERTa for 10 epochs (BERT: 3), stage 2 as long as stage 1; the
+    # rest as bert_base. Needs roberta-base weights with their BPE tokenizer (vocab.json +
+    # merges.txt, or tokenizer.json): a hub id (online) or a local directory.
+    "roberta_base": dict(init_checkpoint="FacebookAI/roberta-base", stage1_epochs=10.0, stage2_epochs=10.0),
 }
 
 # What each budget changes on top of the model; `{variant}` is "" for the default model, else
