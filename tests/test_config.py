@@ -71,6 +71,7 @@ def test_config_files_keep_their_values(name):
 
 @pytest.mark.parametrize("alias, arg", [
     ("glue_minilm", "model=minilm,budget=paper"), ("glue_bert_base", "model=bert_base,budget=paper"),
+    ("glue_roberta_base", "model=roberta_base,budget=paper"),
     ("demo", "model=minilm,budget=demo"), ("sst2_full", "model=minilm,budget=cpu_full"),
     ("glue_minilm", None), ("glue_minilm", ""), ("demo", " budget = demo "),
 ])
@@ -85,6 +86,11 @@ def test_glue_variants_and_bad_args():
     assert (bert_demo.init_checkpoint, bert_demo.learning_rate, bert_demo.train_limit) == (
         "google-bert/bert-base-uncased", 2e-5, 4000)
     assert bert_demo.workdir == "workdirs/demo_bert_base" and bert_demo.model.ramp_pooling == ""
+    roberta, bert = glue.get_config("model=roberta_base"), glue.get_config("model=bert_base")
+    assert (roberta.init_checkpoint, roberta.stage1_epochs, roberta.stage2_epochs, roberta.workdir) == (
+        "FacebookAI/roberta-base", 10.0, 10.0, "workdirs/glue_roberta_base")
+    differ = {k for k in roberta if roberta[k] != bert[k]}
+    assert differ == {"init_checkpoint", "stage1_epochs", "stage2_epochs", "workdir"}, differ
     for bad, message in [("model=roberta", "model='roberta'"), ("budget=huge", "budget='huge'"),
                          ("size=big", "expected KEY=VALUE"), ("minilm", "expected KEY=VALUE")]:
         with pytest.raises(ValueError, match=message):

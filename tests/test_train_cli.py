@@ -83,7 +83,7 @@ def test_configs_load_and_accept_overrides():
 
     from deebert_jax import data, training
 
-    for name in ("tiny", "glue_minilm", "glue_bert_base", "demo", "sst2_full", "glue"):
+    for name in ("tiny", "glue_minilm", "glue_bert_base", "glue_roberta_base", "demo", "sst2_full", "glue"):
         cfg = importlib.import_module(f"configs.{name}").get_config()
         cfg.workdir = "unused"
         assert training.validate_config(cfg) == (1, 2)
