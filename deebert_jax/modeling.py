@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from deebert_jax.config import DeeBertConfig
+from deebert_jax.matmul import dense_dot_general
 from deebert_jax.trees import stack_trees, unstack_tree
 from deebert_jax.validation import check_model_inputs
 
@@ -55,7 +56,7 @@ def attention_bias(attention_mask: jax.Array, dtype=jnp.float32) -> jax.Array:
 
 
 def _dense(config: DeeBertConfig, features: int, name: str, dtype) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, name=name,
+    return nn.Dense(features, dtype=dtype, name=name, dot_general=dense_dot_general,
                     kernel_init=nn.initializers.normal(config.initializer_range))
 
 

@@ -24,6 +24,7 @@ import optax
 from deebert_jax import data as data_lib
 from deebert_jax.checkpoint import TrainCheckpointManager, is_checkpoint_dir, load_checkpoint, save_checkpoint
 from deebert_jax.config import DeeBertConfig
+from deebert_jax.cpu_rng import fuse_threefry_on_cpu
 from deebert_jax.evaluation import evaluate_ramps
 from deebert_jax.metrics import metric_name
 from deebert_jax.model_loading import load_initial_model, model_overrides
@@ -182,6 +183,7 @@ def make_train_step(config: DeeBertConfig, tx: optax.GradientTransformation, sch
     if stage == 2 and L < 2:
         raise ValueError("stage 2 needs at least 2 layers (there are no off-ramps to train)")
     model = DeeBert(config, dtype)
+    fuse_threefry_on_cpu()  # same dropout bits, a fraction of the CPU time (cpu_rng.py)
 
     def step(state: TrainState, batch: Mapping[str, jax.Array], dropout_key: jax.Array):
         key = jax.random.fold_in(jax.random.fold_in(dropout_key, state.step), jax.lax.axis_index(axis_name))

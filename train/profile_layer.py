@@ -16,8 +16,13 @@ from train.cli import positive_int, run
 
 def _pieces(B: int, S: int, H: int = 384, I: int = 1536, heads: int = 12):
     import jax
+    import jax.extend as jex
     import jax.numpy as jnp
 
+    from deebert_jax.cpu_rng import fuse_threefry_on_cpu
+    from deebert_jax.matmul import dense_matmul
+
+    fuse_threefry_on_cpu()  # as training does: `bernoulli` below draws through the unrolled lowering
     d = H // heads
     key = jax.random.PRNGKey(0)
     x = jax.random.normal(key, (B, S, H))
@@ -42,6 +47,11 @@ def _pieces(B: int, S: int, H: int = 384, I: int = 1536, heads: int = 12):
         return (x - m) * jax.lax.rsqrt(((x - m) ** 2).mean(-1, keepdims=True) + 1e-12)
 
     h = jax.random.normal(key, (B, S, I))
+    from jax._src.random import threefry2x32 as threefry
+    count = jnp.arange(B * heads * S * S // 2, dtype=jnp.uint32)
+    k1, k2 = jnp.uint32(1), jnp.uint32(2)
+    g = jax.random.normal(key, (B, S, I))
+    kernel_grad = lambda matmul: (lambda x, w, g: jax.vjp(lambda w: matmul(x, w), w)[1](g)[0])
     # (name, function, its arguments): arrays go in as arguments, so nothing is folded at compile time.
     return [
         ("the six matmuls of a layer, forward",
@@ -52,6 +62,12 @@ def _pieces(B: int, S: int, H: int = 384, I: int = 1536, heads: int = 12):
         ("attention backward, batched form", backward(attention_batched), (q4,)),
         (f"dropout bits for attention probabilities [{B}, {heads}, {S}, {S}]",
          lambda k: jax.random.bernoulli(k, 0.9, (B, heads, S, S)), (key,)),
+        (f"threefry bits for [{B}, {heads}, {S}, {S}], JAX's rolled CPU lowering",
+         lambda a, b, c: threefry._threefry2x32_lowering(a, b, c, c, use_rolled_loops=True), (k1, k2, count)),
+        (f"threefry bits for [{B}, {heads}, {S}, {S}], unrolled (cpu_rng)",
+         lambda a, b, c: jex.random.threefry2x32_p.bind(a, b, c, c), (k1, k2, count)),
+        (f"FFN-in kernel gradient [{H}, {I}], autodiff (x^T @ g)", kernel_grad(lambda x, w: x @ w), (x, w1, g)),
+        (f"FFN-in kernel gradient, matmul.dense_matmul", kernel_grad(dense_matmul), (x, w1, g)),
         (f"dropout bits for a hidden state [{B}, {S}, {H}]", lambda k: jax.random.bernoulli(k, 0.9, (B, S, H)), (key,)),
         (f"exact GELU on [{B}, {S}, {I}]", lambda h: jax.nn.gelu(h, approximate=False), (h,)),
         ("layer norm", layer_norm, (x,)),

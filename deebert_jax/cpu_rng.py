@@ -1,0 +1,50 @@
+"""Dropout bits on the CPU: the same threefry values, lowered without a rolled loop.
+
+JAX lowers `threefry2x32` on the CPU as a `fori_loop` over its five key injections, to keep
+compile times short. XLA then cannot fuse across the loop: every iteration writes both uint32
+words of the whole counter array to memory and reads them back. A MiniLM-L6 training step at
+batch 32, length 128 draws 6 x 32 x 12 x 128 x 128 attention-dropout bits, and the rolled loop made
+those draws about a seventh of the step's CPU time (`python -m train.profile_layer` and
+docs/performance.md). JAX's other platforms use the unrolled form, which XLA fuses into one
+kernel; registering that form for the CPU gives bit-for-bit the same numbers (checked against
+the rolled form in tests/test_cpu_rng.py), so masks, losses and resumed runs do not change.
+
+`fuse_threefry_on_cpu()` is called by `training.make_train_step`; it is idempotent and does
+nothing (returns False) if this JAX version no longer exposes the pieces it needs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+log = logging.getLogger("deebert_jax.cpu_rng")
+
+
+def _unrolled_lowering():
+    """-> (primitive, lowering rule) or None when JAX's internals moved."""
+    try:
+        import jax.extend as jex
+        from jax._src.random import threefry2x32 as impl
+        from jax.interpreters import mlir
+    except ImportError:
+        return None
+    lowering = getattr(impl, "_threefry2x32_lowering", None)
+    primitive = getattr(getattr(jex, "random", None), "threefry2x32_p", None)
+    if lowering is None or primitive is None:
+        return None
+    return primitive, mlir.lower_fun(functools.partial(lowering, use_rolled_loops=False), multiple_results=True)
+
+
+@functools.lru_cache(maxsize=None)
+def fuse_threefry_on_cpu() -> bool:
+    """Register the unrolled threefry lowering for the CPU platform; True once it is in place."""
+    found = _unrolled_lowering()
+    if found is None:
+        log.info("threefry lowering left as JAX ships it (this JAX has no unrolled form to register)")
+        return False
+    from jax.interpreters import mlir
+
+    primitive, rule = found
+    mlir.register_lowering(primitive, rule, platform="cpu")
+    return True
