@@ -11,6 +11,8 @@ the rolled form in tests/test_cpu_rng.py), so masks, losses and resumed runs do 
 
 `fuse_threefry_on_cpu()` is called by `training.make_train_step`; it is idempotent and does
 nothing (returns False) if this JAX version no longer exposes the pieces it needs.
+`register_threefry_lowering(unrolled=False)` puts JAX's own lowering back (`train.benchmark_train
+--jax-defaults` times both).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import logging
 log = logging.getLogger("deebert_jax.cpu_rng")
 
 
-def _unrolled_lowering():
-    """-> (primitive, lowering rule) or None when JAX's internals moved."""
+def _lowerings():
+    """-> (primitive, {"unrolled": rule, "rolled": JAX's CPU rule}) or None when JAX's internals moved."""
     try:
         import jax.extend as jex
         from jax._src.random import threefry2x32 as impl
@@ -30,21 +32,29 @@ def _unrolled_lowering():
     except ImportError:
         return None
     lowering = getattr(impl, "_threefry2x32_lowering", None)
+    rolled = getattr(impl, "_threefry2x32_cpu_lowering_rule", None)
     primitive = getattr(getattr(jex, "random", None), "threefry2x32_p", None)
-    if lowering is None or primitive is None:
+    if lowering is None or rolled is None or primitive is None:
         return None
-    return primitive, mlir.lower_fun(functools.partial(lowering, use_rolled_loops=False), multiple_results=True)
+    unrolled = mlir.lower_fun(functools.partial(lowering, use_rolled_loops=False), multiple_results=True)
+    return primitive, {"unrolled": unrolled, "rolled": rolled}
 
 
-@functools.lru_cache(maxsize=None)
-def fuse_threefry_on_cpu() -> bool:
-    """Register the unrolled threefry lowering for the CPU platform; True once it is in place."""
-    found = _unrolled_lowering()
+def register_threefry_lowering(unrolled: bool = True) -> bool:
+    """Lower `threefry2x32` on the CPU unrolled (ours) or with JAX's rolled loop; True if done.
+    Affects functions compiled afterwards, not executables already compiled."""
+    found = _lowerings()
     if found is None:
         log.info("threefry lowering left as JAX ships it (this JAX has no unrolled form to register)")
         return False
     from jax.interpreters import mlir
 
-    primitive, rule = found
-    mlir.register_lowering(primitive, rule, platform="cpu")
+    primitive, rules = found
+    mlir.register_lowering(primitive, rules["unrolled" if unrolled else "rolled"], platform="cpu")
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def fuse_threefry_on_cpu() -> bool:
+    """Register the unrolled threefry lowering for the CPU platform (once); True if it is in place."""
+    return register_threefry_lowering(unrolled=True)

@@ -322,3 +322,38 @@ def test_one_run_per_workdir(tmp_path):
         with pytest.raises(ValueError, match=f"pid {os.getpid()}"):  # a second writer in this process too
             with runtime.workdir_lock(str(work)):
                 pass
+
+
+def test_cpu_speedups_leave_the_training_step_unchanged():
+    """`cpu_rng` (same dropout bits) and `matmul` (kernel gradients as plain matmuls) against the
+    step as JAX and Flax ship it: same loss bit for bit, parameters to float rounding."""
+    from train.benchmark_train import jax_defaults
+
+    config = tiny_config(num_hidden_layers=2)   # dropout on: the masks must be the same draws
+    params = training.jitted_init_params(config, jax.random.PRNGKey(4))
+    settings = training.OptimizerSettings(1e-3, total_steps=2, weight_decay=0.01)
+    batches = _batches(2, 8)
+    devices = jax.local_devices()[:1]
+
+    def run():
+        tx = settings.optimizer()
+        step = jax.pmap(training.make_train_step(config, tx, settings.schedule(), 1), axis_name=training.AXIS,
+                        devices=devices)
+        state = training.replicate(training.init_train_state(params, tx, 1, config.num_hidden_layers), devices)
+        key = training.replicate(jax.random.PRNGKey(0), devices)
+        losses = []
+        for batch in batches:
+            state, metrics = step(state, data.shard(batch, 1), key)
+            losses.append(float(training.unreplicate(metrics)["loss"]))
+        return training.unreplicate(state.params), losses
+
+    ours, our_losses = run()
+    with jax_defaults():
+        theirs, their_losses = run()
+    assert our_losses[0] == their_losses[0]           # same forward, same dropout masks
+    np.testing.assert_allclose(our_losses, their_losses, rtol=1e-6)
+    moved = 0
+    for (path, a), (_, b), (_, before) in zip(_leaves(ours), _leaves(theirs), _leaves(params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+        moved += not np.array_equal(a, before)
+    assert moved > 10
