@@ -16,24 +16,10 @@ import argparse
 import os
 import sys
 
-from train.cli import add_dev_data_flags, floats, positive_int, run
+from train.cli import add_dev_data_flags, confidence_level, floats, number, positive_int, run
 
-
-def _number(ok, requirement: str):
-    """An argparse type: a float for which `ok(value)` holds."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"{text!r} {requirement}")
-        return value
-    return parse
-
-
-_confidence = _number(lambda v: 0 < v < 1, "must be in (0, 1)")
-_max_drop = _number(lambda v: 0 <= v < float("inf"), "must be a number of points >= 0")
+_confidence = confidence_level
+_max_drop = number(lambda v: 0 <= v < float("inf"), "must be a number of points >= 0")
 
 
 def parse_args(argv):
