@@ -22,6 +22,7 @@ Two ways to choose, both over thresholds ordered from safe (never exit early) to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from deebert_jax import metrics
+from deebert_jax import data, evaluation, metrics
 from deebert_jax.early_exit import EXIT_RULES, check_threshold, exits_from_ramp_logits
 from deebert_jax.evaluation import default_thresholds
 from deebert_jax.fileutil import atomic_write_text
@@ -187,6 +188,53 @@ def split_indices(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng(seed).permutation(n)
     half = (n + 1) // 2
     return np.sort(order[:half]), np.sort(order[half:])
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationSets:
+    """Every ramp's logits on the calibration and the reported examples, computed once.
+
+    calibration, reported: ([L, n, K] float32 logits, [n] labels). split: one of
+    CALIBRATION_SPLITS. extra: what the policy records about the split ({"seed"} for dev-half,
+    {"calibration_size"} for train-holdout). rows: for dev-half, the (calibration, reported) dev
+    row indices, disjoint and sorted; None for train-holdout (the two come from different splits).
+    """
+    calibration: tuple[np.ndarray, np.ndarray]
+    reported: tuple[np.ndarray, np.ndarray]
+    split: str
+    extra: dict
+    rows: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def calibration_sets(config, params, task: str, tokenizer=None, *, split: str = "dev-half", seed: int = 0,
+                     calibration_size: int = 1000, glue_dir: str | os.PathLike | None = None,
+                     max_seq_length: int = 128, limit: int | None = None, batch_size: int = 32,
+                     progress: bool = False) -> CalibrationSets:
+    """The examples a threshold is chosen on and the ones it is reported on, as all-ramp logits.
+
+    dev-half: a seeded half of dev (`split_indices`, `limit` first rows) calibrates, the other
+    half is reported. train-holdout: the last `calibration_size` train rows calibrate, dev is
+    reported (sound only when training did not see those rows).
+    """
+    if split not in CALIBRATION_SPLITS:
+        raise ValueError(f"unknown calibration split {split!r}; expected one of {list(CALIBRATION_SPLITS)}")
+    common = dict(glue_dir=glue_dir, tokenizer=tokenizer, max_seq_length=max_seq_length,
+                  vocab_size=config.vocab_size)
+    dev = data.load_split(task, "dev", limit=limit, **common)
+    logits = lambda arrays: evaluation.all_ramp_logits(config, params, arrays, batch_size, progress=progress)
+    if split == "dev-half":
+        n = data.num_examples(dev)
+        if n < 2:
+            raise ValueError(f"{task} dev: {n} example(s); the dev-half split needs at least 2")
+        dev_logits = logits(dev)
+        cal_rows, rep_rows = split_indices(n, seed)
+        return CalibrationSets((dev_logits[:, cal_rows], dev["labels"][cal_rows]),
+                               (dev_logits[:, rep_rows], dev["labels"][rep_rows]),
+                               split, {"seed": seed}, (cal_rows, rep_rows))
+    train = data.load_split(task, "train", **common)
+    tail = {k: v[-calibration_size:] for k, v in train.items()}
+    return CalibrationSets((logits(tail), tail["labels"]), (logits(dev), dev["labels"]), split,
+                           {"calibration_size": data.num_examples(tail)})
 
 
 def make_policy(task: str, rule: str, max_drop: float, confidence: float | None, chosen: Mapping,

@@ -27,12 +27,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> str:
     """Writes `text` to `path` through a temporary file in the same folder and one rename, so a
     reader sees the old file or the whole new one; nothing else in the folder changes. The file's
     mode follows the umask, as a plain `open` would give."""
+    return _atomic_write(path, text, "w", "utf-8")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
+    """`atomic_write_text` for bytes (e.g. a PNG rendered in memory)."""
+    return _atomic_write(path, data, "wb", None)
+
+
+def _atomic_write(path, content, mode: str, encoding: str | None) -> str:
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, mode, encoding=encoding) as f:
+            f.write(content)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:

@@ -66,3 +66,18 @@ def random_checkpoint(tmp_path_factory, config, seed: int = 1):
 
     params = modeling.init_params(config, jax.random.PRNGKey(seed))
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", config, params), params
+
+
+def calibration_config():
+    """The model of the calibration tests: 3 layers, 2 labels, wide initialisation, so random
+    ramps spread their confidence and exits land on every layer."""
+    from deebert_jax.config import tiny_config
+
+    return tiny_config(num_hidden_layers=3, num_labels=2, initializer_range=0.5)
+
+
+@pytest.fixture(scope="session")
+def calibration_checkpoint(tmp_path_factory):
+    """`random_checkpoint` of `calibration_config()`, made once for the session (initialising
+    takes seconds); tests may add an exit_policy.json but change nothing else."""
+    return random_checkpoint(tmp_path_factory, calibration_config())

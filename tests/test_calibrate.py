@@ -6,22 +6,20 @@ import os
 
 import numpy as np
 import pytest
-from conftest import random_checkpoint
+from conftest import calibration_config
 
 from deebert_jax import calibration, data, evaluation
-from deebert_jax.config import tiny_config
 from deebert_jax.early_exit import early_exit_predict
 from train import calibrate as calibrate_cli
 from train.cli import run
 
 L, SEQ, N_DEV = 3, 16, 100
-# Wide initialisation: random ramps with spread-out confidence, so exits land on every layer.
-CONFIG = tiny_config(num_hidden_layers=L, num_labels=2, initializer_range=0.5)
+CONFIG = calibration_config()   # wide initialisation: exits land on every layer
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return random_checkpoint(tmp_path_factory, CONFIG)
+def checkpoint(calibration_checkpoint):
+    return calibration_checkpoint
 
 
 @pytest.fixture(scope="module")

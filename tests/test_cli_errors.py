@@ -72,6 +72,12 @@ CASES = [
     ("train.benchmark", ["--random-model", "tiny", "--out", "user"], r"user: is a directory"),
     ("train.benchmark_exit_aware", ["--pool", "16", "--schedulers", "gpu", "--out", "ea.json"],
      r"--schedulers: unknown \['gpu'\]"),
+    # Exit rules side by side: bad lists refused before the model is read; a file that is not a comparison
+    ("train.compare_rules", ["--checkpoint", "user", "--task", "synthetic", "--rules", "entropy,gpu", "--out", "c.json"],
+     r"--rules: unknown exit rule\(s\) \['gpu'\]"),
+    ("train.compare_rules", ["--checkpoint", "user", "--task", "synthetic", "--budgets", "0.5,-1", "--out", "c.json"],
+     r"--budgets: budget -1 must be a number of points >= 0"),
+    ("train.report", ["--rules", "user/notes.txt", "--out", "R.md"], r"user/notes\.txt: not valid JSON"),
     # The demo's data folder
     ("train.demo", ["--config", str(REPO / "configs" / "demo.py"), "--config.glue_dir=user/notes.txt",
                     f"--config.workdir={W}"], r"user/notes\.txt is not a directory"),

@@ -16,24 +16,10 @@ import argparse
 import os
 import sys
 
-from train.cli import add_dev_data_flags, floats, positive_int, run
+from train.cli import add_dev_data_flags, confidence_level, floats, number, positive_int, run
 
-
-def _number(ok, requirement: str):
-    """An argparse type: a float for which `ok(value)` holds."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"{text!r} {requirement}")
-        return value
-    return parse
-
-
-_confidence = _number(lambda v: 0 < v < 1, "must be in (0, 1)")
-_max_drop = _number(lambda v: 0 <= v < float("inf"), "must be a number of points >= 0")
+_confidence = confidence_level
+_max_drop = number(lambda v: 0 <= v < float("inf"), "must be a number of points >= 0")
 
 
 def parse_args(argv):
@@ -64,31 +50,20 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from deebert_jax import calibration, data, evaluation
+    from deebert_jax import calibration
     from deebert_jax.model_loading import load_model_for_task
 
     config, params, task, tokenizer = load_model_for_task(args.checkpoint, args.task)
-    common = dict(glue_dir=args.glue_dir, tokenizer=tokenizer, max_seq_length=args.max_seq_length,
-                  vocab_size=config.vocab_size)
-    dev = data.load_split(task, "dev", limit=args.limit, **common)
-    logits = lambda arrays: evaluation.all_ramp_logits(config, params, arrays, args.batch_size,
-                                                       progress=not args.no_progress)
-    if args.calibration_split == "dev-half":
-        dev_logits = logits(dev)
-        cal_rows, rep_rows = calibration.split_indices(data.num_examples(dev), args.seed)
-        cal = (dev_logits[:, cal_rows], dev["labels"][cal_rows])
-        rep = (dev_logits[:, rep_rows], dev["labels"][rep_rows])
-        extra = {"seed": args.seed}
-    else:
-        train = data.load_split(task, "train", **common)
-        tail = {k: v[-args.calibration_size:] for k, v in train.items()}
-        cal, rep = (logits(tail), tail["labels"]), (logits(dev), dev["labels"])
-        extra = {"calibration_size": data.num_examples(tail)}
-    chosen, tested = calibration.choose_threshold(task, *cal, args.max_drop, args.rule, args.confidence,
-                                                  args.thresholds)
-    reported = calibration.threshold_stats(task, *rep, chosen["threshold"], args.rule)
+    sets = calibration.calibration_sets(config, params, task, tokenizer, split=args.calibration_split,
+                                        seed=args.seed, calibration_size=args.calibration_size,
+                                        glue_dir=args.glue_dir, max_seq_length=args.max_seq_length,
+                                        limit=args.limit, batch_size=args.batch_size,
+                                        progress=not args.no_progress)
+    chosen, tested = calibration.choose_threshold(task, *sets.calibration, args.max_drop, args.rule,
+                                                  args.confidence, args.thresholds)
+    reported = calibration.threshold_stats(task, *sets.reported, chosen["threshold"], args.rule)
     policy = calibration.make_policy(task, args.rule, args.max_drop, args.confidence, chosen, tested, reported,
-                                     args.calibration_split, config.num_hidden_layers, **extra)
+                                     args.calibration_split, config.num_hidden_layers, **sets.extra)
     if args.out:
         out_dir = os.path.dirname(os.path.abspath(args.out))
         os.makedirs(out_dir, exist_ok=True)

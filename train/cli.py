@@ -43,6 +43,22 @@ def positive_int(text: str) -> int:
     return value
 
 
+def number(ok: Callable[[float], bool], requirement: str) -> Callable[[str], float]:
+    """An argparse type: a float for which `ok(value)` holds, else "'TEXT' `requirement`"."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} {requirement}")
+        return value
+    return parse
+
+
+confidence_level = number(lambda v: 0 < v < 1, "must be in (0, 1)")
+
+
 def debug_requested(argv: Sequence[str] | None = None) -> bool:
     argv = sys.argv[1:] if argv is None else argv
     return DEBUG_FLAG in argv or os.environ.get("DEEBERT_DEBUG", "") not in ("", "0")
