@@ -52,9 +52,9 @@ def jax_defaults():
         cpu_rng.register_threefry_lowering(unrolled=True)
 
 
-def jax_steps(model_dir: str, batch: dict, with_jax_defaults: bool = False) -> dict:
+def jax_steps(model_dir: str, batch: dict, with_jax_defaults: bool = False, names=None) -> dict:
     """{"jax_stage1": step(), "jax_stage2": step()} (+ "jax_stage1_jax_defaults"): one pmapped
-    train step each, compiled before timing (state carried)."""
+    train step each, compiled before timing (state carried); `names` keeps only those."""
     import jax
 
     from deebert_jax import data, training
@@ -70,6 +70,8 @@ def jax_steps(model_dir: str, batch: dict, with_jax_defaults: bool = False) -> d
         variants.append(("jax_stage1_jax_defaults", 1, jax_defaults))
     steps = {}
     for name, stage, context in variants:
+        if names is not None and name not in names:
+            continue
         tx = settings.optimizer()
         with context():
             # Not `pmapped_train_step`: its cache would hand the two stage-1 variants one executable.

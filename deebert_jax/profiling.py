@@ -1,0 +1,120 @@
+"""Where a compiled step's time goes, operation by operation, from a JAX profiler trace.
+
+Run the step under `jax.profiler.trace(DIR, create_perfetto_trace=True)` with XLA's per-operation
+trace events on (`--xla_cpu_enable_xprof_traceme=true` on the CPU) and its optimized HLO dumped as
+text (`--xla_dump_to=... --xla_dump_hlo_as_text`); `op_table` joins the two: each operation's total
+time with its output shape, its matmul dimension numbers and the JAX source op it came from, and
+`by_category` adds them up by kind (matmuls forward and backward, dropout bits, softmax, loop
+bookkeeping, the rest). On one CPU thread operations do not overlap, so the times add up to the step.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+from typing import Iterable
+
+# Trace events that wrap operations rather than being one.
+_WRAPPERS = ("Thunk", "$", "Slinky", "ThreadPool")
+CATEGORIES = ("matmul, forward", "matmul, backward", "dropout bits", "softmax",
+              "loop bookkeeping (stacked residuals, slices)", "other")
+
+
+def trace_durations(trace_dir: str) -> tuple[collections.Counter, collections.Counter]:
+    """-> (total microseconds per event name, calls per name) over every `*.trace.json.gz` under DIR."""
+    total, calls = collections.Counter(), collections.Counter()
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
+    if not paths:
+        raise FileNotFoundError(f"{trace_dir}: no *.trace.json.gz written by the profiler")
+    for path in paths:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            trace = json.load(f)
+        for event in trace["traceEvents"] if isinstance(trace, dict) else trace:
+            if event.get("ph") == "X" and not str(event.get("name", "")).startswith(_WRAPPERS):
+                total[event["name"]] += event.get("dur", 0)
+                calls[event["name"]] += 1
+    return total, calls
+
+
+def _instructions(hlo: str) -> tuple[dict[str, str], dict[str, str]]:
+    """-> (instruction name -> its line, fused computation name -> its body) of an HLO text dump."""
+    lines = {}
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
+        if m:
+            lines[m.group(1)] = line
+    bodies = {m.group(1): m.group(2)
+              for m in re.finditer(r"^%([\w.\-]+) \(.*?\) -> .*? \{\n(.*?)\n\}", hlo, re.S | re.M)}
+    return lines, bodies
+
+
+def describe(name: str, lines: dict[str, str], bodies: dict[str, str]) -> dict:
+    """One operation: {shape, dot (dimension numbers, "" if no matmul), source (JAX op name)}."""
+    line = lines.get(name, "")
+    called = re.search(r"calls=%([\w.\-]+)", line)
+    body = bodies.get(called.group(1), "") if called else line
+    dots = re.findall(r"dot\(.*?\), ((?:lhs_batch_dims=\S+ )?lhs_contracting_dims=\S+ "
+                      r"(?:rhs_batch_dims=\S+ )?rhs_contracting_dims=\S+)", body)
+    shape = re.match(r"\s*(?:ROOT )?%[\w.\-]+ = (\S+)", line)
+    source = re.search(r'op_name="([^"]+)"', line)
+    return {"shape": shape.group(1) if shape else "", "dot": " ".join(d.rstrip(",") for d in dots),
+            "source": source.group(1) if source else ""}
+
+
+def short_source(source: str) -> str:
+    """'jit(f)/transpose(jvp(DeeBert))/while/body/closed_call/layers.body/layers/key/dot_general'
+    -> 'backward: layers/key/dot_general' (the transforms and loop plumbing dropped)."""
+    backward = "transpose(" in source
+    kept = [part for part in source.split("/")
+            if part and not re.match(r"^(jit\(|jvp\(|transpose\(|pmap\(|while$|body$|closed_call$|\w+\.body$)", part)]
+    return ("backward: " if backward else "") + "/".join(kept)
+
+
+def category(op: dict) -> str:
+    """Which of `CATEGORIES` an operation (`describe`'s dict plus its name) belongs to."""
+    source, name = op["source"], op["name"]
+    if op["dot"]:
+        return "matmul, backward" if "transpose(" in source else "matmul, forward"
+    if any(word in source for word in ("bernoulli", "_uniform", "threefry", "random_bits")):
+        return "dropout bits"
+    if any(word in source for word in ("softmax", "reduce_max", "exp")):
+        return "softmax"
+    if "dynamic" in source or "dynamic" in name or name.startswith(("wrapped_broadcast", "copy.")):
+        return "loop bookkeeping (stacked residuals, slices)"
+    return "other"
+
+
+def op_table(trace_dir: str, hlo_text: str, runs: int = 1) -> list[dict]:
+    """Every traced operation, slowest first: {name, ms (per run), calls (per run), shape, dot,
+    source, category}."""
+    total, calls = trace_durations(trace_dir)
+    lines, bodies = _instructions(hlo_text)
+    ops = []
+    for name, us in total.most_common():
+        op = {"name": name, "ms": us / 1e3 / runs, "calls": calls[name] / runs, **describe(name, lines, bodies)}
+        op["category"] = category(op)
+        ops.append(op)
+    return ops
+
+
+def by_category(ops: Iterable[dict]) -> dict[str, float]:
+    """-> milliseconds per category (every category present, slowest first)."""
+    sums = {c: 0.0 for c in CATEGORIES}
+    for op in ops:
+        sums[op["category"]] += op["ms"]
+    return dict(sorted(sums.items(), key=lambda kv: -kv[1]))
+
+
+def largest_hlo_dump(dump_dir: str, contains: str = "") -> str:
+    """The text of the largest `*after_optimizations.txt` in DIR whose name contains `contains`
+    (the step itself, not the small helper computations compiled around it)."""
+    paths = [p for p in glob.glob(os.path.join(dump_dir, "*after_optimizations.txt"))
+             if contains in os.path.basename(p) and "buffer-assignment" not in p]
+    if not paths:
+        raise FileNotFoundError(f"{dump_dir}: no optimized HLO dump{f' for {contains!r}' if contains else ''}")
+    with open(max(paths, key=os.path.getsize), encoding="utf-8") as f:
+        return f.read()
