@@ -1,6 +1,6 @@
 """Training-step speed: JAX stage 1 and stage 2 against an eager PyTorch AdamW step.
 
-    python -m train.benchmark_train [--batch-size 32] [--seq-len 128] [--steps 5] [--jax-defaults] [--out FILE]
+    python -m train.benchmark_train [--batch-size 32] [--seq-len 128] [--steps 5] [--threads N] [--jax-defaults] [--out FILE]
 
 MiniLM-L6 (the packaged weights), full-length rows (no padding), float32, all local devices for
 JAX and PyTorch's default threads. After warm-up (compilation) the three steps are timed in
@@ -122,6 +122,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=positive_int, default=5, help="timed rounds (one step of each variant per round; medians reported)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default="workdirs/benchmark_train.json")
+    ap.add_argument("--threads", type=positive_int, default=None,
+                    help="threads for each framework (XLA's CPU pool and PyTorch's intra-op); default: theirs")
     ap.add_argument("--jax-defaults", action="store_true",
                     help="also time stage 1 as JAX ships it (rolled threefry lowering, autodiff kernel gradients)")
     args = ap.parse_args(argv)
@@ -130,7 +132,11 @@ def main(argv=None) -> dict:
     if args.out:
         check_output_file(args.out)   # before the timing, not after it
 
-    from deebert_jax.bench_harness import available_cpus, load_average, versions, xla_cpu_threads
+    from deebert_jax.bench_harness import available_cpus, load_average, set_thread_env, versions, xla_cpu_threads
+    if args.threads:
+        set_thread_env(args.threads)   # before JAX starts its CPU client
+        import torch
+        torch.set_num_threads(args.threads)
     load_before = load_average()   # before anything of ours runs: what else is using the machine
     model_dir = args.model or default_init_checkpoint()
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
