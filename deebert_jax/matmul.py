@@ -13,6 +13,7 @@ rounding (tests/test_matmul.py).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 
@@ -43,6 +44,6 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
     (lhs_contract, rhs_contract), batch = dimension_numbers
     if (tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,) and rhs.ndim == 2
             and batch == ((), ()) and precision is None and preferred_element_type is None):
-        return dense_matmul(lhs, rhs)
+        return dense_matmul(jnp.asarray(lhs), jnp.asarray(rhs))   # custom_vjp takes JAX arrays only
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)

@@ -55,8 +55,11 @@ def attention_bias(attention_mask: jax.Array, dtype=jnp.float32) -> jax.Array:
     return jnp.where(attention_mask.astype(bool), 0.0, jnp.finfo(dtype).min).astype(dtype)
 
 
-def _dense(config: DeeBertConfig, features: int, name: str, dtype) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, name=name, dot_general=dense_dot_general,
+def _dense(config: DeeBertConfig, features: int, name: str, dtype, encoder: bool = True) -> nn.Dense:
+    # The encoder's dense layers take `matmul.dense_dot_general` (kernel gradients as plain
+    # matmuls on the CPU). The ramps' small heads keep lax's: they run under `nn.vmap`, where a
+    # custom VJP rejects NumPy parameters, and their gradients cost next to nothing.
+    return nn.Dense(features, dtype=dtype, name=name, dot_general=dense_dot_general if encoder else None,
                     kernel_init=nn.initializers.normal(config.initializer_range))
 
 
@@ -151,9 +154,9 @@ class Ramp(nn.Module):
     def __call__(self, features, deterministic: bool = True):
         """features [B, H] (`ramp_input`) -> logits [B, K] (float32)."""
         c = self.config
-        pooled = jnp.tanh(_dense(c, c.hidden_size, "pooler", self.dtype)(features))
+        pooled = jnp.tanh(_dense(c, c.hidden_size, "pooler", self.dtype, encoder=False)(features))
         pooled = nn.Dropout(c.hidden_dropout_prob)(pooled, deterministic=deterministic)
-        return _dense(c, c.num_labels, "classifier", self.dtype)(pooled).astype(jnp.float32)
+        return _dense(c, c.num_labels, "classifier", self.dtype, encoder=False)(pooled).astype(jnp.float32)
 
 
 class DeeBert(nn.Module):

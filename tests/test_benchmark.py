@@ -262,4 +262,4 @@ def test_profile_layer_times_every_piece(capsys):
     assert profile_layer.main(["--batch-size", "2", "--seq-len", "8", "--runs", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     timed = [line for line in lines[1:] if line.strip().split()[1] == "ms"]
-    assert len(timed) == 9 and all(float(line.split()[0]) > 0 for line in timed)
+    assert len(timed) == 13 and all(float(line.split()[0]) > 0 for line in timed)
