@@ -44,6 +44,7 @@ def jax_defaults():
 
     saved = modeling.dense_dot_general
     modeling.dense_dot_general = lax.dot_general
+    cpu_rng.fuse_threefry_on_cpu()   # once, now: `make_train_step`'s own call must not undo the next line
     cpu_rng.register_threefry_lowering(unrolled=False)
     try:
         yield
