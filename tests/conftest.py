@@ -81,3 +81,22 @@ def calibration_checkpoint(tmp_path_factory):
     """`random_checkpoint` of `calibration_config()`, made once for the session (initialising
     takes seconds); tests may add an exit_policy.json but change nothing else."""
     return random_checkpoint(tmp_path_factory, calibration_config())
+
+
+def deebert_heads(prefix: str, layers: int, hidden: int, labels: int, rng, pooler_std=(0.05, 0.05),
+                  classifier_std=(0.5, 0.1)) -> dict:
+    """Random heads under the original DeeBERT / DeeRoBERTa key names: `{prefix}.encoder.highway.{i}.*`
+    for i < layers, then the final `classifier.*`; (weight, bias) normal std per head kind."""
+    import numpy as np
+
+    normal = lambda std, shape: rng.normal(0, std, shape).astype(np.float32)
+    sd = {}
+    for i in range(layers):
+        h = f"{prefix}.encoder.highway.{i}"
+        sd[f"{h}.pooler.dense.weight"] = normal(pooler_std[0], (hidden, hidden))
+        sd[f"{h}.pooler.dense.bias"] = normal(pooler_std[1], (hidden,))
+        sd[f"{h}.classifier.weight"] = normal(classifier_std[0], (labels, hidden))
+        sd[f"{h}.classifier.bias"] = normal(classifier_std[1], (labels,))
+    sd["classifier.weight"] = normal(classifier_std[0], (labels, hidden))
+    sd["classifier.bias"] = normal(classifier_std[1], (labels,))
+    return sd

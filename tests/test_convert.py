@@ -17,6 +17,7 @@ from deebert_jax.config import tiny_config
 from deebert_jax.convert import (CheckpointError, convert_pytorch_checkpoint, export_pytorch_checkpoint,
                                  load_pytorch_checkpoint)
 from deebert_jax.torch_reference import TorchDeeBert
+from tests.conftest import deebert_heads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,14 +61,7 @@ def _deebert_state_dict(minilm_dir, num_labels, seed=0):
     base = load_file(os.path.join(minilm_dir, "model.safetensors"))
     sd = {f"bert.{k}": v for k, v in base.items() if k != "embeddings.position_ids"}
     H = base["pooler.dense.weight"].shape[0]
-    for i in range(6):
-        sd[f"bert.encoder.highway.{i}.pooler.dense.weight"] = rng.normal(0, 0.05, (H, H)).astype(np.float32)
-        sd[f"bert.encoder.highway.{i}.pooler.dense.bias"] = rng.normal(0, 0.05, (H,)).astype(np.float32)
-        sd[f"bert.encoder.highway.{i}.classifier.weight"] = rng.normal(0, 0.5, (num_labels, H)).astype(np.float32)
-        sd[f"bert.encoder.highway.{i}.classifier.bias"] = rng.normal(0, 0.1, (num_labels,)).astype(np.float32)
-    sd["classifier.weight"] = rng.normal(0, 0.5, (num_labels, H)).astype(np.float32)
-    sd["classifier.bias"] = rng.normal(0, 0.1, (num_labels,)).astype(np.float32)
-    return sd
+    return {**sd, **deebert_heads("bert", 6, H, num_labels, rng)}
 
 
 def _write_checkpoint(directory, config_dict, state, fmt="safetensors"):

@@ -27,6 +27,11 @@ def test_unrolled_threefry_matches_the_rolled_loop_and_the_known_answer():
     fused = jax.jit(lambda a, b, c, d: jex.random.threefry2x32_p.bind(a, b, c, d))(k1, k2, x1, x2)
     for r, f in zip(rolled, fused):
         np.testing.assert_array_equal(np.asarray(r), np.asarray(f))
+    # ... and the primitive really lowers without the rolled loop now (the values alone would match
+    # with JAX's own lowering too).
+    lowered = jax.jit(lambda a, b, c, d: jex.random.threefry2x32_p.bind(a, b, c, d)).lower(k1, k2, x1, x2).as_text()
+    rolled_text = jax.jit(lambda *a: impl._threefry2x32_lowering(*a, use_rolled_loops=True)).lower(k1, k2, x1, x2).as_text()
+    assert "stablehlo.while" in rolled_text and "stablehlo.while" not in lowered
 
 
 def test_dropout_masks_are_the_ones_jax_draws_without_the_patch():

@@ -20,6 +20,7 @@ from deebert_jax.early_exit import early_exit_predict
 from deebert_jax.exit_aware import exit_aware_predict
 from deebert_jax.torch_reference import TorchDeeBert
 from deebert_jax.validation import check_model_inputs
+from tests.conftest import deebert_heads
 from tests.test_convert import _write_checkpoint, tree_equal
 from tests.test_early_exit import np_entropy, reference_exits
 from tests.test_exit_aware import safe_thresholds
@@ -166,14 +167,8 @@ def deeroberta(saved, tmp_path_factory):
     rng = np.random.default_rng(7)
     H = HF["hidden_size"]
     sd = {f"roberta.{k}": v.numpy().copy() for k, v in model.state_dict().items()}
-    for i in range(L):
-        sd[f"roberta.encoder.highway.{i}.pooler.dense.weight"] = rng.normal(0, 0.3, (H, H)).astype(np.float32)
-        sd[f"roberta.encoder.highway.{i}.pooler.dense.bias"] = rng.normal(0, 0.1, (H,)).astype(np.float32)
-        # Wide classifiers: ramp entropies spread, so thresholds send rows out at several layers.
-        sd[f"roberta.encoder.highway.{i}.classifier.weight"] = rng.normal(0, 1.5, (K, H)).astype(np.float32)
-        sd[f"roberta.encoder.highway.{i}.classifier.bias"] = rng.normal(0, 0.3, (K,)).astype(np.float32)
-    sd["classifier.weight"] = rng.normal(0, 1.5, (K, H)).astype(np.float32)
-    sd["classifier.bias"] = rng.normal(0, 0.3, (K,)).astype(np.float32)
+    # Wide classifiers: ramp entropies spread, so thresholds send rows out at several layers.
+    sd.update(deebert_heads("roberta", L, H, K, rng, pooler_std=(0.3, 0.1), classifier_std=(1.5, 0.3)))
     cfg = dict(hf_config().to_dict(), architectures=["DeeRobertaForSequenceClassification"])
     return _write_checkpoint(tmp_path_factory.mktemp("deeroberta"), cfg, sd), sd
 

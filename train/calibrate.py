@@ -23,7 +23,6 @@ _max_drop = number(lambda v: 0 <= v < float("inf"), "must be a number of points 
 
 
 def parse_args(argv):
-    from deebert_jax.calibration import CALIBRATION_SPLITS
     from deebert_jax.early_exit import EXIT_RULES
 
     parser = argparse.ArgumentParser(prog="python -m train.calibrate", description=__doc__.split("\n\n")[0])
@@ -34,36 +33,50 @@ def parse_args(argv):
     parser.add_argument("--rule", default="entropy", choices=sorted(EXIT_RULES))
     parser.add_argument("--confidence", type=_confidence, default=None,
                         help="e.g. 0.95: bound the disagreement with the full model at this confidence")
+    parser.add_argument("--thresholds", type=floats, default=None,
+                        help="the grid to test, safe to aggressive (default: a fixed grid per rule)")
+    add_calibration_data_flags(parser)
+    parser.add_argument("--out", default=None, help="policy path (default DIR/exit_policy.json)")
+    return parser.parse_args(argv)
+
+
+def add_calibration_data_flags(parser) -> None:
+    """Which examples calibrate and which are reported (`train.calibrate`, `train.compare_rules`)."""
+    from deebert_jax.calibration import CALIBRATION_SPLITS
+
     parser.add_argument("--calibration-split", default="dev-half", choices=CALIBRATION_SPLITS,
                         help="dev-half: a seeded half of dev calibrates, the other half is reported; "
                              "train-holdout: the last --calibration-size train rows calibrate, dev is reported")
     parser.add_argument("--calibration-size", type=positive_int, default=1000, help="rows for train-holdout")
     parser.add_argument("--seed", type=int, default=0, help="the dev-half split's seed")
-    parser.add_argument("--thresholds", type=floats, default=None,
-                        help="the grid to test, safe to aggressive (default: a fixed grid per rule)")
     add_dev_data_flags(parser)
     parser.add_argument("--batch-size", type=positive_int, default=32)
-    parser.add_argument("--out", default=None, help="policy path (default DIR/exit_policy.json)")
     parser.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
+
+
+def load_calibration_sets(args):
+    """The flags of `add_calibration_data_flags` (+ --checkpoint, --task) -> (task, CalibrationSets)."""
+    from deebert_jax import calibration
+    from deebert_jax.model_loading import load_model_for_task
+
+    config, params, task, tokenizer = load_model_for_task(args.checkpoint, args.task)
+    return task, calibration.calibration_sets(config, params, task, tokenizer, split=args.calibration_split,
+                                              seed=args.seed, calibration_size=args.calibration_size,
+                                              glue_dir=args.glue_dir, max_seq_length=args.max_seq_length,
+                                              limit=args.limit, batch_size=args.batch_size,
+                                              progress=not args.no_progress)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from deebert_jax import calibration
-    from deebert_jax.model_loading import load_model_for_task
 
-    config, params, task, tokenizer = load_model_for_task(args.checkpoint, args.task)
-    sets = calibration.calibration_sets(config, params, task, tokenizer, split=args.calibration_split,
-                                        seed=args.seed, calibration_size=args.calibration_size,
-                                        glue_dir=args.glue_dir, max_seq_length=args.max_seq_length,
-                                        limit=args.limit, batch_size=args.batch_size,
-                                        progress=not args.no_progress)
+    task, sets = load_calibration_sets(args)
     chosen, tested = calibration.choose_threshold(task, *sets.calibration, args.max_drop, args.rule,
                                                   args.confidence, args.thresholds)
     reported = calibration.threshold_stats(task, *sets.reported, chosen["threshold"], args.rule)
     policy = calibration.make_policy(task, args.rule, args.max_drop, args.confidence, chosen, tested, reported,
-                                     args.calibration_split, config.num_hidden_layers, **sets.extra)
+                                     args.calibration_split, sets.calibration[0].shape[0], **sets.extra)
     if args.out:
         out_dir = os.path.dirname(os.path.abspath(args.out))
         os.makedirs(out_dir, exist_ok=True)

@@ -19,11 +19,11 @@ import os
 import shlex
 import sys
 
-from train.cli import add_dev_data_flags, confidence_level, floats, positive_int, run
+from train.calibrate import add_calibration_data_flags, load_calibration_sets
+from train.cli import confidence_level, floats, run
 
 
 def parse_args(argv):
-    from deebert_jax.calibration import CALIBRATION_SPLITS
     from deebert_jax.rule_comparison import DEFAULT_BUDGETS, DEFAULT_RULES
 
     parser = argparse.ArgumentParser(prog="python -m train.compare_rules", description=__doc__.split("\n\n")[0])
@@ -35,25 +35,18 @@ def parse_args(argv):
                         help=f"exit rules, comma-separated (default {','.join(DEFAULT_RULES)})")
     parser.add_argument("--confidence", type=confidence_level, default=None,
                         help="e.g. 0.95: choose with train.calibrate's Learn-then-Test bound")
-    parser.add_argument("--calibration-split", default="dev-half", choices=CALIBRATION_SPLITS,
-                        help="as in train.calibrate: dev-half (default) or train-holdout")
-    parser.add_argument("--calibration-size", type=positive_int, default=1000, help="rows for train-holdout")
-    parser.add_argument("--seed", type=int, default=0, help="the dev-half split's seed")
-    add_dev_data_flags(parser)
-    parser.add_argument("--batch-size", type=positive_int, default=32)
+    add_calibration_data_flags(parser)
     parser.add_argument("--out", required=True, help="the comparison as JSON")
     parser.add_argument("--plot", default=None, help="PNG: held-out saving against held-out drop per rule")
     parser.add_argument("--markdown", default=None, help="the table (and the plot's link) as Markdown")
-    parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    from deebert_jax import calibration, rule_comparison
+    from deebert_jax import rule_comparison
     from deebert_jax.fileutil import check_output_file
-    from deebert_jax.model_loading import load_model_for_task
     from deebert_jax.report import relative_paths
 
     # Every flag and output path checked before the model is read.
@@ -70,12 +63,7 @@ def main(argv=None) -> int:
     if len(set(outputs.values())) < len(outputs):
         raise ValueError(f"{' and '.join(outputs)} name the same file; give each its own path")
 
-    config, params, task, tokenizer = load_model_for_task(args.checkpoint, args.task)
-    sets = calibration.calibration_sets(config, params, task, tokenizer, split=args.calibration_split,
-                                        seed=args.seed, calibration_size=args.calibration_size,
-                                        glue_dir=args.glue_dir, max_seq_length=args.max_seq_length,
-                                        limit=args.limit, batch_size=args.batch_size,
-                                        progress=not args.no_progress)
+    task, sets = load_calibration_sets(args)
     result = rule_comparison.compare_rules(task, sets.calibration, sets.reported, rules, budgets, args.confidence)
     result.update({"command": relative_paths(shlex.join(["python", "-m", "train.compare_rules", *argv])),
                    "checkpoint": relative_paths(os.path.abspath(args.checkpoint)),
