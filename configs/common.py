@@ -34,6 +34,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.adam_eps = 1e-8
     c.max_grad_norm = 1.0           # <= 0: no clipping
     c.seed = 42
+    # What the training step computes in: "float32", or "bfloat16" (mixed precision: matmuls and
+    # activations in bf16; parameters, optimizer state, softmax, loss and checkpoints in float32).
+    # Dev evaluation after each stage runs in float32, as the saved model is served by default.
+    c.dtype = "float32"
     # Run
     c.workdir = ""
     c.save_every_steps = 500

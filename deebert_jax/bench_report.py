@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from deebert_jax.fileutil import atomic_write_text
 from deebert_jax.bench_harness import BACKENDS, BenchmarkError
+from deebert_jax.precision import PRECISIONS
 
 ROW_KEYS = ("backend", "mode", "batch_size", "seq_len", "threshold", "median_ms", "p90_ms",
             "mean_exit_layer", "compile_s")
@@ -78,9 +79,11 @@ def validate(result: Mapping[str, Any]) -> None:
     """Raises BenchmarkError naming the first key that breaks the `bench.json` schema."""
     if not isinstance(result, Mapping):
         raise BenchmarkError(f"bench.json: expected an object, found {type(result).__name__}")
-    for key in ("device", "versions", "rows"):
+    for key in ("device", "versions", "precision", "rows"):
         if key not in result:
             raise BenchmarkError(f"bench.json: missing key {key!r}")
+    if result["precision"] not in PRECISIONS:
+        raise BenchmarkError(f"bench.json: 'precision'={result['precision']!r}, expected one of {PRECISIONS}")
     if not isinstance(result["device"], str) or not result["device"]:
         raise BenchmarkError("bench.json: 'device' must be a non-empty string")
     if not isinstance(result["versions"], Mapping) or not {"jax", "torch"} <= set(result["versions"]):
@@ -144,7 +147,8 @@ def markdown(result: Mapping[str, Any]) -> str:
         lines += ["", f"**Warning** {warning}"]
     if "model" in h:
         lines += ["", f"**Model** {h['model']} | **inputs** {h.get('inputs', '')} | **runs** {h.get('runs')} "
-                      f"per cell, {h.get('schedule', '')} | **JAX params** {h.get('jax_params_layout', '')}, {h.get('dtype', '')} | **command** `{h.get('command', '')}`"]
+                      f"per cell, {h.get('schedule', '')} | **precision** {h.get('precision', '')} on both sides | "
+                      f"**JAX params** {h.get('jax_params_layout', '')}, {h.get('dtype', '')} | **command** `{h.get('command', '')}`"]
     lines += ["", "| backend | mode | batch | seq | threshold | median ms | p90 ms | per-example ms | "
                   "mean exit layer | layer saving | wall saving | compile s |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -216,9 +220,26 @@ def render(out_json: str) -> dict[str, str]:
     """Re-derives the targets, table and plot of an existing bench.json (timings untouched)."""
     with open(out_json, encoding="utf-8") as f:
         result = json.load(f)
+    _precision_of_older_file(result, out_json)
     validate(result)
     result["targets"] = check_targets(result)
     return write_outputs(result, out_json)
+
+
+def _precision_of_older_file(result: dict, path: str) -> None:
+    """A bench.json written before "precision" existed: on a CPU its "dtype" says it all (there is
+    no TF32 there); elsewhere the two sides may have run different arithmetic, so it is refused."""
+    if not isinstance(result, dict) or "precision" in result:
+        return
+    rows = result.get("rows") or []
+    on_cpu = bool(rows) and all(isinstance(r, Mapping) and r.get("device") == "cpu" for r in rows)
+    dtype = result.get("dtype", "float32")
+    if not on_cpu or dtype not in ("float32", "bfloat16"):
+        raise BenchmarkError(f"{path}: no 'precision' recorded and not a CPU run: its two sides may have used "
+                             "different matmul precisions; re-run it with --precision")
+    result["precision"] = "fp32" if dtype == "float32" else "bf16"
+    result["precision_settings"] = {"name": result["precision"],
+                                    "inferred": "from 'dtype' of a CPU run recorded before 'precision' existed"}
 
 
 def write_outputs(result: dict[str, Any], out_json: str) -> dict[str, str]:

@@ -92,9 +92,22 @@ def validate_config(cfg) -> tuple[int, ...]:
             raise ValueError(f"config.{field}=0 and config.steps_per_stage=0: stage {stage} would train for no "
                              f"steps; set one of them above 0")
     _number(cfg, "warmup_ratio", lambda x: 0 <= x <= 1, "a number in [0, 1]", 0.0)
+    compute_dtype(cfg)
     for field in ("weight_decay", "save_every_steps", "log_every_steps", "train_limit", "eval_limit"):
         _number(cfg, field, non_negative, "a number >= 0", 0)
     return stages
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(cfg) -> str:
+    """`config.dtype`: what the training step computes in ("float32" when absent). Under
+    "bfloat16" parameters, optimizer state, softmax, loss and checkpoints stay float32."""
+    value = cfg.get("dtype", "float32")
+    if value not in COMPUTE_DTYPES:
+        raise ValueError(f"config.dtype={value!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
+    return value
 
 
 def check_max_seq_length(cfg, max_position_embeddings: int, limit_text: str = "the model's max_position_embeddings") -> None:
@@ -106,6 +119,10 @@ def check_max_seq_length(cfg, max_position_embeddings: int, limit_text: str = "t
 
 # ----------------------------------------------------------------------------------------------
 # Resuming: the settings that decide a stage's trajectory must not change between runs
+
+# Run-spec entries newer than the first checkpoints, with the value every earlier run had.
+RUN_SPEC_FIELDS_ADDED = {"dtype": "float32"}
+
 
 def _flatten(d: Mapping, prefix: str = "") -> dict:
     out = {}
@@ -121,9 +138,10 @@ def check_run_spec(path: str, spec: dict, resuming: bool) -> None:
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
         before, now = _flatten(old), _flatten(spec)
-        # A model field added after that run started (`model_type`) is absent from its spec: at its
-        # default it is the model that run trained.
+        # A field added after that run started (`model_type`, `dtype`) is absent from its spec: at
+        # its default it is the run that was started.
         added = {f"model.{f.name}": f.default for f in dataclasses.fields(DeeBertConfig)}
+        added.update(RUN_SPEC_FIELDS_ADDED)
         diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)
                 and not (k not in before and k in added and now.get(k) == added[k])]
         if diff:

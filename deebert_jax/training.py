@@ -29,8 +29,8 @@ from deebert_jax.evaluation import evaluate_ramps
 from deebert_jax.metrics import metric_name
 from deebert_jax.model_loading import load_initial_model, model_overrides
 from deebert_jax.modeling import DeeBert
-from deebert_jax.run_config import (RUN_SPEC_FILE, STAGES, check_max_seq_length, check_run_spec, stage_learning_rate,
-                                    stage_steps, validate_config)
+from deebert_jax.run_config import (RUN_SPEC_FILE, STAGES, check_max_seq_length, check_run_spec, compute_dtype,
+                                    stage_learning_rate, stage_steps, validate_config)
 from deebert_jax.runtime import AXIS, MetricsLog, maybe_initialize_distributed, pmap_devices, replicate, \
     unreplicate, workdir_lock
 
@@ -173,7 +173,8 @@ def make_train_step(config: DeeBertConfig, tx: optax.GradientTransformation, sch
 
     `batch` holds this device's rows: input_ids, attention_mask, token_type_ids [b, S], labels [b].
     Gradients and metrics are averaged over `axis_name`; equal per-device batches make that the
-    global-batch mean. Dropout uses `fold_in(fold_in(dropout_key, step), device)`, so a resumed run
+    global-batch mean. `dtype` is the compute dtype: under bfloat16 the matmuls and activations are
+    bf16, while parameters, gradients, optimizer state, softmax, layer norm and the loss stay float32. Dropout uses `fold_in(fold_in(dropout_key, step), device)`, so a resumed run
     draws the same masks. Metrics: loss, accuracy, grad_norm, learning_rate, finite (1.0 when the
     loss, gradients and new parameters are all finite).
     """
@@ -211,11 +212,12 @@ def make_train_step(config: DeeBertConfig, tx: optax.GradientTransformation, sch
 
 
 @functools.lru_cache(maxsize=8)
-def pmapped_train_step(config: DeeBertConfig, stage: int, settings: OptimizerSettings, devices: tuple | None = None):
+def pmapped_train_step(config: DeeBertConfig, stage: int, settings: OptimizerSettings, devices: tuple | None = None,
+                       dtype: str = "float32"):
     """-> (pmapped step with the state donated, its optimizer). Cached: a second run in the same
-    process with the same model, stage and settings reuses the compiled step."""
+    process with the same model, stage, settings and compute dtype reuses the compiled step."""
     tx = settings.optimizer()
-    step = make_train_step(config, tx, settings.schedule(), stage)
+    step = make_train_step(config, tx, settings.schedule(), stage, dtype=jnp.dtype(dtype))
     return jax.pmap(step, axis_name=AXIS, devices=devices, donate_argnums=(0,)), tx
 
 
@@ -259,7 +261,8 @@ def run_stage(ctx: RunContext, stage: int, params: Params) -> Params:
     settings = OptimizerSettings(stage_learning_rate(cfg, stage), total,
                                  int(round(float(cfg.get("warmup_ratio", 0.0)) * total)), float(cfg.weight_decay),
                                  float(cfg.adam_b1), float(cfg.adam_b2), float(cfg.adam_eps), float(cfg.max_grad_norm))
-    p_step, tx = pmapped_train_step(config, stage, settings, pmap_devices(ctx.devices))
+    dtype = compute_dtype(cfg)
+    p_step, tx = pmapped_train_step(config, stage, settings, pmap_devices(ctx.devices), dtype)
     state = init_train_state(params, tx, stage, config.num_hidden_layers)
     manager = TrainCheckpointManager(os.path.join(ctx.workdir, "checkpoints", f"stage{stage}"),
                                      max_to_keep=int(cfg.keep_checkpoints))
@@ -267,7 +270,8 @@ def run_stage(ctx: RunContext, stage: int, params: Params) -> Params:
     # What decides the trajectory; a resumed run must agree with it to end where the first would have.
     run_spec = {"optimizer": dataclasses.asdict(settings), "model": config.to_dict(), "seed": int(cfg.seed),
                 "global_batch_size": global_batch, "task": ctx.task,
-                "train_examples": data_lib.num_examples(ctx.train), "max_seq_length": int(cfg.max_seq_length)}
+                "train_examples": data_lib.num_examples(ctx.train), "max_seq_length": int(cfg.max_seq_length),
+                "dtype": dtype}
     check_run_spec(os.path.join(manager.directory, RUN_SPEC_FILE), run_spec, resuming=bool(start))
     if start:
         # The newest intact step: a damaged one (a file cut short or lost) is set aside with a warning.

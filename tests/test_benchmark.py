@@ -57,6 +57,33 @@ def test_cli_writes_valid_json_table_and_plot(tiny_run):
     assert all(r["seq_len"] == 16 and r["runs"] == 3 for r in result["rows"])
     assert result["inputs"].startswith("synthetic dev")
     assert {t["target"] for t in result["targets"]} >= {"P1", "P2", "P6"}
+    assert result["precision"] == "fp32" and result["dtype"] == "float32"
+    assert result["precision_settings"]["jax_default_matmul_precision"] == "highest"
+    assert result["precision_settings"]["torch_float32_matmul_precision"] == "highest"
+    assert "**precision** fp32 on both sides" in out.with_suffix(".md").read_text()
+
+
+def test_precision_names_and_the_older_dtype_flag():
+    from deebert_jax.precision import Precision, PrecisionError, resolve
+    assert resolve(None) == Precision("fp32") and resolve(None, "bfloat16") == Precision("bf16")
+    assert resolve("tf32", "float32").dtype == "float32" and resolve("bf16").dtype == "bfloat16"
+    assert (Precision("tf32").jax_matmul_precision, Precision("tf32").torch_matmul_precision) == ("tensorfloat32", "high")
+    with pytest.raises(PrecisionError, match="--dtype float32"):
+        resolve("bf16", "float32")
+    with pytest.raises(PrecisionError, match="'fp16'"):
+        Precision("fp16")
+
+
+def test_render_of_a_file_from_before_precision_existed(tiny_run, tmp_path):
+    _, result = tiny_run
+    older = {k: v for k, v in result.items() if k not in ("precision", "precision_settings")}
+    (tmp_path / "cpu.json").write_text(json.dumps(older))
+    bm.render(str(tmp_path / "cpu.json"))   # a CPU run: float32 is fp32, whatever the matmul precision flag
+    assert json.loads((tmp_path / "cpu.json").read_text())["precision"] == "fp32"
+    gpu = dict(older, rows=[dict(r, device="gpu") for r in older["rows"]])
+    (tmp_path / "gpu.json").write_text(json.dumps(gpu))
+    with pytest.raises(bm.BenchmarkError, match="gpu.json: no 'precision' recorded and not a CPU run"):
+        bm.render(str(tmp_path / "gpu.json"))
 
 
 def test_cli_rows_report_exits_of_both_backends(tiny_run):
@@ -145,9 +172,11 @@ def _row(**kw):
 
 
 def test_validate_names_the_key_at_fault():
-    good = {"device": "cpu", "versions": {"jax": "x", "torch": "y"}, "rows": [_row()]}
+    good = {"device": "cpu", "versions": {"jax": "x", "torch": "y"}, "precision": "fp32", "rows": [_row()]}
     bm.validate(good)
     for broken, key in [({**good, "rows": []}, "rows"),
+                        ({k: v for k, v in good.items() if k != "precision"}, "precision"),
+                        ({**good, "precision": "float32"}, "precision"),
                         ({k: v for k, v in good.items() if k != "device"}, "device"),
                         ({**good, "rows": [_row(median_ms="fast")]}, "median_ms"),
                         ({**good, "rows": [_row(backend="tf")]}, "backend"),

@@ -66,7 +66,8 @@ def test_config_files_keep_their_values(name):
     import pathlib
 
     snapshot = json.loads((pathlib.Path(__file__).parent / "data" / "config_values.json").read_text())
-    assert _config_json(name) == json.dumps(snapshot[name], sort_keys=True)
+    added_since = {"dtype": "float32"}   # fields added after the snapshot, at the value runs had before
+    assert _config_json(name) == json.dumps({**added_since, **snapshot[name]}, sort_keys=True)
 
 
 @pytest.mark.parametrize("alias, arg", [

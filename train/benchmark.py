@@ -20,6 +20,7 @@ from train.cli import floats, ints, run
 
 def parse_args(argv=None) -> argparse.Namespace:
     from deebert_jax.benchmarking import DEFAULT_THRESHOLDS, MIN_RUNS, RANDOM_MODELS, available_cpus
+    from deebert_jax.precision import PRECISIONS
     p = argparse.ArgumentParser(prog="python -m train.benchmark", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="deebert-jax (orbax) checkpoint directory")
@@ -41,7 +42,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=available_cpus(), help="threads for XLA and torch alike")
     p.add_argument("--device", choices=("cpu", "auto"), default="cpu",
                    help="cpu (default), or auto: both frameworks on the GPU when one is present")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="fp32 (IEEE float32 matmuls, the default), tf32 or bf16, the same on both sides "
+                        "(deebert_jax.precision)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="older spelling: float32 = --precision fp32, bfloat16 = --precision bf16")
     p.add_argument("--schedule", choices=("interleaved", "blocked"), default="interleaved")
     p.add_argument("--backends", default="jax,torch", help="comma-separated subset of jax,torch")
     p.add_argument("--layout", choices=("unstacked", "stacked"), default="unstacked",
@@ -75,6 +80,8 @@ def _main(argv: list[str]) -> int:
         return 0
     from deebert_jax.fileutil import check_output_file
     check_output_file(args.out)   # before the timing, not after it
+    from deebert_jax import precision as precision_lib
+    precision = precision_lib.resolve(args.precision, args.dtype)
     import jax
     # Both must be fixed before JAX starts its backends (importing jax does not start them).
     bm.set_thread_env(args.threads)
@@ -86,10 +93,11 @@ def _main(argv: list[str]) -> int:
     from deebert_jax.modeling import init_params
 
     torch.set_num_threads(args.threads)
+    precision_record = precision_lib.apply(precision)   # before anything is traced or loaded
     from deebert_jax.calibration import with_policy_threshold
     thresholds = args.thresholds or with_policy_threshold(bm.DEFAULT_THRESHOLDS, args.checkpoint, bm.BenchmarkSpec.rule)
     spec = bm.BenchmarkSpec(batch_sizes=args.batch_sizes, thresholds=thresholds, runs=args.runs,
-                            warmup=args.warmup, schedule=args.schedule, dtype=args.dtype, layout=args.layout,
+                            warmup=args.warmup, schedule=args.schedule, dtype=precision.dtype, layout=args.layout,
                             ablation=args.ablation, exit_aware=args.exit_aware,
                             backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()))
     spec.check()
@@ -110,17 +118,18 @@ def _main(argv: list[str]) -> int:
     jax_platform = jax.devices()[0].platform
     torch_device = bm.torch_device_for(jax_platform)
     env = bm.environment(args.threads, torch_device, args.probe_size)
-    print(f"device: {env['device']}; threads: {env['threads']}; matmul GFLOP/s: {env['matmul_gflops']}",
-          file=sys.stderr)
+    print(f"device: {env['device']}; threads: {env['threads']}; precision: {precision.name}; "
+          f"matmul GFLOP/s: {env['matmul_gflops']}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="deebert-bench-") as tmp:
         torch_model = None
         if "torch" in spec.backends:
-            torch_model = bm.torch_twin(config, params, os.path.join(tmp, "torch"), torch_device, args.dtype)
+            torch_model = bm.torch_twin(config, params, os.path.join(tmp, "torch"), torch_device, precision.dtype)
         rows = bm.run_benchmark(config, params, arrays, spec, torch_model=torch_model,
                                 torch_device=torch_device, show_progress=not args.no_progress)
     # Paths under the checkout are recorded relative to it, so results read the same on any machine.
     result = {**env, "model": model_name, "inputs": inputs, "runs": spec.runs, "warmup": spec.warmup,
-              "schedule": spec.schedule, "dtype": spec.dtype, "rule": spec.rule, "jax_params_layout": spec.layout,
+              "schedule": spec.schedule, "dtype": spec.dtype, "precision": precision.name,
+              "precision_settings": precision_record, "rule": spec.rule, "jax_params_layout": spec.layout,
               "command": relative_paths("python -m train.benchmark " + shlex.join(argv)),
               "load_average_after": bm.load_average(), "rows": rows}
     result["targets"] = bm.check_targets(result)
