@@ -292,3 +292,25 @@ def test_profile_layer_times_every_piece(capsys):
     lines = capsys.readouterr().out.splitlines()
     timed = [line for line in lines[1:] if line.strip().split()[1] == "ms"]
     assert len(timed) == 13 and all(float(line.split()[0]) > 0 for line in timed)
+
+
+# ----------------------------------------------------------------------------------------------
+# The training-step benchmark: the same weights, device and precision on both sides (schema only).
+
+def test_benchmark_train_records_its_precision_and_device(tmp_path):
+    from deebert_jax import step_benchmark
+    from train.benchmark_train import main
+    out = tmp_path / "bt.json"
+    result = main(["--random-model", "tiny", "--precision", "tf32", "--batch-size", "8", "--seq-len", "16",
+                   "--steps", "1", "--warmup", "1", "--out", str(out)])
+    written = json.loads(out.read_text())
+    step_benchmark.validate(written)
+    assert written == json.loads(json.dumps(result))
+    assert written["precision"] == "tf32" and written["precision_settings"]["torch_float32_matmul_precision"] == "high"
+    assert written["model"] == "random tiny" and (written["jax_platform"], written["torch_device"]) == ("cpu", "cpu")
+    assert set(written["median_step_seconds"]) == {"torch_adamw", "jax_stage1", "jax_stage2"}
+    for key in ("precision", "torch_device"):
+        with pytest.raises(ValueError, match=key):
+            step_benchmark.validate({k: v for k, v in written.items() if k != key})
+    with pytest.raises(ValueError, match="'precision'='float32'"):
+        step_benchmark.validate(dict(written, precision="float32"))
