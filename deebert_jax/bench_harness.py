@@ -38,6 +38,13 @@ def set_thread_env(threads: int) -> None:
     os.environ["NPROC"] = str(threads)
 
 
+def share_accelerator_memory() -> None:
+    """Lets JAX and PyTorch share one accelerator in one process: JAX otherwise claims 75% of GPU
+    memory when its client starts, and PyTorch's training step runs out of what is left. Call
+    before JAX runs anything; a value the user set is kept. No effect on the CPU."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
 def available_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))

@@ -22,8 +22,8 @@ import numpy as np
 # Re-exported: this module used to hold the harness and the report.
 from deebert_jax.bench_harness import (  # noqa: F401
     BACKENDS, BenchmarkError, Cell, Timing, available_cpus, batch_rows, check_inputs, cpu_model, environment,
-    load_average, matmul_gflops, random_inputs, run_cells, set_thread_env, sync_torch, time_calls,
-    time_interleaved, timed, torch_device_for, typical_mean_ms, versions, xla_cpu_threads)
+    load_average, matmul_gflops, random_inputs, run_cells, set_thread_env, share_accelerator_memory, sync_torch,
+    time_calls, time_interleaved, timed, torch_device_for, typical_mean_ms, versions, xla_cpu_threads)
 from deebert_jax.bench_report import (  # noqa: F401
     P1_CPU, P1_GPU, P2_MAX, P3_MIN, P6_MAX_S, ROW_KEYS, check_targets, contention_warning, markdown,
     multithreaded_contention, plot, render, validate, write_outputs)

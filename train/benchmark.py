@@ -85,6 +85,7 @@ def _main(argv: list[str]) -> int:
     import jax
     # Both must be fixed before JAX starts its backends (importing jax does not start them).
     bm.set_thread_env(args.threads)
+    bm.share_accelerator_memory()
     if args.device == "cpu":
         jax.config.update("jax_platforms", "cpu")
     import torch

@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--ramp-scale", type=float, default=2.0,
                    help="synthetic ramps: spread (std over the pool) of each ramp's centred logits")
     p.add_argument("--seed", type=int, default=0, help="synthetic ramps: random seed")
-    p.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR", os.path.join("..", "shared", "data", "glue")))
+    p.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"), help="local GLUE folder (default $GLUE_DIR)")
     p.add_argument("--pool", type=int, default=256, help="examples timed (the first N of SST-2 dev)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32, help="batch of the plain loop")
@@ -95,7 +95,7 @@ def load_pool(args, config, source):
     import numpy as np
     from deebert_jax.data import DataError
 
-    path = os.path.join(args.glue_dir, "SST-2", "dev.tsv")
+    path = os.path.join(args.glue_dir, "SST-2", "dev.tsv") if args.glue_dir else ""
     tokenizer_file = os.path.join(source, "tokenizer.json") if os.path.isdir(source) else ""
     if os.path.isfile(path) and os.path.isfile(tokenizer_file):
         from tokenizers import Tokenizer

@@ -51,13 +51,14 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     from deebert_jax import precision as precision_lib
     from deebert_jax import step_benchmark
-    from deebert_jax.bench_harness import load_average, set_thread_env
+    from deebert_jax.bench_harness import load_average, set_thread_env, share_accelerator_memory
     from deebert_jax.fileutil import atomic_write_text, check_output_file
     from deebert_jax.model_loading import default_init_checkpoint
     from deebert_jax.report import relative_paths
     if args.out:
         check_output_file(args.out)   # before the timing, not after it
 
+    share_accelerator_memory()   # both frameworks' models and steps on one GPU
     if args.threads:
         set_thread_env(args.threads)   # before JAX starts its CPU client
         import torch
