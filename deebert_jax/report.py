@@ -155,7 +155,9 @@ def format_markdown_section(meta: Mapping[str, Any], results: Mapping[str, Any],
     if target is not None:
         out += ["", target]
     out += ["", f"![{task} trade-off]({pngs['tradeoff']})", "",
-            f"Latency ({bench.get('device')}, threads {bench.get('threads')}; `{relative_paths(bench.get('command', ''))}`):", ""]
+            f"Latency ({bench.get('device')}, threads {bench.get('threads')}"
+            + (f", precision {bench['precision']} on both sides" if bench.get("precision") else "")
+            + f"; `{relative_paths(bench.get('command', ''))}`):", ""]
     rows = sorted(bench["rows"], key=lambda r: (r["batch_size"], r["backend"], r["mode"] != "full", r["threshold"] or 0))
     out += _md_table(["backend", "mode", "batch", "threshold", "median ms", "p90 ms", "mean exit layer",
                       "wall saving"],

@@ -120,7 +120,7 @@ def _demo(argv) -> int:
           + (f"the first {limit} training examples (train_limit; 0 = all)" if limit else "the full training set")
           + f", length {cfg.max_seq_length}, {cfg.stage1_epochs:g} + {cfg.stage2_epochs:g} epochs; off-ramps read "
           + ("the mean of the tokens" if ramp_pooling(cfg.to_dict()) == "mean" else "the first token"))
-    print(f"device: {bench.get('device')}, threads {bench.get('threads')}")
+    print(f"device: {bench.get('device')}, threads {bench.get('threads')}, precision {bench.get('precision')}")
     print(format_summary(results, bench, batch))
     print(target_line(results) or "")
     print("\nfiles:")
