@@ -37,19 +37,23 @@ def _inputs(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.nda
 @contextlib.contextmanager
 def jax_defaults():
     """While open, models are built as JAX and Flax ship them: threefry with JAX's rolled CPU
-    lowering and dense kernel gradients from autodiff (what `cpu_rng` and `matmul` replace)."""
+    lowering, dense kernel gradients and attention's backward from autodiff, a rolled layer scan,
+    `nn.Dropout` and the activation as they are (what `cpu_rng`, `matmul`, `attention` and
+    `fusion` change). The process's malloc settings (`cpu_memory`) cannot be undone."""
     from jax import lax
 
-    from deebert_jax import cpu_rng, modeling
+    from deebert_jax import attention, cpu_rng, modeling
 
-    saved = modeling.dense_dot_general
+    saved = modeling.dense_dot_general, modeling.attention_core, modeling._cpu_training_layout
     modeling.dense_dot_general = lax.dot_general
+    modeling.attention_core = attention.attention_autodiff
+    modeling._cpu_training_layout = False
     cpu_rng.fuse_threefry_on_cpu()   # once, now: `make_train_step`'s own call must not undo the next line
     cpu_rng.register_threefry_lowering(unrolled=False)
     try:
         yield
     finally:
-        modeling.dense_dot_general = saved
+        modeling.dense_dot_general, modeling.attention_core, modeling._cpu_training_layout = saved
         cpu_rng.register_threefry_lowering(unrolled=True)
 
 
@@ -107,7 +111,8 @@ def torch_step(model_dir: str, batch: dict):
         loss = model(input_ids=tb["input_ids"], attention_mask=tb["attention_mask"],
                      token_type_ids=tb["token_type_ids"], labels=tb["labels"]).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        with torch.profiler.record_function("clip_grad_norm_"):   # named in `train.profile_step --torch`
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -134,6 +139,8 @@ def main(argv=None) -> dict:
         check_output_file(args.out)   # before the timing, not after it
 
     from deebert_jax.bench_harness import available_cpus, load_average, set_thread_env, versions, xla_cpu_threads
+    from deebert_jax.cpu_memory import keep_freed_memory
+    kept = keep_freed_memory()   # as `train.train` runs; before either framework computes anything
     if args.threads:
         set_thread_env(args.threads)   # before JAX starts its CPU client
         import torch
@@ -164,6 +171,7 @@ def main(argv=None) -> dict:
                   f"{os.cpu_count()} cores)",
         "versions": versions(),
         "cpu_cores": available_cpus(),
+        "keep_freed_memory": kept,
         # XLA's CPU pool and PyTorch's intra-op threads, as they ran (not as requested).
         "threads": {"xla_cpu": xla_cpu_threads(), "torch": torch.get_num_threads(),
                     "torch_interop": torch.get_num_interop_threads()},
