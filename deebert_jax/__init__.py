@@ -1,5 +1,11 @@
 """deebert-jax: DeeBERT (dynamic early exiting for BERT) in JAX/Flax."""
 
+# First, before anything here imports JAX (whose import starts a thread): glibc's malloc settings
+# only hold for threads that have not allocated yet. DEEBERT_KEEP_FREED_MEMORY=0 turns it off.
+from deebert_jax.cpu_memory import keep_freed_memory as _keep_freed_memory
+
+_keep_freed_memory()
+
 from deebert_jax.config import ConfigError, DeeBertConfig
 from deebert_jax.modeling import DeeBert, init_params, layer_step, stack_params, unstack_params
 from deebert_jax.convert import (CheckpointError, convert_pytorch_checkpoint, export_pytorch_checkpoint,

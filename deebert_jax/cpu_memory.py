@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 # mallopt(3) parameters (malloc.h).
@@ -20,16 +21,17 @@ _applied = False
 
 def keep_freed_memory() -> bool:
     """glibc on Linux: one malloc arena, large blocks from the heap, never trimmed -> True.
-    Elsewhere nothing is done -> False.
+    Elsewhere, or with DEEBERT_KEEP_FREED_MEMORY=0 in the environment, nothing is done -> False.
 
-    Process-wide, and only for threads that have not allocated yet: call it before JAX or PyTorch
-    computes anything (the training and benchmark CLIs do, first thing). The price: the process
-    keeps its peak heap until it exits.
+    Process-wide, and only for threads that have not allocated yet: a thread that already has an
+    arena of its own keeps it, and such an arena still maps large blocks afresh. Importing
+    `deebert_jax` calls it before it imports JAX (`import jax` starts a thread), so import it
+    before JAX. The price: the process keeps its peak heap until it exits.
     """
     global _applied
     if _applied:
         return True
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or os.environ.get("DEEBERT_KEEP_FREED_MEMORY", "1") == "0":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
