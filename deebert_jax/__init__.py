@@ -1,5 +1,13 @@
 """deebert-jax: DeeBERT (dynamic early exiting for BERT) in JAX/Flax."""
 
+# Before anything below imports JAX (whose import starts a thread): glibc's malloc settings hold
+# only for threads that have not allocated yet. Opt-in (DEEBERT_KEEP_FREED_MEMORY=1, which the
+# command-line entry points set): it changes the whole process's malloc.
+from deebert_jax import cpu_memory as _cpu_memory
+
+if _cpu_memory.requested_at_import():
+    _cpu_memory.keep_freed_memory()
+
 from deebert_jax.config import ConfigError, DeeBertConfig
 from deebert_jax.modeling import DeeBert, init_params, layer_step, stack_params, unstack_params
 from deebert_jax.convert import (CheckpointError, convert_pytorch_checkpoint, export_pytorch_checkpoint,

@@ -6,7 +6,9 @@ CPU backend hands only matmuls contracting the left operand's last dimension to 
 library kernels; the transposed form went to a generic loop that ran a MiniLM-L6 training step's
 weight gradients at about half the forward matmuls' rate (`docs/performance.md`). Here `x^T` is
 materialized once (an optimization barrier stops XLA folding the transpose back into the
-matmul), so the kernel gradient is a plain matmul. Values agree with autodiff's to float
+matmul), so the kernel gradient is a plain matmul; where the output gradient g is the narrower
+operand (the FFN's output layer: g [tokens, 384] against x [tokens, 1536]), g^T is transposed
+instead and the small [n_out, n_in] product transposed back. Values agree with autodiff's to float
 rounding (tests/test_matmul.py).
 """
 
@@ -30,7 +32,13 @@ def _forward(x, kernel):
 def _backward(residuals, g):
     x, kernel = residuals
     x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    d_kernel = lax.optimization_barrier(x2.T) @ g2                       # [n_in, tokens] @ [tokens, n_out]
+    if g2.shape[1] < x2.shape[1]:
+        # The narrower operand is transposed: for the FFN's output layer ([tokens, 1536] in,
+        # [tokens, 384] out) g^T is a quarter of x^T's size, and the [n_out, n_in] product's
+        # transpose is small. Both barriers keep XLA from folding a transpose back into the dot.
+        d_kernel = lax.optimization_barrier(lax.optimization_barrier(g2.T) @ x2).T  # ([n_out, tokens] @ [tokens, n_in])^T
+    else:
+        d_kernel = lax.optimization_barrier(x2.T) @ g2                   # [n_in, tokens] @ [tokens, n_out]
     d_x = lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))  # g @ kernel^T
     return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
 

@@ -26,12 +26,31 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deebert_jax import attention as attention_lib
 from deebert_jax.config import DeeBertConfig
+from deebert_jax.fusion import computed_once, stored_derivative
 from deebert_jax.matmul import dense_dot_general
 from deebert_jax.trees import stack_trees, unstack_tree
 from deebert_jax.validation import check_model_inputs
 
 Params = Any
+
+# Self-attention's core; `train.benchmark_train.jax_defaults` swaps in the autodiff form.
+attention_core = attention_lib.attention
+# The training graph's CPU layout: layers unrolled, dropout masks and the activation's derivative
+# computed once (`fusion`). `jax_defaults` turns it off to build the graph as Flax ships it.
+_cpu_training_layout = True
+
+
+def _on_cpu() -> bool:
+    """Whether the graph being traced is for the CPU. The CPU-tuned pieces (`matmul`, `attention`'s
+    backward, `fusion`, unrolled training layers) were chosen by CPU profiles; elsewhere the graph
+    stays as JAX and Flax build it until measurements there say otherwise (docs/performance.md)."""
+    return jax.default_backend() == "cpu"
+
+
+def _cpu_layout() -> bool:
+    return _cpu_training_layout and _on_cpu()
 
 
 def activation(name: str):
@@ -59,7 +78,8 @@ def _dense(config: DeeBertConfig, features: int, name: str, dtype, encoder: bool
     # The encoder's dense layers take `matmul.dense_dot_general` (kernel gradients as plain
     # matmuls on the CPU). The ramps' small heads keep lax's: they run under `nn.vmap`, where a
     # custom VJP rejects NumPy parameters, and their gradients cost next to nothing.
-    return nn.Dense(features, dtype=dtype, name=name, dot_general=dense_dot_general if encoder else None,
+    dot_general = dense_dot_general if encoder and _on_cpu() else None
+    return nn.Dense(features, dtype=dtype, name=name, dot_general=dot_general,
                     kernel_init=nn.initializers.normal(config.initializer_range))
 
 
@@ -102,6 +122,17 @@ class Embeddings(nn.Module):
         return x.astype(self.dtype)
 
 
+class _DropoutMask(nn.Module):
+    """The keep mask `nn.Dropout(rate)` would draw for an input of `shape` (bool)."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, shape):
+        keep = jax.random.bernoulli(self.make_rng("dropout"), p=1.0 - self.rate, shape=shape)
+        return computed_once(keep) if _cpu_layout() else keep
+
+
 class Layer(nn.Module):
     """One post-LayerNorm BERT encoder layer."""
 
@@ -121,22 +152,38 @@ class Layer(nn.Module):
         # Heads as [B, heads, S, head_dim] and keys as [B, heads, head_dim, S]: batch dimensions
         # leading and each operand laid out for a plain batched matmul. XLA's CPU backend ran the
         # equivalent einsums 3-4x slower (same values, bit for bit; docs/performance.md).
-        heads = lambda t, order: jnp.transpose(t.reshape(B, t.shape[1], c.num_attention_heads, c.head_dim), order)
-        q = heads(_dense(c, H, "query", dt)(queries), (0, 2, 1, 3))
-        k = heads(_dense(c, H, "key", dt)(hidden), (0, 2, 3, 1))
-        v = heads(_dense(c, H, "value", dt)(hidden), (0, 2, 1, 3))
-        scores = (q @ k).astype(jnp.float32) / jnp.sqrt(c.head_dim).astype(jnp.float32)
-        scores = scores + mask_bias[:, None, None, :].astype(jnp.float32)
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=self.deterministic)
-        context = jnp.transpose(probs.astype(dt) @ v, (0, 2, 1, 3)).reshape(queries.shape)
+        # (`attention.attention` lays them out; its backward keeps those layouts.)
+        heads = lambda t: t.reshape(B, t.shape[1], c.num_attention_heads, c.head_dim)
+        q = heads(_dense(c, H, "query", dt)(queries))
+        k = heads(_dense(c, H, "key", dt)(hidden))
+        v = heads(_dense(c, H, "value", dt)(hidden))
+        rate = c.attention_probs_dropout_prob
+        keep = None
+        if not self.deterministic and rate > 0.0:
+            # nn.Dropout's own draw (same scope name, same key, same bits); applied in `attention`.
+            keep = _DropoutMask(rate, name="Dropout_0")((B, c.num_attention_heads, queries.shape[1], S))
+        core = attention_core if _on_cpu() else attention_lib.attention_autodiff
+        context = core(q, k, v, mask_bias, keep, rate).reshape(queries.shape)
         attn = _dense(c, H, "attention_output", dt)(context)
-        attn = nn.Dropout(c.hidden_dropout_prob)(attn, deterministic=self.deterministic)
+        attn = self._dropout(attn, c.hidden_dropout_prob, "Dropout_1")
         attn = _layer_norm(c, "attention_LayerNorm")(attn + queries).astype(dt)
-        ff = activation(c.hidden_act)(_dense(c, c.intermediate_size, "intermediate", dt)(attn))
+        act = activation(c.hidden_act)
+        if _cpu_layout() and not self.deterministic:
+            act = stored_derivative(act)
+        ff = act(_dense(c, c.intermediate_size, "intermediate", dt)(attn))
         ff = _dense(c, H, "output", dt)(ff)
-        ff = nn.Dropout(c.hidden_dropout_prob)(ff, deterministic=self.deterministic)
+        ff = self._dropout(ff, c.hidden_dropout_prob, "Dropout_2")
         return _layer_norm(c, "output_LayerNorm")(ff + attn).astype(dt)
+
+    def _dropout(self, x, rate, name):
+        """`nn.Dropout(rate, name=name)`'s output, bit for bit (same key, same select), the mask
+        drawn once (`fusion.computed_once`)."""
+        if not _cpu_layout():
+            return nn.Dropout(rate, name=name)(x, deterministic=self.deterministic)
+        if self.deterministic or rate == 0.0:
+            return x
+        keep = _DropoutMask(rate, name=name)(x.shape)
+        return jax.lax.select(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
 class Ramp(nn.Module):
@@ -190,8 +237,12 @@ class DeeBert(nn.Module):
             return hidden, (hidden[:, 0], mean_of_real_tokens(hidden, mask_bias) if mean else None)
 
         # Lifting a bound Layer keeps its parameters at params["layers"] with a leading L axis.
+        # Training unrolls it: a rolled scan keeps the backward's residuals in zero-filled [L, ...]
+        # buffers written one layer at a time (0.6 s of a 5 s MiniLM step on one CPU thread);
+        # unrolled, each layer's are buffers of their own. Same values, same dropout keys.
         scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                       in_axes=nn.broadcast, length=c.num_hidden_layers)
+                       in_axes=nn.broadcast, length=c.num_hidden_layers,
+                       unroll=c.num_hidden_layers if train and _cpu_layout() else 1)
         mask_bias = attention_bias(attention_mask, self.dtype)
         _, per_layer = scan(Layer(c, self.dtype, not train, name="layers"), hidden, mask_bias)
         if output_hidden_states:

@@ -118,3 +118,54 @@ def largest_hlo_dump(dump_dir: str, contains: str = "") -> str:
         raise FileNotFoundError(f"{dump_dir}: no optimized HLO dump{f' for {contains!r}' if contains else ''}")
     with open(max(paths, key=os.path.getsize), encoding="utf-8") as f:
         return f.read()
+
+
+# PyTorch's eager step, for comparison: the same categories, from torch.profiler's CPU events.
+
+TORCH_CATEGORIES = ("matmul, forward", "matmul, backward", "softmax", "layer norm", "dropout", "gelu",
+                    "optimizer (clipping, AdamW)", "other")
+_TORCH_MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::baddbmm")
+
+
+def torch_category(name: str, backward: bool, optimizer: bool) -> str:
+    """Which of `TORCH_CATEGORIES` an aten op belongs to (`backward`: run by autograd; `optimizer`:
+    under the gradient clipping or the optimizer step)."""
+    if optimizer:
+        return "optimizer (clipping, AdamW)"
+    if name in _TORCH_MATMULS:
+        return "matmul, backward" if backward else "matmul, forward"
+    for word, cat in (("softmax", "softmax"), ("layer_norm", "layer norm"), ("bernoulli", "dropout"),
+                      ("dropout", "dropout"), ("gelu", "gelu")):
+        if word in name:
+            return cat
+    return "other"
+
+
+def torch_op_table(events, runs: int = 1) -> list[dict]:
+    """torch.profiler `prof.events()` -> per (op, forward/backward, optimizer): {name, ms (self CPU
+    time per run), calls, backward, category}, slowest first. An op is backward when an autograd
+    node is among its callers, optimizer when clipping or `Optimizer.step` is."""
+    total, calls = collections.Counter(), collections.Counter()
+    for event in events:
+        callers, parent = [], event.cpu_parent
+        while parent is not None:
+            callers.append(parent.name)
+            parent = parent.cpu_parent
+        backward = any("Backward" in n or n.startswith("autograd::engine") for n in callers + [event.name])
+        optimizer = any(n.startswith("Optimizer.") or "clip_grad" in n for n in callers + [event.name])
+        key = (event.name, backward, optimizer)
+        total[key] += event.self_cpu_time_total
+        calls[key] += 1
+    ops = []
+    for (name, backward, optimizer), us in total.most_common():
+        ops.append({"name": name, "ms": us / 1e3 / runs, "calls": calls[(name, backward, optimizer)] / runs,
+                    "backward": backward, "category": torch_category(name, backward, optimizer)})
+    return ops
+
+
+def by_torch_category(ops: Iterable[dict]) -> dict[str, float]:
+    """-> milliseconds per `TORCH_CATEGORIES` entry (all present, slowest first)."""
+    sums = {c: 0.0 for c in TORCH_CATEGORIES}
+    for op in ops:
+        sums[op["category"]] += op["ms"]
+    return dict(sorted(sums.items(), key=lambda kv: -kv[1]))

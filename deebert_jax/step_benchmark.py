@@ -54,19 +54,23 @@ def export_random_model(name: str, directory: str, seed: int = 0) -> str:
 @contextlib.contextmanager
 def jax_defaults():
     """While open, models are built as JAX and Flax ship them: threefry with JAX's rolled CPU
-    lowering and dense kernel gradients from autodiff (what `cpu_rng` and `matmul` replace)."""
+    lowering, dense kernel gradients and attention's backward from autodiff, a rolled layer scan,
+    `nn.Dropout` and the activation as they are (what `cpu_rng`, `matmul`, `attention` and
+    `fusion` change). The process's malloc settings (`cpu_memory`) cannot be undone."""
     from jax import lax
 
-    from deebert_jax import cpu_rng, modeling
+    from deebert_jax import attention, cpu_rng, modeling
 
-    saved = modeling.dense_dot_general
+    saved = modeling.dense_dot_general, modeling.attention_core, modeling._cpu_training_layout
     modeling.dense_dot_general = lax.dot_general
+    modeling.attention_core = attention.attention_autodiff
+    modeling._cpu_training_layout = False
     cpu_rng.fuse_threefry_on_cpu()   # once, now: `make_train_step`'s own call must not undo the next line
     cpu_rng.register_threefry_lowering(unrolled=False)
     try:
         yield
     finally:
-        modeling.dense_dot_general = saved
+        modeling.dense_dot_general, modeling.attention_core, modeling._cpu_training_layout = saved
         cpu_rng.register_threefry_lowering(unrolled=True)
 
 
@@ -133,7 +137,8 @@ def torch_step(model_dir: str, batch: dict, device: str = "cpu", precision: Prec
             loss = model(input_ids=tb["input_ids"], attention_mask=tb["attention_mask"],
                          token_type_ids=tb["token_type_ids"], labels=tb["labels"]).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        with torch.profiler.record_function("clip_grad_norm_"):   # named in `train.profile_step --torch`
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync_torch(device)
@@ -149,6 +154,7 @@ def run(model_dir: str, model_name: str, batch_size: int, seq_len: int, steps: i
 
     from deebert_jax.bench_harness import available_cpus, load_average, time_interleaved, torch_device_for, \
         versions, xla_cpu_threads
+    from deebert_jax import cpu_memory
     from deebert_jax.bench_report import contention_warning
 
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
@@ -174,6 +180,7 @@ def run(model_dir: str, model_name: str, batch_size: int, seq_len: int, steps: i
         "precision": precision.name, "precision_settings": precision.record(),
         "versions": versions(),
         "cpu_cores": available_cpus(),
+        "keep_freed_memory": cpu_memory.applied(),   # process-wide: both frameworks run with it
         # XLA's CPU pool and PyTorch's intra-op threads, as they ran (not as requested).
         "threads": {"xla_cpu": xla_cpu_threads(), "torch": torch.get_num_threads(),
                     "torch_interop": torch.get_num_interop_threads()},

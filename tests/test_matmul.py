@@ -16,11 +16,12 @@ def _plain(x, w):
 
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_values_and_gradients_match_autodiff(dtype, tol):
+@pytest.mark.parametrize("n_out", [6, 12])   # g narrower than x (g^T transposed) / wider (x^T)
+def test_values_and_gradients_match_autodiff(dtype, tol, n_out):
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
     x = jax.random.normal(k1, (3, 5, 8), dtype)
-    w = jax.random.normal(k2, (8, 6), dtype)
-    probe = jax.random.normal(k3, (3, 5, 6), jnp.float32)
+    w = jax.random.normal(k2, (8, n_out), dtype)
+    probe = jax.random.normal(k3, (3, 5, n_out), jnp.float32)
     np.testing.assert_array_equal(np.asarray(dense_matmul(x, w), np.float32), np.asarray(_plain(x, w), np.float32))
 
     def loss(f):

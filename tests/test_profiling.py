@@ -59,3 +59,40 @@ def test_missing_trace_or_dump_is_named(tmp_path):
     (tmp_path / "module_1.jit_a.cpu_after_optimizations.txt").write_text("small")
     (tmp_path / "module_2.jit_b.cpu_after_optimizations.txt").write_text("the larger one")
     assert profiling.largest_hlo_dump(str(tmp_path)) == "the larger one"
+
+
+def test_torch_ops_are_categorized_forward_backward_and_optimizer():
+    assert profiling.torch_category("aten::addmm", backward=False, optimizer=False) == "matmul, forward"
+    assert profiling.torch_category("aten::mm", backward=True, optimizer=False) == "matmul, backward"
+    assert profiling.torch_category("aten::bernoulli_", backward=False, optimizer=False) == "dropout"
+    assert profiling.torch_category("aten::gelu_backward", backward=True, optimizer=False) == "gelu"
+    assert profiling.torch_category("aten::native_layer_norm", backward=False, optimizer=False) == "layer norm"
+    assert profiling.torch_category("aten::mul_", backward=False, optimizer=True) == "optimizer (clipping, AdamW)"
+    assert profiling.torch_category("aten::copy_", backward=True, optimizer=False) == "other"
+
+    class Event:
+        def __init__(self, name, us, parent=None):
+            self.name, self.self_cpu_time_total, self.cpu_parent = name, us, parent
+
+    node = Event("autograd::engine::evaluate_function: AddmmBackward0", 10)
+    opt = Event("Optimizer.step#AdamW.step", 5)
+    events = [Event("aten::addmm", 3000), Event("aten::mm", 3000, Event("AddmmBackward0", 1, node)), node,
+              Event("aten::mm", 1000, Event("AddmmBackward0", 1, node)), Event("aten::lerp_", 2000, opt), opt]
+    ops = profiling.torch_op_table(events, runs=2)
+    assert ops[0] == {"name": "aten::mm", "ms": 2.0, "calls": 1.0, "backward": True, "category": "matmul, backward"}
+    cats = profiling.by_torch_category(ops)
+    assert cats["matmul, forward"] == 1.5 and cats["optimizer (clipping, AdamW)"] == 1.0025
+    assert set(cats) == set(profiling.TORCH_CATEGORIES)
+
+
+def test_profile_step_torch_writes_categories(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from train import profile_step
+    out = tmp_path / "torch.json"
+    assert profile_step.main(["--torch", "--batch-size", "2", "--seq-len", "8", "--runs", "1", "--threads", "1",
+                              "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    cats = result["categories_ms"]
+    assert result["variant"] == "torch_adamw" and set(cats) == set(profiling.TORCH_CATEGORIES)
+    assert cats["matmul, forward"] > 0 and cats["matmul, backward"] > 0 and cats["optimizer (clipping, AdamW)"] > 0
+    assert "torch_adamw: MiniLM-L6, batch 2, length 8" in capsys.readouterr().out

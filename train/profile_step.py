@@ -1,6 +1,6 @@
 """Where one training step's time goes, operation by operation (XLA's own trace events).
 
-    python -m train.profile_step [--stage 1|2] [--jax-defaults] [--threads N] [--batch-size 32]
+    python -m train.profile_step [--stage 1|2] [--jax-defaults | --torch] [--threads N] [--batch-size 32]
         [--seq-len 128] [--runs 2] [--top 25] [--out FILE.json]
 
 MiniLM-L6 (the packaged weights), the same pmapped step `train.benchmark_train` times, compiled
@@ -9,7 +9,8 @@ on. Prints the time per category (matmuls forward and backward, dropout bits, so
 bookkeeping, other) and the slowest operations with their shapes, matmul dimension numbers and
 the JAX op each came from (`deebert_jax.profiling`). `--threads 1` runs XLA on one thread, so
 operations do not overlap and their times add up to the step. `--jax-defaults` profiles the step
-as JAX ships it (see `train.benchmark_train`). The trace and HLO dump go to a temporary directory
+as JAX ships it (see `train.benchmark_train`); `--torch` profiles the eager PyTorch step it is
+compared with (torch.profiler, self CPU time per aten op, by category). The trace and HLO dump go to a temporary directory
 that is removed afterwards.
 """
 
@@ -36,15 +37,23 @@ def main(argv: list[str]) -> int:
     p.add_argument("--runs", type=positive_int, default=2, help="profiled steps (times are per step)")
     p.add_argument("--top", type=positive_int, default=25, help="operations listed")
     p.add_argument("--out", default="", help="JSON with every operation and the categories")
+    p.add_argument("--torch", action="store_true",
+                   help="profile eager PyTorch's step instead (as train.benchmark_train times it), by torch.profiler")
     args = p.parse_args(argv)
     if args.jax_defaults and args.stage != 1:
         p.error("--jax-defaults profiles stage 1 only")
+    if args.torch and (args.jax_defaults or args.stage != 1):
+        p.error("--torch profiles PyTorch's (stage-1-like) step: no --stage 2 or --jax-defaults")
 
     from deebert_jax.bench_harness import load_average, set_thread_env
     from deebert_jax.fileutil import atomic_write_text, check_output_file
 
     if args.out:
         check_output_file(args.out)
+    from deebert_jax.cpu_memory import keep_freed_memory
+    keep_freed_memory()   # as `train.train` runs
+    if args.torch:
+        return _profile_torch(args, argv)
     if args.threads:
         set_thread_env(args.threads)
     work = tempfile.mkdtemp(prefix="deebert_profile_")
@@ -93,6 +102,50 @@ def main(argv: list[str]) -> int:
             "device": jax.devices()[0].device_kind, "runs": args.runs, "total_ms": total,
             "categories_ms": categories, "operations": ops,
             "command": "python -m train.profile_step " + " ".join(argv)}, indent=1, allow_nan=False))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _profile_torch(args, argv) -> int:
+    """`--torch`: BertForSequenceClassification + AdamW (`train.benchmark_train.torch_step`), eager,
+    under torch.profiler; self CPU time per aten op, summed per category."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from deebert_jax import profiling
+    from deebert_jax.bench_harness import load_average
+    from deebert_jax.fileutil import atomic_write_text
+    from deebert_jax.model_loading import default_init_checkpoint
+    from train.benchmark_train import _inputs, torch_step
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = load_average()
+    model_dir = default_init_checkpoint()
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        vocab = json.load(f)["vocab_size"]
+    step = torch_step(model_dir, _inputs(args.batch_size, args.seq_len, vocab))
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.runs):
+            step()
+    ops = profiling.torch_op_table(prof.events(), args.runs)
+    categories = profiling.by_torch_category(ops)
+    total = sum(categories.values())
+    print(f"torch_adamw: MiniLM-L6, batch {args.batch_size}, length {args.seq_len}, torch threads "
+          f"{torch.get_num_threads()}, load average before {load_before}, after {load_average()}")
+    print(f"operations: {total:.0f} ms per step")
+    for cat, ms in categories.items():
+        print(f"{ms:9.1f} ms  {100 * ms / max(total, 1e-9):5.1f}%  {cat}")
+    print(f"\nslowest {args.top} operations (ms per step, calls per step):")
+    for op in ops[:args.top]:
+        print(f"{op['ms']:9.1f} ms x{op['calls']:<5g} {op['category']:<28} {'backward: ' if op['backward'] else ''}{op['name']}")
+    if args.out:
+        atomic_write_text(args.out, json.dumps({
+            "variant": "torch_adamw", "batch_size": args.batch_size, "seq_len": args.seq_len,
+            "threads": torch.get_num_threads(), "runs": args.runs, "total_ms": total, "categories_ms": categories,
+            "operations": ops, "command": "python -m train.profile_step " + " ".join(argv)}, indent=1, allow_nan=False))
         print(f"wrote {args.out}")
     return 0
 
