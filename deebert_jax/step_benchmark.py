@@ -43,11 +43,11 @@ def export_random_model(name: str, directory: str, seed: int = 0) -> str:
 
     from deebert_jax.benchmarking import random_model_config
     from deebert_jax.convert import export_pytorch_checkpoint
-    from deebert_jax.modeling import init_params
+    from deebert_jax.model_loading import jitted_init_params   # one compile, not one per op
     if name not in RANDOM_MODELS:
         raise ValueError(f"--random-model {name!r}: expected one of {', '.join(RANDOM_MODELS)}")
     config = random_model_config(name, num_labels=2)
-    export_pytorch_checkpoint(config, init_params(config, jax.random.PRNGKey(seed)), directory)
+    export_pytorch_checkpoint(config, jitted_init_params(config, jax.random.PRNGKey(seed)), directory)
     return directory
 
 

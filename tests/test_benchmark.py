@@ -1,6 +1,7 @@
 """The latency benchmark (schema, not speed) and the inference layout it times."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -297,6 +298,33 @@ def test_profile_layer_times_every_piece(capsys):
 # ----------------------------------------------------------------------------------------------
 # The training-step benchmark: the same weights, device and precision on both sides (schema only).
 
+def _step_result(**changes):
+    result = {"model": "random tiny", "batch_size": 8, "seq_len": 16, "steps": 1, "device": "cpu x1 (x86_64, 2 cores)",
+              "torch_device": "cpu", "precision": "bf16", "versions": {"jax": "x", "torch": "y"},
+              "threads": {"xla_cpu": 1, "torch": 1}, "load_average_before": [0.1], "load_average_after": [0.2],
+              "median_step_seconds": {"torch_adamw": 0.4, "jax_stage1": 0.2, "jax_stage2": 0.05},
+              "min_step_seconds": {"torch_adamw": 0.4, "jax_stage1": 0.2, "jax_stage2": 0.05},
+              "examples_per_second": {"torch_adamw": 20.0, "jax_stage1": 40.0, "jax_stage2": 160.0},
+              "jax_stage1_vs_torch_examples_per_second": 2.0, "stage2_vs_stage1_step_time": 0.25}
+    result.update(changes)
+    return result
+
+
+def test_benchmark_train_schema_names_the_key_at_fault():
+    from deebert_jax import step_benchmark
+    step_benchmark.validate(_step_result())
+    assert "precision bf16 on both sides" in step_benchmark.table(_step_result())
+    for key in ("precision", "torch_device"):
+        with pytest.raises(ValueError, match=key):
+            step_benchmark.validate({k: v for k, v in _step_result().items() if k != key})
+    with pytest.raises(ValueError, match="'precision'='float32'"):
+        step_benchmark.validate(_step_result(precision="float32"))
+    with pytest.raises(ValueError, match="median_step_seconds.jax_stage2=0"):
+        step_benchmark.validate(_step_result(median_step_seconds={"torch_adamw": 0.4, "jax_stage1": 0.2,
+                                                                  "jax_stage2": 0}))
+
+
+@pytest.mark.skipif(not os.environ.get("DEEBERT_SLOW_TESTS"), reason="about 25 s; set DEEBERT_SLOW_TESTS=1")
 def test_benchmark_train_records_its_precision_and_device(tmp_path):
     from deebert_jax import step_benchmark
     from train.benchmark_train import main

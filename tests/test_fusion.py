@@ -136,3 +136,23 @@ def test_keep_freed_memory_stops_page_faults_from_step_to_step():
     assert kept and not default_kept
     assert default_faults > 20_000, default_faults   # 256 MB of temporaries faulted in again (4 KB pages)
     assert faults < default_faults / 10, (faults, default_faults)
+
+
+def test_the_cpu_tuned_graph_is_built_for_the_cpu_only(monkeypatch):
+    """Traced for another backend, training builds the graph as JAX and Flax ship it: no custom
+    VJPs (dense kernel gradients, attention, the activation) and a rolled layer loop."""
+    config = tiny_config(num_hidden_layers=2)
+    params = modeling.init_params(config, jax.random.PRNGKey(0))
+    ids = jnp.ones((2, 8), jnp.int32)
+
+    def loss_jaxpr():
+        loss = lambda p: modeling.DeeBert(config).apply({"params": p}, ids, train=True,
+                                                         rngs={"dropout": jax.random.PRNGKey(1)}).sum()
+        return str(jax.make_jaxpr(loss)(params))
+
+    on_cpu = loss_jaxpr()
+    assert "custom_vjp_call" in on_cpu
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    elsewhere = loss_jaxpr()
+    assert "custom_vjp_call" not in elsewhere and "scan[" in elsewhere
+    assert re.search(r"unroll=1\b", elsewhere) and not re.search(r"unroll=1\b", on_cpu)

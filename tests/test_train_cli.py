@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -13,16 +14,21 @@ from tests.conftest import REPO
 
 
 def test_tiny_config_end_to_end(tmp_path):
+    """In bf16 mixed precision (float32 training runs through the CLI in test_demo.py)."""
     workdir = tmp_path / "tiny"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-m", "train.train", "--config", "configs/tiny.py",
-                           f"--config.workdir={workdir}"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+                           f"--config.workdir={workdir}", "--config.dtype=bfloat16"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stage 2: dev accuracy of the final ramp" in proc.stdout and "ramp 1: accuracy" in proc.stdout
 
     config, params = load_checkpoint(workdir / "model")
     assert config.num_hidden_layers == 2 and params["ramps"]["classifier"]["kernel"].shape == (2, 32, 2)
+    assert {str(leaf.dtype) for leaf in jax.tree_util.tree_leaves(params)} == {"float32"}   # saved as float32
+    for stage in (1, 2):
+        spec = json.loads((workdir / "checkpoints" / f"stage{stage}" / "run_spec.json").read_text())
+        assert spec["dtype"] == "bfloat16"
     _, stage1 = load_checkpoint(workdir / "stage1")
     # stage 2 changed only the off-ramp
     np.testing.assert_array_equal(params["layers"]["query"]["kernel"], stage1["layers"]["query"]["kernel"])

@@ -76,17 +76,9 @@ def test_stage2_trains_only_offramps_bitwise(dtype):
             assert not np.array_equal(a[i], b[i]), f"off-ramp {i + 1} {name} did not change"
 
 
-def test_bfloat16_training_learns_and_keeps_float32_weights(tmp_path):
-    """Mixed precision: the tiny task is still learnt, and what is saved is float32."""
-    cfg = tiny_cfg.get_config()
-    cfg.workdir, cfg.dtype, cfg.stages = str(tmp_path / "bf16"), "bfloat16", "1"
-    out = training.train(cfg)
-    assert out["eval"][1]["final"]["accuracy"] >= 0.9   # float32 reaches ~0.98 with this config
-    spec = json.loads((tmp_path / "bf16" / "checkpoints" / "stage1" / "run_spec.json").read_text())
-    assert spec["dtype"] == "bfloat16"
-    _, params = load_checkpoint(out["model"])
-    assert {str(leaf.dtype) for leaf in jax.tree_util.tree_leaves(params)} == {"float32"}
-    # ... and the step really computes in bf16: its matmuls take bf16 operands.
+def test_bfloat16_step_computes_in_bf16():
+    """Mixed precision (config.dtype): the matmuls take bf16 operands; that the tiny task is still
+    learnt and saved as float32 is checked end to end in test_train_cli.py."""
     config = tiny_config()
     settings = training.OptimizerSettings(1e-3, total_steps=2)
     tx = settings.optimizer()
