@@ -91,7 +91,7 @@ def _main(argv: list[str]) -> int:
     import torch
     from deebert_jax.checkpoint import load_checkpoint
     from deebert_jax.convert import load_pytorch_checkpoint
-    from deebert_jax.modeling import init_params
+    from deebert_jax.model_loading import jitted_init_params
 
     torch.set_num_threads(args.threads)
     precision_record = precision_lib.apply(precision)   # before anything is traced or loaded
@@ -110,7 +110,9 @@ def _main(argv: list[str]) -> int:
         model_name, model_dir = f"pytorch {relative_paths(args.pytorch)}", args.pytorch
     else:
         config = bm.random_model_config(args.random_model, args.num_labels)
-        params = init_params(config, jax.random.PRNGKey(args.seed))
+        bm.check_inputs(bm.random_inputs(config.vocab_size, 1, args.seq_len), config)   # a bad --seq-len: before the weights
+        # One compile rather than one per op; the weights differ from eager init's by < 1e-8.
+        params = jitted_init_params(config, jax.random.PRNGKey(args.seed))
         model_name, model_dir = f"random {args.random_model}", None
     model_name += (f" ({'RoBERTa, ' if config.model_type == 'roberta' else ''}{config.num_hidden_layers} layers, "
                    f"width {config.hidden_size}, "
