@@ -101,9 +101,9 @@ def op_table(trace_dir: str, hlo_text: str, runs: int = 1) -> list[dict]:
     return ops
 
 
-def by_category(ops: Iterable[dict]) -> dict[str, float]:
-    """-> milliseconds per category (every category present, slowest first)."""
-    sums = {c: 0.0 for c in CATEGORIES}
+def by_category(ops: Iterable[dict], categories: Iterable[str] = CATEGORIES) -> dict[str, float]:
+    """-> milliseconds per category of `categories` (every one present, slowest first)."""
+    sums = {c: 0.0 for c in categories}
     for op in ops:
         sums[op["category"]] += op["ms"]
     return dict(sorted(sums.items(), key=lambda kv: -kv[1]))
@@ -165,7 +165,4 @@ def torch_op_table(events, runs: int = 1) -> list[dict]:
 
 def by_torch_category(ops: Iterable[dict]) -> dict[str, float]:
     """-> milliseconds per `TORCH_CATEGORIES` entry (all present, slowest first)."""
-    sums = {c: 0.0 for c in TORCH_CATEGORIES}
-    for op in ops:
-        sums[op["category"]] += op["ms"]
-    return dict(sorted(sums.items(), key=lambda kv: -kv[1]))
+    return by_category(ops, TORCH_CATEGORIES)

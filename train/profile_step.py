@@ -50,8 +50,6 @@ def main(argv: list[str]) -> int:
 
     if args.out:
         check_output_file(args.out)
-    from deebert_jax.cpu_memory import keep_freed_memory
-    keep_freed_memory()   # as `train.train` runs
     if args.torch:
         return _profile_torch(args, argv)
     if args.threads:
@@ -89,10 +87,7 @@ def main(argv: list[str]) -> int:
     total = sum(categories.values())
     print(f"{name}: MiniLM-L6, batch {args.batch_size}, length {args.seq_len}, {jax.devices()[0].device_kind}, "
           f"XLA threads {args.threads or 'all'}, load average before {load_before}, after {load_average()}")
-    print(f"operations: {total:.0f} ms per step")
-    for cat, ms in categories.items():
-        print(f"{ms:9.1f} ms  {100 * ms / max(total, 1e-9):5.1f}%  {cat}")
-    print(f"\nslowest {args.top} operations (ms per step, calls per step):")
+    _print_categories(categories, total, args.top)
     for op in ops[:args.top]:
         where = profiling.short_source(op["source"])
         print(f"{op['ms']:9.1f} ms x{op['calls']:<4g} {op['category']:<22.22} {op['shape']:<28} {op['dot']} {where}")
@@ -104,6 +99,13 @@ def main(argv: list[str]) -> int:
             "command": "python -m train.profile_step " + " ".join(argv)}, indent=1, allow_nan=False))
         print(f"wrote {args.out}")
     return 0
+
+
+def _print_categories(categories: dict, total: float, top: int) -> None:
+    print(f"operations: {total:.0f} ms per step")
+    for cat, ms in categories.items():
+        print(f"{ms:9.1f} ms  {100 * ms / max(total, 1e-9):5.1f}%  {cat}")
+    print(f"\nslowest {top} operations (ms per step, calls per step):")
 
 
 def _profile_torch(args, argv) -> int:
@@ -135,10 +137,7 @@ def _profile_torch(args, argv) -> int:
     total = sum(categories.values())
     print(f"torch_adamw: MiniLM-L6, batch {args.batch_size}, length {args.seq_len}, torch threads "
           f"{torch.get_num_threads()}, load average before {load_before}, after {load_average()}")
-    print(f"operations: {total:.0f} ms per step")
-    for cat, ms in categories.items():
-        print(f"{ms:9.1f} ms  {100 * ms / max(total, 1e-9):5.1f}%  {cat}")
-    print(f"\nslowest {args.top} operations (ms per step, calls per step):")
+    _print_categories(categories, total, args.top)
     for op in ops[:args.top]:
         print(f"{op['ms']:9.1f} ms x{op['calls']:<5g} {op['category']:<28} {'backward: ' if op['backward'] else ''}{op['name']}")
     if args.out:

@@ -28,9 +28,6 @@ def _train(argv) -> int:
         raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
-    from deebert_jax.cpu_memory import keep_freed_memory
-
-    keep_freed_memory()   # before JAX computes anything: XLA's buffers reused, not faulted in each step
     from deebert_jax import training
 
     result = training.train(cfg)
