@@ -142,6 +142,10 @@ def markdown(result: Mapping[str, Any]) -> str:
         "",
         "**Versions** " + ", ".join(f"{k} {v}" for k, v in h["versions"].items()),
     ]
+    if h.get("xla_flags"):
+        lines += ["", f"**XLA_FLAGS** `{h['xla_flags']}`"]
+    if h.get("incomplete"):
+        lines += ["", f"**Incomplete** {h['incomplete']}: the run stopped before its last batch size"]
     warning = contention_warning(h)
     if warning:
         lines += ["", f"**Warning** {warning}"]

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping, Sequence
+import sys
+import time
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -137,8 +139,13 @@ class BenchmarkSpec:
 
 
 def run_benchmark(config, params, arrays: Mapping[str, np.ndarray], spec: BenchmarkSpec, *,
-                  torch_model=None, torch_device: str = "cpu", show_progress: bool = True) -> list[dict]:
-    """Times every cell of `spec` on `arrays` (the input pool) -> rows (see the module docstring)."""
+                  torch_model=None, torch_device: str = "cpu", show_progress: bool = True,
+                  on_batch_size_done: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Times every cell of `spec` on `arrays` (the input pool) -> rows (see the module docstring).
+
+    After each batch size, a line on stderr says how long it took and what compiling cost, and
+    `on_batch_size_done(rows so far)` runs (the CLI saves them: a run stopped later keeps them).
+    """
     import jax
     import jax.numpy as jnp
     from tqdm.auto import tqdm
@@ -165,6 +172,7 @@ def run_benchmark(config, params, arrays: Mapping[str, np.ndarray], spec: Benchm
     progress = tqdm(total=total, desc="benchmark", unit="call", disable=not show_progress)
     for bs in spec.batch_sizes:
         bs = int(bs)
+        started = time.perf_counter()
         index = [batch_rows(n, bs, r) for r in range(spec.runs)]
         cells: list[Cell] = []
         if "jax" in spec.backends:
@@ -179,7 +187,14 @@ def run_benchmark(config, params, arrays: Mapping[str, np.ndarray], spec: Benchm
             cells += _torch_cells(torch_model, tbatches, spec.thresholds, torch_device)
         run_cells(cells, spec.runs, spec.warmup, spec.schedule, progress)
         valid = [arrays["attention_mask"][rows_].sum(-1) > 0 for rows_ in index]
-        rows += _rows_for(cells, valid, seq_len, L)
+        done = _rows_for(cells, valid, seq_len, L)
+        rows += done
+        compiles = ", ".join(f"{r['mode']} {r['compile_s']:.1f} s" for r in done
+                             if r["backend"] == "jax" and r["compile_s"] is not None and r["threshold"] in (None, spec.thresholds[0]))
+        progress.write(f"benchmark: batch {bs} timed in {time.perf_counter() - started:.1f} s (JAX compile: {compiles or 'none'})",
+                       file=sys.stderr)
+        if on_batch_size_done is not None:
+            on_batch_size_done(list(rows))
     progress.close()
     return rows
 

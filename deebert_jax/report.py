@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from typing import Any, Mapping
 
 # Where a path may start: not inside a word or another path.
@@ -24,6 +25,17 @@ def relative_paths(text: str, root: str | None = None) -> str:
     # Either the root, slashes and more of the path (-> that rest) or the root itself (-> ".").
     pattern = re.compile(_PATH_START + re.escape(root) + rf"(?:(/+)(?!{_PATH_END}|/|$)|/*(?={_PATH_END}|$))")
     return pattern.sub(lambda m: "" if m.group(1) else ".", text)
+
+
+# Environment variables that change what a benchmark measures: a recorded command names those set.
+MEASUREMENT_ENV = ("XLA_FLAGS", "JAX_DEFAULT_MATMUL_PRECISION", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "JAX_PLATFORMS")
+
+
+def command_line(module: str, argv, env_vars=MEASUREMENT_ENV) -> str:
+    """The command as a user would type it again: `VAR=value python -m module args`, with those of
+    `env_vars` that are set, and paths under the current directory written relative to it."""
+    env = [f"{k}={shlex.quote(os.environ[k])}" for k in env_vars if os.environ.get(k)]
+    return relative_paths(" ".join([*env, "python", "-m", module, *map(shlex.quote, argv)]))
 
 
 def _bench_row(bench: Mapping[str, Any] | None, backend: str, mode: str, batch_size: int, threshold=None):

@@ -152,14 +152,18 @@ def run(model_dir: str, model_name: str, batch_size: int, seq_len: int, steps: i
     import jax
     import torch
 
-    from deebert_jax.bench_harness import available_cpus, load_average, time_interleaved, torch_device_for, \
+    from deebert_jax.bench_harness import BenchmarkError, available_cpus, load_average, time_interleaved, torch_device_for, \
         versions, xla_cpu_threads
     from deebert_jax import cpu_memory
     from deebert_jax.bench_report import contention_warning
 
-    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
-        vocab = json.load(f)["vocab_size"]
-    batch = inputs(batch_size, seq_len, vocab)
+    config_path = os.path.join(model_dir, "config.json")
+    with open(config_path, encoding="utf-8") as f:
+        model_config = json.load(f)
+    max_positions = model_config.get("max_position_embeddings")
+    if max_positions is not None and seq_len > max_positions:   # before either framework builds anything
+        raise BenchmarkError(f"--seq-len {seq_len} exceeds max_position_embeddings {max_positions} of {model_name}")
+    batch = inputs(batch_size, seq_len, model_config["vocab_size"])
     jax_platform = jax.devices()[0].platform
     torch_device = torch_device_for(jax_platform)
     calls = {"torch_adamw": torch_step(model_dir, batch, torch_device, precision),

@@ -146,6 +146,33 @@ def test_cli_records_paths_relative_to_the_checkout(tmp_path, monkeypatch):
     assert json.loads(out.read_text())["command"].endswith("--out bench/b.json")
 
 
+def test_a_stopped_run_keeps_the_batch_sizes_it_timed(tmp_path, monkeypatch):
+    """A run cut short (a time limit, a lost machine) leaves bench.json with what it timed, marked
+    incomplete; the recorded command names XLA_FLAGS, which change what is measured."""
+    from train.benchmark import main
+    real, calls = bm.run_cells, []
+
+    def stop_at_the_second_batch_size(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bm, "run_cells", stop_at_the_second_batch_size)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_hlo_as_text")   # read for the record only: JAX is running
+    out = tmp_path / "b.json"
+    with pytest.raises(KeyboardInterrupt):
+        main(["--random-model", "tiny", "--backends", "jax", "--batch-sizes", "1,2", "--thresholds", "0",
+              "--runs", "1", "--warmup", "1", "--seq-len", "8", "--probe-size", "64", "--threads", "1",
+              "--no-progress", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert {r["batch_size"] for r in result["rows"]} == {1}
+    assert result["incomplete"] == "batch sizes 1 of 1, 2 timed so far"
+    settings, command = result["command"].split("python -m train.benchmark ")
+    assert "XLA_FLAGS=--xla_dump_hlo_as_text " in settings and command.endswith(f"--out {out}")
+    assert "**Incomplete**" in (tmp_path / "b.md").read_text()
+
+
 def test_batches_cycle_through_the_pool():
     assert bm.batch_rows(5, 2, 0).tolist() == [0, 1]
     assert bm.batch_rows(5, 2, 2).tolist() == [4, 0]

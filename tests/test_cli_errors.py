@@ -70,6 +70,8 @@ CASES = [
     ("train.benchmark", ["--random-model", "tiny", "--seq-len", "128", "--runs", "1", "--out", "b.json"],
      r"seq_len 128 exceeds max_position_embeddings"),
     ("train.benchmark", ["--random-model", "tiny", "--out", "user"], r"user: is a directory"),
+    ("train.benchmark_train", ["--random-model", "tiny", "--steps", "1"],
+     r"--seq-len 128 exceeds max_position_embeddings 64 of random tiny"),
     ("train.benchmark", ["--random-model", "tiny", "--precision", "bf16", "--dtype", "float32", "--out", "b.json"],
      r"--precision bf16 computes in bfloat16, but --dtype float32"),
     ("train.benchmark_exit_aware", ["--pool", "16", "--schedulers", "gpu", "--out", "ea.json"],

@@ -164,3 +164,19 @@ def test_benchmark_threshold_choice_hits_targets_away_from_observed_scores():
         saving = 1 - (np.argmax(below, axis=0) + 1).mean() / 6
         assert abs(saving - target) < 0.02
         assert threshold == 0.0 or np.abs(scores - threshold).min() > 1e-6
+
+
+def test_benchmark_cli_on_a_random_model_needs_no_files(tmp_path):
+    """`--random-model` times exit-aware batching with no model or data files (as on a bare GPU host)."""
+    import json
+
+    from train.benchmark_exit_aware import main
+    out = tmp_path / "ea.json"
+    assert main(["--random-model", "tiny", "--seq-len", "16", "--pool", "8", "--batch-size", "4", "--repeats", "1",
+                 "--layer-savings", "0.5", "--schedulers", "device", "--bucket-sizes", "4", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["model"] == "random tiny" and result["data"].startswith("random tokens")
+    methods = {r["method"] for r in result["rows"]}
+    assert {"plain loop, batch 4", "exit_aware (device, 4)"} <= methods
+    assert all(r["same_exits_as_plain"] for r in result["rows"] if r["method"].startswith("exit_aware"))
+    assert main(["--random-model", "tiny", "--checkpoint", "x", "--out", str(tmp_path / "b.json")]) == 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 import tempfile
 
@@ -73,7 +72,7 @@ def main(argv=None) -> int:
 def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     from deebert_jax import benchmarking as bm
-    from deebert_jax.report import relative_paths
+    from deebert_jax.report import command_line, relative_paths
     if args.render:
         paths = bm.render(args.render)
         print("wrote " + ", ".join(paths.values()), file=sys.stderr)
@@ -127,15 +126,29 @@ def _main(argv: list[str]) -> int:
         torch_model = None
         if "torch" in spec.backends:
             torch_model = bm.torch_twin(config, params, os.path.join(tmp, "torch"), torch_device, precision.dtype)
+        def result_of(rows, incomplete=None):
+            # Paths under the checkout are recorded relative to it, so results read the same on any machine.
+            result = {**env, "model": model_name, "inputs": inputs, "runs": spec.runs, "warmup": spec.warmup,
+                      "schedule": spec.schedule, "dtype": spec.dtype, "precision": precision.name,
+                      "precision_settings": precision_record, "rule": spec.rule, "jax_params_layout": spec.layout,
+                      "command": command_line("train.benchmark", argv),
+                      "load_average_after": bm.load_average(), "rows": rows}
+            if incomplete:
+                result["incomplete"] = incomplete
+            result["targets"] = bm.check_targets(result)
+            return result
+
+        def save_so_far(rows):
+            # A run stopped before its last batch size (a time limit, a lost machine) keeps what it timed.
+            timed = sorted({r["batch_size"] for r in rows})
+            if len(timed) < len(spec.batch_sizes):
+                bm.write_outputs(result_of(rows, f"batch sizes {', '.join(map(str, timed))} of "
+                                                 f"{', '.join(map(str, spec.batch_sizes))} timed so far"), args.out)
+
         rows = bm.run_benchmark(config, params, arrays, spec, torch_model=torch_model,
-                                torch_device=torch_device, show_progress=not args.no_progress)
-    # Paths under the checkout are recorded relative to it, so results read the same on any machine.
-    result = {**env, "model": model_name, "inputs": inputs, "runs": spec.runs, "warmup": spec.warmup,
-              "schedule": spec.schedule, "dtype": spec.dtype, "precision": precision.name,
-              "precision_settings": precision_record, "rule": spec.rule, "jax_params_layout": spec.layout,
-              "command": relative_paths("python -m train.benchmark " + shlex.join(argv)),
-              "load_average_after": bm.load_average(), "rows": rows}
-    result["targets"] = bm.check_targets(result)
+                                torch_device=torch_device, show_progress=not args.no_progress,
+                                on_batch_size_done=save_so_far)
+    result = result_of(rows)
     paths = bm.write_outputs(result, args.out)
     print(bm.markdown(result))
     print("wrote " + ", ".join(paths.values()), file=sys.stderr)

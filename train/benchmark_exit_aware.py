@@ -37,6 +37,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m train.benchmark_exit_aware", description=__doc__.split("\n\n")[0])
     p.add_argument("--pytorch", default=None, help="PyTorch BERT/DeeBERT model directory (default: packaged MiniLM-L6)")
     p.add_argument("--checkpoint", default=None, help="deebert-jax checkpoint directory (instead of --pytorch)")
+    p.add_argument("--random-model", default=None, choices=["bert-base", "minilm", "roberta-base", "tiny"],
+                   help="random weights of this size, no files needed (instead of --pytorch; random tokens)")
     p.add_argument("--trained-ramps", action="store_true",
                    help="use the model's ramps as they are (default: synthetic ramps, see above)")
     p.add_argument("--ramp-scale", type=float, default=2.0,
@@ -68,9 +70,18 @@ def load_model(args):
     from deebert_jax.checkpoint import load_checkpoint
     from deebert_jax.convert import load_pytorch_checkpoint
 
+    if sum(x is not None for x in (args.checkpoint, args.pytorch, args.random_model)) > 1:
+        raise ValueError("--checkpoint, --pytorch and --random-model: give at most one")
     if args.checkpoint:
         config, params = load_checkpoint(args.checkpoint)
         source = args.checkpoint
+    elif args.random_model:
+        import jax
+        from deebert_jax.benchmarking import random_model_config
+        from deebert_jax.model_loading import jitted_init_params
+        config = random_model_config(args.random_model)
+        params = jax.device_get(jitted_init_params(config, jax.random.PRNGKey(args.seed)))
+        source = f"random {args.random_model}"
     else:
         source = args.pytorch
         if source is None:
@@ -96,6 +107,8 @@ def load_pool(args, config, source):
     from deebert_jax.data import DataError
 
     path = os.path.join(args.glue_dir, "SST-2", "dev.tsv") if args.glue_dir else ""
+    if args.random_model:
+        path = ""   # its token ids mean nothing: random tokens
     tokenizer_file = os.path.join(source, "tokenizer.json") if os.path.isdir(source) else ""
     if os.path.isfile(path) and os.path.isfile(tokenizer_file):
         from tokenizers import Tokenizer
@@ -115,8 +128,10 @@ def load_pool(args, config, source):
     rng = np.random.default_rng(0)
     lengths = rng.integers(8, args.seq_len + 1, args.pool)
     mask = (np.arange(args.seq_len)[None] < lengths[:, None]).astype(np.int32)
-    ids = rng.integers(1000, config.vocab_size, (args.pool, args.seq_len)).astype(np.int32) * mask
-    return ids, mask, np.zeros_like(ids), f"random tokens ({path} or {tokenizer_file or 'tokenizer'} not found)"
+    low = min(1000, config.vocab_size // 2)   # past the special tokens of a real vocabulary
+    ids = rng.integers(low, config.vocab_size, (args.pool, args.seq_len)).astype(np.int32) * mask
+    why = f"{source} has no tokenizer" if args.random_model else f"{path} or {tokenizer_file or 'tokenizer'} not found"
+    return ids, mask, np.zeros_like(ids), f"random tokens ({why})"
 
 
 def thresholds_for_savings(scores, targets):

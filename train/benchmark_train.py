@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
     from deebert_jax.bench_harness import load_average, set_thread_env, share_accelerator_memory
     from deebert_jax.fileutil import atomic_write_text, check_output_file
     from deebert_jax.model_loading import default_init_checkpoint
-    from deebert_jax.report import relative_paths
+    from deebert_jax.report import command_line, relative_paths
     if args.out:
         check_output_file(args.out)   # before the timing, not after it
 
@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
     load_before = load_average()   # before anything of ours runs: what else is using the machine
     precision = precision_lib.Precision(args.precision)
     precision_lib.apply(precision)   # before anything is traced
-    command = "python -m train.benchmark_train " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("train.benchmark_train", argv if argv is not None else sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="deebert-bench-train-") as tmp:
         if args.random_model:
             model_dir = step_benchmark.export_random_model(args.random_model, tmp)
@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
             model_dir = args.model or default_init_checkpoint()
             model_name = relative_paths(model_dir)
         result = step_benchmark.run(model_dir, model_name, args.batch_size, args.seq_len, args.steps, args.warmup,
-                                    precision, args.jax_defaults, relative_paths(command), load_before)
+                                    precision, args.jax_defaults, command, load_before)
     print(step_benchmark.table(result))
     if args.out:
         atomic_write_text(args.out, json.dumps(result, indent=2, allow_nan=False))
