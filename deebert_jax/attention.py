@@ -115,7 +115,7 @@ def attention_impl_problem(impl: str, dtype=None, *, backend: str | None = None,
             return (f"cuDNN's fused attention needs an NVIDIA GPU, and JAX is running on {backend}; "
                     "'dot_product_attention' runs anywhere")
         if dtype is not None and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-            return f"cuDNN's fused attention computes in bfloat16 or float16, not {jnp.dtype(dtype).name} (precision bf16)"
+            return f"cuDNN's fused attention computes in bfloat16 or float16, not {jnp.dtype(dtype).name} (use precision bf16)"
     return None
 
 
@@ -132,10 +132,11 @@ def fused_attention(q, k, v, mask_bias, impl: str):
     makes it) -> context [B, Sq, h, d] in q's dtype.
 
     "dot_product_attention" adds the same additive bias to float32 scores, as `attention` does, so
-    padded keys get exactly zero weight and an all-padding row the same uniform weights. "cudnn"
-    takes the padding as a boolean mask, which JAX turns into cuDNN's own large negative (cuDNN
-    mishandles the difference of two dtype minimums), broadcast over the queries because cuDNN
-    reads a bias per query position.
+    padded keys get exactly zero weight and an all-padding row the same uniform weights; in
+    bfloat16 its scores leave the matmul as float32 (`attention` rounds them to bfloat16 first).
+    "cudnn" takes the padding as a boolean mask, which JAX turns into a bias of q's dtype holding
+    the large negative it picks for cuDNN (-2**41 in bfloat16: cuDNN mishandles the difference of
+    two dtype minimums), broadcast over the queries because cuDNN reads a bias row per query.
     """
     if impl == "cudnn":
         B, Sq, S = q.shape[0], q.shape[1], k.shape[1]
