@@ -10,6 +10,9 @@ generic loop, not its library kernels. Here both are plain matmuls on small tran
 does not fold the transpose back). What the backward keeps is the softmax output, the dropout
 mask (bool) and q, k, v in the layouts its matmuls read. Gradients agree with autodiff's to float
 rounding (tests/test_attention.py).
+
+For inference only, `fused_attention` runs `jax.nn.dot_product_attention` instead (opt-in:
+`attention_impl` "dot_product_attention" or "cudnn"; "default" is the code above).
 """
 
 from __future__ import annotations
@@ -82,3 +85,64 @@ attention.defvjp(_fwd, _bwd)
 def attention_autodiff(q, k, v, mask_bias, keep, rate):
     """The same function differentiated by autodiff (the reference, and `--jax-defaults`)."""
     return _forward_values(q, k, v, mask_bias, keep, rate)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference alternatives: `jax.nn.dot_product_attention` (opt-in, eval only; "default" is the above)
+
+# "default": `attention` / `attention_autodiff` above, as the layer always ran. The other two call
+# `jax.nn.dot_product_attention`: "dot_product_attention" lets JAX choose the implementation
+# (`implementation=None`), "cudnn" asks for cuDNN's fused kernel (NVIDIA GPUs, bf16 or fp16).
+ATTENTION_IMPLS = ("default", "dot_product_attention", "cudnn")
+
+
+def attention_impl_problem(impl: str, dtype=None, *, backend: str | None = None,
+                           dropout: bool = False) -> str | None:
+    """Why `impl` cannot run here (None when it can): an unknown name; a fused choice asked for
+    attention-probs dropout (training), which `jax.nn.dot_product_attention` does not offer;
+    "cudnn" off an NVIDIA GPU (`backend`, default `jax.default_backend()`) or at a compute
+    `dtype` other than bfloat16 / float16."""
+    if impl not in ATTENTION_IMPLS:
+        return f"expected one of {', '.join(ATTENTION_IMPLS)}"
+    if impl == "default":
+        return None
+    if dropout:
+        return ("jax.nn.dot_product_attention has no attention-probs dropout, so it serves inference only; "
+                "train with 'default' (or attention_probs_dropout_prob=0)")
+    if impl == "cudnn":
+        backend = backend or jax.default_backend()
+        if backend != "gpu":
+            return (f"cuDNN's fused attention needs an NVIDIA GPU, and JAX is running on {backend}; "
+                    "'dot_product_attention' runs anywhere")
+        if dtype is not None and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            return f"cuDNN's fused attention computes in bfloat16 or float16, not {jnp.dtype(dtype).name} (use precision bf16)"
+    return None
+
+
+def check_attention_impl(impl: str, dtype=None, *, backend: str | None = None, dropout: bool = False) -> None:
+    """Raises ValueError("attention_impl=...: why") when `attention_impl_problem` finds one."""
+    problem = attention_impl_problem(impl, dtype, backend=backend, dropout=dropout)
+    if problem:
+        raise ValueError(f"attention_impl={impl!r}: {problem}")
+
+
+def fused_attention(q, k, v, mask_bias, impl: str):
+    """`jax.nn.dot_product_attention` in the layer's terms, eval only (no dropout): q [B, Sq, h, d],
+    k and v [B, S, h, d], mask_bias [B, S] additive (0 on real keys, as `modeling.attention_bias`
+    makes it) -> context [B, Sq, h, d] in q's dtype.
+
+    "dot_product_attention" adds the same additive bias to float32 scores, as `attention` does, so
+    padded keys get exactly zero weight and an all-padding row the same uniform weights; in
+    bfloat16 its scores leave the matmul as float32 (`attention` rounds them to bfloat16 first).
+    "cudnn" takes the padding as a boolean mask, which JAX turns into a bias of q's dtype holding
+    the large negative it picks for cuDNN (-2**41 in bfloat16: cuDNN mishandles the difference of
+    two dtype minimums), broadcast over the queries because cuDNN reads a bias row per query.
+    """
+    if impl == "cudnn":
+        B, Sq, S = q.shape[0], q.shape[1], k.shape[1]
+        keep = jnp.broadcast_to((mask_bias == 0)[:, None, None, :], (B, 1, Sq, S))
+        return jax.nn.dot_product_attention(q, k, v, mask=keep, implementation="cudnn")
+    if impl == "dot_product_attention":
+        bias = mask_bias[:, None, None, :].astype(jnp.float32)
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=None)
+    raise ValueError(f"attention_impl={impl!r}: fused_attention runs 'dot_product_attention' or 'cudnn'")

@@ -2,7 +2,8 @@
 
 `bench.json` is `{"device", "versions", "rows": [...]}` plus the header of
 `bench_harness.environment` (threads, matmul rate, load average), the run's settings (model,
-inputs, runs, command) and `targets`, the latency targets below checked from the rows.
+inputs, runs, command, JAX's `attention`: absent in older files, which ran "default") and `targets`,
+the latency targets below checked from the rows.
 `validate` checks the schema; `write_outputs` writes the JSON, a Markdown table and a plot.
 """
 
@@ -13,6 +14,7 @@ import math
 import os
 from typing import Any, Mapping
 
+from deebert_jax.attention import ATTENTION_IMPLS
 from deebert_jax.fileutil import atomic_write_text
 from deebert_jax.bench_harness import BACKENDS, BenchmarkError
 from deebert_jax.precision import PRECISIONS
@@ -84,6 +86,9 @@ def validate(result: Mapping[str, Any]) -> None:
             raise BenchmarkError(f"bench.json: missing key {key!r}")
     if result["precision"] not in PRECISIONS:
         raise BenchmarkError(f"bench.json: 'precision'={result['precision']!r}, expected one of {PRECISIONS}")
+    # Files from before JAX's attention was a choice lack the key: they ran "default".
+    if result.get("attention", "default") not in ATTENTION_IMPLS:
+        raise BenchmarkError(f"bench.json: 'attention'={result['attention']!r}, expected one of {ATTENTION_IMPLS}")
     if not isinstance(result["device"], str) or not result["device"]:
         raise BenchmarkError("bench.json: 'device' must be a non-empty string")
     if not isinstance(result["versions"], Mapping) or not {"jax", "torch"} <= set(result["versions"]):
@@ -152,7 +157,8 @@ def markdown(result: Mapping[str, Any]) -> str:
     if "model" in h:
         lines += ["", f"**Model** {h['model']} | **inputs** {h.get('inputs', '')} | **runs** {h.get('runs')} "
                       f"per cell, {h.get('schedule', '')} | **precision** {h.get('precision', '')} on both sides | "
-                      f"**JAX params** {h.get('jax_params_layout', '')}, {h.get('dtype', '')} | **command** `{h.get('command', '')}`"]
+                      f"**JAX params** {h.get('jax_params_layout', '')}, {h.get('dtype', '')} | "
+                      f"**JAX attention** {h.get('attention', 'default')} | **command** `{h.get('command', '')}`"]
     lines += ["", "| backend | mode | batch | seq | threshold | median ms | p90 ms | per-example ms | "
                   "mean exit layer | layer saving | wall saving | compile s |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]

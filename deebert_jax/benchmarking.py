@@ -37,18 +37,19 @@ RANDOM_MODELS = ("bert-base", "minilm", "tiny", "roberta-base")
 
 
 def _jax_cells(config, params, batches, thresholds, rule, dtype, device, stacked_params=None,
-               exit_aware: bool = False) -> list[Cell]:
+               exit_aware: bool = False, attention: str = "default") -> list[Cell]:
     import jax
     from deebert_jax import modeling
     from deebert_jax.early_exit import early_exit_predict
     from deebert_jax.exit_aware import exit_aware_predict
 
-    full = jax.jit(modeling.forward, static_argnums=(0,), static_argnames=("dtype",))
+    full = jax.jit(modeling.forward, static_argnums=(0,), static_argnames=("dtype", "attention_impl"))
 
     def full_call(params):
         def call(r):
             b = batches[r]
-            full(config, params, b["input_ids"], b["attention_mask"], b["token_type_ids"], dtype=dtype).block_until_ready()
+            full(config, params, b["input_ids"], b["attention_mask"], b["token_type_ids"], dtype=dtype,
+                 attention_impl=attention).block_until_ready()
         return call
 
     def exit_call(params, threshold, predict=early_exit_predict):
@@ -56,7 +57,7 @@ def _jax_cells(config, params, batches, thresholds, rule, dtype, device, stacked
             b = batches[r]
             # The pool was checked once (`run_benchmark`): the timed call is the predictor alone.
             res = predict(config, params, b["input_ids"], b["attention_mask"], b["token_type_ids"],
-                          threshold, rule=rule, dtype=dtype, validate_inputs=False)
+                          threshold, rule=rule, dtype=dtype, validate_inputs=False, attention_impl=attention)
             jax.block_until_ready(res)
             return res.exit_layer
         return call
@@ -116,6 +117,9 @@ class BenchmarkSpec:
     ablation: bool = False
     # Also time JAX exit-aware batching (mode exit_aware, one row per threshold).
     exit_aware: bool = False
+    # JAX's self-attention core (`attention.ATTENTION_IMPLS`): "default", or `jax.nn.dot_product_attention`
+    # with XLA's choice ("dot_product_attention") or cuDNN's fused kernel ("cudnn"). PyTorch is unchanged.
+    attention: str = "default"
 
     def check(self) -> None:
         if self.runs < 1:
@@ -136,6 +140,11 @@ class BenchmarkSpec:
             raise BenchmarkError(f"layout={self.layout!r}: expected 'unstacked' or 'stacked'")
         if self.rule != "entropy" and "torch" in self.backends:
             raise BenchmarkError(f"rule={self.rule!r}: the PyTorch reference implements only 'entropy'")
+        if self.attention != "default":   # the backend is asked only then (it starts JAX's backends)
+            from deebert_jax.attention import attention_impl_problem
+            problem = attention_impl_problem(self.attention, self.dtype)
+            if problem:
+                raise BenchmarkError(f"attention={self.attention!r}: {problem}")
 
 
 def run_benchmark(config, params, arrays: Mapping[str, np.ndarray], spec: BenchmarkSpec, *,
@@ -179,7 +188,7 @@ def run_benchmark(config, params, arrays: Mapping[str, np.ndarray], spec: Benchm
             jbatches = [{k: jax.device_put(np.ascontiguousarray(arrays[k][rows_])) for k in
                          ("input_ids", "attention_mask", "token_type_ids")} for rows_ in index]
             cells += _jax_cells(config, params, jbatches, spec.thresholds, spec.rule, jax_dtype, jax_device, stacked,
-                                spec.exit_aware)
+                                spec.exit_aware, spec.attention)
         if "torch" in spec.backends:
             import torch
             tbatches = [{k: torch.from_numpy(np.ascontiguousarray(arrays[k][rows_])).long().to(torch_device)

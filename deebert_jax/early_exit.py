@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from deebert_jax.attention import check_attention_impl
 from deebert_jax.config import DeeBertConfig
 from deebert_jax import modeling
 from deebert_jax.validation import check_model_inputs, is_tracer
@@ -189,12 +190,12 @@ def exits_from_ramp_logits(ramp_logits, threshold, rule: str = "entropy") -> Exi
 
 
 def _loop(config: DeeBertConfig, params, input_ids, attention_mask, token_type_ids, threshold,
-          rule: str, dtype) -> ExitResult:
+          rule: str, dtype, attention_impl: str = "default") -> ExitResult:
     L = config.num_hidden_layers
     threshold = jnp.asarray(threshold, jnp.float32)
     mask_bias = modeling.attention_bias(attention_mask, dtype)
     # The last layer updates the first token only: its ramp reads nothing else.
-    step = modeling.layer_step(config, params, dtype, first_token_only_at_last=True)
+    step = modeling.layer_step(config, params, dtype, first_token_only_at_last=True, attention_impl=attention_impl)
 
     def running(state: ExitState):
         return (state.layer < L) & ~jnp.all(state.done)
@@ -210,11 +211,12 @@ def _loop(config: DeeBertConfig, params, input_ids, attention_mask, token_type_i
     return ExitResult(state.logits, state.exit_layer, state.layer)
 
 
-_exit_loop = jax.jit(_loop, static_argnames=("config", "rule", "dtype"))
+_exit_loop = jax.jit(_loop, static_argnames=("config", "rule", "dtype", "attention_impl"))
 
 
 def early_exit_predict(config: DeeBertConfig, params, input_ids, attention_mask, token_type_ids, threshold,
-                       rule: str = "entropy", dtype=jnp.float32, *, validate_inputs: bool = True) -> ExitResult:
+                       rule: str = "entropy", dtype=jnp.float32, *, validate_inputs: bool = True,
+                       attention_impl: str = "default") -> ExitResult:
     """Batched DeeBERT inference in one compiled loop (one device, or a globally sharded batch).
 
     input_ids, attention_mask, token_type_ids [B, S] -> ExitResult(logits [B, K], exit_layer [B]
@@ -228,12 +230,15 @@ def early_exit_predict(config: DeeBertConfig, params, input_ids, attention_mask,
     copied to the device on every call. The inputs' values are checked first (`check_inputs`: one
     host copy of device arrays); a caller that checked its whole data set once, or times calls,
     passes `validate_inputs=False`. Inputs traced inside a caller's own `jit` are not checked.
+    `attention_impl`: self-attention's core (`attention.ATTENTION_IMPLS`; "default" unless asked).
     """
     check_threshold(threshold, rule)
+    check_attention_impl(attention_impl, dtype)
     if validate_inputs:
         check_inputs(config, input_ids, attention_mask, token_type_ids)
     threshold, dtype = _canonical(threshold, dtype)
-    return _exit_loop(config, params, input_ids, attention_mask, token_type_ids, threshold, rule=rule, dtype=dtype)
+    return _exit_loop(config, params, input_ids, attention_mask, token_type_ids, threshold, rule=rule, dtype=dtype,
+                      attention_impl=attention_impl)
 
 
 def local_devices(devices: Sequence[jax.Device] | None = None) -> tuple[jax.Device, ...]:
@@ -247,9 +252,10 @@ def replicate_params(params, devices: Sequence[jax.Device] | None = None):
 
 
 @functools.lru_cache(maxsize=None)
-def _pmapped_loop(config: DeeBertConfig, rule: str, dtype, devices: tuple):
+def _pmapped_loop(config: DeeBertConfig, rule: str, dtype, devices: tuple, attention_impl: str = "default"):
     def shard(params, input_ids, attention_mask, token_type_ids, threshold):
-        return _loop(config, params, input_ids, attention_mask, token_type_ids, threshold, rule, dtype)
+        return _loop(config, params, input_ids, attention_mask, token_type_ids, threshold, rule, dtype,
+                     attention_impl)
     # No collective inside: every device runs its own while_loop to its own end.
     return jax.pmap(shard, axis_name=PMAP_AXIS, in_axes=(None, 0, 0, 0, None), devices=devices)
 
@@ -257,7 +263,7 @@ def _pmapped_loop(config: DeeBertConfig, rule: str, dtype, devices: tuple):
 def early_exit_predict_pmap(config: DeeBertConfig, params, input_ids, attention_mask, token_type_ids, threshold,
                             rule: str = "entropy", dtype=jnp.float32,
                             devices: Sequence[jax.Device] | None = None, *,
-                            validate_inputs: bool = True) -> ExitResult:
+                            validate_inputs: bool = True, attention_impl: str = "default") -> ExitResult:
     """`early_exit_predict` with the batch split over local devices by `jax.pmap`.
 
     Inputs [B, S] (any B: the batch is padded with all-padding rows, which start exited, to a
@@ -265,9 +271,10 @@ def early_exit_predict_pmap(config: DeeBertConfig, params, input_ids, attention_
     device's loop ends on its own**, as soon as its shard has exited; nothing waits for the
     slowest device inside the loop. Returns logits [B, K], exit_layer [B] and layers_run [D]
     (layers each device ran). Replicate `params` once with `replicate_params` when calling
-    repeatedly.
+    repeatedly. `attention_impl` as in `early_exit_predict`.
     """
     check_threshold(threshold, rule)
+    check_attention_impl(attention_impl, dtype)
     if validate_inputs:
         check_inputs(config, input_ids, attention_mask, token_type_ids)
     threshold, dtype = _canonical(threshold, dtype)
@@ -279,6 +286,6 @@ def early_exit_predict_pmap(config: DeeBertConfig, params, input_ids, attention_
     if pad:
         arrays = [np.concatenate([a, np.zeros((pad, S), a.dtype)]) for a in arrays]
     sharded = [a.reshape(D, (B + pad) // D, S) for a in arrays]
-    out = _pmapped_loop(config, rule, dtype, devices)(params, *sharded, threshold)
+    out = _pmapped_loop(config, rule, dtype, devices, attention_impl)(params, *sharded, threshold)
     K = out.logits.shape[-1]
     return ExitResult(out.logits.reshape(B + pad, K)[:B], out.exit_layer.reshape(B + pad)[:B], out.layers_run)

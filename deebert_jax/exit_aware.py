@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deebert_jax import modeling
+from deebert_jax.attention import check_attention_impl
 from deebert_jax.config import DeeBertConfig
 from deebert_jax.early_exit import ExitResult, ExitState, check_inputs, check_threshold, record_exits
 from deebert_jax.validation import is_tracer
@@ -93,12 +94,12 @@ def _run_layer(config, step, rule, threshold, mask_bias, state: ExitState, bucke
     return state
 
 
-@functools.partial(jax.jit, static_argnames=("config", "rule", "bucket_sizes", "dtype"))
+@functools.partial(jax.jit, static_argnames=("config", "rule", "bucket_sizes", "dtype", "attention_impl"))
 def _pool_loop_device(config: DeeBertConfig, params, input_ids, attention_mask, token_type_ids, threshold,
-                      rule: str, bucket_sizes: tuple[int, ...], dtype) -> ExitResult:
+                      rule: str, bucket_sizes: tuple[int, ...], dtype, attention_impl: str = "default") -> ExitResult:
     L = config.num_hidden_layers
     threshold = jnp.asarray(threshold, jnp.float32)
-    step = modeling.layer_step(config, params, dtype, first_token_only_at_last=True)
+    step = modeling.layer_step(config, params, dtype, first_token_only_at_last=True, attention_impl=attention_impl)
     mask_bias, state = start_pool(config, params, input_ids, attention_mask, token_type_ids, rule, dtype)
 
     def running(state: ExitState):
@@ -144,7 +145,8 @@ def _validate(bucket_sizes, pool_size, scheduler):
 def exit_aware_predict(config: DeeBertConfig, params, input_ids, attention_mask, token_type_ids, threshold,
                        rule: str = "entropy", *, bucket_sizes: Sequence[int] | None = None,
                        pool_size: int = DEFAULT_POOL_SIZE, scheduler: str = "device",
-                       dtype=jnp.float32, validate_inputs: bool = True) -> ExitResult:
+                       dtype=jnp.float32, validate_inputs: bool = True,
+                       attention_impl: str = "default") -> ExitResult:
     """Early exit over N examples whose cost is about sum(exit_layer) row-layers, not N * max.
 
     input_ids, attention_mask, token_type_ids [N, S] (any N); -> ExitResult with logits [N, K],
@@ -154,10 +156,12 @@ def exit_aware_predict(config: DeeBertConfig, params, input_ids, attention_mask,
     into buckets of `bucket_sizes` (larger first, the smallest covers the remainder; default
     `default_bucket_sizes()`). Larger pools waste less on bucket padding and hold [pool, S, H]
     activations in memory. `threshold` is traced: one compiled program serves every threshold.
+    `attention_impl`: self-attention's core (`attention.ATTENTION_IMPLS`; "default" unless asked).
     """
     if bucket_sizes is None:
         bucket_sizes = default_bucket_sizes()
     _validate(bucket_sizes, pool_size, scheduler)
+    check_attention_impl(attention_impl, dtype)
     if validate_inputs:  # as in `early_exit_predict`
         check_inputs(config, input_ids, attention_mask, token_type_ids)
     bucket_sizes = tuple(sorted({int(b) for b in bucket_sizes}, reverse=True))
@@ -181,7 +185,8 @@ def exit_aware_predict(config: DeeBertConfig, params, input_ids, attention_mask,
         padded = padded_pool_size(rows, bucket_sizes, pool_size)
         if padded > rows:  # extra rows are all padding: they start exited and cost an embedding
             chunk = [np.concatenate([a, np.zeros((padded - rows,) + a.shape[1:], a.dtype)]) for a in chunk]
-        result = _pool_loop_device(config, params, *chunk, threshold, rule=rule, bucket_sizes=bucket_sizes, dtype=dtype)
+        result = _pool_loop_device(config, params, *chunk, threshold, rule=rule, bucket_sizes=bucket_sizes, dtype=dtype,
+                                   attention_impl=attention_impl)
         logits.append(result.logits[:rows])
         exit_layer.append(result.exit_layer[:rows])
     logits = jnp.concatenate(logits) if len(logits) > 1 else logits[0]

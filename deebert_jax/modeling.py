@@ -142,6 +142,9 @@ class Layer(nn.Module):
     # Only position 0 as queries: all the ramps read, so the last layer of an eval pass needs no
     # more. Output [B, 1, H]; parameters are the same.
     first_token_only: bool = False
+    # Self-attention's core (`attention.ATTENTION_IMPLS`): "default" as always, or, for inference,
+    # `jax.nn.dot_product_attention` ("dot_product_attention", "cudnn"); same parameters.
+    attention_impl: str = "default"
 
     @nn.compact
     def __call__(self, hidden, mask_bias):
@@ -158,12 +161,16 @@ class Layer(nn.Module):
         k = heads(_dense(c, H, "key", dt)(hidden))
         v = heads(_dense(c, H, "value", dt)(hidden))
         rate = c.attention_probs_dropout_prob
-        keep = None
-        if not self.deterministic and rate > 0.0:
-            # nn.Dropout's own draw (same scope name, same key, same bits); applied in `attention`.
-            keep = _DropoutMask(rate, name="Dropout_0")((B, c.num_attention_heads, queries.shape[1], S))
-        core = attention_core if _on_cpu() else attention_lib.attention_autodiff
-        context = core(q, k, v, mask_bias, keep, rate).reshape(queries.shape)
+        if self.attention_impl != "default":
+            attention_lib.check_attention_impl(self.attention_impl, dt, dropout=not self.deterministic and rate > 0.0)
+            context = attention_lib.fused_attention(q, k, v, mask_bias, self.attention_impl).reshape(queries.shape)
+        else:
+            keep = None
+            if not self.deterministic and rate > 0.0:
+                # nn.Dropout's own draw (same scope name, same key, same bits); applied in `attention`.
+                keep = _DropoutMask(rate, name="Dropout_0")((B, c.num_attention_heads, queries.shape[1], S))
+            core = attention_core if _on_cpu() else attention_lib.attention_autodiff
+            context = core(q, k, v, mask_bias, keep, rate).reshape(queries.shape)
         attn = _dense(c, H, "attention_output", dt)(context)
         attn = self._dropout(attn, c.hidden_dropout_prob, "Dropout_1")
         attn = _layer_norm(c, "attention_LayerNorm")(attn + queries).astype(dt)
@@ -212,11 +219,13 @@ class DeeBert(nn.Module):
     `apply({"params": p}, input_ids, attention_mask, token_type_ids)` -> ramp logits [L, B, K].
     With `train=True` dropout is on (pass `rngs={"dropout": key}`). `stop_backbone_gradient`
     cuts gradients from the ramps into the encoder (stage 2). `output_hidden_states` also
-    returns every layer's output [L, B, S, H].
+    returns every layer's output [L, B, S, H]. `attention_impl`: see `Layer` (a fused choice
+    refuses training with attention-probs dropout).
     """
 
     config: DeeBertConfig
     dtype: Any = jnp.float32
+    attention_impl: str = "default"
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, train: bool = False,
@@ -244,7 +253,8 @@ class DeeBert(nn.Module):
                        in_axes=nn.broadcast, length=c.num_hidden_layers,
                        unroll=c.num_hidden_layers if train and _cpu_layout() else 1)
         mask_bias = attention_bias(attention_mask, self.dtype)
-        _, per_layer = scan(Layer(c, self.dtype, not train, name="layers"), hidden, mask_bias)
+        layer = Layer(c, self.dtype, not train, attention_impl=self.attention_impl, name="layers")
+        _, per_layer = scan(layer, hidden, mask_bias)
         if output_hidden_states:
             first_tokens = per_layer[:, :, 0]                                  # [L, B, H]
             means = mean_of_real_tokens(per_layer, mask_bias[None]) if mean else None
@@ -299,7 +309,7 @@ def init_params(config: DeeBertConfig, rng: jax.Array, seq_len: int = 8) -> Para
 
 
 def forward(config: DeeBertConfig, params: Params, input_ids, attention_mask, token_type_ids,
-            dtype=jnp.float32) -> jax.Array:
+            dtype=jnp.float32, *, attention_impl: str = "default") -> jax.Array:
     """Full-depth eval forward -> ramp logits [L, B, K].
 
     Stacked params run the Flax module (the training graph, `nn.scan` over layers). Params from
@@ -307,12 +317,15 @@ def forward(config: DeeBertConfig, params: Params, input_ids, attention_mask, to
     early-exit loops, each layer's weights read in place), the last layer computed for the first
     token only, which is all the ramps read. Both agree to float32 rounding
     (`docs/performance.md`). Inputs are checked (`validation.check_model_inputs`); under a
-    caller's `jit` only their shapes and dtypes can be.
+    caller's `jit` only their shapes and dtypes can be. `attention_impl`: self-attention's core
+    (`attention.ATTENTION_IMPLS`; "default" unless asked).
     """
     check_model_inputs(config, input_ids, attention_mask, token_type_ids)
+    attention_lib.check_attention_impl(attention_impl, dtype)
     if not is_unstacked(params):
-        return DeeBert(config, dtype).apply({"params": params}, input_ids, attention_mask, token_type_ids)
-    step = layer_step(config, params, dtype, first_token_only_at_last=True)
+        return DeeBert(config, dtype, attention_impl).apply({"params": params}, input_ids, attention_mask,
+                                                            token_type_ids)
+    step = layer_step(config, params, dtype, first_token_only_at_last=True, attention_impl=attention_impl)
     mask_bias = attention_bias(attention_mask, dtype)
     L, K = config.num_hidden_layers, config.num_labels
 
@@ -364,12 +377,14 @@ def embed(config: DeeBertConfig, params: Params, input_ids, token_type_ids, dtyp
 
 
 def layer_forward(config: DeeBertConfig, layer_params: Params, hidden, mask_bias, dtype=jnp.float32,
-                  first_token_only: bool = False) -> jax.Array:
+                  first_token_only: bool = False, *, attention_impl: str = "default") -> jax.Array:
     """One layer's parameters (no L axis), hidden [B, S, H] -> [B, S, H] (eval mode).
 
     `first_token_only`: position 0 alone as queries -> [B, 1, H] (what the ramps read).
+    `attention_impl`: see `Layer`.
     """
-    return Layer(config, dtype, first_token_only=first_token_only).apply({"params": layer_params}, hidden, mask_bias)
+    layer = Layer(config, dtype, first_token_only=first_token_only, attention_impl=attention_impl)
+    return layer.apply({"params": layer_params}, hidden, mask_bias)
 
 
 def ramp_forward(config: DeeBertConfig, ramp_params: Params, hidden, mask_bias, layer,
@@ -417,35 +432,39 @@ def per_layer(params: Params, fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def _layer_apply(config, layer_params, layer, hidden, mask_bias, dtype, first_token_only_at_last):
+def _layer_apply(config, layer_params, layer, hidden, mask_bias, dtype, first_token_only_at_last,
+                 attention_impl: str = "default"):
     """Layer `layer` (0-based, int or traced) -> [B, S, H]; with `first_token_only_at_last` the last
     layer updates position 0 only (the other positions keep their input), all a ramp reads there."""
+    whole = functools.partial(layer_forward, config, layer_params, mask_bias=mask_bias, dtype=dtype,
+                              attention_impl=attention_impl)
     if not first_token_only_at_last:
-        return layer_forward(config, layer_params, hidden, mask_bias, dtype)
+        return whole(hidden=hidden)
 
     def first_only(hidden):
-        first = layer_forward(config, layer_params, hidden, mask_bias, dtype, first_token_only=True)
+        first = whole(hidden=hidden, first_token_only=True)
         return jax.lax.dynamic_update_slice_in_dim(hidden, first.astype(hidden.dtype), 0, axis=1)
 
     last = config.num_hidden_layers - 1
     static = _static_index(layer)
     if static is not None:
-        return first_only(hidden) if static == last else layer_forward(config, layer_params, hidden, mask_bias, dtype)
-    return jax.lax.cond(layer == last, first_only,
-                        lambda h: layer_forward(config, layer_params, h, mask_bias, dtype), hidden)
+        return first_only(hidden) if static == last else whole(hidden=hidden)
+    return jax.lax.cond(layer == last, first_only, lambda h: whole(hidden=h), hidden)
 
 
 def layer_step(config: DeeBertConfig, params: Params, dtype=jnp.float32, *,
-               first_token_only_at_last: bool = False) -> Callable[..., tuple[jax.Array, jax.Array]]:
+               first_token_only_at_last: bool = False,
+               attention_impl: str = "default") -> Callable[..., tuple[jax.Array, jax.Array]]:
     """-> `step(layer, hidden [B, S, H], mask_bias [B, S]) -> (hidden [B, S, H], ramp_logits [B, K])`.
 
     One layer and its ramp, eval mode, `layer` 0-based (int or traced); the params layout is
     decided here, once per call site (`per_layer`). Every inference loop runs on this step:
     `forward`, the while_loop predictor and exit-aware batching.
-    `first_token_only_at_last`: see `_layer_apply`.
+    `first_token_only_at_last`: see `_layer_apply`; `attention_impl`: see `Layer`.
     """
     def one(layer_params, ramp_params, layer, hidden, mask_bias):
-        hidden = _layer_apply(config, layer_params, layer, hidden, mask_bias, dtype, first_token_only_at_last)
+        hidden = _layer_apply(config, layer_params, layer, hidden, mask_bias, dtype, first_token_only_at_last,
+                              attention_impl)
         return hidden, ramp_forward(config, ramp_params, hidden, mask_bias, layer, dtype)
 
     return per_layer(params, one)

@@ -62,6 +62,7 @@ def test_cli_writes_valid_json_table_and_plot(tiny_run):
     assert result["precision_settings"]["jax_default_matmul_precision"] == "highest"
     assert result["precision_settings"]["torch_float32_matmul_precision"] == "highest"
     assert "**precision** fp32 on both sides" in out.with_suffix(".md").read_text()
+    assert result["attention"] == "default" and "**JAX attention** default" in out.with_suffix(".md").read_text()
 
 
 def test_precision_names_and_the_older_dtype_flag():
@@ -77,10 +78,11 @@ def test_precision_names_and_the_older_dtype_flag():
 
 def test_render_of_a_file_from_before_precision_existed(tiny_run, tmp_path):
     _, result = tiny_run
-    older = {k: v for k, v in result.items() if k not in ("precision", "precision_settings")}
+    older = {k: v for k, v in result.items() if k not in ("precision", "precision_settings", "attention")}
     (tmp_path / "cpu.json").write_text(json.dumps(older))
     bm.render(str(tmp_path / "cpu.json"))   # a CPU run: float32 is fp32, whatever the matmul precision flag
     assert json.loads((tmp_path / "cpu.json").read_text())["precision"] == "fp32"
+    assert "**JAX attention** default" in (tmp_path / "cpu.md").read_text()   # before the choice existed
     gpu = dict(older, rows=[dict(r, device="gpu") for r in older["rows"]])
     (tmp_path / "gpu.json").write_text(json.dumps(gpu))
     with pytest.raises(bm.BenchmarkError, match="gpu.json: no 'precision' recorded and not a CPU run"):
@@ -103,6 +105,48 @@ def test_cli_rows_report_exits_of_both_backends(tiny_run):
             assert r["compile_s"] is None
         if r["backend"] == "jax" and r["mode"] == "early_exit":
             assert r["exit_agreement"] == 1.0  # same weights, same inputs, same exit layers
+
+
+def test_cli_refuses_cudnn_attention_off_a_gpu_in_one_line(tmp_path, capsys):
+    from train.benchmark import main
+    out = tmp_path / "b.json"
+    rc = main(["--random-model", "tiny", "--attention", "cudnn", "--runs", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 1 and "Traceback" not in err and len(lines) == 1
+    assert lines[0].startswith("error: attention='cudnn': cuDNN's fused attention needs an NVIDIA GPU, and JAX is "
+                               "running on cpu"), lines
+    assert os.listdir(tmp_path) == []   # refused before any work: nothing written
+
+
+def test_attention_choice_reaches_every_jax_call(monkeypatch):
+    """`--attention` goes to the full forward and to both predictors (stubs record what they get)."""
+    from deebert_jax import early_exit, exit_aware
+    seen = []
+
+    def forward(config, params, ids, mask, types, dtype, *, attention_impl="default"):
+        seen.append(("full", attention_impl))
+        return jnp.zeros(())
+
+    def predictor(mode):
+        def predict(*args, attention_impl="default", **kwargs):
+            seen.append((mode, attention_impl))
+            return early_exit.ExitResult(jnp.zeros((1, 2)), jnp.ones((1,), jnp.int32), jnp.int32(1))
+        return predict
+
+    monkeypatch.setattr(modeling, "forward", forward)
+    monkeypatch.setattr(early_exit, "early_exit_predict", predictor("early_exit"))
+    monkeypatch.setattr(exit_aware, "exit_aware_predict", predictor("exit_aware"))
+    batch = {k: jnp.ones((1, 4), jnp.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    cells = bm._jax_cells(CONFIG, {}, [batch], [0.0], "entropy", jnp.float32, "cpu", stacked_params={},
+                          exit_aware=True, attention="dot_product_attention")
+    for cell in cells:
+        cell.call(0)
+    assert len(cells) == 5   # full, early_exit, exit_aware and the two on the stacked layout
+    # (The full forward's stub records its trace: both layouts share one.)
+    assert set(seen) == {(mode, "dot_product_attention") for mode in ("full", "early_exit", "exit_aware")}
+    with pytest.raises(bm.BenchmarkError, match="attention='flash'"):
+        bm.BenchmarkSpec(attention="flash").check()
 
 
 def test_cli_rejects_bad_flags(tmp_path, capsys):
@@ -202,9 +246,11 @@ def _row(**kw):
 def test_validate_names_the_key_at_fault():
     good = {"device": "cpu", "versions": {"jax": "x", "torch": "y"}, "precision": "fp32", "rows": [_row()]}
     bm.validate(good)
+    bm.validate({**good, "attention": "cudnn"})   # without the key: an older file, which ran "default"
     for broken, key in [({**good, "rows": []}, "rows"),
                         ({k: v for k, v in good.items() if k != "precision"}, "precision"),
                         ({**good, "precision": "float32"}, "precision"),
+                        ({**good, "attention": "flash"}, "attention"),
                         ({k: v for k, v in good.items() if k != "device"}, "device"),
                         ({**good, "rows": [_row(median_ms="fast")]}, "median_ms"),
                         ({**good, "rows": [_row(backend="tf")]}, "backend"),

@@ -19,6 +19,7 @@ from train.cli import floats, ints, run
 
 def parse_args(argv=None) -> argparse.Namespace:
     from deebert_jax.benchmarking import DEFAULT_THRESHOLDS, MIN_RUNS, RANDOM_MODELS, available_cpus
+    from deebert_jax.attention import ATTENTION_IMPLS
     from deebert_jax.precision import PRECISIONS
     p = argparse.ArgumentParser(prog="python -m train.benchmark", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -56,6 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also time JAX on the stacked training layout (modes full_stacked, early_exit_stacked)")
     p.add_argument("--exit-aware", action="store_true",
                    help="also time exit-aware batching (deebert_jax.exit_aware_predict; mode exit_aware)")
+    p.add_argument("--attention", choices=ATTENTION_IMPLS, default="default",
+                   help="JAX's self-attention core: default (as always), dot_product_attention "
+                        "(jax.nn.dot_product_attention, XLA's choice) or cudnn (its cuDNN fused kernel: "
+                        "NVIDIA GPU, --precision bf16); PyTorch is unchanged")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", help="bench.json path (.md and .png are written beside it)")
@@ -98,7 +103,7 @@ def _main(argv: list[str]) -> int:
     thresholds = args.thresholds or with_policy_threshold(bm.DEFAULT_THRESHOLDS, args.checkpoint, bm.BenchmarkSpec.rule)
     spec = bm.BenchmarkSpec(batch_sizes=args.batch_sizes, thresholds=thresholds, runs=args.runs,
                             warmup=args.warmup, schedule=args.schedule, dtype=precision.dtype, layout=args.layout,
-                            ablation=args.ablation, exit_aware=args.exit_aware,
+                            ablation=args.ablation, exit_aware=args.exit_aware, attention=args.attention,
                             backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()))
     spec.check()
     if args.checkpoint:
@@ -131,6 +136,7 @@ def _main(argv: list[str]) -> int:
             result = {**env, "model": model_name, "inputs": inputs, "runs": spec.runs, "warmup": spec.warmup,
                       "schedule": spec.schedule, "dtype": spec.dtype, "precision": precision.name,
                       "precision_settings": precision_record, "rule": spec.rule, "jax_params_layout": spec.layout,
+                      "attention": spec.attention,
                       "command": command_line("train.benchmark", argv),
                       "load_average_after": bm.load_average(), "rows": rows}
             if incomplete:
