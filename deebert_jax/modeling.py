@@ -25,6 +25,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core.scope import LazyRng
 
 from deebert_jax import attention as attention_lib
 from deebert_jax.config import DeeBertConfig
@@ -123,13 +124,21 @@ class Embeddings(nn.Module):
 
 
 class _DropoutMask(nn.Module):
-    """The keep mask `nn.Dropout(rate)` would draw for an input of `shape` (bool)."""
+    """The keep mask `nn.Dropout(rate)` would draw for an input of `shape` (bool); with `rows`, its
+    first `rows` along axis -2 (positions, or query rows of attention probabilities)."""
 
     rate: float
+    draw: int = 1   # which of the scope's `make_rng("dropout")` keys (`Layer.dropout_key_draw`)
 
     @nn.compact
-    def __call__(self, shape):
+    def __call__(self, shape, rows: int | None = None):
+        for _ in range(self.draw - 1):
+            self.make_rng("dropout")
         keep = jax.random.bernoulli(self.make_rng("dropout"), p=1.0 - self.rate, shape=shape)
+        if rows is not None and rows < shape[-2]:
+            # Drawn whole and sliced: a smaller draw gives other bits. Threefry's bits are a function
+            # of each element's index, so XLA computes only the rows kept.
+            keep = keep[..., :rows, :]
         return computed_once(keep) if _cpu_layout() else keep
 
 
@@ -139,12 +148,16 @@ class Layer(nn.Module):
     config: DeeBertConfig
     dtype: Any = jnp.float32
     deterministic: bool = True
-    # Only position 0 as queries: all the ramps read, so the last layer of an eval pass needs no
-    # more. Output [B, 1, H]; parameters are the same.
+    # Only position 0 as queries: all the ramps read, so the last layer needs no more. Output
+    # [B, 1, H]; parameters are the same. With dropout on, its masks are row 0 of the full layer's.
     first_token_only: bool = False
     # Self-attention's core (`attention.ATTENTION_IMPLS`): "default" as always, or, for inference,
     # `jax.nn.dot_product_attention` ("dot_product_attention", "cudnn"); same parameters.
     attention_impl: str = "default"
+    # Which `make_rng` of each dropout's scope gives its key. Under `nn.scan` it is the second:
+    # flax.core.axes_scan traces the body twice (its loop-invariant check) and the scopes' rng
+    # counters outlive the first trace. `_training_layers`, running layers outside a scan, says 2.
+    dropout_key_draw: int = 1
 
     @nn.compact
     def __call__(self, hidden, mask_bias):
@@ -168,28 +181,31 @@ class Layer(nn.Module):
             keep = None
             if not self.deterministic and rate > 0.0:
                 # nn.Dropout's own draw (same scope name, same key, same bits); applied in `attention`.
-                keep = _DropoutMask(rate, name="Dropout_0")((B, c.num_attention_heads, queries.shape[1], S))
+                keep = _DropoutMask(rate, self.dropout_key_draw, name="Dropout_0")(
+                    (B, c.num_attention_heads, S, S), rows=queries.shape[1])
             core = attention_core if _on_cpu() else attention_lib.attention_autodiff
             context = core(q, k, v, mask_bias, keep, rate).reshape(queries.shape)
         attn = _dense(c, H, "attention_output", dt)(context)
-        attn = self._dropout(attn, c.hidden_dropout_prob, "Dropout_1")
+        attn = self._dropout(attn, c.hidden_dropout_prob, "Dropout_1", S)
         attn = _layer_norm(c, "attention_LayerNorm")(attn + queries).astype(dt)
         act = activation(c.hidden_act)
         if _cpu_layout() and not self.deterministic:
             act = stored_derivative(act)
         ff = act(_dense(c, c.intermediate_size, "intermediate", dt)(attn))
         ff = _dense(c, H, "output", dt)(ff)
-        ff = self._dropout(ff, c.hidden_dropout_prob, "Dropout_2")
+        ff = self._dropout(ff, c.hidden_dropout_prob, "Dropout_2", S)
         return _layer_norm(c, "output_LayerNorm")(ff + attn).astype(dt)
 
-    def _dropout(self, x, rate, name):
+    def _dropout(self, x, rate, name, positions):
         """`nn.Dropout(rate, name=name)`'s output, bit for bit (same key, same select), the mask
-        drawn once (`fusion.computed_once`)."""
-        if not _cpu_layout():
+        drawn once (`fusion.computed_once`). x [B, S', H]: the mask is rows 0..S'-1 of the one
+        drawn for all `positions`, so a first-token-only layer drops what the full layer drops."""
+        if not _cpu_layout() and x.shape[-2] == positions and self.dropout_key_draw == 1:
             return nn.Dropout(rate, name=name)(x, deterministic=self.deterministic)
         if self.deterministic or rate == 0.0:
             return x
-        keep = _DropoutMask(rate, name=name)(x.shape)
+        keep = _DropoutMask(rate, self.dropout_key_draw, name=name)((*x.shape[:-2], positions, x.shape[-1]),
+                                                                    rows=x.shape[-2])
         return jax.lax.select(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
@@ -217,10 +233,11 @@ class DeeBert(nn.Module):
     """BERT with an off-ramp after every layer.
 
     `apply({"params": p}, input_ids, attention_mask, token_type_ids)` -> ramp logits [L, B, K].
-    With `train=True` dropout is on (pass `rngs={"dropout": key}`). `stop_backbone_gradient`
+    With `train=True` dropout is on (pass `rngs={"dropout": key}`) and the last layer is computed
+    for the first token only, all the ramps read of it (`_training_layers`). `stop_backbone_gradient`
     cuts gradients from the ramps into the encoder (stage 2). `output_hidden_states` also
-    returns every layer's output [L, B, S, H]. `attention_impl`: see `Layer` (a fused choice
-    refuses training with attention-probs dropout).
+    returns every layer's output [L, B, S, H] (every layer computed in full). `attention_impl`: see
+    `Layer` (a fused choice refuses training with attention-probs dropout).
     """
 
     config: DeeBertConfig
@@ -238,30 +255,34 @@ class DeeBert(nn.Module):
         hidden = Embeddings(c, self.dtype, name="embeddings")(input_ids, token_type_ids, deterministic=not train)
         keep = output_hidden_states
         mean = c.ramp_pooling == "mean"
-
-        def body(layer, hidden, mask_bias):
-            hidden = layer(hidden, mask_bias)
-            if keep:
-                return hidden, hidden
-            return hidden, (hidden[:, 0], mean_of_real_tokens(hidden, mask_bias) if mean else None)
-
-        # Lifting a bound Layer keeps its parameters at params["layers"] with a leading L axis.
-        # Training unrolls it: a rolled scan keeps the backward's residuals in zero-filled [L, ...]
-        # buffers written one layer at a time (0.6 s of a 5 s MiniLM step on one CPU thread);
-        # unrolled, each layer's are buffers of their own. Same values, same dropout keys.
-        scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                       in_axes=nn.broadcast, length=c.num_hidden_layers,
-                       unroll=c.num_hidden_layers if train and _cpu_layout() else 1)
         mask_bias = attention_bias(attention_mask, self.dtype)
-        layer = Layer(c, self.dtype, not train, attention_impl=self.attention_impl, name="layers")
-        _, per_layer = scan(layer, hidden, mask_bias)
-        if output_hidden_states:
-            first_tokens = per_layer[:, :, 0]                                  # [L, B, H]
-            means = mean_of_real_tokens(per_layer, mask_bias[None]) if mean else None
+        # Training computes the last layer for position 0 only (`_training_layers`). The full
+        # stack below creates the parameters, serves eval and returns every layer's output.
+        if train and not output_hidden_states and not self.is_initializing() and self.attention_impl == "default":
+            rngs = self.scope.rngs   # make_rng("dropout") falls back on "params", as Flax does
+            features = _training_layers(c, self.dtype, self.get_variable("params", "layers"),
+                                        rngs.get("dropout", rngs.get("params")), hidden, mask_bias)
         else:
-            first_tokens, means = per_layer
-        # What each ramp reads [L, B, H]: off-ramps the mean under "mean", ramp L the first token.
-        features = jnp.concatenate([means[:-1], first_tokens[-1:]]) if mean else first_tokens
+            def body(layer, hidden, mask_bias):
+                hidden = layer(hidden, mask_bias)
+                if keep:
+                    return hidden, hidden
+                return hidden, (hidden[:, 0], mean_of_real_tokens(hidden, mask_bias) if mean else None)
+
+            # Lifting a bound Layer keeps its parameters at params["layers"] with a leading L axis.
+            # Unrolled in training on the CPU, as `_training_layers` (why there).
+            scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                           in_axes=nn.broadcast, length=c.num_hidden_layers,
+                           unroll=c.num_hidden_layers if train and _cpu_layout() else 1)
+            layer = Layer(c, self.dtype, not train, attention_impl=self.attention_impl, name="layers")
+            _, per_layer = scan(layer, hidden, mask_bias)
+            if output_hidden_states:
+                first_tokens = per_layer[:, :, 0]                                  # [L, B, H]
+                means = mean_of_real_tokens(per_layer, mask_bias[None]) if mean else None
+            else:
+                first_tokens, means = per_layer
+            # What each ramp reads [L, B, H]: off-ramps the mean under "mean", ramp L the first token.
+            features = jnp.concatenate([means[:-1], first_tokens[-1:]]) if mean else first_tokens
         if stop_backbone_gradient:
             features = jax.lax.stop_gradient(features)
         ramps = nn.vmap(
@@ -273,6 +294,65 @@ class DeeBert(nn.Module):
         )
         logits = ramps(c, self.dtype, name="ramps")(features, not train)
         return (logits, per_layer) if output_hidden_states else logits
+
+
+def _training_layers(config: DeeBertConfig, dtype, layer_params: Params, rng, hidden, mask_bias) -> jax.Array:
+    """The layers in training (dropout on) -> what each ramp reads [L, B, H] (as `ramp_input`).
+
+    `DeeBert`'s `nn.scan` over the layers, written out so that the last layer, whose output only
+    ramp L reads (its first token), computes position 0 alone: the query projection, attention
+    for one query row, the output dense, layer norms and FFN on one position of each row; keys
+    and values for all. Every layer gets what the scan gives it: its slice of `layer_params` (the
+    stacked tree, leading L axis), the dropout key `flax.core.lift.scan` splits off `rng` (the
+    module's dropout rng, None without one) under the scope name "layers", and the scan's second
+    draw of it (`Layer.dropout_key_draw`); the last layer takes row 0 of its full-size masks
+    (`Layer.first_token_only`). Same values and dropout bits as the scan (tests/test_modeling.py).
+    hidden [B, S, H], mask_bias [B, S].
+    """
+    L = config.num_hidden_layers
+    mean = config.ramp_pooling == "mean"
+    keys = suffix = None
+    if rng is not None:
+        # As nn.scan: the "layers" scope's key split L ways; its static path suffix (folded in
+        # when a dropout draws its key) kept.
+        scoped = LazyRng.create(rng, "layers")
+        keys, suffix = jax.random.split(jax.random.clone(scoped.rng), L), scoped.suffix
+    rng_at = lambda layers: None if keys is None else LazyRng(keys[layers], suffix)
+
+    def run(params, layer_rng, hidden, first_token_only):
+        layer = Layer(config, dtype, deterministic=False, first_token_only=first_token_only, dropout_key_draw=2)
+        return layer.apply({"params": params}, hidden, mask_bias,
+                           rngs={} if layer_rng is None else {"dropout": layer_rng})
+
+    def ramp_features(hidden):
+        return mean_of_real_tokens(hidden, mask_bias) if mean else hidden[:, 0]
+
+    leaves, treedef = jax.tree_util.tree_flatten(layer_params)
+    features = []
+    if _cpu_layout():
+        # Unrolled: a rolled scan keeps the backward's residuals in zero-filled [L, ...] buffers
+        # written one layer at a time (0.6 s of a 5 s MiniLM step on one CPU thread); unrolled,
+        # each layer's are buffers of their own. One split per leaf: the gradients are joined by
+        # one concatenation.
+        parts = [jnp.split(leaf, L) for leaf in leaves]
+        layer_at = lambda i: treedef.unflatten([p[i][0] for p in parts])
+        for i in range(L - 1):
+            hidden = run(layer_at(i), rng_at(i), hidden, False)
+            features.append(ramp_features(hidden)[None])
+        last = layer_at(L - 1)
+    else:
+        parts = [jnp.split(leaf, [L - 1]) for leaf in leaves]
+        if L > 1:
+            def body(hidden, xs):
+                hidden = run(*xs, hidden, False)
+                return hidden, ramp_features(hidden)
+
+            head = treedef.unflatten([p[0] for p in parts])
+            hidden, head_features = jax.lax.scan(body, hidden, (head, rng_at(slice(0, L - 1))))
+            features.append(head_features)
+        last = treedef.unflatten([p[1][0] for p in parts])
+    features.append(run(last, rng_at(L - 1), hidden, True)[:, 0][None])
+    return jnp.concatenate(features)
 
 
 def mean_of_real_tokens(hidden, mask_bias) -> jax.Array:

@@ -56,7 +56,9 @@ def jax_defaults():
     """While open, models are built as JAX and Flax ship them: threefry with JAX's rolled CPU
     lowering, dense kernel gradients and attention's backward from autodiff, a rolled layer scan,
     `nn.Dropout` and the activation as they are (what `cpu_rng`, `matmul`, `attention` and
-    `fusion` change). The process's malloc settings (`cpu_memory`) cannot be undone."""
+    `fusion` change). The process's malloc settings (`cpu_memory`) cannot be undone. The last
+    layer stays computed for the first token only: a change of the model's graph on every
+    backend, not a CPU tuning (`modeling._training_layers`)."""
     from jax import lax
 
     from deebert_jax import attention, cpu_rng, modeling

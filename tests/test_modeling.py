@@ -5,6 +5,7 @@ import pytest
 
 from deebert_jax import modeling
 from deebert_jax.config import tiny_config
+from deebert_jax.model_loading import jitted_init_params
 
 CONFIG = tiny_config(num_labels=3)
 
@@ -92,3 +93,80 @@ def test_bf16_compute_is_close(params):
     half = modeling.forward(CONFIG, params, ids, mask, types, dtype=jnp.bfloat16)
     assert half.dtype == jnp.float32
     np.testing.assert_allclose(half, full, atol=5e-2)
+
+
+def _cross_entropy_all_ramps(logits, labels):
+    """logits [L, B, K], labels [B] -> the summed cross-entropy of every ramp (reaches every parameter)."""
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.sum(jnp.take_along_axis(log_probs, labels[None, :, None], axis=-1))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_training_last_layer_on_first_token_matches_full_stack(dtype):
+    """Training computes the last layer for position 0 only; `output_hidden_states` runs the
+    `nn.scan` of full layers. Same dropout keys and masks, so the same logits and gradients to
+    rounding (a different mask moves them by 1e-3 here). Off-ramps read the mean of real tokens,
+    ramp L the first token."""
+    config = tiny_config(num_labels=3, ramp_pooling="mean")
+    params = jitted_init_params(config, jax.random.PRNGKey(3))
+    ids, mask, types = batch()
+    labels = jnp.array([0, 2, 1])
+    model = modeling.DeeBert(config, dtype)
+
+    def loss(p, full):
+        out = model.apply({"params": p}, ids, mask, types, train=True, output_hidden_states=full,
+                          rngs={"dropout": jax.random.PRNGKey(5)})
+        logits = out[0] if full else out
+        return _cross_entropy_all_ramps(logits, labels), logits
+
+    @jax.jit
+    def both(p):   # one compile
+        return (jax.value_and_grad(lambda p: loss(p, False), has_aux=True)(p),
+                jax.value_and_grad(lambda p: loss(p, True), has_aux=True)(p),
+                model.apply({"params": p}, ids, mask, types))
+
+    ((ours, logits), grads), ((full, full_logits), full_grads), eval_logits = both(params)
+    assert not np.allclose(logits, eval_logits, atol=1e-3)  # dropout on
+    if dtype == jnp.float32:   # the last layer's matmuls have B rows, not B * S: float rounding
+        np.testing.assert_allclose(logits, full_logits, rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(ours, full, rtol=1e-6)
+    else:
+        np.testing.assert_allclose(logits, full_logits, rtol=1e-3, atol=1e-4)
+    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(grads),
+                                 jax.tree_util.tree_leaves_with_path(full_grads)):
+        name = jax.tree_util.keystr(path)
+        if dtype == jnp.float32:
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=name)
+        else:   # bf16 matmuls: within a small part of bf16's own error (1e-2 against float32 here)
+            assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b) + 1e-6, name
+
+
+def _dot_output_shapes(jaxpr) -> list:
+    """Output shapes of every dot_general in a (closed) jaxpr and the jaxprs nested in it."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes.append(tuple(eqn.outvars[0].aval.shape))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                    shapes += _dot_output_shapes(sub)
+    return shapes
+
+
+def test_training_computes_last_layer_for_one_position(params):
+    """The FFN's first dense layer in training: [B, S, I] in layer 1, [B, 1, I] in layer 2, the
+    last; the full stack (`output_hidden_states`: one `nn.scan` body) has only [B, S, I]."""
+    ids, mask, types = batch()
+    (B, S), inner = ids.shape, CONFIG.intermediate_size
+
+    def ffn_shapes(full):
+        def fn(p):
+            return modeling.DeeBert(CONFIG).apply({"params": p}, ids, mask, types, train=True,
+                                                  output_hidden_states=full, rngs={"dropout": jax.random.PRNGKey(0)})
+
+        return sorted(s for s in _dot_output_shapes(jax.make_jaxpr(fn)(params)) if s[-1] == inner)
+
+    assert ffn_shapes(False) == [(B, 1, inner), (B, S, inner)]
+    assert ffn_shapes(True) == [(B, S, inner)]
