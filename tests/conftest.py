@@ -2,20 +2,7 @@
 
 import os
 
-# The suite compiles hundreds of small XLA programs and most of its time is that compiling; LLVM's
-# optimisation of the generated CPU code is half of it and buys nothing at test sizes. The HLO
-# (fusion, layouts, what the graph tests inspect) is the same at every level. A user's XLA_FLAGS
-# replace both settings.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
-
-
-def xla_flags(devices: int | None = 8) -> str:
-    """XLA_FLAGS for the tests and the commands they start: `devices` simulated CPU devices
-    (None: the one real CPU device), fast compiling."""
-    return " ".join(([f"--xla_force_host_platform_device_count={devices}"] if devices else []) + [FAST_COMPILE])
-
-
-os.environ.setdefault("XLA_FLAGS", xla_flags())
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

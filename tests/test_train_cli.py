@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from deebert_jax.checkpoint import load_checkpoint
-from tests.conftest import REPO, xla_flags
+from tests.conftest import REPO
 
 
 def test_tiny_config_end_to_end(tmp_path):
     """In bf16 mixed precision (float32 training runs through the CLI in test_demo.py)."""
     workdir = tmp_path / "tiny"
-    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-m", "train.train", "--config", "configs/tiny.py",
                            f"--config.workdir={workdir}", "--config.dtype=bfloat16"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
