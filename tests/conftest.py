@@ -8,6 +8,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import functools
 import pathlib
 
 import pytest
@@ -57,14 +58,29 @@ def ragged_batch(n: int, seq: int, vocab_size: int, seed: int, *, padding_rows=(
     return (ids * mask if zero_padding_ids else ids), mask, types
 
 
-def random_checkpoint(tmp_path_factory, config, seed: int = 1):
-    """A model directory with random weights for `config` -> (its path, the params)."""
+@functools.lru_cache(maxsize=None)
+def initial_params(config, seed: int = 0) -> dict:
+    """`modeling.init_params(config, PRNGKey(seed))` as read-only numpy arrays, made once per
+    (config, seed) for the session: an eager init compiles its layer scan again on every call
+    (seconds each). Read-only, so no test can change what the next one gets."""
     import jax
+    import numpy as np
 
     from deebert_jax import modeling
+
+    def frozen(x):
+        x = np.array(x)
+        x.setflags(write=False)
+        return x
+
+    return jax.tree_util.tree_map(frozen, modeling.init_params(config, jax.random.PRNGKey(seed)))
+
+
+def random_checkpoint(tmp_path_factory, config, seed: int = 1):
+    """A model directory with random weights for `config` -> (its path, the params)."""
     from deebert_jax.checkpoint import save_checkpoint
 
-    params = modeling.init_params(config, jax.random.PRNGKey(seed))
+    params = initial_params(config, seed)
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", config, params), params
 
 

@@ -24,6 +24,7 @@ from deebert_jax.config import ConfigError, DeeBertConfig, tiny_config
 from deebert_jax.convert import export_pytorch_checkpoint, load_pytorch_checkpoint
 from deebert_jax.fileutil import OutputPathError, atomic_directory, check_output_path
 from deebert_jax.validation import check_model_inputs, is_tracer
+from tests.conftest import initial_params  # tests.: a command below imports this module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = tiny_config(num_labels=3)
@@ -31,7 +32,7 @@ CONFIG = tiny_config(num_labels=3)
 
 @pytest.fixture(scope="module")
 def params():
-    return jax.tree_util.tree_map(np.asarray, modeling.init_params(CONFIG, jax.random.PRNGKey(0)))
+    return initial_params(CONFIG)
 
 
 def snapshot(root):
@@ -174,7 +175,7 @@ def train_state(config, value):
     from deebert_jax import training
     tx = training.OptimizerSettings(1e-3, 6).optimizer()
     # Random (incompressible) weights: each array has its own bytes in the data files.
-    p = jax.tree_util.tree_map(lambda x: np.asarray(x) + value, modeling.init_params(config, jax.random.PRNGKey(0)))
+    p = jax.tree_util.tree_map(lambda x: x + value, initial_params(config))
     return training.init_train_state(p, tx, 1, config.num_hidden_layers)
 
 
@@ -402,13 +403,13 @@ def test_good_inputs_and_tracers():
         f(ids.astype(np.float32), mask, types)
 
 
-def test_predictors_and_evaluate_check_values_before_running():
+def test_predictors_and_evaluate_check_values_before_running(params):
     """The checks sit at every public predictor's edge (and `evaluate` checks its data set once)."""
     from deebert_jax import evaluation
     from deebert_jax.early_exit import early_exit_predict, early_exit_predict_pmap
     from deebert_jax.exit_aware import exit_aware_predict
 
-    params = modeling.init_params(CONFIG, jax.random.PRNGKey(0))
+    params = jax.tree_util.tree_map(jnp.asarray, params)
     ids, mask, types = _inputs()
     ids[1, 4] = CONFIG.vocab_size
     message = r"input_ids\[1, 4\] = 100: expected a value in \[0, vocab_size=100\)"
@@ -425,8 +426,8 @@ def test_predictors_and_evaluate_check_values_before_running():
     assert out.exit_layer.shape == (len(ids),)
 
 
-def test_forward_checks_concrete_inputs_and_traced_shapes():
-    params = modeling.init_params(CONFIG, jax.random.PRNGKey(0))
+def test_forward_checks_concrete_inputs_and_traced_shapes(params):
+    params = jax.tree_util.tree_map(jnp.asarray, params)
     ids, mask, types = _inputs()
     mask[0, 5] = 2
     with pytest.raises(ValueError, match=r"attention_mask\[0, 5\] = 2: expected 0 or 1"):
