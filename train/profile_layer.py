@@ -88,7 +88,7 @@ def main(argv: list[str]) -> int:
     for name, piece, arrays in _pieces(args.batch_size, args.seq_len):
         f = jax.jit(piece)
         ms = time_calls(lambda: jax.block_until_ready(f(*arrays)), runs=args.runs, warmup=2).median_ms
-        print(f"{ms:9.1f} ms  {name}")
+        print(f"{ms:9.3f} ms  {name}")
     return 0
 
 
