@@ -109,11 +109,12 @@ from deebert_jax import cpu_memory
 import jax, jax.numpy as jnp
 a, b = jnp.ones((8192, 64), jnp.float32), jnp.ones((64, 8192), jnp.float32)
 f = jax.jit(lambda a, b: jnp.sum(jnp.sin(a @ b)))      # a 256 MB temporary, the product
-for _ in range(2):
+faults = []
+for _ in range(12):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(a, b).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-f(a, b).block_until_ready()
-print(cpu_memory.applied(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(cpu_memory.applied(), *faults[1:])                 # the first call compiles and grows the heap
 """
 
 
@@ -123,19 +124,22 @@ def test_keep_freed_memory_stops_page_faults_from_step_to_step():
         env = {"PATH": "", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), "DEEBERT_KEEP_FREED_MEMORY": keep}
         out = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, capture_output=True, text=True, check=True,
                              env=env)
-        applied, faults = out.stdout.split()
-        return applied == "True", int(faults)
+        applied, *faults = out.stdout.split()
+        return applied == "True", [int(n) for n in faults]
 
-    # In some processes a block this size is still mapped afresh (not understood; the training
-    # step ran fault-free in every run measured): the best of three processes.
+    # Kept, the heap grows to a few times the temporary in the first calls (strace: several 256 MB
+    # `brk`s), and a call whose product lands in a part of it not yet touched faults that part in
+    # once; after that, calls run fault-free. Without it, every call maps and faults in 256 MB anew.
     default_kept, default_faults = run("0")
-    for _ in range(3):
+    assert not default_kept
+    assert min(default_faults) > 20_000, default_faults   # 256 MB faulted in again (4 KB pages), every call
+    for _ in range(2):
         kept, faults = run("1")
-        if faults < default_faults / 10:
+        if min(faults) < min(default_faults) / 10 and sum(faults) < sum(default_faults) / 2:
             break
-    assert kept and not default_kept
-    assert default_faults > 20_000, default_faults   # 256 MB of temporaries faulted in again (4 KB pages)
-    assert faults < default_faults / 10, (faults, default_faults)
+    assert kept
+    assert min(faults) < min(default_faults) / 10, (faults, default_faults)
+    assert sum(faults) < sum(default_faults) / 2, (faults, default_faults)
 
 
 def test_the_cpu_tuned_graph_is_built_for_the_cpu_only(monkeypatch):
