@@ -235,7 +235,10 @@ class DeeBert(nn.Module):
     `apply({"params": p}, input_ids, attention_mask, token_type_ids)` -> ramp logits [L, B, K].
     With `train=True` dropout is on (pass `rngs={"dropout": key}`) and the last layer is computed
     for the first token only, all the ramps read of it (`_training_layers`). `stop_backbone_gradient`
-    cuts gradients from the ramps into the encoder (stage 2). `output_hidden_states` also
+    cuts gradients from the ramps into the encoder (stage 2). `off_ramps_only` returns the
+    off-ramps' logits [L-1, B, K], the same as the first L-1 rows of the full output; in training
+    it skips layer L and, where off-ramp L-1 reads the first token, computes layer L-1 for that
+    position only (stage 2, which trains the off-ramps alone). `output_hidden_states` also
     returns every layer's output [L, B, S, H] (every layer computed in full). `attention_impl`: see
     `Layer` (a fused choice refuses training with attention-probs dropout).
     """
@@ -246,8 +249,11 @@ class DeeBert(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, train: bool = False,
-                 stop_backbone_gradient: bool = False, output_hidden_states: bool = False):
+                 stop_backbone_gradient: bool = False, output_hidden_states: bool = False,
+                 off_ramps_only: bool = False):
         c = self.config
+        if off_ramps_only and (output_hidden_states or c.num_hidden_layers < 2):
+            raise ValueError("off_ramps_only needs at least 2 layers and no output_hidden_states")
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:
@@ -261,7 +267,12 @@ class DeeBert(nn.Module):
         if train and not output_hidden_states and not self.is_initializing() and self.attention_impl == "default":
             rngs = self.scope.rngs   # make_rng("dropout") falls back on "params", as Flax does
             features = _training_layers(c, self.dtype, self.get_variable("params", "layers"),
-                                        rngs.get("dropout", rngs.get("params")), hidden, mask_bias)
+                                        rngs.get("dropout", rngs.get("params")), hidden, mask_bias,
+                                        c.num_hidden_layers - 1 if off_ramps_only else c.num_hidden_layers)
+            if off_ramps_only:
+                # Ramp L's parameters ride along in the vmapped ramps below; zeros for it to read,
+                # and its logits are dropped (its dropout key is its own: the others' bits stand).
+                features = jnp.concatenate([features, jnp.zeros_like(features[:1])])
         else:
             def body(layer, hidden, mask_bias):
                 hidden = layer(hidden, mask_bias)
@@ -293,31 +304,40 @@ class DeeBert(nn.Module):
             out_axes=0,
         )
         logits = ramps(c, self.dtype, name="ramps")(features, not train)
+        if off_ramps_only:
+            return logits[:-1]
         return (logits, per_layer) if output_hidden_states else logits
 
 
-def _training_layers(config: DeeBertConfig, dtype, layer_params: Params, rng, hidden, mask_bias) -> jax.Array:
-    """The layers in training (dropout on) -> what each ramp reads [L, B, H] (as `ramp_input`).
+def _training_layers(config: DeeBertConfig, dtype, layer_params: Params, rng, hidden, mask_bias,
+                     layers: int | None = None) -> jax.Array:
+    """The first `layers` layers (default all L) in training (dropout on) -> what ramps 1..layers
+    read [layers, B, H] (as `ramp_input`).
 
-    `DeeBert`'s `nn.scan` over the layers, written out so that the last layer, whose output only
-    ramp L reads (its first token), computes position 0 alone: the query projection, attention
-    for one query row, the output dense, layer norms and FFN on one position of each row; keys
-    and values for all. Every layer gets what the scan gives it: its slice of `layer_params` (the
-    stacked tree, leading L axis), the dropout key `flax.core.lift.scan` splits off `rng` (the
-    module's dropout rng, None without one) under the scope name "layers", and the scan's second
-    draw of it (`Layer.dropout_key_draw`); the last layer takes row 0 of its full-size masks
-    (`Layer.first_token_only`). Same values and dropout bits as the scan (tests/test_modeling.py).
-    hidden [B, S, H], mask_bias [B, S].
+    `DeeBert`'s `nn.scan` over the layers, written out so that the last layer computed, whose
+    output only its ramp reads (the first token: ramp L, or any ramp under "first" pooling),
+    computes position 0 alone: the query projection, attention for one query row, the output
+    dense, layer norms and FFN on one position of each row; keys and values for all. Every layer
+    gets what the scan gives it: its slice of `layer_params` (the stacked tree, leading L axis),
+    the dropout key `flax.core.lift.scan` splits off `rng` (the module's dropout rng, None without
+    one) under the scope name "layers", and the scan's second draw of it (`Layer.dropout_key_draw`);
+    a first-token-only layer takes row 0 of its full-size masks (`Layer.first_token_only`). Same
+    values and dropout bits as the scan (tests/test_modeling.py). hidden [B, S, H], mask_bias [B, S].
     """
     L = config.num_hidden_layers
+    n = L if layers is None else layers
+    if not 1 <= n <= L:
+        raise ValueError(f"layers={layers!r}: expected 1..{L}")
     mean = config.ramp_pooling == "mean"
+    # Ramp n reads the first token unless it is an off-ramp under "mean" pooling.
+    last_first_token_only = n == L or not mean
     keys = suffix = None
     if rng is not None:
         # As nn.scan: the "layers" scope's key split L ways; its static path suffix (folded in
         # when a dropout draws its key) kept.
         scoped = LazyRng.create(rng, "layers")
         keys, suffix = jax.random.split(jax.random.clone(scoped.rng), L), scoped.suffix
-    rng_at = lambda layers: None if keys is None else LazyRng(keys[layers], suffix)
+    rng_at = lambda i: None if keys is None else LazyRng(keys[i], suffix)
 
     def run(params, layer_rng, hidden, first_token_only):
         layer = Layer(config, dtype, deterministic=False, first_token_only=first_token_only, dropout_key_draw=2)
@@ -336,22 +356,25 @@ def _training_layers(config: DeeBertConfig, dtype, layer_params: Params, rng, hi
         # one concatenation.
         parts = [jnp.split(leaf, L) for leaf in leaves]
         layer_at = lambda i: treedef.unflatten([p[i][0] for p in parts])
-        for i in range(L - 1):
+        for i in range(n - 1):
             hidden = run(layer_at(i), rng_at(i), hidden, False)
             features.append(ramp_features(hidden)[None])
-        last = layer_at(L - 1)
+        last = layer_at(n - 1)
     else:
-        parts = [jnp.split(leaf, [L - 1]) for leaf in leaves]
-        if L > 1:
+        parts = [jnp.split(leaf, [n - 1, n]) for leaf in leaves]
+        if n > 1:
             def body(hidden, xs):
                 hidden = run(*xs, hidden, False)
                 return hidden, ramp_features(hidden)
 
             head = treedef.unflatten([p[0] for p in parts])
-            hidden, head_features = jax.lax.scan(body, hidden, (head, rng_at(slice(0, L - 1))))
+            hidden, head_features = jax.lax.scan(body, hidden, (head, rng_at(slice(0, n - 1))))
             features.append(head_features)
         last = treedef.unflatten([p[1][0] for p in parts])
-    features.append(run(last, rng_at(L - 1), hidden, True)[:, 0][None])
+    if last_first_token_only:
+        features.append(run(last, rng_at(n - 1), hidden, True)[:, 0][None])
+    else:
+        features.append(ramp_features(run(last, rng_at(n - 1), hidden, False))[None])
     return jnp.concatenate(features)
 
 

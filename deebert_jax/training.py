@@ -153,11 +153,19 @@ def stage_loss(ramp_logits: jax.Array, labels: jax.Array, stage: int) -> tuple[j
 
     Stage 1: mean cross-entropy of ramp L. Stage 2: sum over ramps 1..L-1 of their mean cross-entropies.
     """
+    if stage == 2:
+        return off_ramp_loss(ramp_logits[:-1], labels)
     ce = optax.softmax_cross_entropy_with_integer_labels(ramp_logits, labels[None, :]).mean(axis=1)  # [L]
-    if stage == 1:
-        loss, logits = ce[-1], ramp_logits[-1]
-    else:
-        loss, logits = ce[:-1].sum(), ramp_logits[:-1]
+    return _with_accuracy(ce[-1], ramp_logits[-1], labels)
+
+
+def off_ramp_loss(off_ramp_logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict]:
+    """Stage 2's loss from the off-ramps' logits alone: [L-1, B, K], labels [B] -> (loss, metrics)."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(off_ramp_logits, labels[None, :]).mean(axis=1)
+    return _with_accuracy(ce.sum(), off_ramp_logits, labels)
+
+
+def _with_accuracy(loss: jax.Array, logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict]:
     accuracy = (jnp.argmax(logits, axis=-1) == labels).mean()
     return loss, {"loss": loss, "accuracy": accuracy}
 
@@ -191,10 +199,12 @@ def make_train_step(config: DeeBertConfig, tx: optax.GradientTransformation, sch
         trainable, frozen = split_params(state.params, stage, L)
 
         def loss_fn(trainable):
+            # Stage 2 trains the off-ramps alone: the model skips layer L and ramp L.
             logits = model.apply({"params": merge_params(trainable, frozen, stage)}, batch["input_ids"],
                                  batch["attention_mask"], batch["token_type_ids"], train=True,
-                                 stop_backbone_gradient=(stage == 2), rngs={"dropout": key})
-            return stage_loss(logits, batch["labels"], stage)
+                                 stop_backbone_gradient=(stage == 2), off_ramps_only=(stage == 2),
+                                 rngs={"dropout": key})
+            return off_ramp_loss(logits, batch["labels"]) if stage == 2 else stage_loss(logits, batch["labels"], 1)
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         grads = jax.lax.pmean(grads, axis_name)

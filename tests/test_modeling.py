@@ -170,3 +170,48 @@ def test_training_computes_last_layer_for_one_position(params):
 
     assert ffn_shapes(False) == [(B, 1, inner), (B, S, inner)]
     assert ffn_shapes(True) == [(B, S, inner)]
+
+
+@pytest.mark.parametrize("pooling,cpu_layout", [("first", True), ("mean", True), ("first", False)])
+def test_off_ramps_only_matches_the_full_output_and_skips_layer_l(pooling, cpu_layout, monkeypatch):
+    """Stage 2's forward (`off_ramps_only`): the off-ramps' logits and their gradients as the full
+    training forward gives them (same dropout bits), without layer L's FFN; under "first" pooling
+    layer L-1 runs for position 0 only (its matmuls have B rows: float rounding), under "mean" in
+    full. Unrolled (the CPU layout) and as a scan (elsewhere)."""
+    monkeypatch.setattr(modeling, "_cpu_training_layout", cpu_layout)
+    config = tiny_config(num_labels=3, num_hidden_layers=3, ramp_pooling=pooling)
+    params = jitted_init_params(config, jax.random.PRNGKey(3))
+    ids, mask, types = batch()
+    labels = jnp.array([0, 2, 1])
+    model = modeling.DeeBert(config)
+
+    def loss(p, off_ramps_only):
+        logits = model.apply({"params": p}, ids, mask, types, train=True, stop_backbone_gradient=True,
+                             off_ramps_only=off_ramps_only, rngs={"dropout": jax.random.PRNGKey(5)})
+        logits = logits if off_ramps_only else logits[:-1]
+        return _cross_entropy_all_ramps(logits, labels), logits
+
+    @jax.jit
+    def both(p):
+        return (jax.value_and_grad(lambda p: loss(p, True), has_aux=True)(p),
+                jax.value_and_grad(lambda p: loss(p, False), has_aux=True)(p))
+
+    ((ours, logits), grads), ((full, full_logits), full_grads) = both(params)
+    assert logits.shape == (config.num_hidden_layers - 1, 3, 3)
+    np.testing.assert_allclose(logits, full_logits, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ours, full, rtol=1e-6)
+    assert float(jnp.max(jnp.abs(grads["ramps"]["classifier"]["kernel"]))) > 0
+    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(grads),
+                                 jax.tree_util.tree_leaves_with_path(full_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+    inner = config.intermediate_size
+
+    def ffn_shapes(p):
+        fn = lambda p: model.apply({"params": p}, ids, mask, types, train=True, off_ramps_only=True,
+                                   rngs={"dropout": jax.random.PRNGKey(0)})
+        return sorted(s for s in _dot_output_shapes(jax.make_jaxpr(fn)(p)) if s[-1] == inner)
+
+    B, S = ids.shape
+    # Layers 1 and 2 of 3: the last of them for one position unless its ramp reads the mean.
+    assert ffn_shapes(params) == ([(B, 1, inner), (B, S, inner)] if pooling == "first" else [(B, S, inner)] * 2)
