@@ -170,6 +170,12 @@ def _with_accuracy(loss: jax.Array, logits: jax.Array, labels: jax.Array) -> tup
     return loss, {"loss": loss, "accuracy": accuracy}
 
 
+def _across_devices(collective: Callable, tree, axis_name: str):
+    """`collective(tree, axis_name)`; on one device the tree itself (the same values: a mean or
+    minimum over one), skipping an all-reduce XLA's CPU backend ran as a copy of every gradient."""
+    return tree if jax.lax.axis_size(axis_name) == 1 else collective(tree, axis_name)
+
+
 def _all_finite(tree) -> jax.Array:
     leaves = jax.tree_util.tree_leaves(tree)
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
@@ -207,14 +213,14 @@ def make_train_step(config: DeeBertConfig, tx: optax.GradientTransformation, sch
             return off_ramp_loss(logits, batch["labels"]) if stage == 2 else stage_loss(logits, batch["labels"], 1)
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-        grads = jax.lax.pmean(grads, axis_name)
+        grads = _across_devices(jax.lax.pmean, grads, axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        metrics = jax.lax.pmean(metrics, axis_name)
+        metrics = _across_devices(jax.lax.pmean, metrics, axis_name)
         metrics["grad_norm"] = optax.global_norm(grads)
         metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & _all_finite(trainable)
-        metrics["finite"] = jax.lax.pmin(finite.astype(jnp.float32), axis_name)
+        metrics["finite"] = _across_devices(jax.lax.pmin, finite.astype(jnp.float32), axis_name)
         new_state = TrainState(step=state.step + 1, params=merge_params(trainable, frozen, stage), opt_state=opt_state)
         return new_state, metrics
 
