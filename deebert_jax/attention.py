@@ -87,6 +87,34 @@ def attention_autodiff(q, k, v, mask_bias, keep, rate):
     return _forward_values(q, k, v, mask_bias, keep, rate)[0]
 
 
+def first_query_attention(q, hidden, key_kernel, key_bias, value_kernel, value_bias, mask_bias, keep, rate):
+    """Attention for one query per row without projecting every position's keys and values.
+
+    q [B, 1, h, d] (the first token's query), hidden [B, S, H] (the layer's input), the key and
+    value projections' kernels [H, h * d] and biases [h * d], mask_bias [B, S], keep [B, h, 1, S]
+    (None: no dropout) -> context [B, 1, h, d] in q's dtype. The same function as `attention` on
+    k = hidden @ key_kernel + key_bias (likewise v), regrouped: q . k_s = (key_kernel q) . hidden_s +
+    key_bias . q, and sum_s p_s v_s = (sum_s p_s hidden_s) @ value_kernel + (sum_s p_s) value_bias,
+    so the [B, S, h * d] projections (2 S H^2 multiply-adds a row) become [B, h, H] ones (4 h S H).
+    Values agree with `attention`'s to float rounding (tests/test_attention.py).
+    """
+    B, S, H = hidden.shape
+    h, d = q.shape[-2:]
+    dt = q.dtype
+    q1 = q[:, 0]                                                            # [B, h, d]
+    wk, wv = key_kernel.astype(dt).reshape(H, h, d), value_kernel.astype(dt).reshape(H, h, d)
+    q_in_hidden = jnp.einsum("bhd,Hhd->bhH", q1, wk)                      # [B, h, H]
+    scores = jnp.einsum("bhH,bsH->bhs", q_in_hidden, hidden.astype(dt))
+    scores = scores + jnp.einsum("bhd,hd->bh", q1, key_bias.astype(dt).reshape(h, d))[..., None]
+    scores = scores.astype(jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
+    probs = jax.nn.softmax(scores + mask_bias[:, None, :].astype(jnp.float32), axis=-1)
+    dropped = _dropout(probs[:, :, None], keep, rate)[:, :, 0].astype(dt)  # [B, h, S]
+    weighted = jnp.einsum("bhs,bsH->bhH", dropped, hidden.astype(dt))
+    context = jnp.einsum("bhH,Hhd->bhd", weighted, wv)
+    context = context + jnp.sum(dropped, axis=-1)[..., None] * value_bias.astype(dt).reshape(h, d)
+    return context[:, None].astype(dt)
+
+
 # ----------------------------------------------------------------------------------------------
 # Inference alternatives: `jax.nn.dot_product_attention` (opt-in, eval only; "default" is the above)
 

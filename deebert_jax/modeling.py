@@ -171,20 +171,33 @@ class Layer(nn.Module):
         # (`attention.attention` lays them out; its backward keeps those layouts.)
         heads = lambda t: t.reshape(B, t.shape[1], c.num_attention_heads, c.head_dim)
         q = heads(_dense(c, H, "query", dt)(queries))
+        rate = c.attention_probs_dropout_prob
+        keep = None
+        if not self.deterministic and rate > 0.0 and self.attention_impl == "default":
+            # nn.Dropout's own draw (same scope name, same key, same bits); applied in `attention`.
+            keep = _DropoutMask(rate, self.dropout_key_draw, name="Dropout_0")(
+                (B, c.num_attention_heads, S, S), rows=queries.shape[1])
+        if self.first_token_only and self.attention_impl == "default" and not self.is_initializing():
+            # One query: the key and value projections folded into it, not applied to all S rows.
+            p = self.variables["params"]
+            context = attention_lib.first_query_attention(
+                q, hidden, p["key"]["kernel"], p["key"]["bias"], p["value"]["kernel"], p["value"]["bias"],
+                mask_bias, keep, rate).reshape(queries.shape)
+            return self._after_attention(context, queries, S)
         k = heads(_dense(c, H, "key", dt)(hidden))
         v = heads(_dense(c, H, "value", dt)(hidden))
-        rate = c.attention_probs_dropout_prob
         if self.attention_impl != "default":
             attention_lib.check_attention_impl(self.attention_impl, dt, dropout=not self.deterministic and rate > 0.0)
             context = attention_lib.fused_attention(q, k, v, mask_bias, self.attention_impl).reshape(queries.shape)
         else:
-            keep = None
-            if not self.deterministic and rate > 0.0:
-                # nn.Dropout's own draw (same scope name, same key, same bits); applied in `attention`.
-                keep = _DropoutMask(rate, self.dropout_key_draw, name="Dropout_0")(
-                    (B, c.num_attention_heads, S, S), rows=queries.shape[1])
             core = attention_core if _on_cpu() else attention_lib.attention_autodiff
             context = core(q, k, v, mask_bias, keep, rate).reshape(queries.shape)
+        return self._after_attention(context, queries, S)
+
+    def _after_attention(self, context, queries, S):
+        """context [B, S', H] (S' = queries' positions) -> the layer's output [B, S', H]."""
+        c, dt = self.config, self.dtype
+        H = c.hidden_size
         attn = _dense(c, H, "attention_output", dt)(context)
         attn = self._dropout(attn, c.hidden_dropout_prob, "Dropout_1", S)
         attn = _layer_norm(c, "attention_LayerNorm")(attn + queries).astype(dt)

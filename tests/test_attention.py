@@ -63,3 +63,39 @@ def test_backward_uses_plain_batched_matmuls():
 
     assert left_transposed.search(hlo(attention_autodiff))   # the check can fail: autodiff has them
     assert not left_transposed.search(hlo(attention))
+
+
+@pytest.mark.parametrize("dtype, tol, dropout", [(jnp.float32, 1e-5, True), (jnp.float32, 1e-5, False),
+                                                 (jnp.bfloat16, 5e-2, True)])
+def test_first_query_attention_is_attention_on_projected_keys_and_values(dtype, tol, dropout):
+    """`first_query_attention` folds the key and value projections into the one query: the same
+    context and gradients (query, hidden, kernels, biases) as projecting every position first."""
+    from deebert_jax.attention import first_query_attention
+
+    B, S, H, h, d = 2, 6, 12, 3, 4
+    ks = jax.random.split(jax.random.PRNGKey(2), 8)
+    hidden = jax.random.normal(ks[0], (B, S, H), dtype)
+    q = jax.random.normal(ks[1], (B, 1, h, d), dtype)
+    wk, wv = (0.3 * jax.random.normal(k, (H, h * d), jnp.float32) for k in ks[2:4])
+    bk, bv = (jax.random.normal(k, (h * d,), jnp.float32) for k in ks[4:6])
+    mask_bias = jnp.zeros((B, S), dtype).at[1, S - 2:].set(-1e9)
+    keep = jax.random.bernoulli(ks[6], 0.8, (B, h, 1, S)) if dropout else None
+    probe = jax.random.normal(ks[7], (B, 1, h, d), jnp.float32)
+
+    def projected(q, hidden, wk, bk, wv, bv):
+        k = (hidden @ wk.astype(dtype) + bk.astype(dtype)).reshape(B, S, h, d)
+        v = (hidden @ wv.astype(dtype) + bv.astype(dtype)).reshape(B, S, h, d)
+        return attention_autodiff(q, k, v, mask_bias, keep, 0.2)
+
+    def folded(q, hidden, wk, bk, wv, bv):
+        return first_query_attention(q, hidden, wk, bk, wv, bv, mask_bias, keep, 0.2)
+
+    args = (q, hidden, wk, bk, wv, bv)
+    ours, ref = folded(*args), projected(*args)
+    assert ours.dtype == dtype and ours.shape == (B, 1, h, d)
+    np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32), rtol=tol, atol=tol)
+    grad = lambda fn: jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * probe), argnums=tuple(range(6)))(*args)
+    for name, a, b in zip(("q", "hidden", "wk", "bk", "wv", "bv"), grad(folded), grad(projected)):
+        scale = max(1.0, float(jnp.max(jnp.abs(b.astype(jnp.float32)))))
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol * scale,
+                                   err_msg=name)
