@@ -172,14 +172,15 @@ def test_training_computes_last_layer_for_one_position(params):
     assert ffn_shapes(True) == [(B, S, inner)]
 
 
-@pytest.mark.parametrize("pooling,cpu_layout", [("first", True), ("mean", True), ("first", False)])
-def test_off_ramps_only_matches_the_full_output_and_skips_layer_l(pooling, cpu_layout, monkeypatch):
+@pytest.mark.parametrize("pooling,cpu_layout,layers", [("first", True, 3), ("mean", True, 3), ("first", False, 3),
+                                                        ("first", True, 2)])
+def test_off_ramps_only_matches_the_full_output_and_skips_layer_l(pooling, cpu_layout, layers, monkeypatch):
     """Stage 2's forward (`off_ramps_only`): the off-ramps' logits and their gradients as the full
     training forward gives them (same dropout bits), without layer L's FFN; under "first" pooling
     layer L-1 runs for position 0 only (its matmuls have B rows: float rounding), under "mean" in
     full. Unrolled (the CPU layout) and as a scan (elsewhere)."""
     monkeypatch.setattr(modeling, "_cpu_training_layout", cpu_layout)
-    config = tiny_config(num_labels=3, num_hidden_layers=3, ramp_pooling=pooling)
+    config = tiny_config(num_labels=3, num_hidden_layers=layers, ramp_pooling=pooling)
     params = jitted_init_params(config, jax.random.PRNGKey(3))
     ids, mask, types = batch()
     labels = jnp.array([0, 2, 1])
@@ -213,5 +214,6 @@ def test_off_ramps_only_matches_the_full_output_and_skips_layer_l(pooling, cpu_l
         return sorted(s for s in _dot_output_shapes(jax.make_jaxpr(fn)(p)) if s[-1] == inner)
 
     B, S = ids.shape
-    # Layers 1 and 2 of 3: the last of them for one position unless its ramp reads the mean.
-    assert ffn_shapes(params) == ([(B, 1, inner), (B, S, inner)] if pooling == "first" else [(B, S, inner)] * 2)
+    # Layers 1..L-1 of L: the last of them for one position unless its ramp reads the mean.
+    full = [(B, S, inner)] * (layers - 2)
+    assert ffn_shapes(params) == sorted(full + [(B, 1, inner) if pooling == "first" else (B, S, inner)])
