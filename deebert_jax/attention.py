@@ -101,18 +101,17 @@ def first_query_attention(q, hidden, key_kernel, key_bias, value_kernel, value_b
     B, S, H = hidden.shape
     h, d = q.shape[-2:]
     dt = q.dtype
-    q1 = q[:, 0]                                                            # [B, h, d]
+    q1, x = q[:, 0], hidden.astype(dt)                                    # [B, h, d], [B, S, H]
     wk, wv = key_kernel.astype(dt).reshape(H, h, d), value_kernel.astype(dt).reshape(H, h, d)
     q_in_hidden = jnp.einsum("bhd,Hhd->bhH", q1, wk)                      # [B, h, H]
-    scores = jnp.einsum("bhH,bsH->bhs", q_in_hidden, hidden.astype(dt))
+    scores = jnp.einsum("bhH,bsH->bhs", q_in_hidden, x)
     scores = scores + jnp.einsum("bhd,hd->bh", q1, key_bias.astype(dt).reshape(h, d))[..., None]
     scores = scores.astype(jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
     probs = jax.nn.softmax(scores + mask_bias[:, None, :].astype(jnp.float32), axis=-1)
     dropped = _dropout(probs[:, :, None], keep, rate)[:, :, 0].astype(dt)  # [B, h, S]
-    weighted = jnp.einsum("bhs,bsH->bhH", dropped, hidden.astype(dt))
-    context = jnp.einsum("bhH,Hhd->bhd", weighted, wv)
+    context = jnp.einsum("bhH,Hhd->bhd", jnp.einsum("bhs,bsH->bhH", dropped, x), wv)
     context = context + jnp.sum(dropped, axis=-1)[..., None] * value_bias.astype(dt).reshape(h, d)
-    return context[:, None].astype(dt)
+    return context[:, None]
 
 
 # ----------------------------------------------------------------------------------------------
