@@ -66,7 +66,7 @@ def initial_params(config, seed: int = 0) -> dict:
     import jax
     import numpy as np
 
-    from deebert_jax import modeling
+    from deebert_jax.model import modeling
 
     def frozen(x):
         x = np.array(x)
@@ -78,7 +78,7 @@ def initial_params(config, seed: int = 0) -> dict:
 
 def random_checkpoint(tmp_path_factory, config, seed: int = 1):
     """A model directory with random weights for `config` -> (its path, the params)."""
-    from deebert_jax.checkpoint import save_checkpoint
+    from deebert_jax.weights.checkpoint import save_checkpoint
 
     params = initial_params(config, seed)
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", config, params), params
@@ -87,7 +87,7 @@ def random_checkpoint(tmp_path_factory, config, seed: int = 1):
 def calibration_config():
     """The model of the calibration tests: 3 layers, 2 labels, wide initialisation, so random
     ramps spread their confidence and exits land on every layer."""
-    from deebert_jax.config import tiny_config
+    from deebert_jax.core.config import tiny_config
 
     return tiny_config(num_hidden_layers=3, num_labels=2, initializer_range=0.5)
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deebert_jax.attention import attention, attention_autodiff
+from deebert_jax.model.attention import attention, attention_autodiff
 
 
 def _reference(q, k, v, mask_bias, keep, rate):
@@ -70,7 +70,7 @@ def test_backward_uses_plain_batched_matmuls():
 def test_first_query_attention_is_attention_on_projected_keys_and_values(dtype, tol, dropout):
     """`first_query_attention` folds the key and value projections into the one query: the same
     context and gradients (query, hidden, kernels, biases) as projecting every position first."""
-    from deebert_jax.attention import first_query_attention
+    from deebert_jax.model.attention import first_query_attention
 
     B, S, H, h, d = 2, 6, 12, 3, 4
     ks = jax.random.split(jax.random.PRNGKey(2), 8)

@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deebert_jax import attention, early_exit, modeling
-from deebert_jax.config import tiny_config
+from deebert_jax.model import attention
+from deebert_jax.inference import early_exit
+from deebert_jax.model import modeling
+from deebert_jax.core.config import tiny_config
 
 CONFIG = tiny_config()   # 2 layers, width 32
 ATOL = 1e-5

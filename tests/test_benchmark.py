@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deebert_jax import benchmarking as bm
-from deebert_jax import modeling
-from deebert_jax.config import tiny_config
+from deebert_jax.bench import benchmarking as bm
+from deebert_jax.model import modeling
+from deebert_jax.core.config import tiny_config
 
 CONFIG = tiny_config(num_hidden_layers=3)
 
@@ -66,7 +66,7 @@ def test_cli_writes_valid_json_table_and_plot(tiny_run):
 
 
 def test_precision_names_and_the_older_dtype_flag():
-    from deebert_jax.precision import Precision, PrecisionError, resolve
+    from deebert_jax.bench.precision import Precision, PrecisionError, resolve
     assert resolve(None) == Precision("fp32") and resolve(None, "bfloat16") == Precision("bf16")
     assert resolve("tf32", "float32").dtype == "float32" and resolve("bf16").dtype == "bfloat16"
     assert (Precision("tf32").jax_matmul_precision, Precision("tf32").torch_matmul_precision) == ("tensorfloat32", "high")
@@ -121,7 +121,8 @@ def test_cli_refuses_cudnn_attention_off_a_gpu_in_one_line(tmp_path, capsys):
 
 def test_attention_choice_reaches_every_jax_call(monkeypatch):
     """`--attention` goes to the full forward and to both predictors (stubs record what they get)."""
-    from deebert_jax import early_exit, exit_aware
+    from deebert_jax.inference import early_exit
+    from deebert_jax.inference import exit_aware
     seen = []
 
     def forward(config, params, ids, mask, types, dtype, *, attention_impl="default"):
@@ -384,7 +385,7 @@ def _step_result(**changes):
 
 
 def test_benchmark_train_schema_names_the_key_at_fault():
-    from deebert_jax import step_benchmark
+    from deebert_jax.bench import train_step as step_benchmark
     step_benchmark.validate(_step_result())
     assert "precision bf16 on both sides" in step_benchmark.table(_step_result())
     for key in ("precision", "torch_device"):
@@ -399,7 +400,7 @@ def test_benchmark_train_schema_names_the_key_at_fault():
 
 @pytest.mark.skipif(not os.environ.get("DEEBERT_SLOW_TESTS"), reason="about 25 s; set DEEBERT_SLOW_TESTS=1")
 def test_benchmark_train_records_its_precision_and_device(tmp_path):
-    from deebert_jax import step_benchmark
+    from deebert_jax.bench import train_step as step_benchmark
     from train.benchmark_train import main
     out = tmp_path / "bt.json"
     result = main(["--random-model", "tiny", "--precision", "tf32", "--batch-size", "8", "--seq-len", "16",

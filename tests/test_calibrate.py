@@ -1,4 +1,4 @@
-"""`train.calibrate` and `deebert_jax.calibration` on a tiny random checkpoint and the synthetic task."""
+"""`train.calibrate` and `deebert_jax.evaluation.calibration` on a tiny random checkpoint and the synthetic task."""
 
 import json
 import math
@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from conftest import calibration_config
 
-from deebert_jax import calibration, data, evaluation
-from deebert_jax.early_exit import early_exit_predict
+from deebert_jax.evaluation import calibration
+from deebert_jax.data import glue as data
+from deebert_jax.evaluation import sweep as evaluation
+from deebert_jax.inference.early_exit import early_exit_predict
 from train import calibrate as calibrate_cli
 from train.cli import run
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from deebert_jax.config import ConfigError, DeeBertConfig, tiny_config
+from deebert_jax.core.config import ConfigError, DeeBertConfig, tiny_config
 
 
 def test_from_minilm_config(minilm_dir):

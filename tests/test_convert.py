@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from deebert_jax import modeling
-from deebert_jax.config import tiny_config
-from deebert_jax.convert import (CheckpointError, convert_pytorch_checkpoint, export_pytorch_checkpoint,
+from deebert_jax.model import modeling
+from deebert_jax.core.config import tiny_config
+from deebert_jax.weights.convert import (CheckpointError, convert_pytorch_checkpoint, export_pytorch_checkpoint,
                                  load_pytorch_checkpoint)
-from deebert_jax.torch_reference import TorchDeeBert
+from deebert_jax.weights.torch_reference import TorchDeeBert
 from tests.conftest import deebert_heads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -246,7 +246,7 @@ def test_export_is_atomic(tiny_export, monkeypatch):
 
 
 def test_orbax_checkpoint_round_trip(tiny_export, tmp_path):
-    from deebert_jax.checkpoint import load_checkpoint, save_checkpoint
+    from deebert_jax.weights.checkpoint import load_checkpoint, save_checkpoint
     config, params, _ = tiny_export
     save_checkpoint(tmp_path / "ckpt", config, params)
     config2, params2 = load_checkpoint(tmp_path / "ckpt")
@@ -264,7 +264,7 @@ def test_cli_converts_and_reports(tiny_export, tmp_path):
     proc = run_cli("--pytorch", str(directory), "--out", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr
     assert "2 layers, width 32" in proc.stdout and "off-ramps 1..1" in proc.stdout
-    from deebert_jax.checkpoint import load_checkpoint
+    from deebert_jax.weights.checkpoint import load_checkpoint
     assert tree_equal(params, load_checkpoint(tmp_path / "out")[1])
 
 

@@ -8,7 +8,7 @@ import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
-from deebert_jax.cpu_rng import fuse_threefry_on_cpu
+from deebert_jax.cpu.threefry import fuse_threefry_on_cpu
 
 
 def test_unrolled_threefry_matches_the_rolled_loop_and_the_known_answer():
@@ -38,7 +38,7 @@ def test_dropout_masks_are_the_ones_jax_draws_without_the_patch():
     code = ("import jax, numpy as np, sys\n"
             "f = lambda: np.asarray(jax.jit(lambda k: jax.random.bernoulli(k, 0.9, (4, 12, 33)))(jax.random.PRNGKey(7)))\n"
             "before = f()\n"
-            "from deebert_jax.cpu_rng import fuse_threefry_on_cpu\n"
+            "from deebert_jax.cpu.threefry import fuse_threefry_on_cpu\n"
             "assert fuse_threefry_on_cpu()\n"
             "after = f()\n"
             "print(int((before != after).sum()), int(before.sum()))\n")

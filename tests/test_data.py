@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from deebert_jax import data
+from deebert_jax.data import glue as data
 
 
 @pytest.fixture(scope="module")

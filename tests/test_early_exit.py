@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deebert_jax import early_exit as ee
-from deebert_jax import modeling
-from deebert_jax.config import tiny_config
+from deebert_jax.inference import early_exit as ee
+from deebert_jax.model import modeling
+from deebert_jax.core.config import tiny_config
 
 L, K = 4, 3
 # Wide initialisation so that random ramps disagree in confidence and exits spread over layers.
@@ -197,8 +197,8 @@ def test_batch_of_one_and_batch_of_32_agree(params):
 
 def test_same_exits_as_torch_reference_at_batch_size_one(params, tmp_path):
     torch = pytest.importorskip("torch")
-    from deebert_jax.convert import export_pytorch_checkpoint
-    from deebert_jax.torch_reference import TorchDeeBert
+    from deebert_jax.weights.convert import export_pytorch_checkpoint
+    from deebert_jax.weights.torch_reference import TorchDeeBert
     model = TorchDeeBert.from_pretrained(export_pytorch_checkpoint(CONFIG, params, tmp_path / "pt"))
     ids, mask, types = make_batch(6, seed=6)
     full = np.asarray(modeling.forward(CONFIG, params, ids, mask, types))

@@ -1,4 +1,4 @@
-"""`train.evaluate` and `deebert_jax.evaluation` on a tiny random checkpoint and the synthetic task."""
+"""`train.evaluate` and `deebert_jax.evaluation.sweep` on a tiny random checkpoint and the synthetic task."""
 
 import json
 import math
@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from conftest import random_checkpoint
 
-from deebert_jax import data, evaluation
-from deebert_jax.checkpoint import save_checkpoint
-from deebert_jax.config import tiny_config
+from deebert_jax.data import glue as data
+from deebert_jax.evaluation import sweep as evaluation
+from deebert_jax.weights.checkpoint import save_checkpoint
+from deebert_jax.core.config import tiny_config
 from train import evaluate as evaluate_cli
 
 L = 3
@@ -121,7 +122,7 @@ def test_pmap_and_exit_aware_modes_agree_with_single_device(checkpoint, arrays):
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert len(again["sweep"]) == 13 and compiles == []
-    pytest.importorskip("deebert_jax.exit_aware")
+    pytest.importorskip("deebert_jax.inference.exit_aware")
     aware = evaluation.evaluate(CONFIG, params, arrays, "synthetic", mode="exit_aware", **kwargs)
     assert strip(aware) == strip(one)
 

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from conftest import ragged_batch
 
-from deebert_jax import exit_aware, modeling
-from deebert_jax.config import tiny_config
-from deebert_jax.early_exit import early_exit_predict, entropy
-from deebert_jax.exit_aware import exit_aware_predict, padded_pool_size
-from deebert_jax.modeling import forward, init_params
+from deebert_jax.inference import exit_aware
+from deebert_jax.model import modeling
+from deebert_jax.core.config import tiny_config
+from deebert_jax.inference.early_exit import early_exit_predict, entropy
+from deebert_jax.inference.exit_aware import exit_aware_predict, padded_pool_size
+from deebert_jax.model.modeling import forward, init_params
 from train.exit_aware_alternatives import exit_aware_predict_with
 
 CONFIG = tiny_config(num_hidden_layers=4, num_labels=3)

@@ -11,8 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deebert_jax import attention, cpu_rng, fusion, modeling
-from deebert_jax.config import tiny_config
+from deebert_jax.model import attention
+from deebert_jax.cpu import threefry as cpu_rng
+from deebert_jax.cpu import fusion
+from deebert_jax.model import modeling
+from deebert_jax.core.config import tiny_config
 from tests.conftest import REPO
 
 EDGES = [0.0, -0.0, 1.5, -3.25, 1e30, -1e-30, np.inf, -np.inf, np.nan, 7.0, 40.0, -40.0]
@@ -105,7 +108,7 @@ def test_training_layer_keeps_values_and_gradients_in_bf16(monkeypatch):
 PROBE = """
 import resource
 import train                              # first, as the CLIs are: `import deebert_jax` then applies it
-from deebert_jax import cpu_memory
+from deebert_jax.cpu import memory as cpu_memory
 import jax, jax.numpy as jnp
 a, b = jnp.ones((8192, 64), jnp.float32), jnp.ones((64, 8192), jnp.float32)
 f = jax.jit(lambda a, b: jnp.sum(jnp.sin(a @ b)))      # a 256 MB temporary, the product

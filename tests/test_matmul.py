@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from deebert_jax.matmul import dense_dot_general, dense_matmul
+from deebert_jax.cpu.matmul import dense_dot_general, dense_matmul
 
 DENSE = (((2,), (0,)), ((), ()))
 

@@ -3,9 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deebert_jax import modeling
-from deebert_jax.config import tiny_config
-from deebert_jax.model_loading import jitted_init_params
+from deebert_jax.model import modeling
+from deebert_jax.core.config import tiny_config
+from deebert_jax.weights.model_loading import jitted_init_params
 
 CONFIG = tiny_config(num_labels=3)
 

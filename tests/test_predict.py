@@ -1,4 +1,4 @@
-"""`train.predict` and `deebert_jax.predict` on a tiny random model with a tiny WordPiece tokenizer."""
+"""`train.predict` and `deebert_jax.inference.predict` on a tiny random model with a tiny WordPiece tokenizer."""
 
 import json
 import shutil
@@ -7,10 +7,12 @@ import jax
 import numpy as np
 import pytest
 
-from deebert_jax import calibration, data, modeling
-from deebert_jax.checkpoint import load_checkpoint, save_checkpoint
-from deebert_jax.config import tiny_config
-from deebert_jax.early_exit import early_exit_predict
+from deebert_jax.evaluation import calibration
+from deebert_jax.data import glue as data
+from deebert_jax.model import modeling
+from deebert_jax.weights.checkpoint import load_checkpoint, save_checkpoint
+from deebert_jax.core.config import tiny_config
+from deebert_jax.inference.early_exit import early_exit_predict
 from train import predict as predict_cli
 from train.cli import run
 

@@ -2,9 +2,9 @@
 
 import jax
 
-from deebert_jax import modeling
-from deebert_jax.checkpoint import save_checkpoint
-from deebert_jax.config import tiny_config
+from deebert_jax.model import modeling
+from deebert_jax.weights.checkpoint import save_checkpoint
+from deebert_jax.core.config import tiny_config
 from train import probe_ramps
 
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from conftest import ragged_batch
 
-from deebert_jax import modeling
-from deebert_jax.config import ConfigError, DeeBertConfig, tiny_config
-from deebert_jax.early_exit import early_exit_predict
-from deebert_jax.exit_aware import exit_aware_predict
+from deebert_jax.model import modeling
+from deebert_jax.core.config import ConfigError, DeeBertConfig, tiny_config
+from deebert_jax.inference.early_exit import early_exit_predict
+from deebert_jax.inference.exit_aware import exit_aware_predict
 
 L, K, SEQ = 4, 3, 12
 CONFIG = tiny_config(num_hidden_layers=L, num_labels=K, initializer_range=0.5, ramp_pooling="mean")
@@ -91,8 +91,8 @@ def test_inference_layout_and_exit_loops_agree(params):
 
 def test_torch_reference_reads_the_same_mean(params, tmp_path):
     torch = pytest.importorskip("torch")
-    from deebert_jax.convert import export_pytorch_checkpoint, load_pytorch_checkpoint
-    from deebert_jax.torch_reference import TorchDeeBert
+    from deebert_jax.weights.convert import export_pytorch_checkpoint, load_pytorch_checkpoint
+    from deebert_jax.weights.torch_reference import TorchDeeBert
     directory = export_pytorch_checkpoint(CONFIG, params, tmp_path / "pt")
     config, _ = load_pytorch_checkpoint(directory)
     assert config.ramp_pooling == "mean"   # config.json carries it back
@@ -112,7 +112,7 @@ def test_unknown_pooling_is_a_clear_error():
 
 def test_config_override_applies_to_a_loaded_checkpoint_and_empty_keeps_it():
     from configs.common import base_config
-    from deebert_jax.training import model_overrides
+    from deebert_jax.training.loop import model_overrides
     cfg = base_config()
     assert model_overrides(cfg) == {}
     cfg.model.ramp_pooling = "mean"

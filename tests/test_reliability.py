@@ -17,13 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deebert_jax import modeling
-from deebert_jax.checkpoint import (DamagedCheckpointError, TrainCheckpointManager, load_checkpoint,
+from deebert_jax.model import modeling
+from deebert_jax.weights.checkpoint import (DamagedCheckpointError, TrainCheckpointManager, load_checkpoint,
                                     save_checkpoint, silence_closed_loop_noise)
-from deebert_jax.config import ConfigError, DeeBertConfig, tiny_config
-from deebert_jax.convert import export_pytorch_checkpoint, load_pytorch_checkpoint
-from deebert_jax.fileutil import OutputPathError, atomic_directory, check_output_path
-from deebert_jax.validation import check_model_inputs, is_tracer
+from deebert_jax.core.config import ConfigError, DeeBertConfig, tiny_config
+from deebert_jax.weights.convert import export_pytorch_checkpoint, load_pytorch_checkpoint
+from deebert_jax.core.fileutil import OutputPathError, atomic_directory, check_output_path
+from deebert_jax.data.validation import check_model_inputs, is_tracer
 from tests.conftest import initial_params  # tests.: a command below imports this module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,7 +172,7 @@ def damage(step_dir, how):
 
 
 def train_state(config, value):
-    from deebert_jax import training
+    from deebert_jax.training import loop as training
     tx = training.OptimizerSettings(1e-3, 6).optimizer()
     # Random (incompressible) weights: each array has its own bytes in the data files.
     p = jax.tree_util.tree_map(lambda x: x + value, initial_params(config))
@@ -189,7 +189,7 @@ def test_restore_latest_falls_back_past_a_damaged_step(tmp_path, how, caplog):
     like = train_state(config, 0)
     with pytest.raises(DamagedCheckpointError, match=f"{tmp_path / 'ckpt' / '6'}: damaged checkpoint"):
         manager.restore(6, like)
-    with caplog.at_level(logging.WARNING, logger="deebert_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="deebert_jax.weights.checkpoint"):
         step, state = manager.restore_latest(like)
     assert step == 4 and float(state.params["embeddings"]["LayerNorm"]["bias"][0]) == 4
     assert any(str(tmp_path / "ckpt" / "6") in r.getMessage() for r in caplog.records)
@@ -289,7 +289,7 @@ def test_closed_event_loop_noise_is_dropped_and_nothing_else():
 def test_damaged_restore_prints_no_event_loop_tracebacks(tmp_path):
     script = f"""
 import numpy as np
-from deebert_jax.checkpoint import TrainCheckpointManager
+from deebert_jax.weights.checkpoint import TrainCheckpointManager
 from tests.test_reliability import damage
 m = TrainCheckpointManager({str(tmp_path / 'ckpt')!r})
 tree = {{k: np.random.default_rng(0).random((64, 64), np.float32) for k in "abcdefgh"}}
@@ -405,9 +405,9 @@ def test_good_inputs_and_tracers():
 
 def test_predictors_and_evaluate_check_values_before_running(params):
     """The checks sit at every public predictor's edge (and `evaluate` checks its data set once)."""
-    from deebert_jax import evaluation
-    from deebert_jax.early_exit import early_exit_predict, early_exit_predict_pmap
-    from deebert_jax.exit_aware import exit_aware_predict
+    from deebert_jax.evaluation import sweep as evaluation
+    from deebert_jax.inference.early_exit import early_exit_predict, early_exit_predict_pmap
+    from deebert_jax.inference.exit_aware import exit_aware_predict
 
     params = jax.tree_util.tree_map(jnp.asarray, params)
     ids, mask, types = _inputs()

@@ -13,13 +13,13 @@ import torch
 from safetensors.numpy import load_file
 from transformers import RobertaConfig, RobertaForSequenceClassification, RobertaModel
 
-from deebert_jax import modeling
-from deebert_jax.config import ConfigError, DeeBertConfig
-from deebert_jax.convert import convert_pytorch_checkpoint, export_pytorch_checkpoint, load_pytorch_checkpoint
-from deebert_jax.early_exit import early_exit_predict
-from deebert_jax.exit_aware import exit_aware_predict
-from deebert_jax.torch_reference import TorchDeeBert
-from deebert_jax.validation import check_model_inputs
+from deebert_jax.model import modeling
+from deebert_jax.core.config import ConfigError, DeeBertConfig
+from deebert_jax.weights.convert import convert_pytorch_checkpoint, export_pytorch_checkpoint, load_pytorch_checkpoint
+from deebert_jax.inference.early_exit import early_exit_predict
+from deebert_jax.inference.exit_aware import exit_aware_predict
+from deebert_jax.weights.torch_reference import TorchDeeBert
+from deebert_jax.data.validation import check_model_inputs
 from tests.conftest import deebert_heads
 from tests.test_convert import _write_checkpoint, tree_equal
 from tests.test_early_exit import np_entropy, reference_exits
@@ -134,7 +134,7 @@ def test_sequence_classifier_logits_match_transformers(saved):
 
 
 def test_roberta_checkpoint_keys_accounted_for(saved, tmp_path):
-    from deebert_jax.convert import CheckpointError
+    from deebert_jax.weights.convert import CheckpointError
     _, directory = saved["RobertaForSequenceClassification"]
     sd = dict(load_file(os.path.join(directory, "model.safetensors")))
     cfg = json.loads(open(os.path.join(directory, "config.json")).read())
@@ -291,8 +291,8 @@ def _write_bpe_tokenizer(directory):
 def test_bpe_tokenizer_comes_with_the_checkpoint(saved, tmp_path):
     import shutil
 
-    from deebert_jax import data
-    from deebert_jax.checkpoint import load_checkpoint
+    from deebert_jax.data import glue as data
+    from deebert_jax.weights.checkpoint import load_checkpoint
     from train import convert as convert_cli
     model, source = saved["RobertaForSequenceClassification"]
     src = tmp_path / "src"
@@ -323,8 +323,8 @@ def test_training_on_a_roberta_checkpoint(saved, tmp_path):
     """`init_checkpoint` = a RobertaModel directory: the run's model is RoBERTa, and the training
     graph's stage-1 loss is the cross-entropy of the forward checked against transformers above."""
     from configs import tiny
-    from deebert_jax import training
-    from deebert_jax.model_loading import load_initial_model
+    from deebert_jax.training import loop as training
+    from deebert_jax.weights.model_loading import load_initial_model
     _, directory = saved["RobertaModel"]
     cfg = tiny.get_config()
     cfg.init_checkpoint = directory
@@ -359,7 +359,7 @@ def test_training_on_a_roberta_checkpoint(saved, tmp_path):
 
 def test_benchmark_twin_of_a_roberta_model(deeroberta, tmp_path):
     """What `train.benchmark` times on the PyTorch side: the exported DeeRoBERTa, strictly loaded."""
-    from deebert_jax import benchmarking as bm
+    from deebert_jax.bench import benchmarking as bm
     directory, _ = deeroberta
     config, params = load_pytorch_checkpoint(directory)
     twin = bm.torch_twin(config, params, str(tmp_path / "torch"))

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from deebert_jax.checkpoint import load_checkpoint
+from deebert_jax.weights.checkpoint import load_checkpoint
 from tests.conftest import REPO
 
 
@@ -56,7 +56,7 @@ import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address=sys.argv[2], num_processes=2, process_id=int(sys.argv[1]))
 from configs import tiny
-from deebert_jax import training
+from deebert_jax.training import loop as training
 c = tiny.get_config(); c.workdir = sys.argv[3]; c.steps_per_stage = 4; c.save_every_steps = 2; c.multihost = "false"
 r = training.train(c)
 print("RESULT", jax.process_count(), jax.device_count(), r["eval"][2]["num_examples"], flush=True)
@@ -87,7 +87,8 @@ def test_two_process_multihost_run(tmp_path):
 def test_configs_load_and_accept_overrides():
     import importlib
 
-    from deebert_jax import data, training
+    from deebert_jax.data import glue as data
+    from deebert_jax.training import loop as training
 
     for name in ("tiny", "glue_minilm", "glue_bert_base", "glue_roberta_base", "demo", "sst2_full", "glue"):
         cfg = importlib.import_module(f"configs.{name}").get_config()

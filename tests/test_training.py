@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 from configs import tiny as tiny_cfg
-from deebert_jax import data, runtime, training
-from deebert_jax.checkpoint import TrainCheckpointManager, load_checkpoint
-from deebert_jax.config import tiny_config
+from deebert_jax.data import glue as data
+from deebert_jax.core import runtime
+from deebert_jax.training import loop as training
+from deebert_jax.weights.checkpoint import TrainCheckpointManager, load_checkpoint
+from deebert_jax.core.config import tiny_config
 from tests.conftest import REPO
 
 SEQ = 16
@@ -91,7 +93,7 @@ def test_bfloat16_step_computes_in_bf16():
 
 
 def test_compute_dtype_is_part_of_the_run_spec(tmp_path):
-    from deebert_jax.run_config import check_run_spec
+    from deebert_jax.training.run_config import check_run_spec
     path = str(tmp_path / "run_spec.json")
     check_run_spec(path, {"seed": 1, "dtype": "bfloat16"}, resuming=False)
     with pytest.raises(ValueError, match=r"different settings \(dtype\)"):
@@ -324,7 +326,7 @@ def test_no_steps_and_sequences_longer_than_the_model_are_refused(tmp_path):
 
 HOLD_LOCK = """
 import sys, time
-from deebert_jax import runtime
+from deebert_jax.core import runtime
 with runtime.workdir_lock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(600)

@@ -18,9 +18,9 @@ from train.cli import floats, ints, run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from deebert_jax.benchmarking import DEFAULT_THRESHOLDS, MIN_RUNS, RANDOM_MODELS, available_cpus
-    from deebert_jax.attention import ATTENTION_IMPLS
-    from deebert_jax.precision import PRECISIONS
+    from deebert_jax.bench.benchmarking import DEFAULT_THRESHOLDS, MIN_RUNS, RANDOM_MODELS, available_cpus
+    from deebert_jax.model.attention import ATTENTION_IMPLS
+    from deebert_jax.bench.precision import PRECISIONS
     p = argparse.ArgumentParser(prog="python -m train.benchmark", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="deebert-jax (orbax) checkpoint directory")
@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="cpu (default), or auto: both frameworks on the GPU when one is present")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="fp32 (IEEE float32 matmuls, the default), tf32 or bf16, the same on both sides "
-                        "(deebert_jax.precision)")
+                        "(deebert_jax.bench.precision)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="older spelling: float32 = --precision fp32, bfloat16 = --precision bf16")
     p.add_argument("--schedule", choices=("interleaved", "blocked"), default="interleaved")
@@ -76,15 +76,15 @@ def main(argv=None) -> int:
 
 def _main(argv: list[str]) -> int:
     args = parse_args(argv)
-    from deebert_jax import benchmarking as bm
-    from deebert_jax.report import command_line, relative_paths
+    from deebert_jax.bench import benchmarking as bm
+    from deebert_jax.evaluation.report import command_line, relative_paths
     if args.render:
         paths = bm.render(args.render)
         print("wrote " + ", ".join(paths.values()), file=sys.stderr)
         return 0
-    from deebert_jax.fileutil import check_output_file
+    from deebert_jax.core.fileutil import check_output_file
     check_output_file(args.out)   # before the timing, not after it
-    from deebert_jax import precision as precision_lib
+    from deebert_jax.bench import precision as precision_lib
     precision = precision_lib.resolve(args.precision, args.dtype)
     import jax
     # Both must be fixed before JAX starts its backends (importing jax does not start them).
@@ -93,13 +93,13 @@ def _main(argv: list[str]) -> int:
     if args.device == "cpu":
         jax.config.update("jax_platforms", "cpu")
     import torch
-    from deebert_jax.checkpoint import load_checkpoint
-    from deebert_jax.convert import load_pytorch_checkpoint
-    from deebert_jax.model_loading import jitted_init_params
+    from deebert_jax.weights.checkpoint import load_checkpoint
+    from deebert_jax.weights.convert import load_pytorch_checkpoint
+    from deebert_jax.weights.model_loading import jitted_init_params
 
     torch.set_num_threads(args.threads)
     precision_record = precision_lib.apply(precision)   # before anything is traced or loaded
-    from deebert_jax.calibration import with_policy_threshold
+    from deebert_jax.evaluation.calibration import with_policy_threshold
     thresholds = args.thresholds or with_policy_threshold(bm.DEFAULT_THRESHOLDS, args.checkpoint, bm.BenchmarkSpec.rule)
     spec = bm.BenchmarkSpec(batch_sizes=args.batch_sizes, thresholds=thresholds, runs=args.runs,
                             warmup=args.warmup, schedule=args.schedule, dtype=precision.dtype, layout=args.layout,
@@ -163,12 +163,12 @@ def _main(argv: list[str]) -> int:
 
 def _inputs(args, config, model_dir, spec):
     """The input pool: real dev sentences of `--task`, else random full-length token ids."""
-    from deebert_jax import benchmarking as bm
+    from deebert_jax.bench import benchmarking as bm
     need = args.runs * max(spec.batch_sizes)
     if args.task.lower() in ("none", ""):
         arrays = bm.random_inputs(config.vocab_size, need, args.seq_len, args.seed)
         return arrays, f"random tokens, {need} rows, all {args.seq_len} positions real"
-    from deebert_jax import data
+    from deebert_jax.data import glue as data
     task = data.canonical_task(args.task)
     tokenizer = None
     if data.TASKS[task] is not None:

@@ -67,8 +67,8 @@ def parse_args(argv=None):
 
 def load_model(args):
     import numpy as np
-    from deebert_jax.checkpoint import load_checkpoint
-    from deebert_jax.convert import load_pytorch_checkpoint
+    from deebert_jax.weights.checkpoint import load_checkpoint
+    from deebert_jax.weights.convert import load_pytorch_checkpoint
 
     if sum(x is not None for x in (args.checkpoint, args.pytorch, args.random_model)) > 1:
         raise ValueError("--checkpoint, --pytorch and --random-model: give at most one")
@@ -77,8 +77,8 @@ def load_model(args):
         source = args.checkpoint
     elif args.random_model:
         import jax
-        from deebert_jax.benchmarking import random_model_config
-        from deebert_jax.model_loading import jitted_init_params
+        from deebert_jax.bench.benchmarking import random_model_config
+        from deebert_jax.weights.model_loading import jitted_init_params
         config = random_model_config(args.random_model)
         params = jax.device_get(jitted_init_params(config, jax.random.PRNGKey(args.seed)))
         source = f"random {args.random_model}"
@@ -104,7 +104,7 @@ def load_model(args):
 def load_pool(args, config, source):
     """-> (input_ids, attention_mask, token_type_ids) [pool, seq_len] int32, and a description."""
     import numpy as np
-    from deebert_jax.data import DataError
+    from deebert_jax.data.glue import DataError
 
     path = os.path.join(args.glue_dir, "SST-2", "dev.tsv") if args.glue_dir else ""
     if args.random_model:
@@ -155,7 +155,7 @@ def measure(fns, repeats, progress):
     """Warm-up call each, then `repeats` interleaved rounds (shared-machine noise hits all methods
     alike). -> {label: (result, best wall seconds, best process CPU seconds)}."""
     import jax
-    from deebert_jax.bench_harness import time_interleaved
+    from deebert_jax.bench.harness import time_interleaved
 
     results = {}
 
@@ -175,17 +175,17 @@ def main(argv=None) -> int:
 
 def _main(argv: list[str]) -> int:
     args = parse_args(argv)
-    from deebert_jax.fileutil import check_output_file
+    from deebert_jax.core.fileutil import check_output_file
     check_output_file(args.out)   # before the timing, not after it
     import jax
     import numpy as np
     from tqdm import tqdm
 
-    from deebert_jax import modeling
-    from deebert_jax.bench_harness import BenchmarkError
-    from deebert_jax.early_exit import check_inputs, early_exit_predict, entropy
-    from deebert_jax.exit_aware import default_bucket_sizes, exit_aware_predict
-    from deebert_jax.report import relative_paths
+    from deebert_jax.model import modeling
+    from deebert_jax.bench.harness import BenchmarkError
+    from deebert_jax.inference.early_exit import check_inputs, early_exit_predict, entropy
+    from deebert_jax.inference.exit_aware import default_bucket_sizes, exit_aware_predict
+    from deebert_jax.evaluation.report import relative_paths
     from train import exit_aware_alternatives as alternatives
 
     config, params, source = load_model(args)

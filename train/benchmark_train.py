@@ -24,13 +24,13 @@ import tempfile
 from train.cli import positive_int, run
 
 # Importable from here, where they were first written.
-from deebert_jax.step_benchmark import inputs as _inputs, jax_defaults, jax_steps, torch_step  # noqa: F401
+from deebert_jax.bench.train_step import inputs as _inputs, jax_defaults, jax_steps, torch_step  # noqa: F401
 
 
 def main(argv=None) -> dict:
     """Times the steps, prints the table, writes --out -> the result written there."""
-    from deebert_jax.precision import PRECISIONS
-    from deebert_jax.step_benchmark import RANDOM_MODELS
+    from deebert_jax.bench.precision import PRECISIONS
+    from deebert_jax.bench.train_step import RANDOM_MODELS
     ap = argparse.ArgumentParser(prog="python -m train.benchmark_train", description=__doc__.split("\n")[0])
     source = ap.add_mutually_exclusive_group()
     source.add_argument("--model", default="", help="model directory (default: the packaged MiniLM-L6)")
@@ -49,12 +49,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--jax-defaults", action="store_true",
                     help="also time stage 1 as JAX ships it (rolled threefry lowering, autodiff kernel gradients)")
     args = ap.parse_args(argv)
-    from deebert_jax import precision as precision_lib
-    from deebert_jax import step_benchmark
-    from deebert_jax.bench_harness import load_average, set_thread_env, share_accelerator_memory
-    from deebert_jax.fileutil import atomic_write_text, check_output_file
-    from deebert_jax.model_loading import default_init_checkpoint
-    from deebert_jax.report import command_line, relative_paths
+    from deebert_jax.bench import precision as precision_lib
+    from deebert_jax.bench import train_step as step_benchmark
+    from deebert_jax.bench.harness import load_average, set_thread_env, share_accelerator_memory
+    from deebert_jax.core.fileutil import atomic_write_text, check_output_file
+    from deebert_jax.weights.model_loading import default_init_checkpoint
+    from deebert_jax.evaluation.report import command_line, relative_paths
     if args.out:
         check_output_file(args.out)   # before the timing, not after it
 

@@ -7,7 +7,7 @@ Computes every ramp's logits once, picks the threshold with the largest layer sa
 (in points of the task metric, against the full model) stays within `--max-drop` on the
 calibration examples, and reports its drop and saving on examples disjoint from them.
 `--confidence` adds a Learn-then-Test guarantee on the disagreement with the full model (see
-`deebert_jax.calibration`). Writes DIR/exit_policy.json (or `--out`), which `train.predict` reads.
+`deebert_jax.evaluation.calibration`). Writes DIR/exit_policy.json (or `--out`), which `train.predict` reads.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ _max_drop = number(lambda v: 0 <= v < float("inf"), "must be a number of points 
 
 
 def parse_args(argv):
-    from deebert_jax.early_exit import EXIT_RULES
+    from deebert_jax.inference.early_exit import EXIT_RULES
 
     parser = argparse.ArgumentParser(prog="python -m train.calibrate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="deebert-jax model directory")
@@ -42,7 +42,7 @@ def parse_args(argv):
 
 def add_calibration_data_flags(parser) -> None:
     """Which examples calibrate and which are reported (`train.calibrate`, `train.compare_rules`)."""
-    from deebert_jax.calibration import CALIBRATION_SPLITS
+    from deebert_jax.evaluation.calibration import CALIBRATION_SPLITS
 
     parser.add_argument("--calibration-split", default="dev-half", choices=CALIBRATION_SPLITS,
                         help="dev-half: a seeded half of dev calibrates, the other half is reported; "
@@ -56,8 +56,8 @@ def add_calibration_data_flags(parser) -> None:
 
 def load_calibration_sets(args):
     """The flags of `add_calibration_data_flags` (+ --checkpoint, --task) -> (task, CalibrationSets)."""
-    from deebert_jax import calibration
-    from deebert_jax.model_loading import load_model_for_task
+    from deebert_jax.evaluation import calibration
+    from deebert_jax.weights.model_loading import load_model_for_task
 
     config, params, task, tokenizer = load_model_for_task(args.checkpoint, args.task)
     return task, calibration.calibration_sets(config, params, task, tokenizer, split=args.calibration_split,
@@ -69,7 +69,7 @@ def load_calibration_sets(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from deebert_jax import calibration
+    from deebert_jax.evaluation import calibration
 
     task, sets = load_calibration_sets(args)
     chosen, tested = calibration.choose_threshold(task, *sets.calibration, args.max_drop, args.rule,

@@ -9,7 +9,7 @@ Computes every ramp's logits once (as `train.calibrate` does), then for each rul
 picks the threshold with the largest layer saving within the budget on the calibration examples
 (or records the refusal) and measures it on the held-out ones; each rule's held-out trade-off
 curve goes with it. Writes strict JSON (`--out`), and on request the Markdown table and the plot;
-`train.report --rules FILE.json ...` puts them in RESULTS.md. See `deebert_jax.rule_comparison`.
+`train.report --rules FILE.json ...` puts them in RESULTS.md. See `deebert_jax.evaluation.rule_comparison`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from train.cli import confidence_level, floats, run
 
 
 def parse_args(argv):
-    from deebert_jax.rule_comparison import DEFAULT_BUDGETS, DEFAULT_RULES
+    from deebert_jax.evaluation.rule_comparison import DEFAULT_BUDGETS, DEFAULT_RULES
 
     parser = argparse.ArgumentParser(prog="python -m train.compare_rules", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="deebert-jax model directory")
@@ -45,9 +45,9 @@ def parse_args(argv):
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    from deebert_jax import rule_comparison
-    from deebert_jax.fileutil import check_output_file
-    from deebert_jax.report import relative_paths
+    from deebert_jax.evaluation import rule_comparison
+    from deebert_jax.core.fileutil import check_output_file
+    from deebert_jax.evaluation.report import relative_paths
 
     # Every flag and output path checked before the model is read.
     try:

@@ -31,10 +31,10 @@ def _main(argv) -> int:
                         help="replace --out even if it is not an earlier deebert-jax checkpoint")
     args = parser.parse_args(argv)
 
-    from deebert_jax.checkpoint import is_checkpoint_dir, save_checkpoint
-    from deebert_jax.convert import convert_pytorch_checkpoint, resolve_model_dir
-    from deebert_jax.data import has_tokenizer, load_tokenizer
-    from deebert_jax.fileutil import check_output_path
+    from deebert_jax.weights.checkpoint import is_checkpoint_dir, save_checkpoint
+    from deebert_jax.weights.convert import convert_pytorch_checkpoint, resolve_model_dir
+    from deebert_jax.data.glue import has_tokenizer, load_tokenizer
+    from deebert_jax.core.fileutil import check_output_path
 
     # Before any work: --out must not hold the user's files or overlap the source.
     check_output_path(args.out, sources=[args.pytorch], is_ours=is_checkpoint_dir, overwrite=args.overwrite)

@@ -83,8 +83,8 @@ def _demo(argv) -> int:
 
     init = cfg.init_checkpoint
     if init != "random":
-        from deebert_jax.model_loading import default_init_checkpoint
-        from deebert_jax.data import num_labels
+        from deebert_jax.weights.model_loading import default_init_checkpoint
+        from deebert_jax.data.glue import num_labels
         converted = os.path.join(workdir, "converted")
         timings["convert"] = _run("convert the PyTorch checkpoint", [
             py, "-m", "train.convert", "--pytorch", init or default_init_checkpoint(), "--out", converted,
@@ -108,7 +108,7 @@ def _demo(argv) -> int:
         "--batch-sizes", str(cfg.bench_batch_sizes), "--thresholds", str(cfg.bench_thresholds),
         "--runs", str(cfg.bench_runs), *glue, "--no-progress", "--out", bench_path])
 
-    from deebert_jax.report import format_summary, ramp_pooling, target_line
+    from deebert_jax.evaluation.report import format_summary, ramp_pooling, target_line
     with open(results_path) as f:
         results = json.load(f)
     with open(bench_path) as f:

@@ -45,8 +45,8 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    from deebert_jax.evaluation import MODES
-    from deebert_jax.early_exit import EXIT_RULES
+    from deebert_jax.evaluation.sweep import MODES
+    from deebert_jax.inference.early_exit import EXIT_RULES
 
     parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="deebert-jax checkpoint directory (save_checkpoint)")
@@ -64,10 +64,11 @@ def _main(argv) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
-    from deebert_jax import data, evaluation
-    from deebert_jax.calibration import with_policy_threshold
-    from deebert_jax.fileutil import check_output_file
-    from deebert_jax.model_loading import load_model_for_task
+    from deebert_jax.data import glue as data
+    from deebert_jax.evaluation import sweep as evaluation
+    from deebert_jax.evaluation.calibration import with_policy_threshold
+    from deebert_jax.core.fileutil import check_output_file
+    from deebert_jax.weights.model_loading import load_model_for_task
 
     check_output_file(args.out)   # before the evaluation, not after it
     config, params, task, tokenizer = load_model_for_task(args.checkpoint, args.task)

@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deebert_jax import modeling
-from deebert_jax.config import DeeBertConfig
-from deebert_jax.early_exit import EXIT_RULES, ExitResult, ExitState, record_exits
-from deebert_jax.exit_aware import bucket_plan, bucket_step, default_bucket_sizes, start_pool
+from deebert_jax.model import modeling
+from deebert_jax.core.config import DeeBertConfig
+from deebert_jax.inference.early_exit import EXIT_RULES, ExitResult, ExitState, record_exits
+from deebert_jax.inference.exit_aware import bucket_plan, bucket_step, default_bucket_sizes, start_pool
 
 SCHEDULERS = ("host", "refill")
 

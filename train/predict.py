@@ -21,7 +21,7 @@ from train.cli import positive_int, run
 
 
 def parse_args(argv):
-    from deebert_jax.early_exit import EXIT_RULES
+    from deebert_jax.inference.early_exit import EXIT_RULES
 
     parser = argparse.ArgumentParser(prog="python -m train.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="deebert-jax model directory with its tokenizer/")
@@ -45,8 +45,9 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from deebert_jax import data, predict
-    from deebert_jax.checkpoint import load_checkpoint
+    from deebert_jax.data import glue as data
+    from deebert_jax.inference import predict
+    from deebert_jax.weights.checkpoint import load_checkpoint
 
     if args.input:
         examples = predict.read_inputs(args.input)

@@ -22,9 +22,9 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from deebert_jax import data as data_lib
-from deebert_jax.checkpoint import load_checkpoint
-from deebert_jax.modeling import DeeBert, attention_bias, mean_of_real_tokens
+from deebert_jax.data import glue as data_lib
+from deebert_jax.weights.checkpoint import load_checkpoint
+from deebert_jax.model.modeling import DeeBert, attention_bias, mean_of_real_tokens
 from train import cli
 
 

@@ -19,8 +19,8 @@ def _pieces(B: int, S: int, H: int = 384, I: int = 1536, heads: int = 12):
     import jax.extend as jex
     import jax.numpy as jnp
 
-    from deebert_jax.cpu_rng import fuse_threefry_on_cpu
-    from deebert_jax.matmul import dense_matmul
+    from deebert_jax.cpu.threefry import fuse_threefry_on_cpu
+    from deebert_jax.cpu.matmul import dense_matmul
 
     fuse_threefry_on_cpu()  # as training does: `bernoulli` below draws through the unrolled lowering
     d = H // heads
@@ -81,7 +81,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--runs", type=positive_int, default=10)
     args = p.parse_args(argv)
     import jax
-    from deebert_jax.bench_harness import load_average, time_calls
+    from deebert_jax.bench.harness import load_average, time_calls
 
     print(f"batch {args.batch_size}, length {args.seq_len}, {jax.devices()[0].device_kind}, "
           f"load average {load_average()}")

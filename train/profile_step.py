@@ -7,7 +7,7 @@ MiniLM-L6 (the packaged weights), the same pmapped step `train.benchmark_train` 
 and warmed up, then `--runs` steps under the JAX profiler with XLA's per-operation trace events
 on. Prints the time per category (matmuls forward and backward, dropout bits, softmax, loop
 bookkeeping, other) and the slowest operations with their shapes, matmul dimension numbers and
-the JAX op each came from (`deebert_jax.profiling`). `--threads 1` runs XLA on one thread, so
+the JAX op each came from (`deebert_jax.bench.profiling`). `--threads 1` runs XLA on one thread, so
 operations do not overlap and their times add up to the step. `--jax-defaults` profiles the step
 as JAX ships it (see `train.benchmark_train`); `--torch` profiles the eager PyTorch step it is
 compared with (torch.profiler, self CPU time per aten op, by category). The trace and HLO dump go to a temporary directory
@@ -45,8 +45,8 @@ def main(argv: list[str]) -> int:
     if args.torch and (args.jax_defaults or args.stage != 1):
         p.error("--torch profiles PyTorch's (stage-1-like) step: no --stage 2 or --jax-defaults")
 
-    from deebert_jax.bench_harness import load_average, set_thread_env
-    from deebert_jax.fileutil import atomic_write_text, check_output_file
+    from deebert_jax.bench.harness import load_average, set_thread_env
+    from deebert_jax.core.fileutil import atomic_write_text, check_output_file
 
     if args.out:
         check_output_file(args.out)
@@ -63,8 +63,8 @@ def main(argv: list[str]) -> int:
             f"--xla_dump_to={dump}", "--xla_dump_hlo_as_text"]))
         import jax
 
-        from deebert_jax import profiling
-        from deebert_jax.model_loading import default_init_checkpoint
+        from deebert_jax.bench import profiling
+        from deebert_jax.weights.model_loading import default_init_checkpoint
         from train.benchmark_train import _inputs, jax_steps
 
         load_before = load_average()
@@ -114,10 +114,10 @@ def _profile_torch(args, argv) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from deebert_jax import profiling
-    from deebert_jax.bench_harness import load_average
-    from deebert_jax.fileutil import atomic_write_text
-    from deebert_jax.model_loading import default_init_checkpoint
+    from deebert_jax.bench import profiling
+    from deebert_jax.bench.harness import load_average
+    from deebert_jax.core.fileutil import atomic_write_text
+    from deebert_jax.weights.model_loading import default_init_checkpoint
     from train.benchmark_train import _inputs, torch_step
 
     if args.threads:

@@ -18,8 +18,8 @@ import shlex
 import shutil
 import sys
 
-from deebert_jax.fileutil import atomic_write_text
-from deebert_jax.report import REFERENCE_BERT_BASE, format_markdown_section, relative_paths
+from deebert_jax.core.fileutil import atomic_write_text
+from deebert_jax.evaluation.report import REFERENCE_BERT_BASE, format_markdown_section, relative_paths
 from train.cli import one_line
 
 RULES_INTRO = (
@@ -35,7 +35,7 @@ RULES_INTRO = (
 def _rules_section(comparisons, plots: str, base: str) -> str:
     """"Exit rules side by side": the intro, then per comparison its block and a plot drawn from
     its JSON into `plots` (linked relative to `base`, the folder of the Markdown file)."""
-    from deebert_jax import rule_comparison
+    from deebert_jax.evaluation import rule_comparison
     out, names = ["## Exit rules side by side", "", RULES_INTRO, ""], set()
     for result in comparisons:
         name = stem = f"{result['task']}_rules"
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         loaded.append((run, meta, results, bench))
     comparisons = []
     if args.rules:
-        from deebert_jax import rule_comparison   # jax and the model code: only when asked for
+        from deebert_jax.evaluation import rule_comparison   # jax and the model code: only when asked for
     for path in args.rules:
         try:
             comparisons.append(rule_comparison.load_comparison(path))

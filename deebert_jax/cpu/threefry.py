@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 
-log = logging.getLogger("deebert_jax.cpu_rng")
+log = logging.getLogger("deebert_jax.cpu.threefry")
 
 
 def _lowerings():

@@ -30,10 +30,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from deebert_jax import data, evaluation, metrics
-from deebert_jax.early_exit import EXIT_RULES, check_threshold, exits_from_ramp_logits
-from deebert_jax.evaluation import default_thresholds
-from deebert_jax.fileutil import atomic_write_text
+from deebert_jax.data import glue as data
+from deebert_jax.evaluation import sweep as evaluation
+from deebert_jax.evaluation import metrics
+from deebert_jax.inference.early_exit import EXIT_RULES, check_threshold, exits_from_ramp_logits
+from deebert_jax.evaluation.sweep import default_thresholds
+from deebert_jax.core.fileutil import atomic_write_text
 
 POLICY_FILE = "exit_policy.json"
 POLICY_FORMAT = 1

@@ -14,9 +14,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from deebert_jax.config import ConfigError, DeeBertConfig, read_json_object
-from deebert_jax.convert import CheckpointError
-from deebert_jax.fileutil import atomic_directory
+from deebert_jax.core.config import ConfigError, DeeBertConfig, read_json_object
+from deebert_jax.weights.convert import CheckpointError
+from deebert_jax.core.fileutil import atomic_directory
 
 CONFIG_FILE = "deebert_config.json"
 PARAMS_DIR = "params"

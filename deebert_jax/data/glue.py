@@ -360,7 +360,7 @@ def describe(arrays: Mapping[str, np.ndarray]) -> str:
     return f"{len(labels)} examples, length {arrays['input_ids'].shape[1]}, label counts {counts.tolist()}"
 
 
-if __name__ == "__main__":  # quick look: python -m deebert_jax.data TASK GLUE_DIR TOKENIZER_DIR
+if __name__ == "__main__":  # quick look: python -m deebert_jax.data.glue TASK GLUE_DIR TOKENIZER_DIR
     task, glue, tok_dir = sys.argv[1:4]
     for s in ("train", "dev"):
         print(s, describe(load_split(task, s, glue_dir=glue, tokenizer=load_tokenizer(tok_dir))))

@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from deebert_jax.attention import check_attention_impl
-from deebert_jax.config import DeeBertConfig
-from deebert_jax import modeling
-from deebert_jax.validation import check_model_inputs, is_tracer
+from deebert_jax.model.attention import check_attention_impl
+from deebert_jax.core.config import DeeBertConfig
+from deebert_jax.model import modeling
+from deebert_jax.data.validation import check_model_inputs, is_tracer
 
 PMAP_AXIS = "devices"
 

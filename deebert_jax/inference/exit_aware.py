@@ -27,11 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deebert_jax import modeling
-from deebert_jax.attention import check_attention_impl
-from deebert_jax.config import DeeBertConfig
-from deebert_jax.early_exit import ExitResult, ExitState, check_inputs, check_threshold, record_exits
-from deebert_jax.validation import is_tracer
+from deebert_jax.model import modeling
+from deebert_jax.model.attention import check_attention_impl
+from deebert_jax.core.config import DeeBertConfig
+from deebert_jax.inference.early_exit import ExitResult, ExitState, check_inputs, check_threshold, record_exits
+from deebert_jax.data.validation import is_tracer
 
 # Measured on CPU (docs/exit_aware.md): buckets of 8 rows run ~20% faster per row than 32 (cache),
 # and a 2-row bucket for the remainder wastes at most one padded row per layer. Accelerators want

@@ -23,11 +23,13 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from deebert_jax import calibration, evaluation, modeling
-from deebert_jax.config import DeeBertConfig
-from deebert_jax.data import DataError
-from deebert_jax.exit_aware import exit_aware_predict
-from deebert_jax.fileutil import atomic_write_text
+from deebert_jax.evaluation import calibration
+from deebert_jax.evaluation import sweep as evaluation
+from deebert_jax.model import modeling
+from deebert_jax.core.config import DeeBertConfig
+from deebert_jax.data.glue import DataError
+from deebert_jax.inference.exit_aware import exit_aware_predict
+from deebert_jax.core.fileutil import atomic_write_text
 
 Example = tuple[str, "str | None"]   # (text, text_pair or None)
 INPUT_FORMATS = (".txt", ".tsv", ".jsonl")

@@ -19,9 +19,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from deebert_jax.config import ConfigError, DeeBertConfig
-from deebert_jax.fileutil import atomic_directory
-from deebert_jax.trees import leaves, stack_trees
+from deebert_jax.core.config import ConfigError, DeeBertConfig
+from deebert_jax.core.fileutil import atomic_directory
+from deebert_jax.core.trees import leaves, stack_trees
 
 # Pretraining heads (BERT's `cls.*`, RoBERTa's `lm_head.*`) and non-persistent buffers: not part
 # of a classifier, safe to leave out.

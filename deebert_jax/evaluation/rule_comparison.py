@@ -28,11 +28,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from deebert_jax import calibration, metrics
-from deebert_jax.early_exit import EXIT_RULES
-from deebert_jax.evaluation import default_thresholds
-from deebert_jax.fileutil import atomic_write_bytes, atomic_write_text
-from deebert_jax.report import relative_paths
+from deebert_jax.evaluation import calibration
+from deebert_jax.evaluation import metrics
+from deebert_jax.inference.early_exit import EXIT_RULES
+from deebert_jax.evaluation.sweep import default_thresholds
+from deebert_jax.core.fileutil import atomic_write_bytes, atomic_write_text
+from deebert_jax.evaluation.report import relative_paths
 
 FORMAT = 1
 DEFAULT_RULES = ("entropy", "max_prob", "patience")

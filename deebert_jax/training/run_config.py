@@ -14,8 +14,8 @@ from typing import Mapping
 
 import jax
 
-from deebert_jax import data as data_lib
-from deebert_jax.config import DeeBertConfig
+from deebert_jax.data import glue as data_lib
+from deebert_jax.core.config import DeeBertConfig
 
 STAGES = (1, 2)
 RUN_SPEC_FILE = "run_spec.json"

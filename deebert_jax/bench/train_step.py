@@ -2,7 +2,7 @@
 
 Both frameworks start from the same weights (a PyTorch/HF directory, or random weights of a named
 size exported to one), take the same full-length batch, run on the same device (PyTorch on CUDA
-when JAX is on the GPU) and compute at the same precision (`deebert_jax.precision`: under bf16,
+when JAX is on the GPU) and compute at the same precision (`deebert_jax.bench.precision`: under bf16,
 JAX's step computes in bfloat16 with float32 parameters and PyTorch's runs under bf16 autocast).
 The steps are timed in turns, one of each per round, after a warm-up that compiles JAX's.
 """
@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from deebert_jax.precision import PRECISIONS, Precision
+from deebert_jax.bench.precision import PRECISIONS, Precision
 
 TARGETS = {"jax_stage1_vs_torch_examples_per_second": ">= 1.2 (stretch 1.5)",
            "stage2_vs_stage1_step_time": "<= 0.3"}
@@ -41,9 +41,9 @@ def export_random_model(name: str, directory: str, seed: int = 0) -> str:
     """Random weights of a named size as a PyTorch (DeeBERT) directory both frameworks load -> it."""
     import jax
 
-    from deebert_jax.benchmarking import random_model_config
-    from deebert_jax.convert import export_pytorch_checkpoint
-    from deebert_jax.model_loading import jitted_init_params   # one compile, not one per op
+    from deebert_jax.bench.benchmarking import random_model_config
+    from deebert_jax.weights.convert import export_pytorch_checkpoint
+    from deebert_jax.weights.model_loading import jitted_init_params   # one compile, not one per op
     if name not in RANDOM_MODELS:
         raise ValueError(f"--random-model {name!r}: expected one of {', '.join(RANDOM_MODELS)}")
     config = random_model_config(name, num_labels=2)
@@ -61,7 +61,9 @@ def jax_defaults():
     backend, not a CPU tuning (`modeling._training_layers`)."""
     from jax import lax
 
-    from deebert_jax import attention, cpu_rng, modeling
+    from deebert_jax.model import attention
+    from deebert_jax.cpu import threefry as cpu_rng
+    from deebert_jax.model import modeling
 
     saved = modeling.dense_dot_general, modeling.attention_core, modeling._cpu_training_layout
     modeling.dense_dot_general = lax.dot_general
@@ -84,8 +86,9 @@ def jax_steps(model_dir: str, batch: dict, with_jax_defaults: bool = False, name
     import jax
     import jax.numpy as jnp
 
-    from deebert_jax import data, training
-    from deebert_jax.convert import load_pytorch_checkpoint
+    from deebert_jax.data import glue as data
+    from deebert_jax.training import loop as training
+    from deebert_jax.weights.convert import load_pytorch_checkpoint
 
     config, params = load_pytorch_checkpoint(model_dir, num_labels=2)
     devices = jax.local_devices()
@@ -123,8 +126,8 @@ def torch_step(model_dir: str, batch: dict, device: str = "cpu", precision: Prec
     from transformers import BertForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from deebert_jax.bench_harness import sync_torch
-    from deebert_jax.precision import torch_autocast
+    from deebert_jax.bench.harness import sync_torch
+    from deebert_jax.bench.precision import torch_autocast
 
     precision = precision or Precision()
     hf_logging.set_verbosity_error()  # the fresh classifier head and DeeBERT's highway keys are expected
@@ -154,10 +157,10 @@ def run(model_dir: str, model_name: str, batch_size: int, seq_len: int, steps: i
     import jax
     import torch
 
-    from deebert_jax.bench_harness import BenchmarkError, available_cpus, load_average, time_interleaved, torch_device_for, \
+    from deebert_jax.bench.harness import BenchmarkError, available_cpus, load_average, time_interleaved, torch_device_for, \
         versions, xla_cpu_threads
-    from deebert_jax import cpu_memory
-    from deebert_jax.bench_report import contention_warning
+    from deebert_jax.cpu import memory as cpu_memory
+    from deebert_jax.bench.report import contention_warning
 
     config_path = os.path.join(model_dir, "config.json")
     with open(config_path, encoding="utf-8") as f:

@@ -27,12 +27,12 @@ import jax
 import jax.numpy as jnp
 from flax.core.scope import LazyRng
 
-from deebert_jax import attention as attention_lib
-from deebert_jax.config import DeeBertConfig
-from deebert_jax.fusion import computed_once, stored_derivative
-from deebert_jax.matmul import dense_dot_general
-from deebert_jax.trees import stack_trees, unstack_tree
-from deebert_jax.validation import check_model_inputs
+from deebert_jax.model import attention as attention_lib
+from deebert_jax.core.config import DeeBertConfig
+from deebert_jax.cpu.fusion import computed_once, stored_derivative
+from deebert_jax.cpu.matmul import dense_dot_general
+from deebert_jax.core.trees import stack_trees, unstack_tree
+from deebert_jax.data.validation import check_model_inputs
 
 Params = Any
 

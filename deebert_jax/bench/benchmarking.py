@@ -22,11 +22,11 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 # Re-exported: this module used to hold the harness and the report.
-from deebert_jax.bench_harness import (  # noqa: F401
+from deebert_jax.bench.harness import (  # noqa: F401
     BACKENDS, BenchmarkError, Cell, Timing, available_cpus, batch_rows, check_inputs, cpu_model, environment,
     load_average, matmul_gflops, random_inputs, run_cells, set_thread_env, share_accelerator_memory, sync_torch,
     time_calls, time_interleaved, timed, torch_device_for, typical_mean_ms, versions, xla_cpu_threads)
-from deebert_jax.bench_report import (  # noqa: F401
+from deebert_jax.bench.report import (  # noqa: F401
     P1_CPU, P1_GPU, P2_MAX, P3_MIN, P6_MAX_S, ROW_KEYS, check_targets, contention_warning, markdown,
     multithreaded_contention, plot, render, validate, write_outputs)
 
@@ -39,9 +39,9 @@ RANDOM_MODELS = ("bert-base", "minilm", "tiny", "roberta-base")
 def _jax_cells(config, params, batches, thresholds, rule, dtype, device, stacked_params=None,
                exit_aware: bool = False, attention: str = "default") -> list[Cell]:
     import jax
-    from deebert_jax import modeling
-    from deebert_jax.early_exit import early_exit_predict
-    from deebert_jax.exit_aware import exit_aware_predict
+    from deebert_jax.model import modeling
+    from deebert_jax.inference.early_exit import early_exit_predict
+    from deebert_jax.inference.exit_aware import exit_aware_predict
 
     full = jax.jit(modeling.forward, static_argnums=(0,), static_argnames=("dtype", "attention_impl"))
 
@@ -141,7 +141,7 @@ class BenchmarkSpec:
         if self.rule != "entropy" and "torch" in self.backends:
             raise BenchmarkError(f"rule={self.rule!r}: the PyTorch reference implements only 'entropy'")
         if self.attention != "default":   # the backend is asked only then (it starts JAX's backends)
-            from deebert_jax.attention import attention_impl_problem
+            from deebert_jax.model.attention import attention_impl_problem
             problem = attention_impl_problem(self.attention, self.dtype)
             if problem:
                 raise BenchmarkError(f"attention={self.attention!r}: {problem}")
@@ -158,11 +158,11 @@ def run_benchmark(config, params, arrays: Mapping[str, np.ndarray], spec: Benchm
     import jax
     import jax.numpy as jnp
     from tqdm.auto import tqdm
-    from deebert_jax import modeling
+    from deebert_jax.model import modeling
 
     spec.check()
     n = check_inputs(arrays, config)
-    from deebert_jax.early_exit import check_inputs as check_model_inputs
+    from deebert_jax.inference.early_exit import check_inputs as check_model_inputs
     check_model_inputs(config, arrays["input_ids"], arrays["attention_mask"], arrays["token_type_ids"])
     if "torch" in spec.backends and torch_model is None:
         raise BenchmarkError("torch backend requested but no torch model given")
@@ -267,7 +267,7 @@ def _rows_for(cells: list[Cell], valid: list[np.ndarray], seq_len: int, L: int) 
 
 def random_model_config(name: str, num_labels: int = 2):
     """Shapes of a named model, for weights-free runs."""
-    from deebert_jax.config import DeeBertConfig, tiny_config
+    from deebert_jax.core.config import DeeBertConfig, tiny_config
     if name == "bert-base":
         return DeeBertConfig(num_labels=num_labels)
     if name == "roberta-base":  # FacebookAI/roberta-base's config.json
@@ -284,8 +284,8 @@ def random_model_config(name: str, num_labels: int = 2):
 def torch_twin(config, params, directory: str, device: str = "cpu", dtype: str = "float32"):
     """The same weights as an eager PyTorch DeeBERT: exported to `directory`, loaded strictly."""
     import torch
-    from deebert_jax.convert import export_pytorch_checkpoint
-    from deebert_jax.torch_reference import TorchDeeBert
+    from deebert_jax.weights.convert import export_pytorch_checkpoint
+    from deebert_jax.weights.torch_reference import TorchDeeBert
     export_pytorch_checkpoint(config, params, directory)
     model = TorchDeeBert.from_pretrained(directory).to(device)
     if dtype == "bfloat16":

@@ -21,27 +21,27 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from deebert_jax import data as data_lib
-from deebert_jax.checkpoint import TrainCheckpointManager, is_checkpoint_dir, load_checkpoint, save_checkpoint
-from deebert_jax.config import DeeBertConfig
-from deebert_jax.cpu_rng import fuse_threefry_on_cpu
-from deebert_jax.evaluation import evaluate_ramps
-from deebert_jax.metrics import metric_name
-from deebert_jax.model_loading import load_initial_model, model_overrides
-from deebert_jax.modeling import DeeBert
-from deebert_jax.run_config import (RUN_SPEC_FILE, STAGES, check_max_seq_length, check_run_spec, compute_dtype,
+from deebert_jax.data import glue as data_lib
+from deebert_jax.weights.checkpoint import TrainCheckpointManager, is_checkpoint_dir, load_checkpoint, save_checkpoint
+from deebert_jax.core.config import DeeBertConfig
+from deebert_jax.cpu.threefry import fuse_threefry_on_cpu
+from deebert_jax.evaluation.sweep import evaluate_ramps
+from deebert_jax.evaluation.metrics import metric_name
+from deebert_jax.weights.model_loading import load_initial_model, model_overrides
+from deebert_jax.model.modeling import DeeBert
+from deebert_jax.training.run_config import (RUN_SPEC_FILE, STAGES, check_max_seq_length, check_run_spec, compute_dtype,
                                     stage_learning_rate, stage_steps, validate_config)
-from deebert_jax.runtime import AXIS, MetricsLog, maybe_initialize_distributed, pmap_devices, replicate, \
+from deebert_jax.core.runtime import AXIS, MetricsLog, maybe_initialize_distributed, pmap_devices, replicate, \
     unreplicate, workdir_lock
 
 # Names that moved to their own modules, still importable from here.
-from deebert_jax.evaluation import evaluate_ramps as evaluate, make_predict_step, pmapped_predict_step  # noqa: F401
-from deebert_jax.model_loading import OVERRIDABLE_FIELDS, default_init_checkpoint, jitted_init_params  # noqa: F401
-from deebert_jax.run_config import check_run_spec as _check_run_spec, parse_stages  # noqa: F401
-from deebert_jax.runtime import _distributed_initialized, pmap_devices as _pmap_devices  # noqa: F401
+from deebert_jax.evaluation.sweep import evaluate_ramps as evaluate, make_predict_step, pmapped_predict_step  # noqa: F401
+from deebert_jax.weights.model_loading import OVERRIDABLE_FIELDS, default_init_checkpoint, jitted_init_params  # noqa: F401
+from deebert_jax.training.run_config import check_run_spec as _check_run_spec, parse_stages  # noqa: F401
+from deebert_jax.core.runtime import _distributed_initialized, pmap_devices as _pmap_devices  # noqa: F401
 
 Params = Any
-log = logging.getLogger("deebert_jax.training")
+log = logging.getLogger("deebert_jax.training.loop")
 
 
 class NonFiniteLossError(RuntimeError):

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from deebert_jax.config import DeeBertConfig
+from deebert_jax.core.config import DeeBertConfig
 
 try:
     from jax.core import Tracer as _Tracer

@@ -1,0 +1,1 @@
+"""Benchmarks and profiling: JAX against eager PyTorch, latency and training steps."""

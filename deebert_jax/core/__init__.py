@@ -1,0 +1,1 @@
+"""Basics: the model config, errors, trees, files, hosts and the process."""

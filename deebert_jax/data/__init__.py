@@ -1,0 +1,1 @@
+"""GLUE TSVs and the datasets hub -> token arrays and batches; model inputs checked at the edges."""

@@ -1,0 +1,1 @@
+"""Per-ramp metrics, threshold sweeps, calibration, rule comparison and RESULTS.md sections."""

@@ -1,0 +1,1 @@
+"""The Flax model, its parameter layouts and the inference step every loop runs."""

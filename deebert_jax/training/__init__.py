@@ -1,0 +1,1 @@
+"""Two-stage training: the config, the steps and the loop."""

@@ -1,0 +1,1 @@
+"""PyTorch checkpoints in and out, our model directories and training checkpoints."""
