@@ -1,32 +1,72 @@
-"""deebert-jax: DeeBERT (dynamic early exiting for BERT) in JAX/Flax."""
+"""deebert-jax: DeeBERT (dynamic early exiting for BERT) in JAX/Flax.
 
-# Before anything below imports JAX (whose import starts a thread): glibc's malloc settings hold
-# only for threads that have not allocated yet. Opt-in (DEEBERT_KEEP_FREED_MEMORY=1, which the
-# command-line entry points set): it changes the whole process's malloc.
-from deebert_jax.cpu import memory as _cpu_memory
+The library by layer (docs/architecture.md): `core`, `cpu`, `data`, `model`, `weights`,
+`inference`, `training`, `evaluation`, `bench`. The names below are its public API, importable
+from here; each is loaded on first use, so `import deebert_jax` defines names and changes nothing
+else (not even JAX's import runs). `setup_process` is the explicit opt-in to the process-wide
+settings the command-line entry points use.
+"""
 
-if _cpu_memory.requested_at_import():
-    _cpu_memory.keep_freed_memory()
+from __future__ import annotations
 
-from deebert_jax.core.config import ConfigError, DeeBertConfig
-from deebert_jax.model.modeling import DeeBert, init_params, layer_step, stack_params, unstack_params
-from deebert_jax.weights.convert import (CheckpointError, convert_pytorch_checkpoint, export_pytorch_checkpoint,
-                                 load_pytorch_checkpoint)
-from deebert_jax.weights.checkpoint import load_checkpoint, save_checkpoint
-from deebert_jax.inference.early_exit import (ExitResult, ExitState, early_exit_predict, early_exit_predict_pmap,
-                                    record_exits, replicate_params)
-from deebert_jax.inference.exit_aware import exit_aware_predict
-from deebert_jax.data.glue import DataError, eval_batches, load_split, load_tokenizer, num_labels
-from deebert_jax.core.fileutil import OutputPathError
-from deebert_jax.training.loop import NonFiniteLossError, TrainState, train
-from deebert_jax.data.validation import check_model_inputs
-from deebert_jax.evaluation.calibration import load_exit_policy
+import importlib
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "CheckpointError", "ConfigError", "DataError", "DeeBert", "DeeBertConfig", "ExitResult", "ExitState",
-    "NonFiniteLossError", "OutputPathError", "TrainState", "check_model_inputs", "convert_pytorch_checkpoint",
-    "early_exit_predict", "early_exit_predict_pmap", "eval_batches", "exit_aware_predict", "export_pytorch_checkpoint",
-    "init_params", "layer_step", "load_checkpoint", "load_exit_policy", "load_pytorch_checkpoint", "load_split",
-    "load_tokenizer", "num_labels", "record_exits", "replicate_params", "save_checkpoint", "stack_params", "train",
-    "unstack_params",
-]
+# Public name -> the module that defines it.
+_PUBLIC = {
+    "deebert_jax.core.config": ("ConfigError", "DeeBertConfig"),
+    "deebert_jax.core.errors": ("DeeBertError", "NonFiniteLossError"),
+    "deebert_jax.core.fileutil": ("OutputPathError",),
+    "deebert_jax.core.process": ("setup_process",),
+    "deebert_jax.data.glue": ("DataError", "eval_batches", "load_split", "load_tokenizer", "num_labels"),
+    "deebert_jax.data.validation": ("check_model_inputs",),
+    "deebert_jax.model.modeling": ("DeeBert", "init_params"),
+    "deebert_jax.model.layouts": ("stack_params", "unstack_params"),
+    "deebert_jax.model.inference_step": ("layer_step",),
+    "deebert_jax.weights.convert": ("CheckpointError", "convert_pytorch_checkpoint", "export_pytorch_checkpoint",
+                                    "load_pytorch_checkpoint"),
+    "deebert_jax.weights.checkpoint": ("load_checkpoint", "save_checkpoint"),
+    "deebert_jax.inference.early_exit": ("ExitResult", "ExitState", "early_exit_predict", "early_exit_predict_pmap",
+                                         "record_exits", "replicate_params"),
+    "deebert_jax.inference.exit_aware": ("exit_aware_predict",),
+    "deebert_jax.training.loop": ("train",),
+    "deebert_jax.training.steps": ("TrainState",),
+    "deebert_jax.evaluation.calibration": ("load_exit_policy",),
+}
+_WHERE = {name: module for module, names in _PUBLIC.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'deebert_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value   # once: later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:   # for type checkers and IDEs: the same names, imported eagerly
+    from deebert_jax.core.config import ConfigError, DeeBertConfig  # noqa: F401
+    from deebert_jax.core.errors import DeeBertError, NonFiniteLossError  # noqa: F401
+    from deebert_jax.core.fileutil import OutputPathError  # noqa: F401
+    from deebert_jax.core.process import setup_process  # noqa: F401
+    from deebert_jax.data.glue import DataError, eval_batches, load_split, load_tokenizer, num_labels  # noqa: F401
+    from deebert_jax.data.validation import check_model_inputs  # noqa: F401
+    from deebert_jax.evaluation.calibration import load_exit_policy  # noqa: F401
+    from deebert_jax.inference.early_exit import (ExitResult, ExitState, early_exit_predict,  # noqa: F401
+                                                  early_exit_predict_pmap, record_exits, replicate_params)
+    from deebert_jax.inference.exit_aware import exit_aware_predict  # noqa: F401
+    from deebert_jax.model.inference_step import layer_step  # noqa: F401
+    from deebert_jax.model.layouts import stack_params, unstack_params  # noqa: F401
+    from deebert_jax.model.modeling import DeeBert, init_params  # noqa: F401
+    from deebert_jax.training.loop import train  # noqa: F401
+    from deebert_jax.training.steps import TrainState  # noqa: F401
+    from deebert_jax.weights.checkpoint import load_checkpoint, save_checkpoint  # noqa: F401
+    from deebert_jax.weights.convert import (CheckpointError, convert_pytorch_checkpoint,  # noqa: F401
+                                             export_pytorch_checkpoint, load_pytorch_checkpoint)

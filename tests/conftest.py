@@ -15,6 +15,11 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
+# What every command does first (tests run library code in-process, as the commands do).
+from deebert_jax.core.process import setup_process  # noqa: E402
+
+setup_process()
+
 
 def glue_dir() -> pathlib.Path | None:
     """GLUE_DIR, else ../shared/data/glue beside the checkout; None when absent."""

@@ -1,4 +1,4 @@
-"""`attention.attention`: forward bit for bit the layer's old attention, gradients autodiff's to
+"""`cpu.attention.attention`: forward bit for bit the layer's old attention, gradients autodiff's to
 rounding, and the backward free of transposed-left batched matmuls."""
 
 import re
@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deebert_jax.model.attention import attention, attention_autodiff
+from deebert_jax.cpu.attention import attention
+from deebert_jax.model.attention import attention_autodiff
 
 
 def _reference(q, k, v, mask_bias, keep, rate):

@@ -12,6 +12,8 @@ import pytest
 from deebert_jax.model import attention
 from deebert_jax.inference import early_exit
 from deebert_jax.model import modeling
+from deebert_jax.model import layouts
+from deebert_jax.model import inference_step
 from deebert_jax.core.config import tiny_config
 
 CONFIG = tiny_config()   # 2 layers, width 32
@@ -37,7 +39,7 @@ def batch():
 
 @functools.partial(jax.jit, static_argnames="attention_impl")
 def _forward(params, ids, mask, types, attention_impl):
-    return modeling.forward(CONFIG, params, ids, mask, types, attention_impl=attention_impl)
+    return inference_step.forward(CONFIG, params, ids, mask, types, attention_impl=attention_impl)
 
 
 def test_full_forward_matches_default(params, batch):
@@ -50,7 +52,7 @@ def test_full_forward_matches_default(params, batch):
 
 
 def test_early_exit_predictor_matches_default(params, batch):
-    params = modeling.unstack_params(params)   # the serving layout: `layer_step` under a lax.switch
+    params = layouts.unstack_params(params)   # the serving layout: `layer_step` under a lax.switch
     for threshold in (0.0, 0.4):
         default = early_exit.early_exit_predict(CONFIG, params, *batch, threshold)
         fused = early_exit.early_exit_predict(CONFIG, params, *batch, threshold, attention_impl="dot_product_attention")
@@ -60,8 +62,8 @@ def test_early_exit_predictor_matches_default(params, batch):
 
 
 def test_default_graph_is_the_one_built_without_the_argument(params, batch):
-    unstacked = modeling.unstack_params(params)
-    trace = lambda **kw: str(jax.make_jaxpr(lambda p: modeling.forward(CONFIG, p, *batch, **kw))(unstacked))
+    unstacked = layouts.unstack_params(params)
+    trace = lambda **kw: str(jax.make_jaxpr(lambda p: inference_step.forward(CONFIG, p, *batch, **kw))(unstacked))
     assert trace(attention_impl="default") == trace()
     assert "dot_product_attention" not in trace()
 
@@ -71,9 +73,9 @@ def test_what_cannot_run_here_is_refused_in_one_line(params, batch):
     with pytest.raises(ValueError, match=rf"attention_impl='cudnn': .*needs an NVIDIA GPU, and JAX is running on {on}"):
         early_exit.early_exit_predict(CONFIG, params, *batch, 0.5, attention_impl="cudnn")
     with pytest.raises(ValueError, match="attention_impl='cudnn'"):
-        modeling.forward(CONFIG, params, *batch, attention_impl="cudnn")
+        inference_step.forward(CONFIG, params, *batch, attention_impl="cudnn")
     with pytest.raises(ValueError, match="attention_impl='flash': expected one of default, dot_product_attention, cudnn"):
-        modeling.forward(CONFIG, params, *batch, attention_impl="flash")
+        inference_step.forward(CONFIG, params, *batch, attention_impl="flash")
     # On a GPU cuDNN's kernel still wants half precision.
     assert "bfloat16 or float16, not float32" in attention.attention_impl_problem("cudnn", jnp.float32, backend="gpu")
     assert attention.attention_impl_problem("cudnn", jnp.bfloat16, backend="gpu") is None

@@ -5,11 +5,12 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from deebert_jax.bench import benchmarking as bm
-from deebert_jax.model import modeling
+from deebert_jax.bench import harness
+from deebert_jax.bench import report as bench_report
+from deebert_jax.model import inference_step, modeling
 from deebert_jax.core.config import tiny_config
 
 CONFIG = tiny_config(num_hidden_layers=3)
@@ -18,15 +19,6 @@ CONFIG = tiny_config(num_hidden_layers=3)
 @pytest.fixture(scope="module")
 def params():
     return modeling.init_params(CONFIG, jax.random.PRNGKey(0))
-
-
-def _batch(b=3, s=10, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, CONFIG.vocab_size, (b, s)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[1, 6:] = 0
-    mask[-1] = 0  # a row that is all padding
-    return ids, mask, np.zeros_like(ids)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -44,7 +36,7 @@ def tiny_run(tmp_path_factory):
 
 def test_cli_writes_valid_json_table_and_plot(tiny_run):
     out, result = tiny_run
-    bm.validate(result)
+    bench_report.validate(result)
     assert out.with_suffix(".md").read_text().count("\n| jax |") == 14
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {"jax", "torch"} <= set(result["versions"])
@@ -80,13 +72,13 @@ def test_render_of_a_file_from_before_precision_existed(tiny_run, tmp_path):
     _, result = tiny_run
     older = {k: v for k, v in result.items() if k not in ("precision", "precision_settings", "attention")}
     (tmp_path / "cpu.json").write_text(json.dumps(older))
-    bm.render(str(tmp_path / "cpu.json"))   # a CPU run: float32 is fp32, whatever the matmul precision flag
+    bench_report.render(str(tmp_path / "cpu.json"))   # a CPU run: float32 is fp32, whatever the matmul precision flag
     assert json.loads((tmp_path / "cpu.json").read_text())["precision"] == "fp32"
     assert "**JAX attention** default" in (tmp_path / "cpu.md").read_text()   # before the choice existed
     gpu = dict(older, rows=[dict(r, device="gpu") for r in older["rows"]])
     (tmp_path / "gpu.json").write_text(json.dumps(gpu))
-    with pytest.raises(bm.BenchmarkError, match="gpu.json: no 'precision' recorded and not a CPU run"):
-        bm.render(str(tmp_path / "gpu.json"))
+    with pytest.raises(harness.BenchmarkError, match="gpu.json: no 'precision' recorded and not a CPU run"):
+        bench_report.render(str(tmp_path / "gpu.json"))
 
 
 def test_cli_rows_report_exits_of_both_backends(tiny_run):
@@ -135,7 +127,7 @@ def test_attention_choice_reaches_every_jax_call(monkeypatch):
             return early_exit.ExitResult(jnp.zeros((1, 2)), jnp.ones((1,), jnp.int32), jnp.int32(1))
         return predict
 
-    monkeypatch.setattr(modeling, "forward", forward)
+    monkeypatch.setattr(inference_step, "forward", forward)
     monkeypatch.setattr(early_exit, "early_exit_predict", predictor("early_exit"))
     monkeypatch.setattr(exit_aware, "exit_aware_predict", predictor("exit_aware"))
     batch = {k: jnp.ones((1, 4), jnp.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -146,7 +138,7 @@ def test_attention_choice_reaches_every_jax_call(monkeypatch):
     assert len(cells) == 5   # full, early_exit, exit_aware and the two on the stacked layout
     # (The full forward's stub records its trace: both layouts share one.)
     assert set(seen) == {(mode, "dot_product_attention") for mode in ("full", "early_exit", "exit_aware")}
-    with pytest.raises(bm.BenchmarkError, match="attention='flash'"):
+    with pytest.raises(harness.BenchmarkError, match="attention='flash'"):
         bm.BenchmarkSpec(attention="flash").check()
 
 
@@ -162,23 +154,23 @@ def test_cli_rejects_bad_flags(tmp_path, capsys):
 # Harness pieces
 
 def test_timing_statistics():
-    t = bm.Timing([float(x) for x in range(1, 11)])
+    t = harness.Timing([float(x) for x in range(1, 11)])
     assert t.median_ms == 5.5 and t.mean_ms == 5.5
     assert t.p90_ms == pytest.approx(9.1)
     calls = []
-    stats = bm.time_calls(lambda: calls.append(1), runs=4, warmup=2)
+    stats = harness.time_calls(lambda: calls.append(1), runs=4, warmup=2)
     assert len(calls) == 6 and len(stats.times_ms) == 4
 
 
 def test_interleaved_timer_takes_turns():
     order, rounds = [], []
-    timings = bm.time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, rounds=3,
+    timings = harness.time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, rounds=3,
                                   warmup=2, cpu=True, on_round=rounds.append)
     assert order == ["a", "a", "b", "b"] + ["a", "b"] * 3 and rounds == [0, 1, 2]
     assert list(timings) == ["a", "b"]
     for t in timings.values():
         assert len(t.times_ms) == len(t.cpu_ms) == 3 and t.min_ms <= t.median_ms and t.min_cpu_ms >= 0
-    assert bm.time_interleaved({"a": lambda: None}, rounds=2)["a"].cpu_ms is None
+    assert harness.time_interleaved({"a": lambda: None}, rounds=2)["a"].cpu_ms is None
 
 
 def test_cli_records_paths_relative_to_the_checkout(tmp_path, monkeypatch):
@@ -195,7 +187,7 @@ def test_a_stopped_run_keeps_the_batch_sizes_it_timed(tmp_path, monkeypatch):
     """A run cut short (a time limit, a lost machine) leaves bench.json with what it timed, marked
     incomplete; the recorded command names XLA_FLAGS, which change what is measured."""
     from train.benchmark import main
-    real, calls = bm.run_cells, []
+    real, calls = harness.run_cells, []
 
     def stop_at_the_second_batch_size(*args, **kwargs):
         calls.append(1)
@@ -219,21 +211,21 @@ def test_a_stopped_run_keeps_the_batch_sizes_it_timed(tmp_path, monkeypatch):
 
 
 def test_batches_cycle_through_the_pool():
-    assert bm.batch_rows(5, 2, 0).tolist() == [0, 1]
-    assert bm.batch_rows(5, 2, 2).tolist() == [4, 0]
+    assert harness.batch_rows(5, 2, 0).tolist() == [0, 1]
+    assert harness.batch_rows(5, 2, 2).tolist() == [4, 0]
 
 
 def test_inputs_and_spec_are_checked():
-    arrays = bm.random_inputs(CONFIG.vocab_size, 4, 8)
-    assert bm.check_inputs(arrays, CONFIG) == 4 and arrays["attention_mask"].all()
-    with pytest.raises(bm.BenchmarkError, match="max_position_embeddings"):
-        bm.check_inputs(bm.random_inputs(CONFIG.vocab_size, 2, CONFIG.max_position_embeddings + 1), CONFIG)
+    arrays = harness.random_inputs(CONFIG.vocab_size, 4, 8)
+    assert harness.check_input_pool(arrays, CONFIG) == 4 and arrays["attention_mask"].all()
+    with pytest.raises(harness.BenchmarkError, match="max_position_embeddings"):
+        harness.check_input_pool(harness.random_inputs(CONFIG.vocab_size, 2, CONFIG.max_position_embeddings + 1), CONFIG)
     bad = dict(arrays, input_ids=arrays["input_ids"] + CONFIG.vocab_size)
-    with pytest.raises(bm.BenchmarkError, match="token ids"):
-        bm.check_inputs(bad, CONFIG)
-    with pytest.raises(bm.BenchmarkError, match="runs=0"):
+    with pytest.raises(harness.BenchmarkError, match="token ids"):
+        harness.check_input_pool(bad, CONFIG)
+    with pytest.raises(harness.BenchmarkError, match="runs=0"):
         bm.BenchmarkSpec(runs=0).check()
-    with pytest.raises(bm.BenchmarkError, match="backends"):
+    with pytest.raises(harness.BenchmarkError, match="backends"):
         bm.BenchmarkSpec(backends=("tf",)).check()
 
 
@@ -246,8 +238,8 @@ def _row(**kw):
 
 def test_validate_names_the_key_at_fault():
     good = {"device": "cpu", "versions": {"jax": "x", "torch": "y"}, "precision": "fp32", "rows": [_row()]}
-    bm.validate(good)
-    bm.validate({**good, "attention": "cudnn"})   # without the key: an older file, which ran "default"
+    bench_report.validate(good)
+    bench_report.validate({**good, "attention": "cudnn"})   # without the key: an older file, which ran "default"
     for broken, key in [({**good, "rows": []}, "rows"),
                         ({k: v for k, v in good.items() if k != "precision"}, "precision"),
                         ({**good, "precision": "float32"}, "precision"),
@@ -258,8 +250,8 @@ def test_validate_names_the_key_at_fault():
                         ({**good, "rows": [_row(p90_ms=1.0)]}, "p90_ms"),
                         ({**good, "rows": [{k: v for k, v in _row().items() if k != "compile_s"}]}, "compile_s"),
                         ({**good, "rows": [_row(mode="early_exit")]}, "threshold")]:
-        with pytest.raises(bm.BenchmarkError, match=key):
-            bm.validate(broken)
+        with pytest.raises(harness.BenchmarkError, match=key):
+            bench_report.validate(broken)
 
 
 def test_targets_are_computed_from_rows():
@@ -267,88 +259,30 @@ def test_targets_are_computed_from_rows():
             _row(mode="early_exit", threshold=0.0, median_ms=6.6, compile_s=12.0),
             _row(mode="early_exit", threshold=0.5, median_ms=3.0, mean_exit_layer=3.0, layer_saving=0.5,
                  wall_saving=0.48)]
-    targets = {t["target"]: t for t in bm.check_targets({"rows": rows, "jax_platform": "cpu"})}
+    targets = {t["target"]: t for t in bench_report.check_targets({"rows": rows, "jax_platform": "cpu"})}
     assert targets["P1"]["value"] == 0.6 and targets["P1"]["met"]
     assert targets["P2"]["value"] == 1.1 and not targets["P2"]["met"]
     assert targets["P3"]["value"] == 0.96 and targets["P3"]["met"]
     assert targets["P6"]["value"] == 12.0 and not targets["P6"]["met"]
 
 
-# ----------------------------------------------------------------------------------------------
-# The inference layout: the same numbers as the Flax module, without per-layer weight copies.
-
-def test_unstack_round_trip(params):
-    unstacked = modeling.unstack_params(params)
-    assert modeling.is_unstacked(unstacked) and len(unstacked["layers"]) == CONFIG.num_hidden_layers
-    assert unstacked["layers"][1]["query"]["kernel"].shape == (CONFIG.hidden_size, CONFIG.hidden_size)
-    again = modeling.stack_params(unstacked)
-    assert jax.tree_util.tree_structure(again) == jax.tree_util.tree_structure(params)
-    for a, b in zip(jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves(params)):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_forward_on_inference_layout_matches_module(params):
-    ids, mask, types = _batch()
-    reference = modeling.DeeBert(CONFIG).apply({"params": params}, ids, mask, types)
-    fast = jax.jit(modeling.forward, static_argnums=0)(CONFIG, modeling.unstack_params(params), ids, mask, types)
-    assert fast.shape == (CONFIG.num_hidden_layers, 3, CONFIG.num_labels)
-    np.testing.assert_allclose(fast, reference, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("unstacked", [False, True])
-@pytest.mark.parametrize("first_token_only_at_last", [False, True])
-def test_layer_loop_with_traced_index_matches_module(params, unstacked, first_token_only_at_last):
-    ids, mask, types = _batch()
-    reference = modeling.DeeBert(CONFIG).apply({"params": params}, ids, mask, types)
-    p = modeling.unstack_params(params) if unstacked else params
-    L = CONFIG.num_hidden_layers
-
-    @jax.jit
-    def loop(p, ids, mask, types):
-        bias = modeling.attention_bias(mask)
-
-        def body(i, carry):
-            hidden, logits = carry
-            hidden = modeling.layer_forward_at(CONFIG, p, i, hidden, bias,
-                                               first_token_only_at_last=first_token_only_at_last)
-            return hidden, logits.at[i].set(modeling.ramp_forward_at(CONFIG, p, i, hidden, bias))
-
-        start = (modeling.embed(CONFIG, p, ids, types), jnp.zeros((L, ids.shape[0], CONFIG.num_labels)))
-        return jax.lax.fori_loop(0, L, body, start)[1]
-
-    np.testing.assert_allclose(loop(p, ids, mask, types), reference, atol=1e-5, rtol=1e-5)
-    leaf = jax.jit(lambda p, i: modeling.layer_params_at(p, i)["output"]["kernel"])(p, 1)
-    np.testing.assert_array_equal(leaf, params["layers"]["output"]["kernel"][1])
-
-
-def test_first_token_only_layer_matches_position_zero(params):
-    ids, mask, types = _batch()
-    hidden = modeling.embed(CONFIG, params, ids, types)
-    bias = modeling.attention_bias(mask)
-    layer = modeling.layer_params_at(params, 0)
-    full = modeling.layer_forward(CONFIG, layer, hidden, bias)
-    first = modeling.layer_forward(CONFIG, layer, hidden, bias, first_token_only=True)
-    assert first.shape == (3, 1, CONFIG.hidden_size)
-    np.testing.assert_allclose(first[:, 0], full[:, 0], atol=1e-6, rtol=1e-6)
-
-
 def test_typical_mean_weights_each_exit_depth_by_its_share():
     times = [10.0, 11.0, 1000.0, 30.0, 31.0, 29.0]   # one stalled run among the 1-layer runs
     layers = [1, 1, 1, 3, 3, 3]
-    assert bm.typical_mean_ms(times, layers) == pytest.approx(0.5 * 11.0 + 0.5 * 30.0)
-    assert bm.typical_mean_ms([5.0, 7.0], [2, 2]) == 6.0
+    assert harness.typical_mean_ms(times, layers) == pytest.approx(0.5 * 11.0 + 0.5 * 30.0)
+    assert harness.typical_mean_ms([5.0, 7.0], [2, 2]) == 6.0
 
 
 def test_busy_machine_is_flagged():
     rows = [_row(median_ms=6.0), _row(backend="torch", median_ms=10.0, compile_s=None)]
     quiet = {"rows": rows, "cpu_cores": 2, "load_average_before": [1.5, 1, 1], "load_average_after": [1.9, 1, 1]}
     busy = {**quiet, "load_average_after": [7.9, 6, 6]}
-    assert bm.contention_warning(quiet) is None
-    assert "7.9 on 2 cores" in bm.contention_warning(busy)
-    assert "note" not in bm.check_targets(quiet)[0] and "busy" in bm.check_targets(busy)[0]["note"]
+    assert bench_report.contention_warning(quiet) is None
+    assert "7.9 on 2 cores" in bench_report.contention_warning(busy)
+    assert "note" not in bench_report.check_targets(quiet)[0] and "busy" in bench_report.check_targets(busy)[0]["note"]
     one_thread = {**busy, "threads": {"requested": 1}}
-    assert "no barrier can stall" in bm.contention_warning(one_thread)
-    assert "note" not in bm.check_targets(one_thread)[0]
+    assert "no barrier can stall" in bench_report.contention_warning(one_thread)
+    assert "note" not in bench_report.check_targets(one_thread)[0]
 
 
 def test_render_rederives_outputs(tiny_run, tmp_path):
@@ -398,7 +332,7 @@ def test_benchmark_train_schema_names_the_key_at_fault():
                                                                   "jax_stage2": 0}))
 
 
-@pytest.mark.skipif(not os.environ.get("DEEBERT_SLOW_TESTS"), reason="about 25 s; set DEEBERT_SLOW_TESTS=1")
+@pytest.mark.slow   # about 25 s: `pytest -m slow`
 def test_benchmark_train_records_its_precision_and_device(tmp_path):
     from deebert_jax.bench import train_step as step_benchmark
     from train.benchmark_train import main

@@ -111,3 +111,32 @@ def test_usage_errors_exit_2_with_the_flag_named(user_tree):
                            "--thresholds", "0,inf", "--out", "r.json"], cwd=user_tree, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "--thresholds: 'inf' must be finite" in proc.stderr.splitlines()[-1]
+
+
+def test_every_user_facing_error_is_a_deebert_error_and_only_those_are_one_line(capsys):
+    """The CLIs print a `DeeBertError` (or an `OSError` naming a file) as one line; any other
+    exception is a bug and keeps its traceback."""
+    import pytest
+
+    import deebert_jax
+    from deebert_jax.bench.harness import BenchmarkError
+    from deebert_jax.bench.precision import PrecisionError
+    from deebert_jax.core.errors import InputError
+    from deebert_jax.evaluation.calibration import CalibrationError
+    from deebert_jax.weights.checkpoint import DamagedCheckpointError
+    from train import cli
+
+    for error in (deebert_jax.ConfigError, deebert_jax.DataError, deebert_jax.CheckpointError, DamagedCheckpointError,
+                  deebert_jax.OutputPathError, deebert_jax.NonFiniteLossError, CalibrationError, BenchmarkError,
+                  PrecisionError, InputError):
+        assert issubclass(error, deebert_jax.DeeBertError), error
+
+        def fails(argv, error=error):
+            raise error("bad value\nsecond line")
+        assert cli.run(fails, []) == 1
+        assert capsys.readouterr().err == "error: bad value | second line\n"
+
+    def bug(argv):
+        raise ValueError("a bug of ours")
+    with pytest.raises(ValueError, match="a bug of ours"):
+        cli.run(bug, [])

@@ -13,6 +13,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from deebert_jax.model import modeling
+from deebert_jax.model import inference_step
 from deebert_jax.core.config import tiny_config
 from deebert_jax.weights.convert import (CheckpointError, convert_pytorch_checkpoint, export_pytorch_checkpoint,
                                  load_pytorch_checkpoint)
@@ -87,7 +88,7 @@ def test_deebert_checkpoint_ramps_match_torch_reference(deebert_dir, pair_batch)
     config, params, report = convert_pytorch_checkpoint(deebert_dir)
     assert config.num_labels == 3
     assert any("highway" in d for d in report.dropped), report.summary()
-    ours = np.asarray(modeling.forward(config, params, *map(jnp.asarray, pair_batch.values())))
+    ours = np.asarray(inference_step.forward(config, params, *map(jnp.asarray, pair_batch.values())))
     ref_model = TorchDeeBert.from_pretrained(deebert_dir)
     with torch.inference_mode():
         ref = ref_model(*(torch.from_numpy(v).long() for v in pair_batch.values())).numpy()
@@ -125,7 +126,7 @@ def test_sequence_classification_checkpoint_matches_transformers(tmp_path):
     mask[0, 5:] = 0
     with torch.inference_mode():
         ref = model(input_ids=ids, attention_mask=mask).logits.numpy()
-    ours = modeling.forward(config, params, jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy()),
+    ours = inference_step.forward(config, params, jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy()),
                             jnp.zeros((2, 9), jnp.int32))[-1]
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
 
@@ -154,7 +155,7 @@ def test_export_loads_in_torch_reference(tiny_export):
     config, params, directory = tiny_export
     ids = np.random.default_rng(0).integers(1, 100, (2, 7)).astype(np.int32)
     mask, types = np.ones_like(ids), np.zeros_like(ids)
-    ours = np.asarray(modeling.forward(config, params, ids, mask, types))
+    ours = np.asarray(inference_step.forward(config, params, ids, mask, types))
     with torch.inference_mode():
         ref = TorchDeeBert.from_pretrained(directory)(torch.from_numpy(ids).long()).numpy()
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)

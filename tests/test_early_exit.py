@@ -9,6 +9,8 @@ import pytest
 
 from deebert_jax.inference import early_exit as ee
 from deebert_jax.model import modeling
+from deebert_jax.model import layouts
+from deebert_jax.model import inference_step
 from deebert_jax.core.config import tiny_config
 
 L, K = 4, 3
@@ -31,7 +33,7 @@ def params():
 @pytest.fixture(scope="module", params=["stacked", "unstacked"])
 def any_params(request, params):
     """Both parameter layouts the loop reads: stacked L axis, and `unstack_params` (lax.switch)."""
-    return params if request.param == "stacked" else modeling.unstack_params(params)
+    return params if request.param == "stacked" else layouts.unstack_params(params)
 
 
 def make_batch(batch, seq=12, seed=0, padding_rows=()):
@@ -100,7 +102,7 @@ def test_entropy_is_stable_and_in_nats():
 def test_threshold_zero_runs_every_layer_and_matches_full_forward(params, any_params):
     ids, mask, types = make_batch(24, seed=0, padding_rows=[4])   # 24 rows: one compile shared with other tests
     out = ee.early_exit_predict(CONFIG, any_params, ids, mask, types, 0.0)
-    full = np.asarray(modeling.forward(CONFIG, params, ids, mask, types))
+    full = np.asarray(inference_step.forward(CONFIG, params, ids, mask, types))
     real = mask.sum(-1) > 0
     np.testing.assert_array_equal(np.asarray(out.exit_layer), np.where(real, L, 0))
     np.testing.assert_allclose(np.asarray(out.logits)[real], full[-1][real], atol=ATOL)
@@ -110,7 +112,7 @@ def test_threshold_zero_runs_every_layer_and_matches_full_forward(params, any_pa
 def test_threshold_above_ln_k_exits_everyone_at_layer_one(params, any_params):
     ids, mask, types = make_batch(24, seed=1, padding_rows=[0])
     out = ee.early_exit_predict(CONFIG, any_params, ids, mask, types, math.log(K) + 1e-3)
-    full = np.asarray(modeling.forward(CONFIG, params, ids, mask, types))
+    full = np.asarray(inference_step.forward(CONFIG, params, ids, mask, types))
     real = mask.sum(-1) > 0
     np.testing.assert_array_equal(np.asarray(out.exit_layer), np.where(real, 1, 0))
     np.testing.assert_allclose(np.asarray(out.logits)[real], full[0][real], atol=ATOL)
@@ -123,13 +125,13 @@ def test_random_thresholds_match_reference_from_full_logits(params, rule):
 
 
 def test_random_thresholds_match_reference_unstacked_params(params):
-    check_random_thresholds(modeling.unstack_params(params), "entropy")
+    check_random_thresholds(layouts.unstack_params(params), "entropy")
 
 
 def check_random_thresholds(params, rule):
     rng = np.random.RandomState(3)
     ids, mask, types = make_batch(24, seed=2, padding_rows=[3, 17, 23])
-    full = np.asarray(modeling.forward(CONFIG, params, ids, mask, types))
+    full = np.asarray(inference_step.forward(CONFIG, params, ids, mask, types))
     if rule == "entropy":
         thresholds = safe_thresholds(np_entropy(full), 5, rng, 0.0, math.log(K))
     elif rule == "max_prob":
@@ -152,16 +154,16 @@ def test_layers_run_counts_loop_iterations(any_params, monkeypatch):
     """A callback in the layer counts real iterations: the loop stops at the largest exit layer."""
     params = any_params
     calls = []
-    layer_forward = modeling.layer_forward
+    layer_forward = inference_step.layer_forward
 
     def counting_layer_forward(*args, **kwargs):
         jax.debug.callback(lambda: calls.append(1))
         return layer_forward(*args, **kwargs)
 
-    monkeypatch.setattr(modeling, "layer_forward", counting_layer_forward)
+    monkeypatch.setattr(inference_step, "layer_forward", counting_layer_forward)
     config = CONFIG.replace(layer_norm_eps=1.01e-12)   # a config of its own: traced afresh, with the callback
     ids, mask, types = make_batch(8, seed=4, padding_rows=[2])
-    full = np.asarray(modeling.forward(config, params, ids, mask, types))
+    full = np.asarray(inference_step.forward(config, params, ids, mask, types))
     # One threshold for each number of layers the reference says the batch needs.
     grid = [t for t in np.linspace(0.0, math.log(K) + 0.01, 120) if np.min(np.abs(np_entropy(full) - t)) > 1e-3]
     by_depth = {reference_exits(full, t, mask)[1].max(): t for t in grid}
@@ -184,7 +186,7 @@ def test_layers_run_counts_loop_iterations(any_params, monkeypatch):
 
 def test_batch_of_one_and_batch_of_32_agree(params):
     ids, mask, types = make_batch(32, seed=5)
-    full = np.asarray(modeling.forward(CONFIG, params, ids, mask, types))
+    full = np.asarray(inference_step.forward(CONFIG, params, ids, mask, types))
     threshold = safe_thresholds(np_entropy(full), 1, np.random.RandomState(0), 0.3, 0.8)[0]
     batched = jax.device_get(ee.early_exit_predict(CONFIG, params, ids, mask, types, threshold))
     for b in range(32):
@@ -201,7 +203,7 @@ def test_same_exits_as_torch_reference_at_batch_size_one(params, tmp_path):
     from deebert_jax.weights.torch_reference import TorchDeeBert
     model = TorchDeeBert.from_pretrained(export_pytorch_checkpoint(CONFIG, params, tmp_path / "pt"))
     ids, mask, types = make_batch(6, seed=6)
-    full = np.asarray(modeling.forward(CONFIG, params, ids, mask, types))
+    full = np.asarray(inference_step.forward(CONFIG, params, ids, mask, types))
     thresholds = [0.0] + safe_thresholds(np_entropy(full), 3, np.random.RandomState(1), 0.1, math.log(K))
     layers_seen = set()
     for threshold in thresholds:
@@ -259,7 +261,7 @@ def test_pmap_matches_single_device_and_each_device_stops_on_its_own(params):
     devices = jax.local_devices()
     assert len(devices) >= 2, "conftest should give 8 CPU devices"
     ids, mask, types = make_batch(13, seed=8, padding_rows=[5])   # 13: not a multiple of the devices
-    full = np.asarray(modeling.forward(CONFIG, params, ids, mask, types))
+    full = np.asarray(inference_step.forward(CONFIG, params, ids, mask, types))
     threshold = safe_thresholds(np_entropy(full), 1, np.random.RandomState(2), 0.3, 0.8)[0]
     single = ee.early_exit_predict(CONFIG, params, ids, mask, types, threshold)
     multi = ee.early_exit_predict_pmap(CONFIG, ee.replicate_params(params), ids, mask, types, threshold)

@@ -7,11 +7,12 @@ import pytest
 from conftest import ragged_batch
 
 from deebert_jax.inference import exit_aware
-from deebert_jax.model import modeling
+from deebert_jax.model import layouts
 from deebert_jax.core.config import tiny_config
 from deebert_jax.inference.early_exit import early_exit_predict, entropy
 from deebert_jax.inference.exit_aware import exit_aware_predict, padded_pool_size
-from deebert_jax.model.modeling import forward, init_params
+from deebert_jax.model.modeling import init_params
+from deebert_jax.model.inference_step import forward
 from train.exit_aware_alternatives import exit_aware_predict_with
 
 CONFIG = tiny_config(num_hidden_layers=4, num_labels=3)
@@ -113,9 +114,9 @@ def test_threshold_zero_runs_every_row_to_the_last_layer_and_padding_rows_exit_a
     final = forward(CONFIG, models[1], *batch)[-1]
     np.testing.assert_allclose(np.asarray(result.logits)[[0, 2, 3, 4, 5]], np.asarray(final)[[0, 2, 3, 4, 5]],
                                atol=1e-5, rtol=0)
-    if hasattr(modeling, "unstack_params"):  # the inference layout (per-layer trees) gives the same
-        assert_same(exit_aware_predict(CONFIG, modeling.unstack_params(models[1]), *batch, 0.0, bucket_sizes=(8, 2)),
-                    result)
+    # The serving layout (per-layer trees) gives the same.
+    assert_same(exit_aware_predict(CONFIG, layouts.unstack_params(models[1]), *batch, 0.0, bucket_sizes=(8, 2)),
+                result)
 
 
 def test_pool_sizes_share_compiled_programs(models):

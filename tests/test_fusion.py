@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deebert_jax.model import attention
+from deebert_jax.model import kernels
 from deebert_jax.cpu import threefry as cpu_rng
 from deebert_jax.cpu import fusion
 from deebert_jax.model import modeling
@@ -31,6 +31,7 @@ def test_computed_once_keeps_every_bit(dtype):
         np.testing.assert_array_equal(np.asarray(out).view(np.uint8), np.asarray(first).view(np.uint8))
 
 
+@pytest.mark.perf
 def test_a_mask_read_twice_is_drawn_once():
     """Without `computed_once` XLA copies threefry into both readers; with it, one fusion draws it
     (with the fusable threefry lowering training uses, `cpu_rng`)."""
@@ -76,27 +77,25 @@ def test_gelu_with_derivative_is_jax_gelu_bit_for_bit():
                                rtol=1e-6, atol=1e-7)
 
 
-def test_training_layer_keeps_values_and_gradients_in_bf16(monkeypatch):
+def test_training_layer_keeps_values_and_gradients_in_bf16():
     """One encoder layer in training mode with bf16 compute: the CPU layout (`attention`, `fusion`)
     against the layer as Flax ships it; same dropout draws, so the same output, and gradients to
     bf16 rounding. (The whole float32 step, bit for bit: tests/test_training.py, `jax_defaults`.)"""
     config = tiny_config(num_hidden_layers=1)
     hidden = jax.random.normal(jax.random.PRNGKey(3), (3, 8, config.hidden_size), jnp.bfloat16)
     mask_bias = modeling.attention_bias(jnp.ones((3, 8)).at[1, 6:].set(0), jnp.bfloat16)
-    layer = modeling.Layer(config, jnp.bfloat16, deterministic=False)
-    params = layer.init({"params": jax.random.PRNGKey(4), "dropout": jax.random.PRNGKey(5)}, hidden, mask_bias)
+    tuned = modeling.Layer(config, jnp.bfloat16, deterministic=False, kernels="cpu_tuned")
+    params = tuned.init({"params": jax.random.PRNGKey(4), "dropout": jax.random.PRNGKey(5)}, hidden, mask_bias)
     probe = jax.random.normal(jax.random.PRNGKey(6), hidden.shape, jnp.float32)
 
-    def value_and_grad():
+    def value_and_grad(layer):
         def loss(p, h):
             out = layer.apply(p, h, mask_bias, rngs={"dropout": jax.random.PRNGKey(7)})
             return jnp.sum(out.astype(jnp.float32) * probe), out
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, hidden)
 
-    (_, ours), grads = value_and_grad()
-    monkeypatch.setattr(modeling, "_cpu_training_layout", False)
-    monkeypatch.setattr(modeling, "attention_core", attention.attention_autodiff)
-    (_, theirs), their_grads = value_and_grad()
+    (_, ours), grads = value_and_grad(tuned)
+    (_, theirs), their_grads = value_and_grad(tuned.clone(kernels="reference"))
     assert ours.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(theirs, np.float32))
     for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(their_grads)):
@@ -107,9 +106,10 @@ def test_training_layer_keeps_values_and_gradients_in_bf16(monkeypatch):
 
 PROBE = """
 import resource
-import train                              # first, as the CLIs are: `import deebert_jax` then applies it
-from deebert_jax.cpu import memory as cpu_memory
 import jax, jax.numpy as jnp
+from deebert_jax.cpu import memory as cpu_memory
+from deebert_jax.core.process import setup_process
+setup_process()                           # first thing, as every command's main() calls it
 a, b = jnp.ones((8192, 64), jnp.float32), jnp.ones((64, 8192), jnp.float32)
 f = jax.jit(lambda a, b: jnp.sum(jnp.sin(a @ b)))      # a 256 MB temporary, the product
 faults = []
@@ -121,6 +121,7 @@ print(cpu_memory.applied(), *faults[1:])                 # the first call compil
 """
 
 
+@pytest.mark.perf
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
 def test_keep_freed_memory_stops_page_faults_from_step_to_step():
     def run(keep):
@@ -145,21 +146,30 @@ def test_keep_freed_memory_stops_page_faults_from_step_to_step():
     assert sum(faults) < sum(default_faults) / 2, (faults, default_faults)
 
 
-def test_the_cpu_tuned_graph_is_built_for_the_cpu_only(monkeypatch):
-    """Traced for another backend, training builds the graph as JAX and Flax ship it: no custom
-    VJPs (dense kernel gradients, attention, the activation) and a rolled layer loop."""
+@pytest.mark.perf
+def test_the_cpu_tuned_graph_is_built_for_the_cpu_only():
+    """The entry points choose "cpu_tuned" for CPU devices only; "reference", the choice anywhere
+    else, builds the training graph as JAX and Flax ship it: no custom VJPs (dense kernel
+    gradients, attention, the activation) and a rolled layer loop."""
     config = tiny_config(num_hidden_layers=2)
     params = modeling.init_params(config, jax.random.PRNGKey(0))
     ids = jnp.ones((2, 8), jnp.int32)
 
-    def loss_jaxpr():
-        loss = lambda p: modeling.DeeBert(config).apply({"params": p}, ids, train=True,
-                                                         rngs={"dropout": jax.random.PRNGKey(1)}).sum()
+    def loss_jaxpr(kernels):
+        loss = lambda p: modeling.DeeBert(config, kernels=kernels).apply(
+            {"params": p}, ids, train=True, rngs={"dropout": jax.random.PRNGKey(1)}).sum()
         return str(jax.make_jaxpr(loss)(params))
 
-    on_cpu = loss_jaxpr()
+    class Device:
+        def __init__(self, platform):
+            self.platform = platform
+
+    assert kernels.for_devices(jax.local_devices()) == "cpu_tuned"
+    assert kernels.for_devices([Device("gpu")]) == "reference" == kernels.for_devices([Device("tpu")])
+    assert kernels.for_devices([Device("cpu"), Device("gpu")]) == "reference"
+    assert modeling.DeeBert(config).kernels == "reference"     # the library's default: Flax's graph
+    on_cpu = loss_jaxpr(kernels.for_devices(jax.local_devices()))
     assert "custom_vjp_call" in on_cpu
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    elsewhere = loss_jaxpr()
+    elsewhere = loss_jaxpr(kernels.for_devices([Device("gpu")]))
     assert "custom_vjp_call" not in elsewhere and "scan[" in elsewhere
     assert re.search(r"unroll=1\b", elsewhere) and not re.search(r"unroll=1\b", on_cpu)

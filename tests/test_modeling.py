@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 from deebert_jax.model import modeling
+from tests import layer_access
+from deebert_jax.model import inference_step
 from deebert_jax.core.config import tiny_config
 from deebert_jax.weights.model_loading import jitted_init_params
 
@@ -38,7 +40,7 @@ def test_eval_output_shape_and_determinism(params):
     ids, mask, types = batch()
     out = modeling.DeeBert(CONFIG).apply({"params": params}, ids, mask, types)
     assert out.shape == (CONFIG.num_hidden_layers, 3, CONFIG.num_labels) and out.dtype == jnp.float32
-    np.testing.assert_array_equal(out, modeling.forward(CONFIG, params, ids, mask, types))
+    np.testing.assert_array_equal(out, inference_step.forward(CONFIG, params, ids, mask, types))
 
 
 def test_train_mode_uses_dropout_rng(params):
@@ -55,20 +57,20 @@ def test_train_mode_uses_dropout_rng(params):
 def test_layer_by_layer_pieces_match_scanned_forward(params):
     ids, mask, types = batch()
     logits, states = modeling.DeeBert(CONFIG).apply({"params": params}, ids, mask, types, output_hidden_states=True)
-    hidden = modeling.embed(CONFIG, params, ids, types)
+    hidden = inference_step.embed(CONFIG, params, ids, types)
     bias = modeling.attention_bias(mask)
     for i in range(CONFIG.num_hidden_layers):
-        hidden = modeling.layer_forward(CONFIG, modeling.layer_params_at(params, i), hidden, bias)
+        hidden = inference_step.layer_forward(CONFIG, layer_access.layer_params_at(params, i), hidden, bias)
         np.testing.assert_allclose(hidden, states[i], atol=1e-6)
-        ramp = modeling.ramp_forward(CONFIG, modeling.ramp_params_at(params, i), hidden, bias, i)
+        ramp = inference_step.ramp_forward(CONFIG, layer_access.ramp_params_at(params, i), hidden, bias, i)
         np.testing.assert_allclose(ramp, logits[i], atol=1e-6)
 
 
 def test_padding_does_not_change_real_tokens(params):
     ids, mask, types = batch()
     other = ids.at[1, 6:].set(7)  # different ids under the padding
-    a = modeling.forward(CONFIG, params, ids, mask, types)
-    b = modeling.forward(CONFIG, params, other, mask, types)
+    a = inference_step.forward(CONFIG, params, ids, mask, types)
+    b = inference_step.forward(CONFIG, params, other, mask, types)
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
@@ -89,8 +91,8 @@ def test_stop_backbone_gradient(params):
 
 def test_bf16_compute_is_close(params):
     ids, mask, types = batch()
-    full = modeling.forward(CONFIG, params, ids, mask, types)
-    half = modeling.forward(CONFIG, params, ids, mask, types, dtype=jnp.bfloat16)
+    full = inference_step.forward(CONFIG, params, ids, mask, types)
+    half = inference_step.forward(CONFIG, params, ids, mask, types, dtype=jnp.bfloat16)
     assert half.dtype == jnp.float32
     np.testing.assert_allclose(half, full, atol=5e-2)
 
@@ -174,17 +176,16 @@ def test_training_computes_last_layer_for_one_position(params):
 
 @pytest.mark.parametrize("pooling,cpu_layout,layers", [("first", True, 3), ("mean", True, 3), ("first", False, 3),
                                                         ("first", True, 2)])
-def test_off_ramps_only_matches_the_full_output_and_skips_layer_l(pooling, cpu_layout, layers, monkeypatch):
+def test_off_ramps_only_matches_the_full_output_and_skips_layer_l(pooling, cpu_layout, layers):
     """Stage 2's forward (`off_ramps_only`): the off-ramps' logits and their gradients as the full
     training forward gives them (same dropout bits), without layer L's FFN; under "first" pooling
     layer L-1 runs for position 0 only (its matmuls have B rows: float rounding), under "mean" in
     full. Unrolled (the CPU layout) and as a scan (elsewhere)."""
-    monkeypatch.setattr(modeling, "_cpu_training_layout", cpu_layout)
     config = tiny_config(num_labels=3, num_hidden_layers=layers, ramp_pooling=pooling)
     params = jitted_init_params(config, jax.random.PRNGKey(3))
     ids, mask, types = batch()
     labels = jnp.array([0, 2, 1])
-    model = modeling.DeeBert(config)
+    model = modeling.DeeBert(config, kernels="cpu_tuned" if cpu_layout else "reference")
 
     def loss(p, off_ramps_only):
         logits = model.apply({"params": p}, ids, mask, types, train=True, stop_backbone_gradient=True,

@@ -9,6 +9,9 @@ import pytest
 from conftest import ragged_batch
 
 from deebert_jax.model import modeling
+from tests import layer_access
+from deebert_jax.model import layouts
+from deebert_jax.model import inference_step
 from deebert_jax.core.config import ConfigError, DeeBertConfig, tiny_config
 from deebert_jax.inference.early_exit import early_exit_predict
 from deebert_jax.inference.exit_aware import exit_aware_predict
@@ -45,7 +48,7 @@ def test_off_ramps_read_the_mean_of_real_tokens_and_ramp_l_the_first(params):
     states, real = np.asarray(states, np.float64), mask[..., None].astype(np.float64)
     for i in range(L):
         features = (states[i] * real).sum(1) / real.sum(1) if i < L - 1 else states[i][:, 0]
-        want = np_ramp(modeling.ramp_params_at(params, i), features)
+        want = np_ramp(layer_access.ramp_params_at(params, i), features)
         np.testing.assert_allclose(np.asarray(logits[i]), want, rtol=1e-4, atol=1e-4)
     # Without hidden states (the training graph) the same logits.
     np.testing.assert_allclose(modeling.DeeBert(CONFIG).apply({"params": params}, ids, mask, types), logits,
@@ -55,11 +58,11 @@ def test_off_ramps_read_the_mean_of_real_tokens_and_ramp_l_the_first(params):
 def test_padding_tokens_do_not_reach_the_mean(params):
     ids, mask, types = make_batch(6, seed=1)
     noisy = np.where(mask == 1, ids, 7).astype(np.int32)  # other ids under the padding
-    a = modeling.forward(CONFIG, params, ids, mask, types)
-    b = modeling.forward(CONFIG, params, noisy, mask, types)
+    a = inference_step.forward(CONFIG, params, ids, mask, types)
+    b = inference_step.forward(CONFIG, params, noisy, mask, types)
     np.testing.assert_allclose(a, b, atol=1e-5)
     # ... while the first-token model's off-ramps differ from the mean model's on the same weights.
-    first = modeling.forward(CONFIG.replace(ramp_pooling="first"), params, ids, mask, types)
+    first = inference_step.forward(CONFIG.replace(ramp_pooling="first"), params, ids, mask, types)
     assert np.abs(np.asarray(first[0]) - np.asarray(a[0])).max() > 1e-2
     np.testing.assert_allclose(first[-1], a[-1], atol=1e-5)
 
@@ -67,8 +70,8 @@ def test_padding_tokens_do_not_reach_the_mean(params):
 def test_inference_layout_and_exit_loops_agree(params):
     ids, mask, types = make_batch(29, seed=2, padding_rows=(3, 17))
     full = np.asarray(modeling.DeeBert(CONFIG).apply({"params": params}, ids, mask, types))
-    unstacked = modeling.unstack_params(params)
-    np.testing.assert_allclose(modeling.forward(CONFIG, unstacked, ids, mask, types), full, rtol=2e-5, atol=1e-5)
+    unstacked = layouts.unstack_params(params)
+    np.testing.assert_allclose(inference_step.forward(CONFIG, unstacked, ids, mask, types), full, rtol=2e-5, atol=1e-5)
     scores = np_entropy(full.astype(np.float64))
     real = mask.sum(-1) > 0
     values = np.unique(scores[:, real])
@@ -97,7 +100,7 @@ def test_torch_reference_reads_the_same_mean(params, tmp_path):
     config, _ = load_pytorch_checkpoint(directory)
     assert config.ramp_pooling == "mean"   # config.json carries it back
     ids, mask, types = make_batch(5, seed=4)
-    ours = np.asarray(modeling.forward(CONFIG, params, ids, mask, types))
+    ours = np.asarray(inference_step.forward(CONFIG, params, ids, mask, types))
     model = TorchDeeBert.from_pretrained(directory)
     with torch.inference_mode():
         ref = model(*(torch.from_numpy(a).long() for a in (ids, mask, types))).numpy()

@@ -14,6 +14,8 @@ from safetensors.numpy import load_file
 from transformers import RobertaConfig, RobertaForSequenceClassification, RobertaModel
 
 from deebert_jax.model import modeling
+from deebert_jax.model import layouts
+from deebert_jax.model import inference_step
 from deebert_jax.core.config import ConfigError, DeeBertConfig
 from deebert_jax.weights.convert import convert_pytorch_checkpoint, export_pytorch_checkpoint, load_pytorch_checkpoint
 from deebert_jax.inference.early_exit import early_exit_predict
@@ -37,7 +39,7 @@ def ramps_and_states(config, params, ids, mask, types):
 
 
 # The inference layout's full forward (`layer_step`, the step of every exit loop), compiled once.
-serving_forward = jax.jit(modeling.forward, static_argnums=0)
+serving_forward = jax.jit(inference_step.forward, static_argnums=0)
 
 
 def hf_config(**changes) -> RobertaConfig:
@@ -101,10 +103,10 @@ def test_roberta_model_hidden_states_match_transformers(saved):
     assert mask.sum(1).min() < SEQ, "the batch must contain padding"
     with torch.inference_mode():
         ref = model(**torch_inputs(ids, mask), output_hidden_states=True)
-    embedded = modeling.embed(config, params, ids, types)
+    embedded = inference_step.embed(config, params, ids, types)
     assert max_real_diff(embedded, ref.hidden_states[0].numpy(), mask) < 1e-4
     # The check can fail: BERT's positions 0..S-1 embed the same ids differently.
-    bert_embedded = modeling.embed(config.replace(model_type="bert"), params, ids, types)
+    bert_embedded = inference_step.embed(config.replace(model_type="bert"), params, ids, types)
     assert max_real_diff(bert_embedded, ref.hidden_states[0].numpy(), mask) > 1e-2
     _, states = ramps_and_states(config, params, ids, mask, types)
     for layer in range(L):
@@ -129,7 +131,7 @@ def test_sequence_classifier_logits_match_transformers(saved):
         assert max_real_diff(states[layer], ref.hidden_states[layer + 1].numpy(), mask) < 1e-4, layer
     np.testing.assert_allclose(logits[-1], ref.logits.numpy(), atol=1e-4)
     # The inference layout (the step of every exit loop) gives the same final head.
-    serving = modeling.unstack_params(params)
+    serving = layouts.unstack_params(params)
     np.testing.assert_allclose(serving_forward(config, serving, ids, mask, types)[-1], ref.logits.numpy(), atol=1e-4)
 
 
@@ -204,7 +206,7 @@ def test_torch_reference_and_early_exit_on_deeroberta(deeroberta):
     with torch.inference_mode():
         torch_full = reference(*(torch.from_numpy(a).long() for a in (ids, mask, types))).numpy()
     np.testing.assert_allclose(full, torch_full, atol=1e-4, rtol=1e-4)
-    serving = jax.device_put(modeling.unstack_params(params))
+    serving = jax.device_put(layouts.unstack_params(params))
     seen = set()
     for threshold in safe_thresholds(np_entropy(full), np.random.default_rng(0), 2, (0.2, 0.8)):
         expected_logits, expected_layers = reference_exits(full, threshold, mask)
@@ -324,6 +326,7 @@ def test_training_on_a_roberta_checkpoint(saved, tmp_path):
     graph's stage-1 loss is the cross-entropy of the forward checked against transformers above."""
     from configs import tiny
     from deebert_jax.training import loop as training
+    from deebert_jax.training import steps as train_steps
     from deebert_jax.weights.model_loading import load_initial_model
     _, directory = saved["RobertaModel"]
     cfg = tiny.get_config()
@@ -342,7 +345,7 @@ def test_training_on_a_roberta_checkpoint(saved, tmp_path):
     def stage1_loss(params):  # what `make_train_step` differentiates in stage 1
         ramp_logits = modeling.DeeBert(config).apply({"params": params}, ids, mask, types, train=True,
                                                      rngs={"dropout": jax.random.PRNGKey(0)})
-        return training.stage_loss(ramp_logits, labels, 1)[0]
+        return train_steps.stage_loss(ramp_logits, labels, 1)[0]
 
     loss, grads = jax.value_and_grad(stage1_loss)(params)
     assert float(loss) == pytest.approx(expected_loss, abs=1e-5)

@@ -57,13 +57,14 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address=sys.argv[2], num_processes=2, process_id=int(sys.argv[1]))
 from configs import tiny
 from deebert_jax.training import loop as training
+from deebert_jax.training import run_config
 c = tiny.get_config(); c.workdir = sys.argv[3]; c.steps_per_stage = 4; c.save_every_steps = 2; c.multihost = "false"
 r = training.train(c)
 print("RESULT", jax.process_count(), jax.device_count(), r["eval"][2]["num_examples"], flush=True)
 """
 
 
-@pytest.mark.skipif(os.environ.get("DEEBERT_SLOW_TESTS") != "1", reason="about 90 s; set DEEBERT_SLOW_TESTS=1")
+@pytest.mark.slow   # about 90 s: `pytest -m slow`
 def test_two_process_multihost_run(tmp_path):
     """Two processes x 2 CPU devices through jax.distributed: the multi-host code path, one machine."""
     import socket
@@ -88,16 +89,16 @@ def test_configs_load_and_accept_overrides():
     import importlib
 
     from deebert_jax.data import glue as data
-    from deebert_jax.training import loop as training
+    from deebert_jax.training import run_config
 
     for name in ("tiny", "glue_minilm", "glue_bert_base", "glue_roberta_base", "demo", "sst2_full", "glue"):
         cfg = importlib.import_module(f"configs.{name}").get_config()
         cfg.workdir = "unused"
-        assert training.validate_config(cfg) == (1, 2)
+        assert run_config.validate_config(cfg) == (1, 2)
         data.canonical_task(cfg.task)
-        assert training.parse_stages(cfg.stages) == (1, 2)
+        assert run_config.parse_stages(cfg.stages) == (1, 2)
         cfg.train_limit, cfg.max_seq_length, cfg.stage1_epochs, cfg.eval_batch_size = 100, 64, 1.0, 16
-        assert training.stage_steps(cfg, 1, n_train=100, global_batch=10) == 10
+        assert run_config.stage_steps(cfg, 1, n_train=100, global_batch=10) == 10
     bert = importlib.import_module("configs.glue_bert_base").get_config()
     assert (bert.learning_rate, bert.per_device_batch_size, bert.stage1_epochs, bert.max_seq_length) == (2e-5, 8, 3.0, 128)
 
@@ -127,4 +128,4 @@ def test_debug_shows_the_traceback(tmp_path):
     proc = _train_cli("--config", "configs/tiny.py", "--config.learning_rate=0", f"--config.workdir={tmp_path}",
                       "--debug")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
-    assert "ValueError: config.learning_rate=0.0" in proc.stderr
+    assert "InputError: config.learning_rate=0.0" in proc.stderr   # a DeeBertError and a ValueError

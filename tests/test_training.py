@@ -16,6 +16,10 @@ from configs import tiny as tiny_cfg
 from deebert_jax.data import glue as data
 from deebert_jax.core import runtime
 from deebert_jax.training import loop as training
+from deebert_jax.training import steps as train_steps
+from deebert_jax.weights import model_loading
+from deebert_jax.training import run_config
+from deebert_jax.core import errors
 from deebert_jax.weights.checkpoint import TrainCheckpointManager, load_checkpoint
 from deebert_jax.core.config import tiny_config
 from tests.conftest import REPO
@@ -29,12 +33,12 @@ def _batches(n_steps, global_batch, vocab=100):
 
 
 def _run_steps(config, params, stage, batches, devices, settings, dtype="float32"):
-    p_step, tx = training.pmapped_train_step(config, stage, settings, tuple(devices), dtype)
-    state = training.replicate(training.init_train_state(params, tx, stage, config.num_hidden_layers), devices)
-    key = training.replicate(jax.random.PRNGKey(0), devices)
+    p_step, tx = train_steps.pmapped_train_step(config, stage, settings, tuple(devices), dtype)
+    state = runtime.replicate(train_steps.init_train_state(params, tx, stage, config.num_hidden_layers), devices)
+    key = runtime.replicate(jax.random.PRNGKey(0), devices)
     for batch in batches:
         state, metrics = p_step(state, data.shard(batch, len(devices)), key)
-    return training.unreplicate(state.params), training.unreplicate(metrics)
+    return runtime.unreplicate(state.params), runtime.unreplicate(metrics)
 
 
 def _leaves(tree):
@@ -44,8 +48,8 @@ def _leaves(tree):
 def test_pmap_8_devices_matches_1_device():
     assert jax.local_device_count() == 8, "conftest must simulate 8 CPU devices"
     config = tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    params = training.jitted_init_params(config, jax.random.PRNGKey(1))
-    settings = training.OptimizerSettings(1e-3, total_steps=3, warmup_steps=1, weight_decay=0.01)
+    params = model_loading.jitted_init_params(config, jax.random.PRNGKey(1))
+    settings = train_steps.OptimizerSettings(1e-3, total_steps=3, warmup_steps=1, weight_decay=0.01)
     batches = _batches(3, 16)
     p8, m8 = _run_steps(config, params, 1, batches, jax.local_devices(), settings)
     p1, m1 = _run_steps(config, params, 1, batches, jax.local_devices()[:1], settings)
@@ -63,8 +67,8 @@ def test_pmap_8_devices_matches_1_device():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_stage2_trains_only_offramps_bitwise(dtype):
     config = tiny_config(num_hidden_layers=3)  # two off-ramps; dropout on, as in real stage 2
-    params = training.jitted_init_params(config, jax.random.PRNGKey(2))
-    settings = training.OptimizerSettings(1e-3, total_steps=2, weight_decay=0.01)
+    params = model_loading.jitted_init_params(config, jax.random.PRNGKey(2))
+    settings = train_steps.OptimizerSettings(1e-3, total_steps=2, weight_decay=0.01)
     new, metrics = _run_steps(config, params, 2, _batches(2, 16), jax.local_devices(), settings, dtype)
     assert np.isfinite(metrics["loss"]) and metrics["finite"] == 1.0
     for key in ("embeddings", "layers"):
@@ -82,10 +86,10 @@ def test_bfloat16_step_computes_in_bf16():
     """Mixed precision (config.dtype): the matmuls take bf16 operands; that the tiny task is still
     learnt and saved as float32 is checked end to end in test_train_cli.py."""
     config = tiny_config()
-    settings = training.OptimizerSettings(1e-3, total_steps=2)
+    settings = train_steps.OptimizerSettings(1e-3, total_steps=2)
     tx = settings.optimizer()
-    step = training.make_train_step(config, tx, settings.schedule(), 1, dtype=jax.numpy.bfloat16)
-    state = training.init_train_state(training.jitted_init_params(config, jax.random.PRNGKey(0)), tx, 1, 2)
+    step = train_steps.make_train_step(config, tx, settings.schedule(), 1, dtype=jax.numpy.bfloat16)
+    state = train_steps.init_train_state(model_loading.jitted_init_params(config, jax.random.PRNGKey(0)), tx, 1, 2)
     batch = {k: v[:4] for k, v in _batches(1, 4)[0].items()}
     jaxpr = str(jax.make_jaxpr(step, axis_env=[(runtime.AXIS, 1)])(state, batch, jax.random.PRNGKey(0)))
     dots = [line for line in jaxpr.splitlines() if "dot_general" in line]
@@ -107,25 +111,25 @@ def test_compute_dtype_is_part_of_the_run_spec(tmp_path):
 
 def test_split_merge_roundtrip_and_decay_mask():
     config = tiny_config(num_hidden_layers=3)
-    params = training.jitted_init_params(config, jax.random.PRNGKey(3))
+    params = model_loading.jitted_init_params(config, jax.random.PRNGKey(3))
     for stage in (1, 2):
-        trainable, frozen = training.split_params(params, stage, 3)
-        merged = training.merge_params(trainable, frozen, stage)
+        trainable, frozen = train_steps.split_params(params, stage, 3)
+        merged = train_steps.merge_params(trainable, frozen, stage)
         for (_, a), (_, b) in zip(_leaves(merged), _leaves(params)):
             np.testing.assert_array_equal(a, b)
     rows = {1: (2, 3), 2: (0, 2)}
     for stage, (lo, hi) in rows.items():
-        trainable, _ = training.split_params(params, stage, 3)
+        trainable, _ = train_steps.split_params(params, stage, 3)
         np.testing.assert_array_equal(trainable["ramps"]["classifier"]["kernel"],
                                       params["ramps"]["classifier"]["kernel"][lo:hi])
-    mask = training.decay_mask(params)
+    mask = train_steps.decay_mask(params)
     assert mask["layers"]["query"]["kernel"] and mask["embeddings"]["word_embeddings"]["embedding"]
     assert not mask["layers"]["query"]["bias"] and not mask["layers"]["attention_LayerNorm"]["scale"]
     assert not mask["embeddings"]["LayerNorm"]["bias"] and not mask["ramps"]["pooler"]["bias"]
 
 
 def test_schedule_warmup_then_linear_decay():
-    schedule = training.learning_rate_schedule(1.0, total_steps=10, warmup_steps=2)
+    schedule = train_steps.learning_rate_schedule(1.0, total_steps=10, warmup_steps=2)
     values = [float(schedule(i)) for i in range(11)]
     np.testing.assert_allclose(values[:3], [0.0, 0.5, 1.0], atol=1e-6)
     assert values[10] == pytest.approx(0.0, abs=1e-6)
@@ -245,14 +249,14 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(training.data_lib, "train_batch", poisoned)
     work = tmp_path / "nan"
-    with pytest.raises(training.NonFiniteLossError, match=r"stage 1, step 3: loss is nan") as err:
+    with pytest.raises(errors.NonFiniteLossError, match=r"stage 1, step 3: loss is nan") as err:
         training.train(_tiny(work, stages="1"))
     ckpt_dir = work / "checkpoints" / "stage1"
     assert str(ckpt_dir / "2") in str(err.value)
     manager = TrainCheckpointManager(ckpt_dir)
     assert manager.all_steps() == [2]
-    tx = training.OptimizerSettings(1e-3, 6).optimizer()
-    like = training.init_train_state(training.jitted_init_params(tiny_config(), jax.random.PRNGKey(0)), tx, 1, 2)
+    tx = train_steps.OptimizerSettings(1e-3, 6).optimizer()
+    like = train_steps.init_train_state(model_loading.jitted_init_params(tiny_config(), jax.random.PRNGKey(0)), tx, 1, 2)
     restored = manager.restore(2, like)
     assert int(restored.step) == 2
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(restored.params))
@@ -260,11 +264,11 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
 
 
 def test_parse_stages():
-    assert training.parse_stages("1,2") == (1, 2) and training.parse_stages("2") == (2,)
-    assert training.parse_stages(1) == (1,) and training.parse_stages(" 2, 1 ") == (1, 2)
+    assert run_config.parse_stages("1,2") == (1, 2) and run_config.parse_stages("2") == (2,)
+    assert run_config.parse_stages(1) == (1,) and run_config.parse_stages(" 2, 1 ") == (1, 2)
     for bad in ("3", "", "one", "1,3"):
         with pytest.raises(ValueError, match="expected '1', '2' or '1,2'"):
-            training.parse_stages(bad)
+            run_config.parse_stages(bad)
 
 
 def test_resume_with_different_settings_is_refused(tmp_path):
@@ -281,7 +285,7 @@ def test_resume_with_different_settings_is_refused(tmp_path):
 def test_model_directory_holds_its_tokenizer(tmp_path, minilm_dir):
     tokenizer = data.load_tokenizer(minilm_dir)
     config = tiny_config()
-    params = training.jitted_init_params(config, jax.random.PRNGKey(0))
+    params = model_loading.jitted_init_params(config, jax.random.PRNGKey(0))
     ctx = training.RunContext(cfg=None, workdir=str(tmp_path), task="sst2", config=config, train={}, dev={},
                               tokenizer=tokenizer, devices=jax.local_devices(), log=None)
     training._save_model(ctx, str(tmp_path / "model"), params)
@@ -319,7 +323,7 @@ def test_bad_config_fails_before_any_work(tmp_path, field, value, message):
 def test_no_steps_and_sequences_longer_than_the_model_are_refused(tmp_path):
     with pytest.raises(ValueError, match=re.escape("config.stage2_epochs=0 and config.steps_per_stage=0")):
         training.train(_tiny(tmp_path, steps_per_stage=0, stage2_epochs=0.0))
-    training.validate_config(_tiny(tmp_path, steps_per_stage=0, stage2_epochs=0.0, stages="1"))  # stage 2 not run
+    run_config.validate_config(_tiny(tmp_path, steps_per_stage=0, stage2_epochs=0.0, stages="1"))  # stage 2 not run
     with pytest.raises(ValueError, match=re.escape("config.max_seq_length=65: expected an integer in [1, 64]")):
         training.train(_tiny(tmp_path, max_seq_length=65))  # the tiny model has 64 positions
 
@@ -358,29 +362,32 @@ def test_one_run_per_workdir(tmp_path):
 def test_cpu_speedups_leave_the_training_step_unchanged():
     """`cpu_rng` (same dropout bits) and `matmul` (kernel gradients as plain matmuls) against the
     step as JAX and Flax ship it: same loss bit for bit, parameters to float rounding."""
-    from train.benchmark_train import jax_defaults
+    from deebert_jax.bench.train_step import jax_defaults
+    from deebert_jax.core.process import setup_process
 
     config = tiny_config(num_hidden_layers=2)   # dropout on: the masks must be the same draws
-    params = training.jitted_init_params(config, jax.random.PRNGKey(4))
-    settings = training.OptimizerSettings(1e-3, total_steps=2, weight_decay=0.01)
+    params = model_loading.jitted_init_params(config, jax.random.PRNGKey(4))
+    settings = train_steps.OptimizerSettings(1e-3, total_steps=2, weight_decay=0.01)
     batches = _batches(2, 8)
     devices = jax.local_devices()[:1]
 
-    def run():
+    def run(kernels):
         tx = settings.optimizer()
-        step = jax.pmap(training.make_train_step(config, tx, settings.schedule(), 1), axis_name=training.AXIS,
-                        devices=devices)
-        state = training.replicate(training.init_train_state(params, tx, 1, config.num_hidden_layers), devices)
-        key = training.replicate(jax.random.PRNGKey(0), devices)
+        step = jax.pmap(train_steps.make_train_step(config, tx, settings.schedule(), 1, kernels=kernels),
+                        axis_name=runtime.AXIS, devices=devices)
+        state = runtime.replicate(train_steps.init_train_state(params, tx, 1, config.num_hidden_layers), devices)
+        key = runtime.replicate(jax.random.PRNGKey(0), devices)
         losses = []
         for batch in batches:
             state, metrics = step(state, data.shard(batch, 1), key)
-            losses.append(float(training.unreplicate(metrics)["loss"]))
-        return training.unreplicate(state.params), losses
+            losses.append(float(runtime.unreplicate(metrics)["loss"]))
+        return runtime.unreplicate(state.params), losses
 
-    ours, our_losses = run()
-    with jax_defaults():
-        theirs, their_losses = run()
+    setup_process(keep_freed_memory=False)   # threefry's unrolled CPU lowering, as every command has it
+    ours, our_losses = run("cpu_tuned")
+    with jax_defaults() as kernels:
+        assert kernels == "reference"
+        theirs, their_losses = run(kernels)
     assert our_losses[0] == their_losses[0]           # same forward, same dropout masks
     np.testing.assert_allclose(our_losses, their_losses, rtol=1e-6)
     moved = 0

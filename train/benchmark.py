@@ -18,7 +18,8 @@ from train.cli import floats, ints, run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from deebert_jax.bench.benchmarking import DEFAULT_THRESHOLDS, MIN_RUNS, RANDOM_MODELS, available_cpus
+    from deebert_jax.bench.benchmarking import DEFAULT_THRESHOLDS, MIN_RUNS, RANDOM_MODELS
+    from deebert_jax.bench.harness import available_cpus
     from deebert_jax.model.attention import ATTENTION_IMPLS
     from deebert_jax.bench.precision import PRECISIONS
     p = argparse.ArgumentParser(prog="python -m train.benchmark", description=__doc__.split("\n\n")[0])
@@ -50,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--schedule", choices=("interleaved", "blocked"), default="interleaved")
     p.add_argument("--backends", default="jax,torch", help="comma-separated subset of jax,torch")
     p.add_argument("--layout", choices=("unstacked", "stacked"), default="unstacked",
-                   help="JAX params as served: unstacked per layer (modeling.unstack_params) or stacked")
+                   help="JAX params as served: unstacked per layer (layouts.unstack_params) or stacked")
     p.add_argument("--probe-size", type=int, default=None,
                    help="n of the n x n matmul-rate probe (default 1024 on CPU, 4096 on GPU)")
     p.add_argument("--ablation", action="store_true",
@@ -77,9 +78,11 @@ def main(argv=None) -> int:
 def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     from deebert_jax.bench import benchmarking as bm
+    from deebert_jax.bench import harness
+    from deebert_jax.bench import report as bench_report
     from deebert_jax.evaluation.report import command_line, relative_paths
     if args.render:
-        paths = bm.render(args.render)
+        paths = bench_report.render(args.render)
         print("wrote " + ", ".join(paths.values()), file=sys.stderr)
         return 0
     from deebert_jax.core.fileutil import check_output_file
@@ -87,9 +90,10 @@ def _main(argv: list[str]) -> int:
     from deebert_jax.bench import precision as precision_lib
     precision = precision_lib.resolve(args.precision, args.dtype)
     import jax
-    # Both must be fixed before JAX starts its backends (importing jax does not start them).
-    bm.set_thread_env(args.threads)
-    bm.share_accelerator_memory()
+
+    from deebert_jax.core.process import setup_process
+    # Before JAX starts its backends (importing jax does not start them).
+    setup_process(threads=args.threads, share_accelerator_memory=True)
     if args.device == "cpu":
         jax.config.update("jax_platforms", "cpu")
     import torch
@@ -114,7 +118,7 @@ def _main(argv: list[str]) -> int:
         model_name, model_dir = f"pytorch {relative_paths(args.pytorch)}", args.pytorch
     else:
         config = bm.random_model_config(args.random_model, args.num_labels)
-        bm.check_inputs(bm.random_inputs(config.vocab_size, 1, args.seq_len), config)   # a bad --seq-len: before the weights
+        harness.check_input_pool(harness.random_inputs(config.vocab_size, 1, args.seq_len), config)   # a bad --seq-len: before the weights
         # One compile rather than one per op; the weights differ from eager init's by < 1e-8.
         params = jitted_init_params(config, jax.random.PRNGKey(args.seed))
         model_name, model_dir = f"random {args.random_model}", None
@@ -123,8 +127,8 @@ def _main(argv: list[str]) -> int:
                    f"{config.num_labels} labels)")
     arrays, inputs = _inputs(args, config, model_dir, spec)
     jax_platform = jax.devices()[0].platform
-    torch_device = bm.torch_device_for(jax_platform)
-    env = bm.environment(args.threads, torch_device, args.probe_size)
+    torch_device = harness.torch_device_for(jax_platform)
+    env = harness.environment(args.threads, torch_device, args.probe_size)
     print(f"device: {env['device']}; threads: {env['threads']}; precision: {precision.name}; "
           f"matmul GFLOP/s: {env['matmul_gflops']}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="deebert-bench-") as tmp:
@@ -138,35 +142,35 @@ def _main(argv: list[str]) -> int:
                       "precision_settings": precision_record, "rule": spec.rule, "jax_params_layout": spec.layout,
                       "attention": spec.attention,
                       "command": command_line("train.benchmark", argv),
-                      "load_average_after": bm.load_average(), "rows": rows}
+                      "load_average_after": harness.load_average(), "rows": rows}
             if incomplete:
                 result["incomplete"] = incomplete
-            result["targets"] = bm.check_targets(result)
+            result["targets"] = bench_report.check_targets(result)
             return result
 
         def save_so_far(rows):
             # A run stopped before its last batch size (a time limit, a lost machine) keeps what it timed.
             timed = sorted({r["batch_size"] for r in rows})
             if len(timed) < len(spec.batch_sizes):
-                bm.write_outputs(result_of(rows, f"batch sizes {', '.join(map(str, timed))} of "
+                bench_report.write_outputs(result_of(rows, f"batch sizes {', '.join(map(str, timed))} of "
                                                  f"{', '.join(map(str, spec.batch_sizes))} timed so far"), args.out)
 
         rows = bm.run_benchmark(config, params, arrays, spec, torch_model=torch_model,
                                 torch_device=torch_device, show_progress=not args.no_progress,
                                 on_batch_size_done=save_so_far)
     result = result_of(rows)
-    paths = bm.write_outputs(result, args.out)
-    print(bm.markdown(result))
+    paths = bench_report.write_outputs(result, args.out)
+    print(bench_report.markdown(result))
     print("wrote " + ", ".join(paths.values()), file=sys.stderr)
     return 0
 
 
 def _inputs(args, config, model_dir, spec):
     """The input pool: real dev sentences of `--task`, else random full-length token ids."""
-    from deebert_jax.bench import benchmarking as bm
+    from deebert_jax.bench import harness
     need = args.runs * max(spec.batch_sizes)
     if args.task.lower() in ("none", ""):
-        arrays = bm.random_inputs(config.vocab_size, need, args.seq_len, args.seed)
+        arrays = harness.random_inputs(config.vocab_size, need, args.seq_len, args.seed)
         return arrays, f"random tokens, {need} rows, all {args.seq_len} positions real"
     from deebert_jax.data import glue as data
     task = data.canonical_task(args.task)
@@ -174,7 +178,7 @@ def _inputs(args, config, model_dir, spec):
     if data.TASKS[task] is not None:
         tok_dir = args.tokenizer or model_dir
         if tok_dir is None:
-            raise bm.BenchmarkError(f"--task {task} needs a tokenizer: pass --tokenizer DIR with --random-model")
+            raise harness.BenchmarkError(f"--task {task} needs a tokenizer: pass --tokenizer DIR with --random-model")
         tokenizer = data.load_tokenizer(tok_dir)
     arrays = data.load_split(task, "dev", glue_dir=args.glue_dir, tokenizer=tokenizer, max_seq_length=args.seq_len,
                              limit=need, vocab_size=config.vocab_size, seed=args.seed)

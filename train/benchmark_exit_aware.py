@@ -30,6 +30,7 @@ import os
 import platform
 import sys
 
+from deebert_jax.core.errors import InputError
 from train.cli import floats, ints, run
 
 
@@ -71,7 +72,7 @@ def load_model(args):
     from deebert_jax.weights.convert import load_pytorch_checkpoint
 
     if sum(x is not None for x in (args.checkpoint, args.pytorch, args.random_model)) > 1:
-        raise ValueError("--checkpoint, --pytorch and --random-model: give at most one")
+        raise InputError("--checkpoint, --pytorch and --random-model: give at most one")
     if args.checkpoint:
         config, params = load_checkpoint(args.checkpoint)
         source = args.checkpoint
@@ -175,15 +176,19 @@ def main(argv=None) -> int:
 
 def _main(argv: list[str]) -> int:
     args = parse_args(argv)
+    from deebert_jax.core.process import setup_process
+    setup_process()   # process-wide settings, before JAX runs anything
     from deebert_jax.core.fileutil import check_output_file
     check_output_file(args.out)   # before the timing, not after it
     import jax
     import numpy as np
     from tqdm import tqdm
 
-    from deebert_jax.model import modeling
+    from deebert_jax.model import layouts
+    from deebert_jax.model import inference_step
     from deebert_jax.bench.harness import BenchmarkError
-    from deebert_jax.inference.early_exit import check_inputs, early_exit_predict, entropy
+    from deebert_jax.data.validation import check_model_inputs
+    from deebert_jax.inference.early_exit import early_exit_predict, entropy
     from deebert_jax.inference.exit_aware import default_bucket_sizes, exit_aware_predict
     from deebert_jax.evaluation.report import relative_paths
     from train import exit_aware_alternatives as alternatives
@@ -191,7 +196,7 @@ def _main(argv: list[str]) -> int:
     config, params, source = load_model(args)
     synthetic_ramps = not args.trained_ramps
     ids, mask, types, data_note = load_pool(args, config, source)
-    check_inputs(config, ids, mask, types)   # once: the timed calls skip it
+    check_model_inputs(config, ids, mask, types)   # once: the timed calls skip it
     n, L, bs = ids.shape[0], config.num_hidden_layers, args.batch_size
     schedulers = [s for s in args.schedulers.split(",") if s]
     unknown = sorted(set(schedulers) - {"device", *alternatives.SCHEDULERS})
@@ -212,7 +217,7 @@ def _main(argv: list[str]) -> int:
         return (np.concatenate([np.asarray(r.logits) for r in results])[:n],
                 np.concatenate([np.asarray(r.exit_layer) for r in results])[:n])
 
-    forward = jax.jit(modeling.forward, static_argnums=0)
+    forward = jax.jit(inference_step.forward, static_argnums=0)
     ramp_logits = np.concatenate([np.asarray(forward(config, params, *pad_batch(s, bs)))[:, :min(bs, n - s)]
                                   for s in range(0, n, bs)], axis=1)
     if synthetic_ramps:
@@ -235,9 +240,7 @@ def _main(argv: list[str]) -> int:
         raise BenchmarkError(f"--rule {args.rule} needs explicit --thresholds")
 
     # The serving layout for every method (each layer's weights read in place, see README).
-    params = jax.device_put(params)
-    if hasattr(modeling, "unstack_params"):
-        params = modeling.unstack_params(params)
+    params = layouts.unstack_params(jax.device_put(params))
     full_params = params
 
     def full_forward(batch_size):

@@ -23,9 +23,6 @@ import tempfile
 
 from train.cli import positive_int, run
 
-# Importable from here, where they were first written.
-from deebert_jax.bench.train_step import inputs as _inputs, jax_defaults, jax_steps, torch_step  # noqa: F401
-
 
 def main(argv=None) -> dict:
     """Times the steps, prints the table, writes --out -> the result written there."""
@@ -51,16 +48,17 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     from deebert_jax.bench import precision as precision_lib
     from deebert_jax.bench import train_step as step_benchmark
-    from deebert_jax.bench.harness import load_average, set_thread_env, share_accelerator_memory
+    from deebert_jax.bench.harness import load_average
+    from deebert_jax.core.process import setup_process
     from deebert_jax.core.fileutil import atomic_write_text, check_output_file
     from deebert_jax.weights.model_loading import default_init_checkpoint
     from deebert_jax.evaluation.report import command_line, relative_paths
     if args.out:
         check_output_file(args.out)   # before the timing, not after it
 
-    share_accelerator_memory()   # both frameworks' models and steps on one GPU
+    # Before JAX starts: both frameworks' models and steps on one GPU; XLA's CPU threads.
+    setup_process(threads=args.threads, share_accelerator_memory=True)
     if args.threads:
-        set_thread_env(args.threads)   # before JAX starts its CPU client
         import torch
         torch.set_num_threads(args.threads)
     load_before = load_average()   # before anything of ours runs: what else is using the machine

@@ -69,6 +69,8 @@ def load_calibration_sets(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from deebert_jax.core.process import setup_process
+    setup_process()   # process-wide settings, before JAX runs anything
     from deebert_jax.evaluation import calibration
 
     task, sets = load_calibration_sets(args)

@@ -1,9 +1,8 @@
 """What every command-line entry point shares: list-valued flags and one way to fail.
 
-Each `train.*` command parses its flags, calls the library and prints. A project error (bad data,
-config, checkpoint or input: `ValueError`s and `OSError`s, including our `ConfigError`,
-`DataError`, `CheckpointError`, `BenchmarkError`, and `NonFiniteLossError`) becomes one line,
-`error: ...`, on stderr and exit status 1; `--debug` on the command line or `DEEBERT_DEBUG=1` in
+Each `train.*` command parses its flags, calls the library and prints. A project error (a
+`deebert_jax.DeeBertError`: bad data, config, checkpoint or input, a failed run; or an `OSError`
+naming a file) becomes one line, `error: ...`, on stderr and exit status 1; `--debug` on the command line or `DEEBERT_DEBUG=1` in
 the environment shows the traceback instead.
 """
 
@@ -69,9 +68,8 @@ def without_debug_flag(argv: Sequence[str]) -> list[str]:
 
 
 def _is_project_error(e: BaseException) -> bool:
-    if isinstance(e, (ValueError, OSError)):
-        return True
-    return type(e).__name__ == "NonFiniteLossError"
+    from deebert_jax.core.errors import DeeBertError
+    return isinstance(e, (DeeBertError, OSError))
 
 
 def one_line(e: BaseException) -> str:

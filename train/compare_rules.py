@@ -20,6 +20,7 @@ import shlex
 import sys
 
 from train.calibrate import add_calibration_data_flags, load_calibration_sets
+from deebert_jax.core.errors import InputError
 from train.cli import confidence_level, floats, run
 
 
@@ -45,6 +46,8 @@ def parse_args(argv):
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    from deebert_jax.core.process import setup_process
+    setup_process()   # process-wide settings, before JAX runs anything
     from deebert_jax.evaluation import rule_comparison
     from deebert_jax.core.fileutil import check_output_file
     from deebert_jax.evaluation.report import relative_paths
@@ -53,15 +56,15 @@ def main(argv=None) -> int:
     try:
         rules = rule_comparison.check_rules(args.rules.split(","))
     except ValueError as e:
-        raise ValueError(f"--rules: {e}") from None
+        raise InputError(f"--rules: {e}") from None
     try:
         budgets = rule_comparison.check_budgets(args.budgets)
     except ValueError as e:
-        raise ValueError(f"--budgets: {e}") from None
+        raise InputError(f"--budgets: {e}") from None
     outputs = {flag: check_output_file(path) for flag, path in
                (("--out", args.out), ("--plot", args.plot), ("--markdown", args.markdown)) if path is not None}
     if len(set(outputs.values())) < len(outputs):
-        raise ValueError(f"{' and '.join(outputs)} name the same file; give each its own path")
+        raise InputError(f"{' and '.join(outputs)} name the same file; give each its own path")
 
     task, sets = load_calibration_sets(args)
     result = rule_comparison.compare_rules(task, sets.calibration, sets.reported, rules, budgets, args.confidence)

@@ -30,6 +30,8 @@ def _main(argv) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out even if it is not an earlier deebert-jax checkpoint")
     args = parser.parse_args(argv)
+    from deebert_jax.core.process import setup_process
+    setup_process()   # process-wide settings, before JAX runs anything
 
     from deebert_jax.weights.checkpoint import is_checkpoint_dir, save_checkpoint
     from deebert_jax.weights.convert import convert_pytorch_checkpoint, resolve_model_dir

@@ -63,6 +63,8 @@ def _main(argv) -> int:
     parser.add_argument("--out", required=True, help="results JSON path; the PNG goes beside it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    from deebert_jax.core.process import setup_process
+    setup_process()   # process-wide settings, before JAX runs anything
 
     from deebert_jax.data import glue as data
     from deebert_jax.evaluation import sweep as evaluation

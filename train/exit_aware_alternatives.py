@@ -20,8 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deebert_jax.model import modeling
+from deebert_jax.model import layouts
+from deebert_jax.model import inference_step
 from deebert_jax.core.config import DeeBertConfig
+from deebert_jax.core.errors import InputError
 from deebert_jax.inference.early_exit import EXIT_RULES, ExitResult, ExitState, record_exits
 from deebert_jax.inference.exit_aware import bucket_plan, bucket_step, default_bucket_sizes, start_pool
 
@@ -30,7 +32,7 @@ SCHEDULERS = ("host", "refill")
 
 @functools.partial(jax.jit, static_argnames=("config", "rule", "dtype", "layer"), donate_argnames=("state",))
 def _host_bucket_step(config, rule, dtype, params, layer, threshold, mask_bias, state, rows):
-    step = modeling.layer_step(config, params, dtype, first_token_only_at_last=True)
+    step = inference_step.layer_step(config, params, dtype, first_token_only_at_last=True)
     state = state.replace(layer=jnp.int32(layer))
     return bucket_step(config, step, rule, jnp.asarray(threshold, jnp.float32), mask_bias, state, rows, layer)
 
@@ -73,7 +75,7 @@ class SlotState:
 def pool_loop_refill(config: DeeBertConfig, params, input_ids, attention_mask, token_type_ids, threshold,
                      rule: str, bucket_sizes: tuple[int, ...], dtype) -> ExitResult:
     L, n = config.num_hidden_layers, input_ids.shape[0]
-    params = modeling.stack_params(params)  # per-slot weights are gathered from the L axis
+    params = layouts.stack_params(params)  # per-slot weights are gathered from the L axis
     num_slots = max(bucket_sizes)
     threshold = jnp.asarray(threshold, jnp.float32)
     mask_bias, pool = start_pool(config, params, input_ids, attention_mask, token_type_ids, rule, dtype)
@@ -81,8 +83,8 @@ def pool_loop_refill(config: DeeBertConfig, params, input_ids, attention_mask, t
     fresh_rule_state = EXIT_RULES[rule].init(num_slots)
 
     def per_slot(layer_params, ramp_params, hidden, bias, layer):
-        hidden = modeling.layer_forward(config, layer_params, hidden[None], bias[None], dtype)
-        return hidden[0], modeling.ramp_forward(config, ramp_params, hidden, bias[None], layer, dtype)[0]
+        hidden = inference_step.layer_forward(config, layer_params, hidden[None], bias[None], dtype)
+        return hidden[0], inference_step.ramp_forward(config, ramp_params, hidden, bias[None], layer, dtype)[0]
 
     def refill(state: SlotState, free) -> SlotState:
         rank = jnp.cumsum(free) - 1
@@ -128,7 +130,7 @@ def exit_aware_predict_with(scheduler: str, config: DeeBertConfig, params, input
                             dtype=jnp.float32) -> ExitResult:
     """One pool (no splitting, no padding to shared sizes) through the `host` or `refill` scheduler."""
     if scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler={scheduler!r}; expected one of {SCHEDULERS}")
+        raise InputError(f"scheduler={scheduler!r}; expected one of {SCHEDULERS}")
     bucket_sizes = tuple(sorted({int(b) for b in (bucket_sizes or default_bucket_sizes())}, reverse=True))
     run = pool_loop_host if scheduler == "host" else pool_loop_refill
     arrays = [np.asarray(a) for a in (input_ids, attention_mask, token_type_ids)]

@@ -45,6 +45,8 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from deebert_jax.core.process import setup_process
+    setup_process()   # process-wide settings, before JAX runs anything
     from deebert_jax.data import glue as data
     from deebert_jax.inference import predict
     from deebert_jax.weights.checkpoint import load_checkpoint

@@ -100,6 +100,8 @@ def _main(argv) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the table as Markdown here")
     args = p.parse_args(argv)
+    from deebert_jax.core.process import setup_process
+    setup_process()   # process-wide settings, before JAX runs anything
 
     config, params = load_checkpoint(args.checkpoint)
     task = data_lib.canonical_task(args.task)

@@ -19,10 +19,8 @@ def _pieces(B: int, S: int, H: int = 384, I: int = 1536, heads: int = 12):
     import jax.extend as jex
     import jax.numpy as jnp
 
-    from deebert_jax.cpu.threefry import fuse_threefry_on_cpu
     from deebert_jax.cpu.matmul import dense_matmul
 
-    fuse_threefry_on_cpu()  # as training does: `bernoulli` below draws through the unrolled lowering
     d = H // heads
     key = jax.random.PRNGKey(0)
     x = jax.random.normal(key, (B, S, H))
@@ -80,6 +78,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seq-len", type=positive_int, default=128)
     p.add_argument("--runs", type=positive_int, default=10)
     args = p.parse_args(argv)
+    from deebert_jax.core.process import setup_process
+    setup_process()   # as every command: `bernoulli` below draws through the unrolled threefry lowering
     import jax
     from deebert_jax.bench.harness import load_average, time_calls
 

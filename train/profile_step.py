@@ -45,15 +45,15 @@ def main(argv: list[str]) -> int:
     if args.torch and (args.jax_defaults or args.stage != 1):
         p.error("--torch profiles PyTorch's (stage-1-like) step: no --stage 2 or --jax-defaults")
 
-    from deebert_jax.bench.harness import load_average, set_thread_env
+    from deebert_jax.bench.harness import load_average
+    from deebert_jax.core.process import setup_process
     from deebert_jax.core.fileutil import atomic_write_text, check_output_file
 
     if args.out:
         check_output_file(args.out)
     if args.torch:
         return _profile_torch(args, argv)
-    if args.threads:
-        set_thread_env(args.threads)
+    setup_process(threads=args.threads)   # before JAX starts its CPU client
     work = tempfile.mkdtemp(prefix="deebert_profile_")
     try:
         dump = os.path.join(work, "hlo")
@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
 
         from deebert_jax.bench import profiling
         from deebert_jax.weights.model_loading import default_init_checkpoint
-        from train.benchmark_train import _inputs, jax_steps
+        from deebert_jax.bench.train_step import inputs as _inputs, jax_steps
 
         load_before = load_average()
         model_dir = default_init_checkpoint()
@@ -118,7 +118,7 @@ def _profile_torch(args, argv) -> int:
     from deebert_jax.bench.harness import load_average
     from deebert_jax.core.fileutil import atomic_write_text
     from deebert_jax.weights.model_loading import default_init_checkpoint
-    from train.benchmark_train import _inputs, torch_step
+    from deebert_jax.bench.train_step import inputs as _inputs, torch_step
 
     if args.threads:
         torch.set_num_threads(args.threads)

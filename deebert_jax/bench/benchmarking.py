@@ -7,8 +7,7 @@ on every cell alike). Times are wall-clock around a call that ends in `block_unt
 or returns host data / `torch.cuda.synchronize()` (PyTorch). JAX compile time is the first call
 minus the steady-state median, reported separately and never mixed into the run times.
 
-`run_benchmark` -> the rows of `bench.json`; `bench_report` checks, tabulates and plots them.
-The names of both modules stay importable from here.
+`run_benchmark` -> the rows of `bench.json`; `bench.report` checks, tabulates and plots them.
 """
 
 from __future__ import annotations
@@ -21,14 +20,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-# Re-exported: this module used to hold the harness and the report.
-from deebert_jax.bench.harness import (  # noqa: F401
-    BACKENDS, BenchmarkError, Cell, Timing, available_cpus, batch_rows, check_inputs, cpu_model, environment,
-    load_average, matmul_gflops, random_inputs, run_cells, set_thread_env, share_accelerator_memory, sync_torch,
-    time_calls, time_interleaved, timed, torch_device_for, typical_mean_ms, versions, xla_cpu_threads)
-from deebert_jax.bench.report import (  # noqa: F401
-    P1_CPU, P1_GPU, P2_MAX, P3_MIN, P6_MAX_S, ROW_KEYS, check_targets, contention_warning, markdown,
-    multithreaded_contention, plot, render, validate, write_outputs)
+from deebert_jax.bench.harness import (BACKENDS, BenchmarkError, Cell, Timing, batch_rows, check_input_pool, run_cells,
+                                      sync_torch, typical_mean_ms)
 
 MODES = ("full", "early_exit")
 DEFAULT_THRESHOLDS = (0.0, 0.01, 0.1, 0.3, 0.5, 0.7)
@@ -39,11 +32,11 @@ RANDOM_MODELS = ("bert-base", "minilm", "tiny", "roberta-base")
 def _jax_cells(config, params, batches, thresholds, rule, dtype, device, stacked_params=None,
                exit_aware: bool = False, attention: str = "default") -> list[Cell]:
     import jax
-    from deebert_jax.model import modeling
+    from deebert_jax.model import inference_step
     from deebert_jax.inference.early_exit import early_exit_predict
     from deebert_jax.inference.exit_aware import exit_aware_predict
 
-    full = jax.jit(modeling.forward, static_argnums=(0,), static_argnames=("dtype", "attention_impl"))
+    full = jax.jit(inference_step.forward, static_argnums=(0,), static_argnames=("dtype", "attention_impl"))
 
     def full_call(params):
         def call(r):
@@ -110,7 +103,7 @@ class BenchmarkSpec:
     schedule: str = "interleaved"
     dtype: str = "float32"
     backends: Sequence[str] = BACKENDS
-    # JAX params as served: "unstacked" (`modeling.unstack_params`, once, before timing) or the
+    # JAX params as served: "unstacked" (`layouts.unstack_params`, once, before timing) or the
     # stacked training layout.
     layout: str = "unstacked"
     # Also time JAX on the stacked layout (modes full_stacked, early_exit_stacked at threshold 0).
@@ -158,18 +151,18 @@ def run_benchmark(config, params, arrays: Mapping[str, np.ndarray], spec: Benchm
     import jax
     import jax.numpy as jnp
     from tqdm.auto import tqdm
-    from deebert_jax.model import modeling
+    from deebert_jax.model import layouts
 
     spec.check()
-    n = check_inputs(arrays, config)
-    from deebert_jax.inference.early_exit import check_inputs as check_model_inputs
+    n = check_input_pool(arrays, config)
+    from deebert_jax.data.validation import check_model_inputs
     check_model_inputs(config, arrays["input_ids"], arrays["attention_mask"], arrays["token_type_ids"])
     if "torch" in spec.backends and torch_model is None:
         raise BenchmarkError("torch backend requested but no torch model given")
     jax_dtype = jnp.bfloat16 if spec.dtype == "bfloat16" else jnp.float32
-    stacked = jax.device_put(modeling.stack_params(params)) if spec.ablation else None
+    stacked = jax.device_put(layouts.stack_params(params)) if spec.ablation else None
     if spec.layout == "unstacked":
-        params = modeling.unstack_params(params)
+        params = layouts.unstack_params(params)
     params = jax.device_put(params)
     jax_device = jax.devices()[0].platform
     seq_len = int(arrays["input_ids"].shape[1])

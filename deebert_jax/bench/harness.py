@@ -18,32 +18,19 @@ import platform
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+from deebert_jax.core.errors import DeeBertError
+
 import numpy as np
 
 BACKENDS = ("jax", "torch")
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(DeeBertError, ValueError):
     """Bad benchmark input or a malformed result; the message names the value or key at fault."""
 
 
 # ----------------------------------------------------------------------------------------------
 # Threads, devices, versions, matmul rate
-
-def set_thread_env(threads: int) -> None:
-    """XLA's CPU intra-op pool reads PJRT_NPROC when its client starts: call before JAX runs anything."""
-    if threads < 1:
-        raise BenchmarkError(f"--threads={threads}: must be >= 1")
-    os.environ["PJRT_NPROC"] = str(threads)
-    os.environ["NPROC"] = str(threads)
-
-
-def share_accelerator_memory() -> None:
-    """Lets JAX and PyTorch share one accelerator in one process: JAX otherwise claims 75% of GPU
-    memory when its client starts, and PyTorch's training step runs out of what is left. Call
-    before JAX runs anything; a value the user set is kept. No effect on the CPU."""
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-
 
 def available_cpus() -> int:
     try:
@@ -242,7 +229,7 @@ def batch_rows(n_examples: int, batch_size: int, index: int) -> np.ndarray:
     return (index * batch_size + np.arange(batch_size)) % n_examples
 
 
-def check_inputs(arrays: Mapping[str, np.ndarray], config) -> int:
+def check_input_pool(arrays: Mapping[str, np.ndarray], config) -> int:
     for key in ("input_ids", "attention_mask", "token_type_ids"):
         if key not in arrays:
             raise BenchmarkError(f"inputs: missing array {key!r}")

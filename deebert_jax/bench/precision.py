@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
+from deebert_jax.core.errors import DeeBertError
+
 PRECISIONS = ("fp32", "tf32", "bf16")
 _DTYPE_OF = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16"}
 _JAX_MATMUL = {"fp32": "highest", "tf32": "tensorfloat32", "bf16": "default"}
@@ -24,7 +26,7 @@ _JAX_MATMUL = {"fp32": "highest", "tf32": "tensorfloat32", "bf16": "default"}
 _TORCH_MATMUL = {"fp32": "highest", "tf32": "high", "bf16": "high"}
 
 
-class PrecisionError(ValueError):
+class PrecisionError(DeeBertError, ValueError):
     """A precision name or a --precision / --dtype pair that cannot be honoured."""
 
 

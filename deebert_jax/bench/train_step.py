@@ -10,6 +10,7 @@ The steps are timed in turns, one of each per round, after a warm-up that compil
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -18,6 +19,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from deebert_jax.core.errors import InputError
 from deebert_jax.bench.precision import PRECISIONS, Precision
 
 TARGETS = {"jax_stage1_vs_torch_examples_per_second": ">= 1.2 (stretch 1.5)",
@@ -45,7 +47,7 @@ def export_random_model(name: str, directory: str, seed: int = 0) -> str:
     from deebert_jax.weights.convert import export_pytorch_checkpoint
     from deebert_jax.weights.model_loading import jitted_init_params   # one compile, not one per op
     if name not in RANDOM_MODELS:
-        raise ValueError(f"--random-model {name!r}: expected one of {', '.join(RANDOM_MODELS)}")
+        raise InputError(f"--random-model {name!r}: expected one of {', '.join(RANDOM_MODELS)}")
     config = random_model_config(name, num_labels=2)
     export_pytorch_checkpoint(config, jitted_init_params(config, jax.random.PRNGKey(seed)), directory)
     return directory
@@ -53,29 +55,24 @@ def export_random_model(name: str, directory: str, seed: int = 0) -> str:
 
 @contextlib.contextmanager
 def jax_defaults():
-    """While open, models are built as JAX and Flax ship them: threefry with JAX's rolled CPU
-    lowering, dense kernel gradients and attention's backward from autodiff, a rolled layer scan,
-    `nn.Dropout` and the activation as they are (what `cpu_rng`, `matmul`, `attention` and
-    `fusion` change). The process's malloc settings (`cpu_memory`) cannot be undone. The last
+    """While open, threefry is lowered on the CPU as JAX ships it (a rolled loop; the same bits).
+    Yields the kernels to build the step from: "reference", the graph as JAX and Flax build it
+    (`model.kernels`). The process's malloc settings (`cpu.memory`) cannot be undone. The last
     layer stays computed for the first token only: a change of the model's graph on every
-    backend, not a CPU tuning (`modeling._training_layers`)."""
-    from jax import lax
+    backend, not a CPU tuning (`model.training_graph`)."""
+    from deebert_jax.cpu import threefry
 
-    from deebert_jax.model import attention
-    from deebert_jax.cpu import threefry as cpu_rng
-    from deebert_jax.model import modeling
-
-    saved = modeling.dense_dot_general, modeling.attention_core, modeling._cpu_training_layout
-    modeling.dense_dot_general = lax.dot_general
-    modeling.attention_core = attention.attention_autodiff
-    modeling._cpu_training_layout = False
-    cpu_rng.fuse_threefry_on_cpu()   # once, now: `make_train_step`'s own call must not undo the next line
-    cpu_rng.register_threefry_lowering(unrolled=False)
+    unrolled = threefry.registered_unrolled()
+    threefry.register_threefry_lowering(unrolled=False)
     try:
-        yield
+        yield "reference"
     finally:
-        modeling.dense_dot_general, modeling.attention_core, modeling._cpu_training_layout = saved
-        cpu_rng.register_threefry_lowering(unrolled=True)
+        threefry.register_threefry_lowering(unrolled=unrolled)
+
+
+@contextlib.contextmanager
+def _tuned(kernels: str):
+    yield kernels
 
 
 def jax_steps(model_dir: str, batch: dict, with_jax_defaults: bool = False, names=None,
@@ -87,15 +84,19 @@ def jax_steps(model_dir: str, batch: dict, with_jax_defaults: bool = False, name
     import jax.numpy as jnp
 
     from deebert_jax.data import glue as data
-    from deebert_jax.training import loop as training
+    from deebert_jax.training import steps as train_steps
+    from deebert_jax.core import runtime
     from deebert_jax.weights.convert import load_pytorch_checkpoint
 
     config, params = load_pytorch_checkpoint(model_dir, num_labels=2)
     devices = jax.local_devices()
     sharded = data.shard(batch, len(devices))
-    key = training.replicate(jax.random.PRNGKey(0), devices)
-    settings = training.OptimizerSettings(2e-5, total_steps=1000, warmup_steps=100, weight_decay=0.01)
-    variants = [("jax_stage1", 1, contextlib.nullcontext), ("jax_stage2", 2, contextlib.nullcontext)]
+    key = runtime.replicate(jax.random.PRNGKey(0), devices)
+    settings = train_steps.OptimizerSettings(2e-5, total_steps=1000, warmup_steps=100, weight_decay=0.01)
+    from deebert_jax.model.kernels import for_devices
+
+    tuned = functools.partial(_tuned, for_devices(devices))
+    variants = [("jax_stage1", 1, tuned), ("jax_stage2", 2, tuned)]
     if with_jax_defaults:
         variants.append(("jax_stage1_jax_defaults", 1, jax_defaults))
     steps = {}
@@ -103,11 +104,12 @@ def jax_steps(model_dir: str, batch: dict, with_jax_defaults: bool = False, name
         if names is not None and name not in names:
             continue
         tx = settings.optimizer()
-        with context():
+        with context() as kernels:
             # Not `pmapped_train_step`: its cache would hand the two stage-1 variants one executable.
-            p_step = jax.pmap(training.make_train_step(config, tx, settings.schedule(), stage, dtype=jnp.dtype(dtype)),
-                              axis_name=training.AXIS, devices=devices, donate_argnums=(0,))
-            state = training.replicate(training.init_train_state(params, tx, stage, config.num_hidden_layers), devices)
+            p_step = jax.pmap(train_steps.make_train_step(config, tx, settings.schedule(), stage, dtype=jnp.dtype(dtype),
+                                                          kernels=kernels),
+                              axis_name=runtime.AXIS, devices=devices, donate_argnums=(0,))
+            state = runtime.replicate(train_steps.init_train_state(params, tx, stage, config.num_hidden_layers), devices)
             compiled = p_step.lower(state, sharded, key).compile()
         holder = {"state": state}
 
@@ -217,13 +219,13 @@ def validate(result: Mapping) -> None:
     """Raises ValueError naming the first key that breaks the `benchmark_train` JSON schema."""
     for key in _REQUIRED:
         if key not in result:
-            raise ValueError(f"benchmark_train JSON: missing key {key!r}")
+            raise InputError(f"benchmark_train JSON: missing key {key!r}")
     if result["precision"] not in PRECISIONS:
-        raise ValueError(f"benchmark_train JSON: 'precision'={result['precision']!r}, expected one of {PRECISIONS}")
+        raise InputError(f"benchmark_train JSON: 'precision'={result['precision']!r}, expected one of {PRECISIONS}")
     for name in ("torch_adamw", "jax_stage1", "jax_stage2"):
         seconds = result["median_step_seconds"].get(name)
         if not isinstance(seconds, (int, float)) or not seconds > 0:
-            raise ValueError(f"benchmark_train JSON: median_step_seconds.{name}={seconds!r} must be a positive time")
+            raise InputError(f"benchmark_train JSON: median_step_seconds.{name}={seconds!r} must be a positive time")
 
 
 def table(result: Mapping) -> str:

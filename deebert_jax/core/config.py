@@ -8,6 +8,8 @@ import numbers
 import os
 from typing import Any, Mapping
 
+from deebert_jax.core.errors import DeeBertError
+
 # Hugging Face activation names -> how our Flax layer computes them.
 SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish", "tanh")
 
@@ -19,7 +21,7 @@ RAMP_POOLINGS = ("first", "mean")
 MODEL_TYPES = ("bert", "roberta")
 
 
-class ConfigError(ValueError):
+class ConfigError(DeeBertError, ValueError):
     """A configuration we cannot run faithfully."""
 
 

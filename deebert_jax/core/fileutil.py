@@ -9,8 +9,10 @@ import shutil
 import tempfile
 from typing import Callable, Iterable
 
+from deebert_jax.core.errors import DeeBertError
 
-class OutputPathError(ValueError):
+
+class OutputPathError(DeeBertError, ValueError):
     """An output path we refuse to write: it would replace or contain something we did not write."""
 
 

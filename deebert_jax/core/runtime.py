@@ -11,6 +11,8 @@ import os
 from typing import Any, Iterator, Mapping
 
 import jax
+
+from deebert_jax.core.errors import InputError
 import numpy as np
 
 AXIS = "batch"   # the pmap axis name of the training and evaluation steps
@@ -104,7 +106,7 @@ def workdir_lock(workdir: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise ValueError(f"{workdir}: another run (pid {holder}) is using this workdir; wait for it to "
+            raise InputError(f"{workdir}: another run (pid {holder}) is using this workdir; wait for it to "
                              f"finish or choose another --config.workdir") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -17,8 +17,7 @@ import sys
 # mallopt(3) parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _applied = False
-# "1": importing `deebert_jax` applies it, before JAX is imported (the command-line entry points set
-# it: `train/__init__.py`); "0": never, not even when called; unset: only when called.
+# "0": never, not even when called (`core.process.setup_process` calls it for every command).
 ENV = "DEEBERT_KEEP_FREED_MEMORY"
 
 
@@ -27,10 +26,9 @@ def keep_freed_memory() -> bool:
     Elsewhere, or with DEEBERT_KEEP_FREED_MEMORY=0 in the environment, nothing is done -> False.
 
     Process-wide, and only for threads that have not allocated yet: a thread that already has an
-    arena of its own keeps it, and such an arena still maps large blocks afresh. The command-line
-    entry points have `import deebert_jax` apply it before JAX is imported (`import jax` starts a
-    thread; see `ENV`); a library user who wants it sets DEEBERT_KEEP_FREED_MEMORY=1 or calls this
-    before importing JAX. The price: the process keeps its peak heap until it exits.
+    arena of its own keeps it, and such an arena still maps large blocks afresh. Call it before JAX
+    runs anything (XLA's CPU threads start with its client): the command-line entry points do, in
+    `setup_process`. The price: the process keeps its peak heap until it exits.
     """
     global _applied
     if _applied:
@@ -46,11 +44,6 @@ def keep_freed_memory() -> bool:
     _applied = all(mallopt(param, value) == 1 for param, value in
                    ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
     return _applied
-
-
-def requested_at_import() -> bool:
-    """Whether `DEEBERT_KEEP_FREED_MEMORY=1` asks `import deebert_jax` to apply it."""
-    return os.environ.get(ENV) == "1"
 
 
 def applied() -> bool:

@@ -9,10 +9,10 @@ docs/performance.md). JAX's other platforms use the unrolled form, which XLA fus
 kernel; registering that form for the CPU gives bit-for-bit the same numbers (checked against
 the rolled form in tests/test_cpu_rng.py), so masks, losses and resumed runs do not change.
 
-`fuse_threefry_on_cpu()` is called by `training.make_train_step`; it is idempotent and does
-nothing (returns False) if this JAX version no longer exposes the pieces it needs.
-`register_threefry_lowering(unrolled=False)` puts JAX's own lowering back (`train.benchmark_train
---jax-defaults` times both).
+`core.process.setup_process(kernels="cpu_tuned")` registers it, once per process (every command
+does; a library user opts in); it does nothing (returns False) if this JAX version no longer
+exposes the pieces it needs. `register_threefry_lowering(unrolled=False)` puts JAX's own lowering
+back (`train.benchmark_train --jax-defaults` times both).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import functools
 import logging
 
 log = logging.getLogger("deebert_jax.cpu.threefry")
+_unrolled = False
 
 
 def _lowerings():
@@ -49,9 +50,16 @@ def register_threefry_lowering(unrolled: bool = True) -> bool:
         return False
     from jax.interpreters import mlir
 
+    global _unrolled
     primitive, rules = found
     mlir.register_lowering(primitive, rules["unrolled" if unrolled else "rolled"], platform="cpu")
+    _unrolled = unrolled
     return True
+
+
+def registered_unrolled() -> bool:
+    """Whether the unrolled lowering is the one registered now (this module's doing)."""
+    return _unrolled
 
 
 @functools.lru_cache(maxsize=None)

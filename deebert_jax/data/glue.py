@@ -14,13 +14,15 @@ import os
 import sys
 from typing import Iterator, Mapping, Sequence
 
+from deebert_jax.core.errors import DeeBertError
+
 import numpy as np
 
 ARRAY_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 HUB_DATASET = "nyu-mll/glue"
 
 
-class DataError(ValueError):
+class DataError(DeeBertError, ValueError):
     """Input data we cannot use; the message names the file (and line) at fault."""
 
 

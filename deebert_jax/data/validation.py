@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from deebert_jax.core.errors import InputError
 from deebert_jax.core.config import DeeBertConfig
 
 try:
@@ -48,24 +49,24 @@ def check_model_inputs(config: DeeBertConfig, input_ids, attention_mask, token_t
     shapes = {}
     for name, x in arrays.items():
         if x is None:
-            raise ValueError(f"{name} is missing: expected an integer array [batch, sequence]")
+            raise InputError(f"{name} is missing: expected an integer array [batch, sequence]")
         if not hasattr(x, "dtype"):
             x = arrays[name] = np.asarray(x)
         dtype = np.dtype(x.dtype)
         if not (np.issubdtype(dtype, np.integer) or dtype == np.bool_):
-            raise ValueError(f"{name} has dtype {dtype}: expected integers ({name} must hold integers: token ids, "
+            raise InputError(f"{name} has dtype {dtype}: expected integers ({name} must hold integers: token ids, "
                              "mask and segment values)")
         shapes[name] = tuple(x.shape)
     shape = shapes["input_ids"]
     # An empty batch (B = 0) is allowed: exit-aware batching answers it with empty results.
     if len(shape) != 2 or shape[1] == 0:
-        raise ValueError(f"input_ids has shape {shape}: expected [batch, sequence], sequence at least 1")
+        raise InputError(f"input_ids has shape {shape}: expected [batch, sequence], sequence at least 1")
     for name in INPUT_NAMES[1:]:
         if shapes[name] != shape:
-            raise ValueError(f"{name} has shape {shapes[name]}, input_ids {shape}: input_ids, attention_mask, "
+            raise InputError(f"{name} has shape {shapes[name]}, input_ids {shape}: input_ids, attention_mask, "
                              "token_type_ids must share one [B, S] shape")
     if shape[1] > config.max_sequence_length:
-        raise ValueError(f"input_ids has sequence length {shape[1]}: longer than the model's {config.sequence_limit}")
+        raise InputError(f"input_ids has sequence length {shape[1]}: longer than the model's {config.sequence_limit}")
 
     concrete = {k: v for k, v in arrays.items() if not is_tracer(v)}
     fetch = {k: v for k, v in concrete.items() if isinstance(v, jax.Array)}

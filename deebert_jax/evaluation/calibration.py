@@ -30,6 +30,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from deebert_jax.core.errors import DeeBertError, InputError
 from deebert_jax.data import glue as data
 from deebert_jax.evaluation import sweep as evaluation
 from deebert_jax.evaluation import metrics
@@ -42,7 +43,7 @@ POLICY_FORMAT = 1
 CALIBRATION_SPLITS = ("dev-half", "train-holdout")
 
 
-class CalibrationError(ValueError):
+class CalibrationError(DeeBertError, ValueError):
     """No threshold saves layers within the budget; the message names the best one found."""
 
 
@@ -135,9 +136,9 @@ def threshold_stats(task: str, ramp_logits: np.ndarray, labels: np.ndarray, thre
 
 def check_budget(max_drop: float, confidence: float | None) -> None:
     if not math.isfinite(max_drop) or max_drop < 0:
-        raise ValueError(f"max_drop={max_drop} must be a number of points >= 0")
+        raise InputError(f"max_drop={max_drop} must be a number of points >= 0")
     if confidence is not None and not 0 < confidence < 1:
-        raise ValueError(f"confidence={confidence} must be in (0, 1)")
+        raise InputError(f"confidence={confidence} must be in (0, 1)")
 
 
 def choose_threshold(task: str, ramp_logits: np.ndarray, labels: np.ndarray, max_drop: float,
@@ -150,7 +151,7 @@ def choose_threshold(task: str, ramp_logits: np.ndarray, labels: np.ndarray, max
     check_budget(max_drop, confidence)
     L, n, K = ramp_logits.shape
     if n == 0:
-        raise ValueError("no calibration examples")
+        raise InputError("no calibration examples")
     if thresholds is None:
         thresholds = candidate_thresholds(rule, L, K)
     alpha, tested = max_drop / 100.0, []
@@ -219,7 +220,7 @@ def calibration_sets(config, params, task: str, tokenizer=None, *, split: str = 
     reported (sound only when training did not see those rows).
     """
     if split not in CALIBRATION_SPLITS:
-        raise ValueError(f"unknown calibration split {split!r}; expected one of {list(CALIBRATION_SPLITS)}")
+        raise InputError(f"unknown calibration split {split!r}; expected one of {list(CALIBRATION_SPLITS)}")
     common = dict(glue_dir=glue_dir, tokenizer=tokenizer, max_seq_length=max_seq_length,
                   vocab_size=config.vocab_size)
     dev = data.load_split(task, "dev", limit=limit, **common)
@@ -227,7 +228,7 @@ def calibration_sets(config, params, task: str, tokenizer=None, *, split: str = 
     if split == "dev-half":
         n = data.num_examples(dev)
         if n < 2:
-            raise ValueError(f"{task} dev: {n} example(s); the dev-half split needs at least 2")
+            raise InputError(f"{task} dev: {n} example(s); the dev-half split needs at least 2")
         dev_logits = logits(dev)
         cal_rows, rep_rows = split_indices(n, seed)
         return CalibrationSets((dev_logits[:, cal_rows], dev["labels"][cal_rows]),
@@ -284,13 +285,13 @@ def load_exit_policy(model_dir: str | os.PathLike) -> dict | None:
         with open(path, encoding="utf-8") as f:
             policy = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        raise InputError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(policy, dict) or "threshold" not in policy or policy.get("rule") not in EXIT_RULES:
-        raise ValueError(f"{path}: expected an object with 'rule' (one of {sorted(EXIT_RULES)}) and 'threshold'")
+        raise InputError(f"{path}: expected an object with 'rule' (one of {sorted(EXIT_RULES)}) and 'threshold'")
     try:
         check_threshold(policy["threshold"], policy["rule"])
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from e
+        raise InputError(f"{path}: {e}") from e
     return policy
 
 

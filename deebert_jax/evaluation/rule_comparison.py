@@ -28,6 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from deebert_jax.core.errors import InputError
 from deebert_jax.evaluation import calibration
 from deebert_jax.evaluation import metrics
 from deebert_jax.inference.early_exit import EXIT_RULES
@@ -48,9 +49,9 @@ def check_rules(rules: Iterable[str]) -> list[str]:
     rules = list(dict.fromkeys(r.strip() for r in rules if r.strip()))
     unknown = [r for r in rules if r not in EXIT_RULES]
     if unknown:
-        raise ValueError(f"unknown exit rule(s) {unknown}; expected some of {sorted(EXIT_RULES)}")
+        raise InputError(f"unknown exit rule(s) {unknown}; expected some of {sorted(EXIT_RULES)}")
     if not rules:
-        raise ValueError(f"no exit rule given; expected some of {sorted(EXIT_RULES)}")
+        raise InputError(f"no exit rule given; expected some of {sorted(EXIT_RULES)}")
     return rules
 
 
@@ -61,11 +62,11 @@ def check_budgets(budgets: Iterable[float]) -> list[float]:
     for b in budgets:
         b = float(b)
         if not math.isfinite(b) or b < 0:
-            raise ValueError(f"budget {b:g} must be a number of points >= 0")
+            raise InputError(f"budget {b:g} must be a number of points >= 0")
         if b not in out:
             out.append(b)
     if not out:
-        raise ValueError("no budget given (points of the task metric, e.g. 0.5,1.0)")
+        raise InputError("no budget given (points of the task metric, e.g. 0.5,1.0)")
     return out
 
 
@@ -94,10 +95,10 @@ def compare_rules(task: str, calibration_set: tuple[np.ndarray, np.ndarray],
     held_logits, held_labels = held_out_set
     L, n_cal, K = cal_logits.shape
     if held_logits.shape[0] != L or held_logits.shape[2] != K:
-        raise ValueError(f"calibration logits {cal_logits.shape} and held-out logits {held_logits.shape} "
+        raise InputError(f"calibration logits {cal_logits.shape} and held-out logits {held_logits.shape} "
                          "disagree on layers or labels")
     if n_cal == 0 or held_logits.shape[1] == 0:
-        raise ValueError(f"need calibration and held-out examples, got {n_cal} and {held_logits.shape[1]}")
+        raise InputError(f"need calibration and held-out examples, got {n_cal} and {held_logits.shape[1]}")
     entries, curves = [], {}
     for rule in rules:
         curve = [calibration.threshold_stats(task, held_logits, held_labels, t, rule)
@@ -260,11 +261,11 @@ def load_comparison(path: str | os.PathLike) -> dict:
         with open(path, encoding="utf-8") as f:
             result = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        raise InputError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(result, dict):
-        raise ValueError(f"{path}: not a rule comparison (expected a JSON object)")
+        raise InputError(f"{path}: not a rule comparison (expected a JSON object)")
     missing = [k for k in _REQUIRED if k not in result]
     if missing:
-        raise ValueError(f"{path}: not a rule comparison (no {', '.join(missing)}); "
+        raise InputError(f"{path}: not a rule comparison (no {', '.join(missing)}); "
                          "write one with python -m train.compare_rules")
     return result

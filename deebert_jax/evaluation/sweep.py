@@ -24,10 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from deebert_jax.data.validation import check_model_inputs
+from deebert_jax.core.errors import InputError
 from deebert_jax.data import glue as data
 from deebert_jax.inference import early_exit
 from deebert_jax.evaluation import metrics
-from deebert_jax.model import modeling
+from deebert_jax.model import layouts
+from deebert_jax.model import inference_step
 from deebert_jax.core import runtime
 from deebert_jax.core.config import DeeBertConfig
 from deebert_jax.core.fileutil import atomic_write_text
@@ -48,7 +51,7 @@ def default_thresholds(rule: str, num_layers: int) -> list[float]:
         return list(MAX_PROB_THRESHOLDS)
     if rule == "patience":
         return [float(p) for p in range(num_layers - 1, -1, -1)]
-    raise ValueError(f"unknown exit rule {rule!r}; expected one of {sorted(early_exit.EXIT_RULES)}")
+    raise InputError(f"unknown exit rule {rule!r}; expected one of {sorted(early_exit.EXIT_RULES)}")
 
 
 def make_predictor(config: DeeBertConfig, params, rule: str = "entropy", mode: str = "batch",
@@ -61,11 +64,11 @@ def make_predictor(config: DeeBertConfig, params, rule: str = "entropy", mode: s
     `validate_inputs=False` when the caller checked the whole data set once (as `evaluate` does).
     """
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        raise InputError(f"unknown mode {mode!r}; expected one of {MODES}")
     if rule not in early_exit.EXIT_RULES:
-        raise ValueError(f"unknown exit rule {rule!r}; expected one of {sorted(early_exit.EXIT_RULES)}")
+        raise InputError(f"unknown exit rule {rule!r}; expected one of {sorted(early_exit.EXIT_RULES)}")
     devices, dtype = early_exit.local_devices(devices), jnp.dtype(dtype)
-    params = modeling.unstack_params(params)   # once: the loop then reads each layer's weights in place
+    params = layouts.unstack_params(params)   # once: the loop then reads each layer's weights in place
 
     def inputs(batch):
         return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
@@ -91,25 +94,14 @@ def make_predictor(config: DeeBertConfig, params, rule: str = "entropy", mode: s
 def make_logits_step(config: DeeBertConfig, dtype=jnp.float32) -> Callable:
     """-> `logits(params, batch) -> [L, b, K]` (every ramp; full depth, eval mode)."""
     def logits(params, batch):
-        return modeling.forward(config, params, batch["input_ids"], batch["attention_mask"],
+        return inference_step.forward(config, params, batch["input_ids"], batch["attention_mask"],
                                 batch["token_type_ids"], dtype)
     return logits
-
-
-def make_predict_step(config: DeeBertConfig, dtype=jnp.float32) -> Callable:
-    """-> `predict(params, batch) -> predictions [L, b]` (every ramp's argmax)."""
-    logits = make_logits_step(config, dtype)
-    return lambda params, batch: jnp.argmax(logits(params, batch), axis=-1)
 
 
 @functools.lru_cache(maxsize=8)
 def pmapped_logits_step(config: DeeBertConfig, dtype=jnp.float32, devices: tuple | None = None):
     return jax.pmap(make_logits_step(config, dtype), axis_name=runtime.AXIS, devices=devices)
-
-
-@functools.lru_cache(maxsize=8)
-def pmapped_predict_step(config: DeeBertConfig, devices: tuple | None = None):
-    return jax.pmap(make_predict_step(config), axis_name=runtime.AXIS, devices=devices)
 
 
 def _split_devices(devices: tuple, batch_size: int) -> tuple:
@@ -127,7 +119,7 @@ def ramp_logits_and_labels(config: DeeBertConfig, params, arrays: Mapping[str, n
     `batch_size` split over the local `devices` by `pmap` -> (logits [L, N, K] float, labels [N])."""
     devices = _split_devices(early_exit.local_devices(devices), batch_size)
     step = pmapped_logits_step(config, jnp.dtype(dtype), runtime.pmap_devices(devices))
-    replicated = runtime.replicate(modeling.unstack_params(params), devices)
+    replicated = runtime.replicate(layouts.unstack_params(params), devices)
     outputs = []
     for batch in tqdm(data.eval_batches(arrays, batch_size), desc="per-ramp", disable=not progress, leave=False,
                       total=-(-data.num_examples(arrays) // batch_size)):
@@ -230,23 +222,23 @@ def evaluate(config: DeeBertConfig, params, arrays: Mapping[str, np.ndarray], ta
     """Per-ramp metrics and the early-exit sweep on `arrays` (data.load_split output) -> results dict."""
     n = data.num_examples(arrays)
     if n == 0:
-        raise ValueError(f"task {task}: no examples to evaluate")
+        raise InputError(f"task {task}: no examples to evaluate")
     if batch_size <= 0:
-        raise ValueError(f"batch_size={batch_size} must be positive")
+        raise InputError(f"batch_size={batch_size} must be positive")
     L = config.num_hidden_layers
     thresholds = default_thresholds(rule, L) if thresholds is None else [float(t) for t in thresholds]
     if not thresholds:
-        raise ValueError("no thresholds to sweep")
+        raise InputError("no thresholds to sweep")
     for t in thresholds:
         early_exit.check_threshold(t, rule)
         if not math.isfinite(t):
-            raise ValueError(f"threshold {t}: a sweep's thresholds must be finite (results.json is strict JSON); "
+            raise InputError(f"threshold {t}: a sweep's thresholds must be finite (results.json is strict JSON); "
                              "for entropy any value above ln(num_labels) already exits every row at ramp 1")
     # Once for the whole set, before anything compiles (the per-batch loops then skip nothing).
-    early_exit.check_inputs(config, arrays["input_ids"], arrays["attention_mask"], arrays["token_type_ids"])
+    check_model_inputs(config, arrays["input_ids"], arrays["attention_mask"], arrays["token_type_ids"])
     labels = arrays["labels"]
     if labels.max(initial=0) >= config.num_labels:
-        raise ValueError(f"task {task}: label {int(labels.max())} does not fit a model with "
+        raise InputError(f"task {task}: label {int(labels.max())} does not fit a model with "
                          f"num_labels={config.num_labels}")
     # No more devices than rows per batch: batch size 1 (the paper's setting) is a plain jit loop.
     devices = early_exit.local_devices(devices)[:batch_size]

@@ -23,9 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from deebert_jax.core.errors import InputError
 from deebert_jax.model.attention import check_attention_impl
 from deebert_jax.core.config import DeeBertConfig
 from deebert_jax.model import modeling
+from deebert_jax.model import inference_step
 from deebert_jax.data.validation import check_model_inputs, is_tracer
 
 PMAP_AXIS = "devices"
@@ -93,23 +95,17 @@ EXIT_RULES: dict[str, ExitRule] = {
 def check_threshold(threshold, rule: str = "entropy") -> None:
     """Raises ValueError for an unknown rule or a NaN / out-of-range concrete threshold."""
     if rule not in EXIT_RULES:
-        raise ValueError(f"unknown exit rule {rule!r}; expected one of {sorted(EXIT_RULES)}")
+        raise InputError(f"unknown exit rule {rule!r}; expected one of {sorted(EXIT_RULES)}")
     if is_tracer(threshold):
         return  # inside a caller's jit: nothing concrete to check
     if np.ndim(threshold) != 0:
-        raise ValueError(f"threshold for rule {rule!r} must be a scalar, got shape {np.shape(threshold)}")
+        raise InputError(f"threshold for rule {rule!r} must be a scalar, got shape {np.shape(threshold)}")
     value = float(threshold)
     if math.isnan(value):
-        raise ValueError(f"threshold for rule {rule!r} is NaN")
+        raise InputError(f"threshold for rule {rule!r} is NaN")
     problem = EXIT_RULES[rule].check(value)
     if problem:
-        raise ValueError(f"threshold={value} for rule {rule!r} {problem}")
-
-
-def check_inputs(config: DeeBertConfig, input_ids, attention_mask, token_type_ids) -> None:
-    """`validation.check_model_inputs`: one [B, S] integer shape that fits, ids, token types and
-    mask values in range (values of arrays traced inside a caller's `jit` are not checked)."""
-    check_model_inputs(config, input_ids, attention_mask, token_type_ids)
+        raise InputError(f"threshold={value} for rule {rule!r} {problem}")
 
 
 def _canonical(threshold, dtype):
@@ -195,7 +191,7 @@ def _loop(config: DeeBertConfig, params, input_ids, attention_mask, token_type_i
     threshold = jnp.asarray(threshold, jnp.float32)
     mask_bias = modeling.attention_bias(attention_mask, dtype)
     # The last layer updates the first token only: its ramp reads nothing else.
-    step = modeling.layer_step(config, params, dtype, first_token_only_at_last=True, attention_impl=attention_impl)
+    step = inference_step.layer_step(config, params, dtype, first_token_only_at_last=True, attention_impl=attention_impl)
 
     def running(state: ExitState):
         return (state.layer < L) & ~jnp.all(state.done)
@@ -205,7 +201,7 @@ def _loop(config: DeeBertConfig, params, input_ids, attention_mask, token_type_i
         state = record_exits(state.replace(hidden=hidden), rule, ramp_logits, threshold, L - 1)
         return state.replace(layer=state.layer + 1)
 
-    hidden = modeling.embed(config, params, input_ids, token_type_ids, dtype)
+    hidden = inference_step.embed(config, params, input_ids, token_type_ids, dtype)
     state = jax.lax.while_loop(running, one_layer,
                                ExitState.start(hidden, attention_mask, config.num_labels, rule))
     return ExitResult(state.logits, state.exit_layer, state.layer)
@@ -225,9 +221,9 @@ def early_exit_predict(config: DeeBertConfig, params, input_ids, attention_mask,
     patience: prediction unchanged for `threshold` consecutive ramps) and keeps that ramp's
     logits; ramp L always exits. The loop stops once every row has exited: the predicate is over
     the whole batch. `threshold` is traced, so one compiled function serves every threshold.
-    `params` stacked (training layout) or from `modeling.unstack_params` (faster: each layer's
+    `params` stacked (training layout) or from `layouts.unstack_params` (faster: each layer's
     weights are read in place, not copied per iteration). Pass device arrays: numpy params are
-    copied to the device on every call. The inputs' values are checked first (`check_inputs`: one
+    copied to the device on every call. The inputs' values are checked first (`validation.check_model_inputs`: one
     host copy of device arrays); a caller that checked its whole data set once, or times calls,
     passes `validate_inputs=False`. Inputs traced inside a caller's own `jit` are not checked.
     `attention_impl`: self-attention's core (`attention.ATTENTION_IMPLS`; "default" unless asked).
@@ -235,7 +231,7 @@ def early_exit_predict(config: DeeBertConfig, params, input_ids, attention_mask,
     check_threshold(threshold, rule)
     check_attention_impl(attention_impl, dtype)
     if validate_inputs:
-        check_inputs(config, input_ids, attention_mask, token_type_ids)
+        check_model_inputs(config, input_ids, attention_mask, token_type_ids)
     threshold, dtype = _canonical(threshold, dtype)
     return _exit_loop(config, params, input_ids, attention_mask, token_type_ids, threshold, rule=rule, dtype=dtype,
                       attention_impl=attention_impl)
@@ -276,7 +272,7 @@ def early_exit_predict_pmap(config: DeeBertConfig, params, input_ids, attention_
     check_threshold(threshold, rule)
     check_attention_impl(attention_impl, dtype)
     if validate_inputs:
-        check_inputs(config, input_ids, attention_mask, token_type_ids)
+        check_model_inputs(config, input_ids, attention_mask, token_type_ids)
     threshold, dtype = _canonical(threshold, dtype)
     devices = local_devices(devices)
     D = len(devices)

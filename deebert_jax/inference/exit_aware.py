@@ -13,7 +13,7 @@ The last layer is peeled off the loop: every row still running exits there, so i
 position 0 only (all the final ramp reads).
 
 The pool is one `early_exit.ExitState` over all its rows; a bucket takes its rows out of it,
-runs `modeling.layer_step` and `early_exit.record_exits` on them (the same step and exit update
+runs `inference_step.layer_step` and `early_exit.record_exits` on them (the same step and exit update
 as the plain loop) and puts them back. `docs/exit_aware.md` has the design notes, the numbers, and
 the two alternatives measured against this one (a host-driven loop and refilled slots).
 """
@@ -27,10 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deebert_jax.core.errors import InputError
 from deebert_jax.model import modeling
+from deebert_jax.model import layouts
+from deebert_jax.model import inference_step
 from deebert_jax.model.attention import check_attention_impl
 from deebert_jax.core.config import DeeBertConfig
-from deebert_jax.inference.early_exit import ExitResult, ExitState, check_inputs, check_threshold, record_exits
+from deebert_jax.data.validation import check_model_inputs
+from deebert_jax.inference.early_exit import ExitResult, ExitState, check_threshold, record_exits
 from deebert_jax.data.validation import is_tracer
 
 # Measured on CPU (docs/exit_aware.md): buckets of 8 rows run ~20% faster per row than 32 (cache),
@@ -45,7 +49,7 @@ SCHEDULERS = ("device",)
 def bucket_step(config: DeeBertConfig, step, rule: str, threshold, mask_bias, state: ExitState, rows,
                 layer) -> ExitState:
     """Runs `layer` (0-based; the static last layer, or `state.layer` traced) on the pool rows
-    `rows` [b] (index N = a padding slot) of `state` (N rows) with `step` from `modeling.layer_step`."""
+    `rows` [b] (index N = a padding slot) of `state` (N rows) with `step` from `inference_step.layer_step`."""
     n = state.hidden.shape[0]
     # Padding slots compute on a real row (no NaNs from an all-masked row) and write nowhere.
     safe = jnp.minimum(rows, n - 1)
@@ -71,7 +75,7 @@ def bucket_plan(n_active, bucket_sizes):
 
 def start_pool(config, params, input_ids, attention_mask, token_type_ids, rule, dtype):
     """-> (mask_bias [N, S], the pool's ExitState before layer 1)."""
-    hidden = modeling.embed(config, params, input_ids, token_type_ids, dtype)
+    hidden = inference_step.embed(config, params, input_ids, token_type_ids, dtype)
     return (modeling.attention_bias(attention_mask, dtype),
             ExitState.start(hidden, attention_mask, config.num_labels, rule))
 
@@ -99,7 +103,7 @@ def _pool_loop_device(config: DeeBertConfig, params, input_ids, attention_mask, 
                       rule: str, bucket_sizes: tuple[int, ...], dtype, attention_impl: str = "default") -> ExitResult:
     L = config.num_hidden_layers
     threshold = jnp.asarray(threshold, jnp.float32)
-    step = modeling.layer_step(config, params, dtype, first_token_only_at_last=True, attention_impl=attention_impl)
+    step = inference_step.layer_step(config, params, dtype, first_token_only_at_last=True, attention_impl=attention_impl)
     mask_bias, state = start_pool(config, params, input_ids, attention_mask, token_type_ids, rule, dtype)
 
     def running(state: ExitState):
@@ -117,8 +121,18 @@ def _pool_loop_device(config: DeeBertConfig, params, input_ids, attention_mask, 
 
 
 def default_bucket_sizes(backend: str | None = None) -> tuple[int, ...]:
-    """Bucket sizes used when none are given: small on CPU, larger on GPU/TPU."""
-    return CPU_BUCKET_SIZES if (backend or jax.default_backend()) == "cpu" else ACCELERATOR_BUCKET_SIZES
+    """Bucket sizes used when none are given: small on a CPU, larger on a GPU/TPU. `backend`: the
+    platform the pool runs on ("cpu", "gpu", "tpu"; default: JAX's default device's)."""
+    platform = backend or jax.devices()[0].platform
+    return CPU_BUCKET_SIZES if platform == "cpu" else ACCELERATOR_BUCKET_SIZES
+
+
+def _platform_of(params) -> str | None:
+    """Where the params live ("cpu", "gpu", ...); None for host (numpy) arrays."""
+    for leaf in jax.tree_util.tree_leaves(params):
+        if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+            return next(iter(leaf.devices())).platform
+    return None
 
 
 def padded_pool_size(n: int, bucket_sizes: Sequence[int], pool_size: int) -> int:
@@ -134,11 +148,11 @@ def padded_pool_size(n: int, bucket_sizes: Sequence[int], pool_size: int) -> int
 
 def _validate(bucket_sizes, pool_size, scheduler):
     if not bucket_sizes or any(isinstance(b, bool) or int(b) != b or b < 1 for b in bucket_sizes):
-        raise ValueError(f"bucket_sizes={bucket_sizes!r} must be positive integers")
+        raise InputError(f"bucket_sizes={bucket_sizes!r} must be positive integers")
     if int(pool_size) < 1:
-        raise ValueError(f"pool_size={pool_size!r} must be a positive integer")
+        raise InputError(f"pool_size={pool_size!r} must be a positive integer")
     if scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler={scheduler!r}; expected one of {SCHEDULERS} (the measured alternatives "
+        raise InputError(f"scheduler={scheduler!r}; expected one of {SCHEDULERS} (the measured alternatives "
                          "'host' and 'refill' are benchmark-only: train/exit_aware_alternatives.py)")
 
 
@@ -154,16 +168,16 @@ def exit_aware_predict(config: DeeBertConfig, params, input_ids, attention_mask,
     row what `early_exit_predict` gives. The N rows are cut into pools of at most `pool_size`
     (rounded up to the largest bucket); each pool runs layer-major with its running rows compacted
     into buckets of `bucket_sizes` (larger first, the smallest covers the remainder; default
-    `default_bucket_sizes()`). Larger pools waste less on bucket padding and hold [pool, S, H]
+    `default_bucket_sizes` for where the params live). Larger pools waste less on bucket padding and hold [pool, S, H]
     activations in memory. `threshold` is traced: one compiled program serves every threshold.
     `attention_impl`: self-attention's core (`attention.ATTENTION_IMPLS`; "default" unless asked).
     """
     if bucket_sizes is None:
-        bucket_sizes = default_bucket_sizes()
+        bucket_sizes = default_bucket_sizes(_platform_of(params))
     _validate(bucket_sizes, pool_size, scheduler)
     check_attention_impl(attention_impl, dtype)
     if validate_inputs:  # as in `early_exit_predict`
-        check_inputs(config, input_ids, attention_mask, token_type_ids)
+        check_model_inputs(config, input_ids, attention_mask, token_type_ids)
     bucket_sizes = tuple(sorted({int(b) for b in bucket_sizes}, reverse=True))
     check_threshold(threshold, rule)
     n = int(np.shape(input_ids)[0])
@@ -175,7 +189,7 @@ def exit_aware_predict(config: DeeBertConfig, params, input_ids, attention_mask,
     dtype = jnp.dtype(dtype)
     # Once, not once per pool (numpy params would be copied per call); the per-layer layout lets
     # each bucket read its layer's weights in place.
-    params = jax.device_put(modeling.unstack_params(params))
+    params = jax.device_put(layouts.unstack_params(params))
     step = padded_pool_size(pool_size, bucket_sizes, pool_size)
     arrays = [np.asarray(a) for a in (input_ids, attention_mask, token_type_ids)]
     logits, exit_layer = [], []

@@ -23,9 +23,10 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from deebert_jax.core.errors import InputError
 from deebert_jax.evaluation import calibration
 from deebert_jax.evaluation import sweep as evaluation
-from deebert_jax.model import modeling
+from deebert_jax.model import layouts
 from deebert_jax.core.config import DeeBertConfig
 from deebert_jax.data.glue import DataError
 from deebert_jax.inference.exit_aware import exit_aware_predict
@@ -70,7 +71,7 @@ def _tsv_header(fields: Sequence[str]) -> tuple[int, int | None] | None:
     if not first:
         return None
     if len(first) > 1 or len(second) > 1:
-        raise ValueError(f"header names several text columns {fields}")
+        raise InputError(f"header names several text columns {fields}")
     return first[0], (second[0] if second else None)
 
 
@@ -176,7 +177,7 @@ def predict_arrays(config: DeeBertConfig, params, arrays: Mapping[str, np.ndarra
                    progress: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
     """Exit-aware early exit in chunks of `batch_size` rows -> (probabilities [N, K], exit_layer [N],
     seconds, compilation included)."""
-    params = jax.device_put(modeling.unstack_params(params))   # once, not per chunk
+    params = jax.device_put(layouts.unstack_params(params))   # once, not per chunk
     n = len(arrays["input_ids"])
     probs, exits = [], []
     start = time.perf_counter()

@@ -1,27 +1,23 @@
-"""Self-attention's core (scores, softmax, dropout, the weighted sum) with a backward pass laid out
-for XLA's CPU matmul kernels.
+"""Self-attention's core (scores, softmax, dropout, the weighted sum), as every kernel choice runs it.
 
-Forward it computes what `modeling.Layer` always did, bit for bit: heads as [B, h, S, d], keys as
-[B, h, d, S], plain batched matmuls, a float32 softmax and dropout as `nn.Dropout` applies it.
-Backward, autodiff asked for the value and key gradients as batched matmuls contracting the left
-operand's second-to-last dimension (`P^T @ dO`, `q^T @ dS`); XLA's CPU backend runs that form in a
-generic loop, not its library kernels. Here both are plain matmuls on small transposed operands
-(`dO^T @ P` gives `dV^T`; `q^T` is laid out in the forward, behind an optimization barrier so XLA
-does not fold the transpose back). What the backward keeps is the softmax output, the dropout
-mask (bool) and q, k, v in the layouts its matmuls read. Gradients agree with autodiff's to float
-rounding (tests/test_attention.py).
+Heads as [B, h, S, d], keys as [B, h, d, S], plain batched matmuls, a float32 softmax and dropout
+as `nn.Dropout` applies it. `attention_autodiff` is differentiated by autodiff ("reference"
+kernels); `cpu.attention.attention` is the same forward with a backward for XLA's CPU kernels
+("cpu_tuned"). `first_query_attention` serves a layer that computes position 0 only, on every
+backend.
 
 For inference only, `fused_attention` runs `jax.nn.dot_product_attention` instead (opt-in:
-`attention_impl` "dot_product_attention" or "cudnn"; "default" is the code above).
+`attention_impl` "dot_product_attention" or "cudnn"; "default" is the code here).
 """
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from deebert_jax.core.errors import InputError
 
 
 def _heads(t, order):
@@ -46,44 +42,10 @@ def _dropout(x, keep, rate):
     return lax.select(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def attention(q, k, v, mask_bias, keep, rate):
+def attention_autodiff(q, k, v, mask_bias, keep, rate):
     """q [B, Sq, h, d], k and v [B, S, h, d], mask_bias [B, S] additive, keep [B, h, Sq, S] bool (the
     dropout mask of the attention probabilities; None: no dropout), rate (its dropout rate)
-    -> context [B, Sq, h, d] in q's dtype."""
-    return _forward_values(q, k, v, mask_bias, keep, rate)[0]
-
-
-def _fwd(q, k, v, mask_bias, keep, rate):
-    context, (probs, kt, vh) = _forward_values(q, k, v, mask_bias, keep, rate)
-    qt = lax.optimization_barrier(_heads(q, (0, 2, 3, 1)))   # [B, h, d, Sq], for dK^T = q^T @ dS
-    return context, (probs, keep, qt, kt, vh, mask_bias)
-
-
-def _bwd(rate, residuals, g):
-    probs, keep, qt, kt, vh, mask_bias = residuals
-    dt = g.dtype
-    batched = lambda lhs, rhs, contract: lax.dot_general(lhs, rhs, (((3,), (contract,)), ((0, 1), (0, 1))))
-    d_out = _heads(g, (0, 2, 1, 3))                                      # [B, h, Sq, d]
-    d_out_t = lax.optimization_barrier(_heads(g, (0, 2, 3, 1)))          # [B, h, d, Sq]
-    dropped = _dropout(probs, keep, rate).astype(dt)
-    d_vt = batched(d_out_t, dropped, 2)                                  # dV^T = dO^T @ P: [B, h, d, S]
-    d_dropped = batched(d_out, vh, 3).astype(jnp.float32)                # dO @ V^T: [B, h, Sq, S]
-    d_probs = _dropout(d_dropped, keep, rate)
-    d_scores = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))  # softmax's VJP
-    d_mask_bias = jnp.sum(d_scores, axis=(1, 2)).astype(mask_bias.dtype)
-    d_qk = (d_scores / jnp.sqrt(qt.shape[2]).astype(jnp.float32)).astype(dt)
-    d_q = batched(d_qk, kt, 3)                                           # dS @ K: [B, h, Sq, d]
-    d_kt = batched(qt, d_qk, 2)                                          # dK^T = q^T @ dS: [B, h, d, S]
-    return (jnp.transpose(d_q, (0, 2, 1, 3)), jnp.transpose(d_kt, (0, 3, 1, 2)),
-            jnp.transpose(d_vt, (0, 3, 1, 2)), d_mask_bias, None)
-
-
-attention.defvjp(_fwd, _bwd)
-
-
-def attention_autodiff(q, k, v, mask_bias, keep, rate):
-    """The same function differentiated by autodiff (the reference, and `--jax-defaults`)."""
+    -> context [B, Sq, h, d] in q's dtype. Differentiated by autodiff ("reference" kernels)."""
     return _forward_values(q, k, v, mask_bias, keep, rate)[0]
 
 
@@ -150,7 +112,7 @@ def check_attention_impl(impl: str, dtype=None, *, backend: str | None = None, d
     """Raises ValueError("attention_impl=...: why") when `attention_impl_problem` finds one."""
     problem = attention_impl_problem(impl, dtype, backend=backend, dropout=dropout)
     if problem:
-        raise ValueError(f"attention_impl={impl!r}: {problem}")
+        raise InputError(f"attention_impl={impl!r}: {problem}")
 
 
 def fused_attention(q, k, v, mask_bias, impl: str):
@@ -172,4 +134,4 @@ def fused_attention(q, k, v, mask_bias, impl: str):
     if impl == "dot_product_attention":
         bias = mask_bias[:, None, None, :].astype(jnp.float32)
         return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=None)
-    raise ValueError(f"attention_impl={impl!r}: fused_attention runs 'dot_product_attention' or 'cudnn'")
+    raise InputError(f"attention_impl={impl!r}: fused_attention runs 'dot_product_attention' or 'cudnn'")

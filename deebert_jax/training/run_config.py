@@ -14,6 +14,7 @@ from typing import Mapping
 
 import jax
 
+from deebert_jax.core.errors import InputError
 from deebert_jax.data import glue as data_lib
 from deebert_jax.core.config import DeeBertConfig
 
@@ -34,7 +35,7 @@ def parse_stages(stages) -> tuple[int, ...]:
     except ValueError:
         out = ()
     if not out or any(s not in STAGES for s in out):
-        raise ValueError(f"stages={stages!r}: expected '1', '2' or '1,2'")
+        raise InputError(f"stages={stages!r}: expected '1', '2' or '1,2'")
     return out
 
 
@@ -62,7 +63,7 @@ def _number(cfg, field: str, ok, expected: str, default=None) -> float:
     except (TypeError, ValueError):
         number = math.nan
     if not (math.isfinite(number) and ok(number)):
-        raise ValueError(f"config.{field}={value!r}: expected {expected}")
+        raise InputError(f"config.{field}={value!r}: expected {expected}")
     return number
 
 
@@ -73,11 +74,11 @@ def validate_config(cfg) -> tuple[int, ...]:
     less RoBERTa's offset) by `check_max_seq_length` once the model's config is known.
     """
     if not cfg.get("workdir"):
-        raise ValueError("config.workdir is empty: say where to write the run (--config.workdir=DIR)")
+        raise InputError("config.workdir is empty: say where to write the run (--config.workdir=DIR)")
     try:
         stages = parse_stages(cfg.get("stages", "1,2"))
     except ValueError as e:
-        raise ValueError(f"config.{e}") from None
+        raise InputError(f"config.{e}") from None
     positive, at_least_1, non_negative = (lambda x: x > 0), (lambda x: x >= 1 and x == int(x)), (lambda x: x >= 0)
     _number(cfg, "learning_rate", positive, "a finite number > 0")
     if 2 in stages:
@@ -89,7 +90,7 @@ def validate_config(cfg) -> tuple[int, ...]:
         field = f"stage{stage}_epochs" if f"stage{stage}_epochs" in cfg else "num_epochs"
         epochs = _number(cfg, field, non_negative, "a number >= 0", 3)
         if epochs == 0 and steps == 0:
-            raise ValueError(f"config.{field}=0 and config.steps_per_stage=0: stage {stage} would train for no "
+            raise InputError(f"config.{field}=0 and config.steps_per_stage=0: stage {stage} would train for no "
                              f"steps; set one of them above 0")
     _number(cfg, "warmup_ratio", lambda x: 0 <= x <= 1, "a number in [0, 1]", 0.0)
     compute_dtype(cfg)
@@ -106,7 +107,7 @@ def compute_dtype(cfg) -> str:
     "bfloat16" parameters, optimizer state, softmax, loss and checkpoints stay float32."""
     value = cfg.get("dtype", "float32")
     if value not in COMPUTE_DTYPES:
-        raise ValueError(f"config.dtype={value!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
+        raise InputError(f"config.dtype={value!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
     return value
 
 
@@ -145,7 +146,7 @@ def check_run_spec(path: str, spec: dict, resuming: bool) -> None:
         diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)
                 and not (k not in before and k in added and now.get(k) == added[k])]
         if diff:
-            raise ValueError(f"{path}: this workdir's checkpoints were written by a run with different settings "
+            raise InputError(f"{path}: this workdir's checkpoints were written by a run with different settings "
                              f"({', '.join(diff)}); resume with the same config or use a fresh workdir")
         return
     if jax.process_index() == 0:

@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-import sys
-import traceback
 from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from deebert_jax.core.errors import InputError
 from deebert_jax.core.config import ConfigError, DeeBertConfig, read_json_object
 from deebert_jax.weights.convert import CheckpointError
 from deebert_jax.core.fileutil import atomic_directory
@@ -68,7 +66,6 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[DeeBertConfig, Any]:
     except ConfigError as e:
         raise DamagedCheckpointError(f"{e} (damaged checkpoint)") from e
     config = DeeBertConfig.from_dict(raw, source=config_path)
-    silence_closed_loop_noise()
     try:
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(os.path.join(directory, PARAMS_DIR))
@@ -87,49 +84,6 @@ def _this_process_only() -> ocp.options.MultiprocessingOptions:
 def _first_line(e: BaseException, limit: int = 300) -> str:
     text = (str(e).strip().splitlines() or [type(e).__name__])[0]
     return f"{type(e).__name__}: {text[:limit]}"
-
-
-def _is_closed_loop_noise(unraisable) -> bool:
-    exc = unraisable.exc_value
-    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
-        return False
-    frames = [f.f_code.co_name for f, _ in traceback.walk_tb(unraisable.exc_traceback)]
-    return "call_soon_threadsafe" in frames
-
-
-class _OrphanedReadFilter(logging.Filter):
-    """Drops asyncio's "... exception was never retrieved" for orbax's abandoned tensorstore reads
-    (their errors are absl statuses: 'NOT_FOUND: ...', 'OUT_OF_RANGE: ...')."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not (str(record.msg).split("\n", 1)[0].endswith("exception was never retrieved")
-                    and isinstance(exc, ValueError) and re.match(r"[A-Z_]+: ", str(exc)))
-
-
-def silence_closed_loop_noise() -> None:
-    """Drops the tracebacks a failed orbax read leaves behind after its error is raised.
-
-    Orbax runs a read in a fresh event loop and closes it as soon as one tensorstore read fails.
-    The reads still in flight then finish on tensorstore threads: waking the closed loop
-    (`call_soon_threadsafe`) raises `RuntimeError: Event loop is closed`, which Python reports
-    through `sys.unraisablehook`, and a second failed read is logged by asyncio as "Task exception
-    was never retrieved" when its task is collected; both possibly after `restore` has returned.
-    This drops exactly those two reports and passes every other one on. Idempotent.
-    """
-    asyncio_log = logging.getLogger("asyncio")
-    if not any(isinstance(f, _OrphanedReadFilter) for f in asyncio_log.filters):
-        asyncio_log.addFilter(_OrphanedReadFilter())
-    previous = sys.unraisablehook
-    if getattr(previous, "_deebert_filter", False):
-        return
-
-    def hook(unraisable):
-        if not _is_closed_loop_noise(unraisable):
-            previous(unraisable)
-
-    hook._deebert_filter = True
-    sys.unraisablehook = hook
 
 
 def _key_name(key) -> str:
@@ -197,19 +151,18 @@ class TrainCheckpointManager:
         like = jax.device_get(like)
         wanted = _leaf_shapes(like)
         target = jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), like)
-        silence_closed_loop_noise()
         try:
             restored = self._manager.restore(int(step), args=ocp.args.StandardRestore(target))
         except Exception as e:  # a mismatch and a damaged file both surface as assorted errors
             difference = self._difference(step, wanted)
             if difference:
-                raise ValueError(f"{where}: checkpoint does not match this run's state ({difference})") from e
+                raise InputError(f"{where}: checkpoint does not match this run's state ({difference})") from e
             raise DamagedCheckpointError(f"{where}: damaged checkpoint ({_first_line(e)})") from e
         restored = jax.tree_util.tree_map(np.asarray, restored)
         # Orbax restores the saved shapes even where `like` has others: that is a mismatch too.
         difference = _first_difference(_leaf_shapes(restored), wanted)
         if difference:
-            raise ValueError(f"{where}: checkpoint does not match this run's state ({difference})")
+            raise InputError(f"{where}: checkpoint does not match this run's state ({difference})")
         return restored
 
     def _difference(self, step: int, wanted: dict[str, tuple]) -> str | None:

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from deebert_jax.core.errors import DeeBertError
 from deebert_jax.core.config import ConfigError, DeeBertConfig
 from deebert_jax.core.fileutil import atomic_directory
 from deebert_jax.core.trees import leaves, stack_trees
@@ -46,7 +47,7 @@ LAYER_MODULES = {
 EMBEDDINGS = ("word_embeddings", "position_embeddings", "token_type_embeddings")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DeeBertError, ValueError):
     """A checkpoint we cannot load faithfully; the message names the file or key at fault."""
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 
+from deebert_jax.core.errors import InputError
 from deebert_jax.weights.checkpoint import is_checkpoint_dir, load_checkpoint
 from deebert_jax.core.config import DeeBertConfig
 from deebert_jax.model.modeling import init_params
@@ -53,7 +54,7 @@ def load_initial_model(cfg, labels: int) -> tuple[DeeBertConfig, Params, str | N
     if is_checkpoint_dir(path):
         config, params = load_checkpoint(path)
         if config.num_labels != labels:
-            raise ValueError(f"{path}: checkpoint has {config.num_labels} labels, the task needs {labels}")
+            raise InputError(f"{path}: checkpoint has {config.num_labels} labels, the task needs {labels}")
     else:
         config, params = load_pytorch_checkpoint(path, num_labels=labels)
     return config.replace(**model_overrides(cfg)), params, tokenizer_source
@@ -67,7 +68,7 @@ def load_model_for_task(checkpoint: str, task: str) -> tuple[DeeBertConfig, Para
     config, params = load_checkpoint(checkpoint)
     task = data.canonical_task(task)
     if data.num_labels(task) != config.num_labels:
-        raise ValueError(f"{checkpoint}: model has num_labels={config.num_labels} but task {task} "
+        raise InputError(f"{checkpoint}: model has num_labels={config.num_labels} but task {task} "
                          f"has {data.num_labels(task)} labels")
     tokenizer = None if data.TASKS[task] is None else data.load_tokenizer(checkpoint)
     return config, params, task, tokenizer

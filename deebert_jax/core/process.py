@@ -1,0 +1,104 @@
+"""What a command sets up for its whole process, in one explicit call.
+
+Importing `deebert_jax` changes nothing outside it: no environment variable, malloc setting,
+JAX lowering or logging filter. The command-line entry points call `setup_process` first thing in
+`main()`, before JAX runs anything; a library user who wants the same opts in by calling it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import sys
+import traceback
+
+from deebert_jax.core.errors import InputError
+
+@dataclasses.dataclass(frozen=True)
+class ProcessSettings:
+    """What `setup_process` did."""
+
+    keep_freed_memory: bool      # glibc malloc keeps freed memory (`cpu.memory`)
+    threefry_unrolled: bool      # threefry's unrolled CPU lowering registered (`cpu.threefry`)
+    threads: int | None          # XLA's CPU threads asked for (PJRT_NPROC), None: its default
+    quiet_orbax: bool            # orbax's leftover noise after a failed read dropped
+
+
+def setup_process(*, kernels: str = "cpu_tuned", keep_freed_memory: bool | None = None,
+                  threads: int | None = None, share_accelerator_memory: bool = False,
+                  quiet_orbax: bool = True) -> ProcessSettings:
+    """Process-wide settings for a command; call before JAX runs anything (they hold for what
+    starts or compiles afterwards).
+
+    kernels: "cpu_tuned" registers threefry's unrolled CPU lowering (same bits, fused by XLA);
+      "reference" puts JAX's own back (`model.kernels`).
+    keep_freed_memory: glibc's malloc keeps freed memory for reuse (no page faults from step to
+      step, `cpu.memory`); None: yes unless DEEBERT_KEEP_FREED_MEMORY=0.
+    threads: XLA's CPU intra-op threads (PJRT_NPROC), before its client starts.
+    share_accelerator_memory: JAX does not claim most of an accelerator's memory up front, so
+      PyTorch fits beside it (XLA_PYTHON_CLIENT_PREALLOCATE=false unless set).
+    quiet_orbax: drop the tracebacks a failed orbax read leaves behind (`silence_closed_loop_noise`).
+    """
+    from deebert_jax.cpu import memory, threefry
+    from deebert_jax.model.kernels import check_kernels
+
+    check_kernels(kernels)
+    # DEEBERT_KEEP_FREED_MEMORY=0 in the environment wins (`cpu.memory.keep_freed_memory`).
+    kept = memory.keep_freed_memory() if keep_freed_memory is not False else memory.applied()
+    unrolled = threefry.register_threefry_lowering(unrolled=kernels == "cpu_tuned") and kernels == "cpu_tuned"
+    if threads is not None:
+        if threads < 1:
+            raise InputError(f"--threads={threads}: must be >= 1")
+        os.environ["PJRT_NPROC"] = os.environ["NPROC"] = str(threads)
+    if share_accelerator_memory:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if quiet_orbax:
+        silence_closed_loop_noise()
+    return ProcessSettings(kept, unrolled, threads, quiet_orbax)
+
+
+def _is_closed_loop_noise(unraisable) -> bool:
+    exc = unraisable.exc_value
+    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+        return False
+    frames = [f.f_code.co_name for f, _ in traceback.walk_tb(unraisable.exc_traceback)]
+    return "call_soon_threadsafe" in frames
+
+
+class _OrphanedReadFilter(logging.Filter):
+    """Drops asyncio's "... exception was never retrieved" for orbax's abandoned tensorstore reads
+    (their errors are absl statuses: 'NOT_FOUND: ...', 'OUT_OF_RANGE: ...')."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (str(record.msg).split("\n", 1)[0].endswith("exception was never retrieved")
+                    and isinstance(exc, ValueError) and re.match(r"[A-Z_]+: ", str(exc)))
+
+
+def silence_closed_loop_noise() -> None:
+    """Drops the tracebacks a failed orbax read leaves behind after its error is raised.
+
+    Orbax runs a read in a fresh event loop and closes it as soon as one tensorstore read fails.
+    The reads still in flight then finish on tensorstore threads: waking the closed loop
+    (`call_soon_threadsafe`) raises `RuntimeError: Event loop is closed`, which Python reports
+    through `sys.unraisablehook`, and a second failed read is logged by asyncio as "Task exception
+    was never retrieved" when its task is collected; both possibly after `restore` has returned.
+    This drops exactly those two reports and passes every other one on. Idempotent.
+    """
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _OrphanedReadFilter) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_OrphanedReadFilter())
+    previous = sys.unraisablehook
+    if getattr(previous, "_deebert_filter", False):
+        return
+
+    def hook(unraisable):
+        if not _is_closed_loop_noise(unraisable):
+            previous(unraisable)
+
+    hook._deebert_filter = True
+    sys.unraisablehook = hook
+
+
