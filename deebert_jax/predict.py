@@ -24,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from deebert_jax import calibration, evaluation, modeling
+from deebert_jax.checkpoint import LABELS_FILE
 from deebert_jax.config import DeeBertConfig
 from deebert_jax.data import DataError
 from deebert_jax.exit_aware import exit_aware_predict
@@ -192,9 +193,10 @@ def predict_arrays(config: DeeBertConfig, params, arrays: Mapping[str, np.ndarra
 # Labels, thresholds and output
 
 def label_names(model_dir: str | os.PathLike, num_labels: int) -> list[str]:
-    """`id2label` from the model directory's `config.json` or `deebert_config.json` when one has
-    it for every label, else LABEL_0 .. LABEL_{K-1}."""
-    for name in ("config.json", "deebert_config.json"):
+    """`id2label` from the model directory's `labels.json` (training writes the task's names
+    there), `config.json` or `deebert_config.json`, the first that has it for every label, else
+    LABEL_0 .. LABEL_{K-1}."""
+    for name in (LABELS_FILE, "config.json", "deebert_config.json"):
         path = os.path.join(os.fspath(model_dir), name)
         try:
             with open(path, encoding="utf-8") as f:

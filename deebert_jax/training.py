@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import optax
 
 from deebert_jax import data as data_lib
-from deebert_jax.checkpoint import TrainCheckpointManager, is_checkpoint_dir, load_checkpoint, save_checkpoint
+from deebert_jax.checkpoint import (TrainCheckpointManager, is_checkpoint_dir, load_checkpoint, save_checkpoint,
+                                   write_label_names)
 from deebert_jax.config import DeeBertConfig
 from deebert_jax.cpu_rng import fuse_threefry_on_cpu
 from deebert_jax.evaluation import evaluate_ramps
@@ -259,11 +260,15 @@ def _save_model(ctx: RunContext, directory: str, params: Params) -> None:
     """A model directory others can use alone: checkpoint + `tokenizer/` (host 0 writes)."""
     if jax.process_index() != 0:
         return
-    write_tokenizer = None
-    if ctx.tokenizer is not None:
-        write_tokenizer = lambda tmp: ctx.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-    # The tokenizer goes in with the same atomic rename: a stage directory is complete or absent.
-    save_checkpoint(directory, ctx.config, params, write_extra=write_tokenizer)
+    names = data_lib.label_names(ctx.task)
+
+    def write_extra(tmp):
+        if ctx.tokenizer is not None:
+            ctx.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+        if len(names) == ctx.config.num_labels:  # so predictions say "positive", not "LABEL_1"
+            write_label_names(tmp, names)
+    # The tokenizer and labels go in with the same atomic rename: a stage directory is complete or absent.
+    save_checkpoint(directory, ctx.config, params, write_extra=write_extra)
 
 
 def run_stage(ctx: RunContext, stage: int, params: Params) -> Params:

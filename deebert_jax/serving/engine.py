@@ -39,8 +39,9 @@ from deebert_jax.serving.scheduler import Scheduler, Step
 ADMIT_ROWS = 8           # rows embedded per admit call (more: several calls)
 DEFAULT_POOL_SIZE = 256  # slots per padded length: rows in flight (activations: P x S x H floats)
 
-# (logits [K] float32, exit_layer 1-based) -> None, called on the engine's thread.
-Callback = Callable[[np.ndarray, int], None]
+# (logits [K] float32, exit_layer 1-based) -> None, called on the engine's thread; (None, 0) if
+# the engine failed and the row will never be answered.
+Callback = Callable[[np.ndarray | None, int], None]
 
 
 def _admit(config, rule, dtype, params, state: ExitState, mask_bias, slots, input_ids, attention_mask,
@@ -67,6 +68,16 @@ def _step(config, rule, dtype, bucket_sizes, params, state: ExitState, mask_bias
     return state, (state.done[safe], state.exit_layer[safe], state.logits[safe])
 
 
+@functools.lru_cache(maxsize=None)
+def _programs(config: DeeBertConfig, rule: str, dtype, bucket_sizes: tuple[int, ...]):
+    """The jitted admit and step functions, shared by engines of one model kind (each compiles
+    once per padded length and pool size; later calls with the same shapes never compile)."""
+    admit = jax.jit(functools.partial(_admit, config, rule, dtype), donate_argnums=(1, 2))
+    # The step reads mask_bias and only updates the exit state: the state alone is donated.
+    step = jax.jit(functools.partial(_step, config, rule, dtype, bucket_sizes), donate_argnums=(1,))
+    return admit, step
+
+
 class Engine:
     """Continuous exit-aware batching for one model on one device.
 
@@ -79,7 +90,7 @@ class Engine:
     def __init__(self, config: DeeBertConfig, params, lengths: Sequence[int], threshold: float,
                  rule: str = "entropy", *, pool_size: int = DEFAULT_POOL_SIZE,
                  bucket_sizes: Sequence[int] | None = None, dtype=jnp.float32,
-                 on_step: Callable[[Step, float], None] | None = None):
+                 on_step: Callable[[int, float], None] | None = None):
         check_threshold(threshold, rule)
         self.config, self.rule, self.lengths = config, rule, tuple(sorted(set(int(n) for n in lengths)))
         if max(self.lengths) > config.max_sequence_length:
@@ -111,19 +122,17 @@ class Engine:
         return state, jnp.zeros((P, length), self.dtype)
 
     def warm_up(self) -> float:
-        """Compiles both programs for every length (ahead of time) -> seconds taken."""
+        """Compiles both programs for every length (a call on no rows) -> seconds taken."""
         start = time.perf_counter()
-        cfg, rule, dtype = self.config, self.rule, self.dtype
-        admit = jax.jit(functools.partial(_admit, cfg, rule, dtype), donate_argnums=(1, 2))
-        # The step reads mask_bias and only updates the exit state: the state alone is donated.
-        step = jax.jit(functools.partial(_step, cfg, rule, dtype, self.bucket_sizes), donate_argnums=(1,))
+        admit, step = _programs(self.config, self.rule, self.dtype, self.bucket_sizes)
         for n in self.lengths:
             state, bias = self._pools[n]
-            ids = jnp.zeros((ADMIT_ROWS, n), jnp.int32)
-            admit_c = admit.lower(self.params, state, bias, jnp.zeros((ADMIT_ROWS,), jnp.int32), ids, ids, ids).compile()
-            step_c = step.lower(self.params, state, bias, self._rows_arg(()), np.int32(0), np.int32(0),
-                                self.threshold).compile()
-            self._programs[n] = (admit_c, step_c)
+            ids = np.zeros((ADMIT_ROWS, n), np.int32)
+            state, bias = admit(self.params, state, bias, np.full(ADMIT_ROWS, self.pool_size, np.int32), ids, ids, ids)
+            state, out = step(self.params, state, bias, self._rows_arg(()), np.int32(0), np.int32(0), self.threshold)
+            jax.block_until_ready(out)
+            self._pools[n] = (state, bias)
+        self._programs = {n: (admit, step) for n in self.lengths}
         return time.perf_counter() - start
 
     def _rows_arg(self, slots: Sequence[int]) -> np.ndarray:
@@ -192,7 +201,7 @@ class Engine:
         with self._cond:
             answers = [(self._rows.pop(key)[1], i) for i, key in self.scheduler.complete(plan, done.tolist())]
         if self.on_step is not None:
-            self.on_step(plan, time.perf_counter() - start)
+            self.on_step(len(plan.slots), time.perf_counter() - start)
         for callback, i in answers:
             callback(logits[i], int(exit_layer[i]))
         return True
@@ -218,6 +227,11 @@ class Engine:
                 self.step()
         except BaseException as e:  # noqa: BLE001 - kept for the server to report; nothing else runs
             self.error = e
+            with self._cond:
+                self._stopping = True
+                failed, self._rows = list(self._rows.values()), {}
+            for _, callback in failed:  # every accepted row gets an answer, here a failure
+                callback(None, 0)
             raise
 
     def stop(self, timeout: float | None = None) -> None:
