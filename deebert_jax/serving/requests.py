@@ -30,18 +30,19 @@ class RequestError(ValueError):
         self.status = status
 
 
-def _item(value, where: str) -> Example:
+def _item(value, field: str) -> Example:
+    """One input at `field` (`inputs[3]`): a text, or a list of a text and its optional pair."""
     if isinstance(value, list):
         if not 1 <= len(value) <= 2:
-            raise RequestError(400, f"{where} has {len(value)} texts; expected 1 or 2 (a text and its pair)")
-        texts = [_text(v, f"{where}[{j}]") for j, v in enumerate(value)]
+            raise RequestError(400, f'"{field}" has {len(value)} texts; expected 1 or 2 (a text and its pair)')
+        texts = [_text(v, f"{field}[{j}]") for j, v in enumerate(value)]
         return texts[0], (texts[1] if len(texts) == 2 else None)
-    return _text(value, where), None
+    return _text(value, field), None
 
 
-def _text(value, where: str) -> str:
+def _text(value, field: str) -> str:
     try:
-        return check_text(value, where)
+        return check_text(value, f'"{field}"')
     except DataError as e:
         raise RequestError(400, str(e)) from None
 
@@ -58,14 +59,14 @@ def parse_body(body: bytes, max_inputs: int = MAX_INPUTS, max_bytes: int = MAX_B
         raise RequestError(400, 'the body must be a JSON object with an "inputs" field')
     inputs = data["inputs"]
     if isinstance(inputs, str):
-        return [_item(inputs, '"inputs"')]
+        return [(_text(inputs, "inputs"), None)]
     if not isinstance(inputs, list):
         raise RequestError(400, f'"inputs" must be a string or a list, got {type(inputs).__name__}')
     if not inputs:
         raise RequestError(400, '"inputs" is an empty list')
     if len(inputs) > max_inputs:
         raise RequestError(413, f'"inputs" has {len(inputs)} items; at most {max_inputs} per request')
-    return [_item(value, f'"inputs[{i}]"') for i, value in enumerate(inputs)]
+    return [_item(value, f"inputs[{i}]") for i, value in enumerate(inputs)]
 
 
 def length_classes(max_seq_length: int) -> tuple[int, ...]:

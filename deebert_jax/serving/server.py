@@ -27,9 +27,10 @@ BACKLOG = 2048
 
 def build_service(model_dir: str, *, threshold: float | None = None, rule: str | None = None,
                   max_seq_length: int = 128, max_queue: int = DEFAULT_MAX_QUEUE, backend: str = "jax",
-                  say: Callable[[str], None] = print) -> Service:
+                  bucket_sizes: tuple[int, ...] | None = None, say: Callable[[str], None] = print) -> Service:
     """The model, tokenizer, threshold (`predict.resolve_threshold`: given, else exit_policy.json,
-    else full depth; `say` reports which) and engine; nothing compiled yet."""
+    else full depth; `say` reports which) and engine; nothing compiled yet. `bucket_sizes`: the
+    engine's (default `exit_aware.default_bucket_sizes()`)."""
     from deebert_jax import data, predict
     from deebert_jax.checkpoint import load_checkpoint
 
@@ -46,7 +47,7 @@ def build_service(model_dir: str, *, threshold: float | None = None, rule: str |
     if backend == "jax":
         from deebert_jax.serving.engine import Engine
         threshold, rule, note = predict.resolve_threshold(model_dir, threshold, rule, L)
-        engine = Engine(config, params, lengths, threshold, rule)
+        engine = Engine(config, params, lengths, threshold, rule, bucket_sizes=bucket_sizes)
         info.update(rule=rule, threshold=threshold)
     else:
         from deebert_jax.benchmarking import torch_twin
@@ -70,7 +71,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.listen(BACKLOG)  # connections made before uvicorn runs wait in the backlog
     except OSError as e:
         sock.close()
-        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     return sock
 
 
