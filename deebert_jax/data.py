@@ -245,6 +245,14 @@ def glue_file(task: str, split: str, glue_dir: str | os.PathLike) -> str:
     return os.path.join(os.fspath(glue_dir), spec.folder, "train.tsv" if split == "train" else spec.dev_file)
 
 
+def read_texts(task: str, split: str, glue_dir: str | os.PathLike) -> tuple[list[tuple[str, ...]], np.ndarray]:
+    """A GLUE split's raw texts (one tuple per example: a text or a pair) and int labels [N], untokenised."""
+    name = canonical_task(task)
+    if TASKS[name] is None:
+        raise DataError("the synthetic task has no texts")
+    return _read_tsv(glue_file(name, split, glue_dir), TASKS[name])
+
+
 def load_split(task: str, split: str, *, glue_dir: str | os.PathLike | None = None, tokenizer=None,
                max_seq_length: int = 128, limit: int | None = None, vocab_size: int | None = None,
                seed: int = 0) -> dict[str, np.ndarray]:
