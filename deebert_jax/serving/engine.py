@@ -96,9 +96,9 @@ class Engine:
     """Continuous exit-aware batching for one model on one device.
 
     `submit(rows, callbacks)` queues rows (`requests.Row`, padded to one of `lengths`); each
-    callback gets (logits [K], exit_layer) the moment its row exits. Not thread-safe on its own:
-    `start()` runs it on a worker thread and `submit` / `cancel` / `stop` may then be called
-    from any thread.
+    callback gets (logits [K], exit_layer) the moment its row exits. `step()` runs on one thread
+    at a time (`start()`: a worker thread); `submit`, `cancel`, `pending` and `stop` may be
+    called from any thread. `on_step(rows, seconds)` is called after each step (metrics).
     """
 
     def __init__(self, config: DeeBertConfig, params, lengths: Sequence[int], threshold: float,
