@@ -52,3 +52,34 @@ def test_targets_compare_capacities_and_the_median_at_sixty_percent():
     assert t["early_exit_vs_full_depth"] == {"ratio": 1.5, "ideal": 1.5, "target": 1.275}
     assert t["early_exit_vs_torch"]["ratio"] == 3.75
     assert t["median_at_60_percent"]["ratio"] == 0.5 and t["median_at_60_percent"]["rate_rps"] == 60.0
+
+
+def test_client_retries_a_pooled_connection_the_server_closed():
+    """A keep-alive connection the server closes while it sits idle in the pool must not turn
+    the next request into an error (the server never saw it)."""
+    import asyncio
+
+    async def scenario():
+        connections = []
+
+        async def handle(reader, writer):  # answers one request, then closes: a keep-alive timeout
+            connections.append(writer)
+            await reader.readuntil(b"\r\n\r\n")
+            body = b'[{"label_id": 1, "exit_layer": 2}]'
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = loadgen._Client("127.0.0.1", port)
+        first = await client.post("/predict", b"{}", timeout=5)
+        await asyncio.sleep(0.2)  # the server has closed the pooled connection by now
+        second = await client.post("/predict", b"{}", timeout=5)
+        client.close()
+        server.close()
+        return first, second, len(connections)
+
+    first, second, opened = asyncio.run(scenario())
+    assert first[0] == second[0] == 200 and opened == 2

@@ -39,12 +39,23 @@ class _Client:
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def post(self, path: str, body: bytes, timeout: float) -> tuple[int, bytes]:
-        conn = self._idle.pop() if self._idle else await asyncio.open_connection(self.host, self.port)
+        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        while self._idle:
+            # A pooled connection the server closed while idle (its keep-alive timeout) fails
+            # before any answer: drop it and try the next, as HTTP clients do.
+            conn = self._idle.pop()
+            try:
+                return await self._exchange(conn, head + body, timeout)
+            except (ConnectionError, asyncio.IncompleteReadError) as e:
+                if getattr(e, "partial", b""):
+                    raise
+        return await self._exchange(await asyncio.open_connection(self.host, self.port), head + body, timeout)
+
+    async def _exchange(self, conn, request: bytes, timeout: float) -> tuple[int, bytes]:
         reader, writer = conn
         try:
-            head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
-                    f"Content-Length: {len(body)}\r\n\r\n").encode()
-            writer.write(head + body)
+            writer.write(request)
             status, payload, keep = await asyncio.wait_for(self._response(reader), timeout)
         except BaseException:
             writer.close()
