@@ -2,10 +2,12 @@
 open-loop Poisson sweep of offered rates against each, capacity under a p99 SLO, and the report
 (JSON, a markdown table, a latency-against-load plot).
 
-Modes, in the order run: `full_depth` (the same server at threshold 0: a standard dynamic-batching
-server), `early_exit` (the model directory's exit policy), `torch` (eager PyTorch at full depth
-with dynamic batching). After the full-depth sweep, one more point at 60% of its capacity is run
-for the full-depth and early-exit servers (the median-latency target's load).
+Modes: `full_depth` (the same server at threshold 0: a standard dynamic-batching server),
+`early_exit` (the model directory's exit policy), `torch` (eager PyTorch at full depth with
+dynamic batching). All three servers start first (each idle while another is measured); then
+each offered rate runs every mode in turn, so that drifts in other load on a shared machine land
+on all modes alike. After the sweep, one more point at 60% of the full-depth capacity is run for
+the full-depth and early-exit servers (the median-latency target's load).
 """
 
 from __future__ import annotations
@@ -69,25 +71,19 @@ def stop_server(proc: subprocess.Popen) -> int:
     return status
 
 
-def sweep(port: int, texts: Sequence[str], labels, reference, rates: Sequence[float], *, duration_s: float,
-          max_requests: int, slo_ms: float, seed: int, say: Callable[[str], None], stop_early: bool = True) -> list[dict]:
-    """One `loadgen.open_loop` run per offered rate -> summary rows; stops after two rates in a
-    row far past the SLO (p99 over 4x, or errors): higher rates only queue more."""
-    rows, bad = [], 0
-    for k, rate in enumerate(rates):
-        load = bench_harness.load_average()
-        outcomes = asyncio.run(loadgen.open_loop(HOST, port, texts, rate, duration_s, max_requests=max_requests,
-                                                 seed=seed + k, first_index=k * 997))
-        row = loadgen.summarize(outcomes, rate, duration_s, labels, reference)
-        row["load_average_before"] = load
-        rows.append(row)
-        say(f"  {rate:g} req/s: achieved {row['achieved_rps']:g}, p50 {row['p50_ms']:g} ms, p99 {row['p99_ms']:g} ms, "
-            f"errors {row['errors']}, mean exit {row['mean_exit_layer']}, accuracy {row['accuracy']}")
-        bad = bad + 1 if (row["errors"] or row["p99_ms"] > 4 * slo_ms) else 0
-        if stop_early and bad >= 2:
-            break
-        time.sleep(1.0)  # let the queue empty between rates
-    return rows
+def measure(port: int, texts: Sequence[str], labels, reference, rate: float, *, duration_s: float,
+            max_requests: int, seed: int, first_index: int) -> dict:
+    """One `loadgen.open_loop` run at `rate` -> its summary row (with the load average before it)."""
+    load = bench_harness.load_average()
+    outcomes = asyncio.run(loadgen.open_loop(HOST, port, texts, rate, duration_s, max_requests=max_requests,
+                                             seed=seed, first_index=first_index))
+    row = loadgen.summarize(outcomes, rate, duration_s, labels, reference)
+    row["load_average_before"] = load
+    return row
+
+
+def _far_past(row: dict, slo_ms: float) -> bool:
+    return bool(row["errors"]) or row["p99_ms"] > 4 * slo_ms
 
 
 def reference_answers(model_dir: str, texts: Sequence[str], threshold: float, rule: str,
@@ -120,33 +116,54 @@ def run(model_dir: str, texts: Sequence[str], labels, *, server_command: Sequenc
               "rule": rule, "threshold_note": note, "max_seq_length": max_seq_length, "texts": len(texts),
               "rates": list(rates), "duration_s": duration_s, "max_requests": max_requests, "slo_p99_ms": slo_ms,
               "modes": {}}
+    servers = {}
+    try:
+        for mode in modes:  # all up first, then each rate runs every mode in turn (interleaved)
+            say(f"== starting {MODE_NAMES[mode]}")
+            servers[mode] = start_server([*server_command, *server_args(mode, model_dir, max_seq_length)], env, say)
+        rows = {mode: [] for mode in modes}
+        bad = {mode: 0 for mode in modes}
+
+        def one(mode, rate, k):
+            row = measure(servers[mode][1], texts, labels, references[mode], rate, duration_s=duration_s,
+                          max_requests=max_requests, seed=seed + k, first_index=k * 997)
+            rows[mode].append(row)
+            say(f"  {mode} {rate:g} req/s: achieved {row['achieved_rps']:g}, p50 {row['p50_ms']:g} ms, "
+                f"p99 {row['p99_ms']:g} ms, errors {row['errors']}, mean exit {row['mean_exit_layer']}, "
+                f"accuracy {row['accuracy']}")
+            time.sleep(1.0)  # let the queue empty
+            return row
+
+        for k, rate in enumerate(rates):
+            # A mode two rates in a row far past the SLO only queues more at higher rates: skipped.
+            live = [m for m in modes if bad[m] < 2]
+            if not live:
+                break
+            say(f"== {rate:g} req/s")
+            for mode in live:
+                bad[mode] = bad[mode] + 1 if _far_past(one(mode, rate, k), slo_ms) else 0
+        full_capacity = loadgen.capacity(rows.get("full_depth", []), slo_ms)
+        if full_capacity and {"full_depth", "early_exit"} <= set(modes):
+            extra = round(0.6 * full_capacity, 1)
+            say(f"== 60% of the full-depth capacity: {extra:g} req/s")
+            for mode in ("full_depth", "early_exit"):
+                one(mode, extra, len(rates))
+    finally:
+        status = {mode: stop_server(proc) for mode, (proc, _, _) in servers.items()}
     for mode in modes:
-        say(f"== {MODE_NAMES[mode]}")
-        proc, port, lines = start_server([*server_command, *server_args(mode, model_dir, max_seq_length)], env, say)
-        try:
-            rows = sweep(port, texts, labels, references[mode], rates, duration_s=duration_s,
-                         max_requests=max_requests, slo_ms=slo_ms, seed=seed, say=say)
-            if mode == "full_depth":  # its capacity is known now: the 60% point's load
-                result["modes"]["full_depth"] = {"capacity_rps": loadgen.capacity(rows, slo_ms)}
-            extra = _sixty_percent_rate(result, mode)
-            if extra:
-                say(f"  60% of the full-depth capacity: {extra:g} req/s")
-                rows += sweep(port, texts, labels, references[mode], [extra], duration_s=duration_s,
-                              max_requests=max_requests, slo_ms=slo_ms, seed=seed + 100, say=say, stop_early=False)
-        finally:
-            status = stop_server(proc)
-        result["modes"][mode] = {"name": MODE_NAMES[mode], "server_lines": lines, "exit_status": status,
-                                 "rows": rows, "capacity_rps": loadgen.capacity(rows, slo_ms),
-                                 "load_average_after": bench_harness.load_average()}
-        say(f"  capacity (p99 <= {slo_ms:g} ms, no errors): {result['modes'][mode]['capacity_rps']} req/s; "
-            f"server exit status {status}")
+        result["modes"][mode] = {"name": MODE_NAMES[mode], "server_lines": servers[mode][2],
+                                 "exit_status": status[mode], "rows": rows[mode],
+                                 "capacity_rps": loadgen.capacity(rows[mode], slo_ms)}
+        say(f"{MODE_NAMES[mode]}: capacity (p99 <= {slo_ms:g} ms, no errors) {result['modes'][mode]['capacity_rps']} "
+            f"req/s; server exit status {status[mode]}")
+    result["load_average_after"] = bench_harness.load_average()
     result["targets"] = targets(result)
     return result
 
 
-def _sixty_percent_rate(result: dict, mode: str) -> float | None:
+def _sixty_percent_rate(result: dict) -> float | None:
     full = result["modes"].get("full_depth")
-    if mode not in ("full_depth", "early_exit") or not full or not full["capacity_rps"]:
+    if not full or not full["capacity_rps"]:
         return None
     return round(0.6 * full["capacity_rps"], 1)
 
@@ -171,7 +188,7 @@ def targets(result: dict) -> dict:
                                                "ideal": round(ideal, 3), "target": round(0.85 * ideal, 3)}
         if cap.get("torch") and cap.get("early_exit"):
             out["early_exit_vs_torch"] = {"ratio": round(cap["early_exit"] / cap["torch"], 3), "target": 3.0}
-        rate = _sixty_percent_rate(result, "early_exit")
+        rate = _sixty_percent_rate(result)
         if rate and "full_depth" in modes:
             a, b = _row_at(ee["rows"], rate), _row_at(modes["full_depth"]["rows"], rate)
             if a and b:
@@ -192,15 +209,17 @@ def markdown(result: dict, command: str) -> str:
              f"Model `{result['model']}` ({result['layers']} layers), {result['threshold_note']}; one SST-2 dev "
              f"sentence per request, max length {result['max_seq_length']}; {result['duration_s']:g} s per rate "
              f"(at most {result['max_requests']} requests); SLO: p99 <= {result['slo_p99_ms']:g} ms, no errors. "
-             f"{env['device']}; threads: {env['threads']}; load average before: {env['load_average_before']}.", "",
-             "| mode | offered req/s | achieved req/s | p50 ms | p90 ms | p99 ms | errors | mean exit layer | "
-             "accuracy | same as train.predict |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for mode, m in result["modes"].items():
-        for r in m["rows"]:
-            lines.append(f"| {m['name']} | {r['offered_rps']:g} | {r['achieved_rps']:g} | {r['p50_ms']:g} | "
-                         f"{r['p90_ms']:g} | {r['p99_ms']:g} | {r['errors']} | {r['mean_exit_layer']} | "
-                         f"{r['accuracy']} | {r.get('same_as_predict')} |")
+             f"{env['device']}; threads: {env['threads']}; load average before: {env['load_average_before']}, "
+             f"after: {result.get('load_average_after')}.", "",
+             "| offered req/s | mode | achieved req/s | p50 ms | p90 ms | p99 ms | errors | mean exit layer | "
+             "accuracy | same as train.predict | load avg (1 min) before |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = [(i, mode, r) for mode, m in result["modes"].items() for i, r in enumerate(m["rows"])]
+    for _, mode, r in sorted(order, key=lambda x: (x[0], list(result["modes"]).index(x[1]))):
+        load = r.get("load_average_before")
+        lines.append(f"| {r['offered_rps']:g} | {result['modes'][mode]['name']} | {r['achieved_rps']:g} | "
+                     f"{r['p50_ms']:g} | {r['p90_ms']:g} | {r['p99_ms']:g} | {r['errors']} | {r['mean_exit_layer']} | "
+                     f"{r['accuracy']} | {r.get('same_as_predict')} | {load[0] if load else ''} |")
     lines.append("")
     t = result["targets"]
     caps = ", ".join(f"{result['modes'][m]['name']}: {c} req/s" for m, c in t["capacity_rps"].items())
