@@ -173,7 +173,7 @@ def _row_at(rows: Sequence[dict], rate: float) -> dict | None:
 
 
 def targets(result: dict) -> dict:
-    """The issue's three targets, measured: capacity ratios, median latency at 60% load, accuracy."""
+    """The serving targets, measured: capacity ratios, median latency at 60% load, agreement with predict."""
     modes, L = result["modes"], result["layers"]
     cap = {m: modes[m]["capacity_rps"] for m in modes}
     out: dict = {"capacity_rps": cap}
