@@ -31,7 +31,8 @@ class TaskSpec:
     """Where a GLUE task's text and label live, locally and on the hub.
 
     `tsv_text`/`tsv_label` are header names, or column indices for header-less files (CoLA).
-    `labels` are the TSV label strings in the hub's integer order.
+    `labels` are the TSV label strings in the hub's integer order; `label_names` what each means,
+    in the same order (the hub's names), as a trained model's `id2label`.
     """
 
     folder: str
@@ -45,23 +46,27 @@ class TaskSpec:
     hub_dev_split: str = "validation"
     # utf-8-sig: a byte-order mark before the header (MRPC ships one; an edited file may) is dropped.
     encoding: str = "utf-8-sig"
+    label_names: tuple[str, ...] = ()
 
 
 TASKS: dict[str, TaskSpec | None] = {
-    "sst2": TaskSpec("SST-2", "sst2", ("sentence",), "label", ("0", "1"), ("sentence",)),
+    "sst2": TaskSpec("SST-2", "sst2", ("sentence",), "label", ("0", "1"), ("sentence",),
+                     label_names=("negative", "positive")),
     "mrpc": TaskSpec("MRPC", "mrpc", ("#1 String", "#2 String"), "Quality", ("0", "1"),
-                     ("sentence1", "sentence2")),
+                     ("sentence1", "sentence2"), label_names=("not_equivalent", "equivalent")),
     "rte": TaskSpec("RTE", "rte", ("sentence1", "sentence2"), "label", ("entailment", "not_entailment"),
-                    ("sentence1", "sentence2")),
+                    ("sentence1", "sentence2"), label_names=("entailment", "not_entailment")),
     "qnli": TaskSpec("QNLI", "qnli", ("question", "sentence"), "label", ("entailment", "not_entailment"),
-                     ("question", "sentence")),
+                     ("question", "sentence"), label_names=("entailment", "not_entailment")),
     "qqp": TaskSpec("QQP", "qqp", ("question1", "question2"), "is_duplicate", ("0", "1"),
-                    ("question1", "question2")),
+                    ("question1", "question2"), label_names=("not_duplicate", "duplicate")),
     "mnli": TaskSpec("MNLI", "mnli", ("sentence1", "sentence2"), "gold_label",
                      ("entailment", "neutral", "contradiction"), ("premise", "hypothesis"),
-                     dev_file="dev_matched.tsv", hub_dev_split="validation_matched"),
+                     dev_file="dev_matched.tsv", hub_dev_split="validation_matched",
+                     label_names=("entailment", "neutral", "contradiction")),
     # CoLA has no header: source, label, original mark, sentence.
-    "cola": TaskSpec("CoLA", "cola", (3,), 1, ("0", "1"), ("sentence",), header=False),
+    "cola": TaskSpec("CoLA", "cola", (3,), 1, ("0", "1"), ("sentence",), header=False,
+                     label_names=("unacceptable", "acceptable")),
     # Random token ids with a learnable rule; no files, no tokenizer (tests, configs/tiny.py).
     "synthetic": None,
 }
@@ -76,6 +81,12 @@ def canonical_task(task: str) -> str:
     if name not in TASKS:
         raise DataError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
     return name
+
+
+def label_names(task: str) -> tuple[str, ...]:
+    """The task's label names in label-id order (SST-2: negative, positive); () for synthetic."""
+    spec = TASKS[canonical_task(task)]
+    return () if spec is None else spec.label_names
 
 
 def num_labels(task: str) -> int:
@@ -234,6 +245,14 @@ def synthetic_split(split: str, *, max_seq_length: int, vocab_size: int, size: i
 def glue_file(task: str, split: str, glue_dir: str | os.PathLike) -> str:
     spec = TASKS[canonical_task(task)]
     return os.path.join(os.fspath(glue_dir), spec.folder, "train.tsv" if split == "train" else spec.dev_file)
+
+
+def read_texts(task: str, split: str, glue_dir: str | os.PathLike) -> tuple[list[tuple[str, ...]], np.ndarray]:
+    """A GLUE split's raw texts (one tuple per example: a text or a pair) and int labels [N], untokenised."""
+    name = canonical_task(task)
+    if TASKS[name] is None:
+        raise DataError("the synthetic task has no texts")
+    return _read_tsv(glue_file(name, split, glue_dir), TASKS[name])
 
 
 def load_split(task: str, split: str, *, glue_dir: str | os.PathLike | None = None, tokenizer=None,

@@ -31,6 +31,7 @@ from deebert_jax.core.config import DeeBertConfig
 from deebert_jax.data.glue import DataError
 from deebert_jax.inference.exit_aware import exit_aware_predict
 from deebert_jax.core.fileutil import atomic_write_text
+from deebert_jax.weights.checkpoint import LABELS_FILE
 
 Example = tuple[str, "str | None"]   # (text, text_pair or None)
 INPUT_FORMATS = (".txt", ".tsv", ".jsonl")
@@ -195,9 +196,10 @@ def predict_arrays(config: DeeBertConfig, params, arrays: Mapping[str, np.ndarra
 # Labels, thresholds and output
 
 def label_names(model_dir: str | os.PathLike, num_labels: int) -> list[str]:
-    """`id2label` from the model directory's `config.json` or `deebert_config.json` when one has
-    it for every label, else LABEL_0 .. LABEL_{K-1}."""
-    for name in ("config.json", "deebert_config.json"):
+    """`id2label` from the model directory's `labels.json` (training writes the task's names
+    there), `config.json` or `deebert_config.json`, the first that has it for every label, else
+    LABEL_0 .. LABEL_{K-1}."""
+    for name in (LABELS_FILE, "config.json", "deebert_config.json"):
         path = os.path.join(os.fspath(model_dir), name)
         try:
             with open(path, encoding="utf-8") as f:

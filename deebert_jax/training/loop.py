@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from deebert_jax.data import glue as data_lib
-from deebert_jax.weights.checkpoint import TrainCheckpointManager, is_checkpoint_dir, load_checkpoint, save_checkpoint
+from deebert_jax.weights.checkpoint import (TrainCheckpointManager, is_checkpoint_dir, load_checkpoint, save_checkpoint,
+                                            write_label_names)
 from deebert_jax.core.config import DeeBertConfig
 from deebert_jax.evaluation.sweep import evaluate_ramps
 from deebert_jax.evaluation.metrics import metric_name
@@ -57,11 +58,15 @@ def _save_model(ctx: RunContext, directory: str, params: Params) -> None:
     """A model directory others can use alone: checkpoint + `tokenizer/` (host 0 writes)."""
     if jax.process_index() != 0:
         return
-    write_tokenizer = None
-    if ctx.tokenizer is not None:
-        write_tokenizer = lambda tmp: ctx.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-    # The tokenizer goes in with the same atomic rename: a stage directory is complete or absent.
-    save_checkpoint(directory, ctx.config, params, write_extra=write_tokenizer)
+    names = data_lib.label_names(ctx.task)
+
+    def write_extra(tmp):
+        if ctx.tokenizer is not None:
+            ctx.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+        if len(names) == ctx.config.num_labels:  # so predictions say "positive", not "LABEL_1"
+            write_label_names(tmp, names)
+    # The tokenizer and labels go in with the same atomic rename: a stage directory is complete or absent.
+    save_checkpoint(directory, ctx.config, params, write_extra=write_extra)
 
 
 def run_stage(ctx: RunContext, stage: int, params: Params) -> Params:

@@ -18,6 +18,7 @@ from deebert_jax.core.fileutil import atomic_directory
 
 CONFIG_FILE = "deebert_config.json"
 PARAMS_DIR = "params"
+LABELS_FILE = "labels.json"   # {"id2label": {"0": name, ...}}: optional, older directories lack it
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,14 @@ def save_checkpoint(directory: str | os.PathLike, config: DeeBertConfig, params:
         if write_extra is not None:
             write_extra(tmp)
     return directory
+
+
+def write_label_names(directory: str | os.PathLike, names) -> str:
+    """Writes `directory/labels.json` ({"id2label": {"0": names[0], ...}}) -> its path."""
+    path = os.path.join(os.fspath(directory), LABELS_FILE)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"id2label": {str(i): str(n) for i, n in enumerate(names)}}, f, indent=2)
+    return path
 
 
 def load_checkpoint(directory: str | os.PathLike) -> tuple[DeeBertConfig, Any]:

@@ -1,0 +1,308 @@
+"""The serving benchmark (`train.benchmark_serve`): one server process per mode on 127.0.0.1, an
+open-loop Poisson sweep of offered rates against each, capacity under a p99 SLO, and the report
+(JSON, a markdown table, a latency-against-load plot).
+
+Modes: `full_depth` (the same server at threshold 0: a standard dynamic-batching server),
+`early_exit` (the model directory's exit policy), `torch` (eager PyTorch at full depth with
+dynamic batching). All three servers start first (each idle while another is measured); then
+each offered rate runs every mode in turn, so that drifts in other load on a shared machine land
+on all modes alike. After the sweep, one more point at 60% of the full-depth capacity is run for
+the full-depth and early-exit servers (the median-latency target's load).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from deebert_jax.bench import harness as bench_harness
+from deebert_jax.serving import loadgen
+
+MODES = ("full_depth", "early_exit", "torch")
+MODE_NAMES = {"full_depth": "JAX, full depth (threshold 0)", "early_exit": "JAX, early exit (policy threshold)",
+              "torch": "eager PyTorch, full depth"}
+READY_TIMEOUT_S = 600
+HOST = "127.0.0.1"   # the benchmark never talks to anything else
+
+
+def server_args(mode: str, model_dir: str, max_seq_length: int) -> list[str]:
+    args = ["--checkpoint", model_dir, "--host", HOST, "--port", "0", "--max-seq-length", str(max_seq_length)]
+    if mode == "full_depth":
+        args += ["--threshold", "0", "--rule", "entropy"]
+    elif mode == "torch":
+        args += ["--backend", "torch"]
+    return args
+
+
+def start_server(command: Sequence[str], env: dict, say: Callable[[str], None]) -> tuple[subprocess.Popen, int, list[str]]:
+    """Starts `command` (a `train.serve` process) -> (process, port, its lines up to `ready:`)."""
+    proc = subprocess.Popen(list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, deadline = [], time.monotonic() + READY_TIMEOUT_S
+    for line in proc.stdout:
+        line = line.rstrip("\n")
+        lines.append(line)
+        say(f"  server: {line}")
+        match = re.match(rf"ready: http://{re.escape(HOST)}:(\d+) ", line)
+        if match:
+            return proc, int(match.group(1)), lines
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise RuntimeError(f"the server did not become ready: {' | '.join(lines[-3:])}")
+
+
+def stop_server(proc: subprocess.Popen) -> int:
+    """SIGTERM (the drain) -> its exit status."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        status = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        status = proc.wait()
+    proc.stdout.close()
+    return status
+
+
+def measure(port: int, texts: Sequence[str], labels, reference, rate: float, *, duration_s: float,
+            max_requests: int, seed: int, first_index: int) -> dict:
+    """One `loadgen.open_loop` run at `rate` -> its summary row (with the load average before it)."""
+    load = bench_harness.load_average()
+    outcomes = asyncio.run(loadgen.open_loop(HOST, port, texts, rate, duration_s, max_requests=max_requests,
+                                             seed=seed, first_index=first_index))
+    row = loadgen.summarize(outcomes, rate, duration_s, labels, reference)
+    row["load_average_before"] = load
+    return row
+
+
+def _far_past(row: dict, slo_ms: float) -> bool:
+    return bool(row["errors"]) or row["p99_ms"] > 4 * slo_ms
+
+
+def reference_answers(model_dir: str, texts: Sequence[str], threshold: float, rule: str,
+                      max_seq_length: int) -> list[tuple[int, int]]:
+    """(label_id, exit_layer) per text from `train.predict`'s own path at that threshold."""
+    from deebert_jax.data import glue as data
+    from deebert_jax.inference import predict
+    from deebert_jax.weights.checkpoint import load_checkpoint
+    config, params = load_checkpoint(model_dir)
+    arrays, _ = predict.encode(data.load_tokenizer(model_dir), [(t, None) for t in texts], max_seq_length,
+                               config.vocab_size)
+    probs, exits, _ = predict.predict_arrays(config, params, arrays, threshold, rule)
+    return [(int(np.argmax(p)), int(e)) for p, e in zip(probs, exits)]
+
+
+def run(model_dir: str, texts: Sequence[str], labels, *, server_command: Sequence[str], env: dict,
+        rates: Sequence[float], duration_s: float, max_requests: int, slo_ms: float, max_seq_length: int,
+        modes: Sequence[str] = MODES, seed: int = 0, say: Callable[[str], None] = print) -> dict:
+    """The whole benchmark -> the result dict (`write_outputs` writes it)."""
+    from deebert_jax.inference import predict
+    from deebert_jax.weights.checkpoint import load_checkpoint
+    config, _ = load_checkpoint(model_dir)
+    L = config.num_hidden_layers
+    threshold, rule, note = predict.resolve_threshold(model_dir, None, None, L)
+    say(f"early exit: {note}")
+    references = {"early_exit": reference_answers(model_dir, texts, threshold, rule, max_seq_length),
+                  "full_depth": reference_answers(model_dir, texts, 0.0, "entropy", max_seq_length)}
+    references["torch"] = references["full_depth"]
+    result = {"environment": bench_harness.environment(bench_harness.available_cpus(), "cpu"),
+              "model": os.path.basename(os.path.normpath(model_dir)), "layers": L, "threshold": threshold,
+              "rule": rule, "threshold_note": note, "max_seq_length": max_seq_length, "texts": len(texts),
+              "rates": list(rates), "duration_s": duration_s, "max_requests": max_requests, "slo_p99_ms": slo_ms,
+              "modes": {}}
+    servers = {}
+    try:
+        for mode in modes:  # all up first, then each rate runs every mode in turn (interleaved)
+            say(f"== starting {MODE_NAMES[mode]}")
+            servers[mode] = start_server([*server_command, *server_args(mode, model_dir, max_seq_length)], env, say)
+        rows = {mode: [] for mode in modes}
+        bad = {mode: 0 for mode in modes}
+
+        def one(mode, rate, k):
+            row = measure(servers[mode][1], texts, labels, references[mode], rate, duration_s=duration_s,
+                          max_requests=max_requests, seed=seed + k, first_index=k * 997)
+            rows[mode].append(row)
+            say(f"  {mode} {rate:g} req/s: achieved {row['achieved_rps']:g}, p50 {row['p50_ms']:g} ms, "
+                f"p99 {row['p99_ms']:g} ms, errors {row['errors']}, mean exit {row['mean_exit_layer']}, "
+                f"accuracy {row['accuracy']}")
+            time.sleep(1.0)  # let the queue empty
+            return row
+
+        for k, rate in enumerate(rates):
+            # A mode two rates in a row far past the SLO only queues more at higher rates: skipped.
+            live = [m for m in modes if bad[m] < 2]
+            if not live:
+                break
+            say(f"== {rate:g} req/s")
+            for mode in live:
+                bad[mode] = bad[mode] + 1 if _far_past(one(mode, rate, k), slo_ms) else 0
+        full_capacity = loadgen.capacity(rows.get("full_depth", []), slo_ms)
+        if full_capacity and {"full_depth", "early_exit"} <= set(modes):
+            extra = round(0.6 * full_capacity, 1)
+            say(f"== 60% of the full-depth capacity: {extra:g} req/s")
+            for mode in ("full_depth", "early_exit"):
+                one(mode, extra, len(rates))
+    finally:
+        status = {mode: stop_server(proc) for mode, (proc, _, _) in servers.items()}
+    for mode in modes:
+        result["modes"][mode] = {"name": MODE_NAMES[mode], "server_lines": servers[mode][2],
+                                 "exit_status": status[mode], "rows": rows[mode],
+                                 "capacity_rps": loadgen.capacity(rows[mode], slo_ms)}
+        say(f"{MODE_NAMES[mode]}: capacity (p99 <= {slo_ms:g} ms, no errors) {result['modes'][mode]['capacity_rps']} "
+            f"req/s; server exit status {status[mode]}")
+    result["load_average_after"] = bench_harness.load_average()
+    result["targets"] = targets(result)
+    return result
+
+
+def _sixty_percent_rate(result: dict) -> float | None:
+    full = result["modes"].get("full_depth")
+    if not full or not full["capacity_rps"]:
+        return None
+    return round(0.6 * full["capacity_rps"], 1)
+
+
+def _row_at(rows: Sequence[dict], rate: float) -> dict | None:
+    return next((r for r in reversed(rows) if r["offered_rps"] == rate), None)
+
+
+def targets(result: dict) -> dict:
+    """The serving targets, measured: capacity ratios, median latency at 60% load, agreement with predict."""
+    modes, L = result["modes"], result["layers"]
+    cap = {m: modes[m]["capacity_rps"] for m in modes}
+    out: dict = {"capacity_rps": cap}
+    ee = modes.get("early_exit")
+    if ee:
+        exits = [r["mean_exit_layer"] for r in ee["rows"] if r["mean_exit_layer"] is not None]
+        saving = 1 - float(np.mean(exits)) / L if exits else None
+        out["layer_saving"] = None if saving is None else round(saving, 4)
+        if saving is not None and cap.get("full_depth") and cap.get("early_exit"):
+            ideal = 1 / (1 - saving)
+            out["early_exit_vs_full_depth"] = {"ratio": round(cap["early_exit"] / cap["full_depth"], 3),
+                                               "ideal": round(ideal, 3), "target": round(0.85 * ideal, 3)}
+        if cap.get("torch") and cap.get("early_exit"):
+            out["early_exit_vs_torch"] = {"ratio": round(cap["early_exit"] / cap["torch"], 3), "target": 3.0}
+        rate = _sixty_percent_rate(result)
+        if rate and "full_depth" in modes:
+            a, b = _row_at(ee["rows"], rate), _row_at(modes["full_depth"]["rows"], rate)
+            if a and b:
+                out["median_at_60_percent"] = {"rate_rps": rate, "early_exit_p50_ms": a["p50_ms"],
+                                               "full_depth_p50_ms": b["p50_ms"],
+                                               "ratio": round(a["p50_ms"] / b["p50_ms"], 3), "target": 0.7}
+        same = [r.get("same_as_predict") for r in ee["rows"] if r.get("same_as_predict") is not None]
+        out["early_exit_same_as_predict"] = {"min": min(same) if same else None, "target": 1.0}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+def markdown(result: dict, command: str) -> str:
+    env = result["environment"]
+    lines = [f"```bash\n{command}\n```", "",
+             f"Model `{result['model']}` ({result['layers']} layers), {result['threshold_note']}; one SST-2 dev "
+             f"sentence per request, max length {result['max_seq_length']}; {result['duration_s']:g} s per rate "
+             f"(at most {result['max_requests']} requests); SLO: p99 <= {result['slo_p99_ms']:g} ms, no errors. "
+             f"{env['device']}; threads: {env['threads']}; load average before: {env['load_average_before']}, "
+             f"after: {result.get('load_average_after')}.", "",
+             "| offered req/s | mode | achieved req/s | p50 ms | p90 ms | p99 ms | errors | mean exit layer | "
+             "accuracy | same as train.predict | load avg (1 min) before |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = [(i, mode, r) for mode, m in result["modes"].items() for i, r in enumerate(m["rows"])]
+    for _, mode, r in sorted(order, key=lambda x: (x[0], list(result["modes"]).index(x[1]))):
+        load = r.get("load_average_before")
+        lines.append(f"| {r['offered_rps']:g} | {result['modes'][mode]['name']} | {r['achieved_rps']:g} | "
+                     f"{r['p50_ms']:g} | {r['p90_ms']:g} | {r['p99_ms']:g} | {r['errors']} | {r['mean_exit_layer']} | "
+                     f"{r['accuracy']} | {r.get('same_as_predict')} | {load[0] if load else ''} |")
+    lines.append("")
+    t = result["targets"]
+    caps = ", ".join(f"{result['modes'][m]['name']}: {c} req/s" for m, c in t["capacity_rps"].items())
+    lines.append(f"Capacity (highest offered rate with p99 <= {result['slo_p99_ms']:g} ms and no errors): {caps}.")
+    if "early_exit_vs_full_depth" in t:
+        x = t["early_exit_vs_full_depth"]
+        lines.append(f"- early exit / full depth capacity: {x['ratio']}x (layer saving {t['layer_saving']:.1%}; "
+                     f"ideal {x['ideal']}x, target >= {x['target']}x: {'met' if x['ratio'] >= x['target'] else 'missed'})")
+    if "early_exit_vs_torch" in t:
+        x = t["early_exit_vs_torch"]
+        lines.append(f"- early exit / eager PyTorch capacity: {x['ratio']}x (target >= 3x: "
+                     f"{'met' if x['ratio'] >= 3 else 'missed'})")
+    if "median_at_60_percent" in t:
+        x = t["median_at_60_percent"]
+        lines.append(f"- median latency at {x['rate_rps']:g} req/s (60% of the full-depth capacity): early exit "
+                     f"{x['early_exit_p50_ms']:g} ms vs full depth {x['full_depth_p50_ms']:g} ms = {x['ratio']}x "
+                     f"(target <= 0.7x: {'met' if x['ratio'] <= 0.7 else 'missed'})")
+    if t.get("early_exit_same_as_predict", {}).get("min") is not None:
+        lines.append(f"- answers identical to train.predict's (label and exit layer), worst rate: "
+                     f"{t['early_exit_same_as_predict']['min']:.2%}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode, m in result["modes"].items():
+        rows = sorted((r for r in m["rows"] if r["errors"] == 0 or r["achieved_rps"]), key=lambda r: r["offered_rps"])
+        x = [r["offered_rps"] for r in rows]
+        line, = ax.plot(x, [r["p99_ms"] for r in rows], marker="o", label=f"{m['name']}: p99")
+        ax.plot(x, [r["p50_ms"] for r in rows], marker=".", linestyle="--", color=line.get_color(), label=f"{m['name']}: p50")
+    ax.axhline(result["slo_p99_ms"], color="grey", linewidth=0.8, linestyle=":", label=f"SLO {result['slo_p99_ms']:g} ms")
+    ax.set_xlabel("offered load (requests/s, Poisson)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.set_title(f"{result['model']}: latency against load")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(result: dict, out_json: str, command: str) -> dict[str, str]:
+    """JSON, markdown (`.md`) and plot (`.png`) beside each other -> their paths."""
+    from deebert_jax.core.fileutil import atomic_write_text
+    base = os.path.splitext(out_json)[0]
+    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
+    result = dict(result, command=command)
+    paths = {"json": atomic_write_text(out_json, json.dumps(result, indent=2) + "\n"),
+             "markdown": atomic_write_text(base + ".md", markdown(result, command)),
+             "plot": plot(result, base + ".png")}
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# `--quick`: a tiny random model, so the whole benchmark runs in seconds with no data
+
+QUICK_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "movie", "film", "was", "is", "good", "bad",
+               "very", "not", "a", "plot", "."]
+
+
+def tiny_model(directory: str, n_texts: int = 64, seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """A random 3-layer model with a word-level tokenizer and an entropy exit policy in `directory`
+    -> (random texts [n], random labels [n])."""
+    import jax
+    from transformers import BertTokenizerFast
+
+    from deebert_jax.evaluation import calibration
+    from deebert_jax.model import modeling
+    from deebert_jax.weights.checkpoint import save_checkpoint
+    from deebert_jax.core.config import tiny_config
+
+    config = tiny_config(vocab_size=len(QUICK_WORDS), num_hidden_layers=3, initializer_range=0.5)
+    params = modeling.init_params(config, jax.random.PRNGKey(seed))
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(QUICK_WORDS)})
+    save_checkpoint(directory, config, params, overwrite=True,
+                    write_extra=lambda tmp: tokenizer.save_pretrained(os.path.join(tmp, "tokenizer")))
+    calibration.write_exit_policy(directory, {"rule": "entropy", "threshold": 0.6})
+    rng = np.random.default_rng(seed)
+    words = QUICK_WORDS[5:]
+    texts = [" ".join(rng.choice(words, int(rng.integers(2, 12)))) for _ in range(n_texts)]
+    return texts, rng.integers(0, 2, n_texts)

@@ -1,0 +1,53 @@
+"""The server's Prometheus metrics (`prometheus_client`, one registry per app)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class ServingMetrics:
+    """Requests by status, request latency, queue depth, rows per layer step, exit layers and the
+    layer saving (1 - mean exit layer / L over the rows answered). Safe from any thread."""
+
+    def __init__(self, num_layers: int, queue_depth: Callable[[], int]):
+        self.num_layers = num_layers
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("deebert_requests", "predict requests by HTTP status", ["status"], registry=r)
+        self.latency = Histogram("deebert_request_latency_seconds", "predict latency, body read to answer",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        Gauge("deebert_queue_depth", "rows accepted and not yet answered (waiting or running)",
+              registry=r).set_function(queue_depth)
+        self.rows_per_step = Histogram("deebert_rows_per_layer_step", "rows run by one layer step",
+                                       buckets=ROWS_BUCKETS, registry=r)
+        self.exit_layer = Histogram("deebert_exit_layer", "exit layer of each answered row (1-based)",
+                                    buckets=tuple(range(1, num_layers + 1)), registry=r)
+        Gauge("deebert_layer_saving", "1 - mean exit layer / layers, over the rows answered",
+              registry=r).set_function(self.layer_saving)
+        self._lock = threading.Lock()
+        self._rows = 0
+        self._layers = 0
+
+    def observe_step(self, rows: int) -> None:
+        self.rows_per_step.observe(rows)
+
+    def observe_exit(self, layer: int) -> None:
+        self.exit_layer.observe(layer)
+        with self._lock:
+            self._rows += 1
+            self._layers += layer
+
+    def layer_saving(self) -> float:
+        with self._lock:
+            return 0.0 if not self._rows else 1.0 - self._layers / (self._rows * self.num_layers)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

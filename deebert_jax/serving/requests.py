@@ -1,0 +1,112 @@
+"""A predict request's body -> examples -> rows padded to one of a few lengths.
+
+The body is Text Embeddings Inference's predict shape: `{"inputs": "text"}`, `{"inputs": ["t1",
+...]}` or `{"inputs": [["text", "pair"], ...]}` (a one-element list is a single text). Anything
+else is a `RequestError` with the HTTP status (400, or 413 for too much) and one line naming the
+field and index at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Sequence
+
+import numpy as np
+
+from deebert_jax.core.errors import DeeBertError
+from deebert_jax.data.glue import DataError
+from deebert_jax.inference.predict import Example, check_text, encode
+
+MAX_INPUTS = 64               # texts in one request
+MAX_BODY_BYTES = 1 << 20      # 1 MiB: an SST-2 sentence is ~100 bytes
+SHORTEST_LENGTH = 16          # padded lengths: 16, 32, 64, ... up to the longest
+
+
+class RequestError(DeeBertError, ValueError):
+    """A request the server refuses: `status` (400, 413) and a one-line message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _item(value, field: str) -> Example:
+    """One input at `field` (`inputs[3]`): a text, or a list of a text and its optional pair."""
+    if isinstance(value, list):
+        if not 1 <= len(value) <= 2:
+            raise RequestError(400, f'"{field}" has {len(value)} texts; expected 1 or 2 (a text and its pair)')
+        texts = [_text(v, f"{field}[{j}]") for j, v in enumerate(value)]
+        return texts[0], (texts[1] if len(texts) == 2 else None)
+    return _text(value, field), None
+
+
+def _text(value, field: str) -> str:
+    try:
+        return check_text(value, f'"{field}"')
+    except DataError as e:
+        raise RequestError(400, str(e)) from None
+
+
+def parse_body(body: bytes, max_inputs: int = MAX_INPUTS, max_bytes: int = MAX_BODY_BYTES) -> list[Example]:
+    """The raw body -> [(text, text_pair or None)] in input order, or a `RequestError`."""
+    if len(body) > max_bytes:
+        raise RequestError(413, f"the body has {len(body)} bytes; at most {max_bytes}")
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(400, f"the body is not valid JSON ({e})") from None
+    if not isinstance(data, dict) or "inputs" not in data:
+        raise RequestError(400, 'the body must be a JSON object with an "inputs" field')
+    inputs = data["inputs"]
+    if isinstance(inputs, str):
+        return [(_text(inputs, "inputs"), None)]
+    if not isinstance(inputs, list):
+        raise RequestError(400, f'"inputs" must be a string or a list, got {type(inputs).__name__}')
+    if not inputs:
+        raise RequestError(400, '"inputs" is an empty list')
+    if len(inputs) > max_inputs:
+        raise RequestError(413, f'"inputs" has {len(inputs)} items; at most {max_inputs} per request')
+    return [_item(value, f"inputs[{i}]") for i, value in enumerate(inputs)]
+
+
+def length_classes(max_seq_length: int) -> tuple[int, ...]:
+    """The padded lengths rows are bucketed into: 16, 32, 64, ... below `max_seq_length`, then it."""
+    lengths, n = [], SHORTEST_LENGTH
+    while n < max_seq_length:
+        lengths.append(n)
+        n *= 2
+    return tuple(lengths) + (int(max_seq_length),)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One tokenised input, padded to its length class: input_ids, attention_mask,
+    token_type_ids [S] int32; `truncated`: longer than the server's maximum length."""
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    token_type_ids: np.ndarray
+    truncated: bool
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def to_rows(tokenizer, examples: Sequence[Example], classes: Sequence[int], vocab_size: int | None = None) -> list[Row]:
+    """Tokenises as `train.predict` does (`predict.encode`, truncation at the longest class), then
+    pads each row to the shortest class that holds it, not to the request's longest."""
+    arrays, truncated = encode(tokenizer, examples, max(classes), vocab_size)
+    rows = []
+    for i in range(len(examples)):
+        real = int(arrays["attention_mask"][i].sum())
+        size = next(c for c in classes if c >= real)
+        cut = {}
+        for key in ("input_ids", "attention_mask", "token_type_ids"):
+            row = arrays[key][i, :size]
+            if row.shape[0] < size:  # the request's longest row was shorter than this class
+                fill = (tokenizer.pad_token_id or 0) if key == "input_ids" else 0
+                row = np.concatenate([row, np.full(size - row.shape[0], fill, row.dtype)])
+            cut[key] = np.ascontiguousarray(row, np.int32)
+        rows.append(Row(**cut, truncated=bool(truncated[i])))
+    return rows

@@ -1,0 +1,132 @@
+"""Which rows run next: the host-side bookkeeping of continuous exit-aware batching (no JAX).
+
+Rows live in fixed pools, one per padded length, `pool_size` slots each. A row waits (tokenised,
+not yet embedded) until its pool has a free slot; it is admitted (embedded into a slot) by the
+step that runs its layer 1, moves up one layer per step it is in, and leaves its slot the
+moment it exits. A *group* is every row of one pool at one layer: one step runs one whole group
+through one layer (the engine cuts it into fixed-size buckets), so every step reads one layer's
+weights once and never copies them per row.
+
+The schedule is **deepest group first** (ties: the group holding the oldest row):
+
+- It is shortest-remaining-work first: a deeper row has fewer layers left, and on the CPU a row
+  costs about the same per layer in any bucket of 8, so finishing the nearest-done rows first
+  minimises the mean time in the system (the answer goes out the moment a row exits).
+- It batches by itself: while the rows ahead finish, new arrivals gather at layer 0 and start
+  together as one group, so under load groups grow (fewer, fuller buckets) instead of every
+  arrival running alone. A new row starts at layer 1 as soon as no deeper row is waiting: at
+  most one step per deeper group, and those groups only shrink (their rows exit and nothing
+  joins them), so it never waits for a batch to end, only for the shrinking tail ahead of it.
+- It bounds memory and waiting: rows in flight are at most the pools' slots; no row is
+  starved (a group at layer l waits only for groups deeper than l, which drain in at most
+  L - l steps each, because nothing new becomes deeper than l while it waits).
+
+Row-by-row exits do not depend on the schedule (each row sees the same layers and exit rule
+whatever the order); the tests drive random arrival orders through it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+from typing import Hashable, Sequence
+
+from deebert_jax.core.errors import InputError
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One layer over one group: pool `length`, layer (0-based), the slots to run (arrival order)
+    and, for a layer-0 step, `admit`: (key, slot) of the waiting rows it embeds first."""
+    length: int
+    layer: int
+    slots: tuple[int, ...]
+    admit: tuple[tuple[Hashable, int], ...] = ()
+
+
+class Scheduler:
+    """Pools of `pool_size` slots, one per padded length in `lengths`, for a model of `num_layers`."""
+
+    def __init__(self, num_layers: int, lengths: Sequence[int], pool_size: int):
+        if num_layers < 1 or pool_size < 1 or not lengths:
+            raise InputError(f"num_layers={num_layers}, pool_size={pool_size}, lengths={lengths!r}: "
+                             "need at least one layer, one slot and one length")
+        self.num_layers, self.lengths, self.pool_size = num_layers, tuple(lengths), pool_size
+        self._order = itertools.count()   # arrival order, for ties and FIFO admission
+        self._waiting = {n: collections.OrderedDict() for n in self.lengths}   # key -> arrival
+        self._free = {n: list(range(pool_size - 1, -1, -1)) for n in self.lengths}  # pop() -> lowest
+        self._slots: dict[tuple[int, int], tuple[Hashable, int, int]] = {}   # (length, slot) -> key, layer, arrival
+
+    # -- rows in and out ---------------------------------------------------------------------
+    def submit(self, key: Hashable, length: int) -> None:
+        """Queues a row (not yet embedded) for the pool of padded length `length`."""
+        if length not in self._waiting:
+            raise InputError(f"length {length} is not one of the pools' lengths {self.lengths}")
+        self._waiting[length][key] = next(self._order)
+
+    def cancel(self, key: Hashable) -> bool:
+        """Drops a row that is still waiting (its client went away); False once it is admitted."""
+        for waiting in self._waiting.values():
+            if waiting.pop(key, None) is not None:
+                return True
+        return False
+
+    def waiting(self) -> int:
+        return sum(len(w) for w in self._waiting.values())
+
+    def running(self) -> int:
+        return len(self._slots)
+
+    def has_work(self) -> bool:
+        return bool(self._slots) or any(self._admissible(n) for n in self.lengths)
+
+    def _admissible(self, length: int) -> int:
+        return min(len(self._waiting[length]), len(self._free[length]))
+
+    # -- the schedule ------------------------------------------------------------------------
+    def _groups(self) -> dict[tuple[int, int], list[tuple[int, int]]]:
+        """(length, layer) -> [(arrival, slot)] of the rows in slots."""
+        groups = collections.defaultdict(list)
+        for (length, slot), (_, layer, arrival) in self._slots.items():
+            groups[(length, layer)].append((arrival, slot))
+        return groups
+
+    def next_step(self) -> Step | None:
+        """The deepest group (ties: the one with the oldest row); None when there is no work."""
+        groups = self._groups()
+        candidates = [(-layer, min(rows)[0], length, layer) for (length, layer), rows in groups.items()]
+        for length in self.lengths:
+            if self._admissible(length) and (length, 0) not in groups:
+                candidates.append((0, next(iter(self._waiting[length].values())), length, 0))
+        if not candidates:
+            return None
+        _, _, length, layer = min(candidates)
+        rows = sorted(groups.get((length, layer), []))
+        admit = []
+        if layer == 0:
+            for _ in range(self._admissible(length)):
+                key, arrival = self._waiting[length].popitem(last=False)
+                slot = self._free[length].pop()
+                self._slots[(length, slot)] = (key, 0, arrival)
+                admit.append((key, slot))
+                rows.append((arrival, slot))
+        return Step(length, layer, tuple(slot for _, slot in rows), tuple(admit))
+
+    def complete(self, step: Step, exited: Sequence[bool]) -> list[tuple[int, Hashable]]:
+        """After `step` ran: `exited[i]` for `step.slots[i]`. Exited rows free their slots, the
+        others move to the next layer. -> (i, key) of the rows that exited."""
+        if len(exited) != len(step.slots):
+            raise ValueError(f"{len(exited)} exit flags for a step of {len(step.slots)} rows")
+        out = []
+        for i, (slot, gone) in enumerate(zip(step.slots, exited)):
+            key, layer, arrival = self._slots[(step.length, slot)]
+            if layer != step.layer:
+                raise ValueError(f"slot {slot} of pool {step.length} is at layer {layer}, the step ran {step.layer}")
+            if gone or layer + 1 >= self.num_layers:  # the last layer always exits
+                del self._slots[(step.length, slot)]
+                self._free[step.length].append(slot)
+                out.append((i, key))
+            else:
+                self._slots[(step.length, slot)] = (key, layer + 1, arrival)
+        return out

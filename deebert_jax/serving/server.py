@@ -1,0 +1,123 @@
+"""One server process: a `Service` from a model directory, a bound socket, uvicorn, and a drain.
+
+Order: load the model (a missing directory fails here), bind the port (in use: an OSError naming
+it, before any compiling), listen, compile every program in the background while `/health`
+says 503 "starting", then print one line `ready: http://HOST:PORT ...`. SIGTERM or SIGINT: the
+service refuses new requests (503), uvicorn stops accepting connections and waits for every
+request in flight, the engine answers what it holds, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import tempfile
+from typing import Callable
+
+import uvicorn
+
+from deebert_jax.core.errors import InputError
+from deebert_jax.serving.app import DEFAULT_MAX_QUEUE, Service, create_app
+from deebert_jax.serving.requests import length_classes
+
+BACKENDS = ("jax", "torch")
+BACKLOG = 2048
+
+
+def build_service(model_dir: str, *, threshold: float | None = None, rule: str | None = None,
+                  max_seq_length: int = 128, max_queue: int = DEFAULT_MAX_QUEUE, backend: str = "jax",
+                  bucket_sizes: tuple[int, ...] | None = None, say: Callable[[str], None] = print) -> Service:
+    """The model, tokenizer, threshold (`predict.resolve_threshold`: given, else exit_policy.json,
+    else full depth; `say` reports which) and engine; nothing compiled yet. `bucket_sizes`: the
+    engine's (default `exit_aware.default_bucket_sizes()`)."""
+    from deebert_jax.data import glue as data
+    from deebert_jax.inference import predict
+    from deebert_jax.weights.checkpoint import load_checkpoint
+
+    if backend not in BACKENDS:
+        raise InputError(f"backend {backend!r}; expected one of {BACKENDS}")
+    config, params = load_checkpoint(model_dir)
+    tokenizer = data.load_tokenizer(model_dir)
+    if max_seq_length > config.max_sequence_length:
+        raise InputError(f"--max-seq-length {max_seq_length} is longer than the model's {config.sequence_limit}")
+    lengths = length_classes(max_seq_length)
+    L = config.num_hidden_layers
+    info = {"model": os.path.basename(os.path.normpath(model_dir)), "layers": L, "lengths": list(lengths),
+            "backend": backend}
+    if backend == "jax":
+        from deebert_jax.serving.engine import Engine
+        threshold, rule, note = predict.resolve_threshold(model_dir, threshold, rule, L)
+        engine = Engine(config, params, lengths, threshold, rule, bucket_sizes=bucket_sizes)
+        info.update(rule=rule, threshold=threshold)
+    else:
+        from deebert_jax.bench.benchmarking import torch_twin
+        from deebert_jax.serving.torch_engine import TorchEngine
+        with tempfile.TemporaryDirectory() as tmp:
+            engine = TorchEngine(torch_twin(config, params, tmp), lengths)
+        note = "eager PyTorch, full depth, dynamic batching (no early exit)"
+        info.update(rule=None, threshold=None)
+    say(f"model: {os.fspath(model_dir)} ({L} layers); {note}")
+    names = predict.label_names(model_dir, config.num_labels)
+    return Service(engine, tokenizer, lengths, names, L, vocab_size=config.vocab_size, max_queue=max_queue, info=info)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket; a port in use (or a bad host) is an OSError naming HOST:PORT."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)  # connections made before uvicorn runs wait in the backlog
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, but a signal starts the service's drain and is not re-raised after the
+    graceful shutdown (uvicorn re-raises it, which would end the process with the signal's status)."""
+
+    def __init__(self, config: uvicorn.Config, service: Service):
+        super().__init__(config)
+        self.service = service
+
+    def handle_exit(self, sig, frame) -> None:
+        self.service.begin_drain()
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
+
+
+def serve(service: Service, sock: socket.socket, say: Callable[[str], None] = print) -> int:
+    """Serves on `sock` until SIGTERM / SIGINT -> 0 once everything accepted is answered."""
+    host, port = sock.getsockname()[:2]
+    url = f"http://{host}:{port}"
+
+    def announce(compiled: str) -> None:
+        say(f"ready: {url} ({compiled}; POST /predict, GET /health, GET /metrics)")
+
+    def failed() -> None:
+        server.should_exit = True
+
+    app = create_app(service, on_startup=lambda: service.start_in_background(announce, failed),
+                     on_shutdown=service.stop)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=None)
+    server = _DrainingServer(config, service)
+    server.run(sockets=[sock])
+    if service.error is not None:
+        raise RuntimeError(f"compiling the model failed: {service.error!r}")
+    if service.engine.error is not None:
+        raise RuntimeError(f"the engine failed: {service.engine.error!r}")
+    say("stopped: every accepted request was answered")
+    return 0
+
+
+def flush_print(line: str) -> None:
+    print(line, flush=True)
+    sys.stderr.flush()

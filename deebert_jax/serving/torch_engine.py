@@ -1,0 +1,127 @@
+"""The baseline a user would otherwise deploy: eager PyTorch (`torch_reference.TorchDeeBert`) at
+full depth with plain dynamic batching, behind the same interface as `engine.Engine`.
+
+The worker takes every waiting row (up to `max_batch`, oldest first), pads them to the longest
+one's padded length and runs the full forward; every row answers at layer L.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from deebert_jax.serving.requests import Row
+
+DEFAULT_MAX_BATCH = 32
+
+
+class TorchEngine:
+    """`submit(rows, callbacks)`; callbacks get (logits [K], L), or (None, 0) if the engine failed."""
+
+    def __init__(self, model, lengths: Sequence[int], *, max_batch: int = DEFAULT_MAX_BATCH,
+                 on_step: Callable[[int, float], None] | None = None):
+        self.model, self.lengths, self.max_batch = model, tuple(sorted(lengths)), int(max_batch)
+        self.num_layers = model.num_layers
+        self.on_step = on_step
+        self._waiting: collections.OrderedDict[int, tuple[Row, Callable]] = collections.OrderedDict()
+        self._keys = itertools.count()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._running = 0
+        self.error: BaseException | None = None
+
+    def _forward(self, rows: Sequence[Row]) -> np.ndarray:
+        import torch
+        width = max(r.length for r in rows)
+        arrays = {k: np.zeros((len(rows), width), np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+        for i, r in enumerate(rows):
+            for k in arrays:
+                arrays[k][i, :r.length] = getattr(r, k)
+        with torch.inference_mode():
+            logits = self.model.full_forward(*(torch.from_numpy(arrays[k]) for k in
+                                               ("input_ids", "attention_mask", "token_type_ids")))
+        return logits.float().numpy()
+
+    def warm_up(self) -> float:
+        """One forward per length at batch 1 and `max_batch` (allocator and kernels) -> seconds."""
+        start = time.perf_counter()
+        for n in self.lengths:
+            row = Row(np.ones(n, np.int32), np.ones(n, np.int32), np.zeros(n, np.int32), False)
+            for b in (1, self.max_batch):
+                self._forward([row] * b)
+        return time.perf_counter() - start
+
+    def submit(self, rows: Sequence[Row], callbacks: Sequence[Callable]) -> list[int]:
+        keys = []
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the engine is stopping")
+            for row, callback in zip(rows, callbacks, strict=True):
+                key = next(self._keys)
+                self._waiting[key] = (row, callback)
+                keys.append(key)
+            self._cond.notify()
+        return keys
+
+    def cancel(self, keys: Sequence[int]) -> int:
+        with self._cond:
+            return sum(self._waiting.pop(k, None) is not None for k in keys)
+
+    def pending(self) -> int:
+        return len(self._waiting) + self._running
+
+    def step(self) -> bool:
+        with self._cond:
+            if not self._waiting:
+                return False
+            batch = [self._waiting.popitem(last=False)[1] for _ in range(min(self.max_batch, len(self._waiting)))]
+            self._running = len(batch)
+        start = time.perf_counter()
+        try:
+            logits = self._forward([row for row, _ in batch])
+        except BaseException:
+            for _, callback in batch:  # taken off the queue: answered here, as failures
+                callback(None, 0)
+            raise
+        finally:
+            self._running = 0
+        if self.on_step is not None:
+            self.on_step(len(batch), time.perf_counter() - start)
+        for (_, callback), row_logits in zip(batch, logits):
+            callback(row_logits, self.num_layers)
+        return True
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="torch-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._waiting and not self._stopping:
+                        self._cond.wait()
+                    if self._stopping and not self._waiting:
+                        return
+                self.step()
+        except BaseException as e:  # noqa: BLE001 - reported by the server
+            self.error = e
+            with self._cond:
+                self._stopping = True
+                failed, self._waiting = list(self._waiting.values()), collections.OrderedDict()
+            for _, callback in failed:
+                callback(None, 0)
+            raise
+
+    def stop(self, timeout: float | None = None) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)

@@ -1,0 +1,136 @@
+"""The serving scheduler (pure) and engine: random arrival schedules, driven step by step, give
+row for row `exit_aware_predict`'s exits; the schedule is deepest first; nothing recompiles."""
+
+import numpy as np
+import pytest
+from test_exit_aware import random_params, safe_thresholds
+
+from conftest import ragged_batch
+from deebert_jax.core.config import tiny_config
+from deebert_jax.inference.early_exit import entropy
+from deebert_jax.inference.exit_aware import exit_aware_predict
+from deebert_jax.model.inference_step import forward
+from deebert_jax.serving import engine as engine_lib
+from deebert_jax.serving.engine import Engine
+from deebert_jax.serving.requests import Row
+from deebert_jax.serving.scheduler import Scheduler
+
+CONFIG = tiny_config(num_hidden_layers=4, num_labels=3)
+LENGTHS = (8, 16)
+BUCKETS = (4,)   # one bucket size: half the compiling of (4, 2)
+N = 37
+
+
+# -- the scheduler alone -----------------------------------------------------------------------
+
+def test_scheduler_runs_the_deepest_group_first_and_admits_into_free_slots():
+    s = Scheduler(num_layers=3, lengths=(8, 16), pool_size=2)
+    for key, length in (("a", 8), ("b", 8), ("c", 8), ("d", 16)):
+        s.submit(key, length)
+    first = s.next_step()  # two layer-0 groups: the one holding the oldest row, up to 2 free slots
+    assert (first.length, first.layer, [k for k, _ in first.admit]) == (8, 0, ["a", "b"])
+    assert s.complete(first, [True, False]) == [(0, "a")]  # a exits at layer 1, b moves on
+    step = s.next_step()
+    assert (step.length, step.layer, step.slots) == (8, 1, (first.slots[1],))  # b is deepest
+    assert s.complete(step, [False]) == []
+    step = s.next_step()
+    assert (step.length, step.layer) == (8, 2)
+    assert s.complete(step, [False]) == [(0, "b")]  # the last layer always exits
+    step = s.next_step()  # c (admitted into a freed slot) and d: the oldest first
+    assert (step.length, [k for k, _ in step.admit]) == (8, ["c"])
+    assert s.cancel("d") and not s.cancel("c")  # waiting rows can be dropped, running ones not
+    s.complete(step, [True])
+    assert s.next_step() is None and not s.has_work()
+    with pytest.raises(ValueError, match="length 32"):
+        s.submit("e", 32)
+
+
+def test_scheduler_pool_bounds_rows_in_flight():
+    s = Scheduler(num_layers=2, lengths=(8,), pool_size=3)
+    for key in range(5):
+        s.submit(key, 8)
+    step = s.next_step()
+    assert len(step.slots) == 3 and s.running() == 3 and s.waiting() == 2
+    with pytest.raises(ValueError, match="2 exit flags"):
+        s.complete(step, [True, True])
+    assert s.complete(step, [True, False, True]) == [(0, 0), (2, 2)]
+    step = s.next_step()  # row 1 at layer 1 is deeper than the two waiting rows
+    assert (step.layer, len(step.slots), step.admit) == (1, 1, ())
+    s.complete(step, [False])
+    step = s.next_step()
+    assert [k for k, _ in step.admit] == [3, 4]
+
+
+# -- the engine against exit_aware_predict ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model():
+    params = random_params(CONFIG, 0)
+    ids, mask, types = ragged_batch(N, max(LENGTHS), CONFIG.vocab_size, 5, min_length=2, type_fraction=0.3)
+    return params, (ids, mask, types)
+
+
+def rows_of(batch):
+    ids, mask, types = batch
+    rows = []
+    for i in range(len(ids)):
+        size = next(n for n in LENGTHS if n >= mask[i].sum())
+        rows.append(Row(ids[i, :size], mask[i, :size], types[i, :size], False))
+    return rows
+
+
+def drive(engine, rows, seed):
+    """Submits the rows in a random order, a random few at a time between single steps, then
+    runs to the end -> {row: (logits, exit_layer)}; checks each row is answered exactly once."""
+    rng = np.random.default_rng(seed)
+    order, answers, k = rng.permutation(len(rows)), {}, 0
+
+    def callback(i):
+        def got(logits, layer):
+            assert i not in answers, f"row {i} answered twice"
+            answers[i] = (np.array(logits), layer)
+        return got
+
+    while k < len(rows):
+        burst = order[k:k + int(rng.integers(1, 7))]
+        k += len(burst)
+        engine.submit([rows[i] for i in burst], [callback(i) for i in burst])
+        for _ in range(int(rng.integers(0, 3))):
+            engine.step()
+    while engine.step():
+        pass
+    assert sorted(answers) == list(range(len(rows))) and engine.pending() == 0
+    return answers
+
+
+# Entropy (a stateless rule, as max_prob) and patience (per-row rule state carried in the pool).
+@pytest.mark.parametrize("rule", ["entropy", "patience"])
+def test_random_arrivals_give_exit_aware_predicts_exits(model, rule):
+    params, batch = model
+    if rule == "entropy":
+        thresholds = safe_thresholds(entropy(forward(CONFIG, params, *batch)), np.random.default_rng(3), 2, (0.1, 0.6))
+    else:
+        thresholds = [1, 2]
+    rows, seen = rows_of(batch), set()
+    for t, threshold in enumerate(thresholds):
+        reference = exit_aware_predict(CONFIG, params, *batch, threshold, rule, bucket_sizes=BUCKETS)
+        engine = Engine(CONFIG, params, LENGTHS, threshold, rule, pool_size=16, bucket_sizes=BUCKETS)
+        for seed in (t, t + 10):  # two arrival orders through the same engine (slots reused)
+            answers = drive(engine, rows, seed)
+            exits = np.array([answers[i][1] for i in range(N)])
+            np.testing.assert_array_equal(exits, np.asarray(reference.exit_layer))
+            logits = np.stack([answers[i][0] for i in range(N)])
+            np.testing.assert_allclose(logits, np.asarray(reference.logits), atol=1e-5, rtol=0)
+            seen |= set(exits.tolist())
+    assert len(seen) >= 2  # the thresholds exercise exits at several layers
+
+
+def test_warm_up_compiles_everything_a_request_runs(model):
+    params, batch = model
+    engine = Engine(CONFIG, params, LENGTHS, 0.3, "entropy", pool_size=16, bucket_sizes=BUCKETS)
+    engine.warm_up()
+    admit, step = engine_lib._programs(CONFIG, "entropy", engine.dtype, BUCKETS)
+    compiled = admit._cache_size(), step._cache_size()
+    assert min(compiled) >= len(LENGTHS)
+    drive(engine, rows_of(batch), seed=1)
+    assert (admit._cache_size(), step._cache_size()) == compiled
