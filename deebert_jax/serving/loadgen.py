@@ -12,7 +12,6 @@ import asyncio
 import dataclasses
 import json
 import math
-import time
 from typing import Sequence
 
 import numpy as np
