@@ -12,7 +12,6 @@ import asyncio
 import dataclasses
 import json
 import math
-import time
 from typing import Sequence
 
 from deebert_jax.core.errors import InputError

@@ -14,9 +14,10 @@ The schedule is **deepest group first** (ties: the group holding the oldest row)
   minimises the mean time in the system (the answer goes out the moment a row exits).
 - It batches by itself: while the rows ahead finish, new arrivals gather at layer 0 and start
   together as one group, so under load groups grow (fewer, fuller buckets) instead of every
-  arrival running alone. A new row starts at layer 1 as soon as no deeper row is waiting: at
-  most one step per deeper group, and those groups only shrink (their rows exit and nothing
-  joins them), so it never waits for a batch to end, only for the shrinking tail ahead of it.
+  arrival running alone. The price: a new row starts at layer 1 once no deeper row is left,
+  i.e. after the rows already in flight have exited or finished (at most L - 1 steps per pool,
+  over groups that only shrink: their rows exit and nothing joins them). An idle server starts
+  it at once; a busy one makes it wait for that shrinking tail, not for a fixed batch.
 - It bounds memory and waiting: rows in flight are at most the pools' slots; no row is
   starved (a group at layer l waits only for groups deeper than l, which drain in at most
   L - l steps each, because nothing new becomes deeper than l while it waits).
