@@ -296,7 +296,7 @@ def test_model_directory_holds_its_tokenizer(tmp_path, minilm_dir):
     assert again("a pair", "of sentences")["input_ids"] == tokenizer("a pair", "of sentences")["input_ids"]
     assert sorted(os.listdir(tmp_path)) == ["model"]  # no temporary directories left behind
     # The task's label names travel with the model: predictions say "positive", not "LABEL_1".
-    from deebert_jax.predict import label_names
+    from deebert_jax.inference.predict import label_names
     assert label_names(tmp_path / "model", config.num_labels) == ["negative", "positive"]
 
 
