@@ -215,8 +215,12 @@ def markdown(result: dict, command: str) -> str:
              "| offered req/s | mode | achieved req/s | p50 ms | p90 ms | p99 ms | errors | mean exit layer | "
              "accuracy | same as train.predict | load avg (1 min) before |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    order = [(i, mode, r) for mode, m in result["modes"].items() for i, r in enumerate(m["rows"])]
-    for _, mode, r in sorted(order, key=lambda x: (x[0], list(result["modes"]).index(x[1]))):
+    # By offered rate, the modes side by side (a mode's rows stop where it saturated; the 60% point
+    # is measured last but belongs with its rate).
+    modes = list(result["modes"])
+    order = [(r["offered_rps"], modes.index(mode), i, mode, r) for mode, m in result["modes"].items()
+             for i, r in enumerate(m["rows"])]
+    for *_, mode, r in sorted(order, key=lambda x: x[:3]):
         load = r.get("load_average_before")
         lines.append(f"| {r['offered_rps']:g} | {result['modes'][mode]['name']} | {r['achieved_rps']:g} | "
                      f"{r['p50_ms']:g} | {r['p90_ms']:g} | {r['p99_ms']:g} | {r['errors']} | {r['mean_exit_layer']} | "
