@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import threading
 import time
 from typing import Callable, Sequence
 
@@ -39,6 +38,7 @@ from deebert_jax.core.config import DeeBertConfig
 from deebert_jax.inference.early_exit import ExitState, check_threshold
 from deebert_jax.serving.requests import Row
 from deebert_jax.serving.scheduler import Scheduler, Step
+from deebert_jax.serving.worker import Worker
 
 ADMIT_ROWS = 8           # rows embedded per admit call (more: several calls)
 # A server's groups are often a few rows (a lone request at low load, the tail of a group after
@@ -95,7 +95,7 @@ def _programs(config: DeeBertConfig, rule: str, dtype, bucket_sizes: tuple[int, 
     return admit, step
 
 
-class Engine:
+class Engine(Worker):
     """Continuous exit-aware batching for one model on one device.
 
     `submit(rows, callbacks)` queues rows (`requests.Row`, padded to one of `lengths`); each
@@ -103,6 +103,8 @@ class Engine:
     at a time (`start()`: a worker thread); `submit`, `cancel`, `pending` and `stop` may be
     called from any thread. `on_step(rows, seconds)` is called after each step (metrics).
     """
+
+    thread_name = "deebert-engine"
 
     def __init__(self, config: DeeBertConfig, params, lengths: Sequence[int], threshold: float,
                  rule: str = "entropy", *, pool_size: int = DEFAULT_POOL_SIZE,
@@ -121,10 +123,7 @@ class Engine:
         self.params = jax.device_put(layouts.unstack_params(params))
         self._rows: dict[int, tuple[Row, Callback]] = {}
         self._keys = itertools.count()
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self.error: BaseException | None = None
+        super().__init__()
         self._pools = {n: self._empty_pool(n) for n in self.lengths}
         self._programs: dict[int, tuple] = {}
 
@@ -227,33 +226,9 @@ class Engine:
                              np.int32(plan.layer), self.threshold)
         return state, bias, out
 
-    def start(self) -> None:
-        """Runs steps on a worker thread until `stop()`."""
-        self._thread = threading.Thread(target=self._loop, name="deebert-engine", daemon=True)
-        self._thread.start()
+    def _has_work(self) -> bool:
+        return self.scheduler.has_work()
 
-    def _loop(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    while not self.scheduler.has_work() and not self._stopping:
-                        self._cond.wait()
-                    if self._stopping and not self.scheduler.has_work():
-                        return
-                self.step()
-        except BaseException as e:  # noqa: BLE001 - kept for the server to report; nothing else runs
-            self.error = e
-            with self._cond:
-                self._stopping = True
-                failed, self._rows = list(self._rows.values()), {}
-            for _, callback in failed:  # every accepted row gets an answer, here a failure
-                callback(None, 0)
-            raise
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Refuses new rows, answers every accepted one, then ends the worker thread."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+    def _take_all(self) -> list[Callback]:
+        failed, self._rows = [callback for _, callback in self._rows.values()], {}
+        return failed

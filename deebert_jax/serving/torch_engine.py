@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import collections
 import itertools
-import threading
 import time
 from typing import Callable, Sequence
 
 import numpy as np
 
 from deebert_jax.serving.requests import Row
+from deebert_jax.serving.worker import Worker
 
 DEFAULT_MAX_BATCH = 32
 
 
-class TorchEngine:
+class TorchEngine(Worker):
     """`submit(rows, callbacks)`; callbacks get (logits [K], L), or (None, 0) if the engine failed."""
+
+    thread_name = "torch-engine"
 
     def __init__(self, model, lengths: Sequence[int], *, max_batch: int = DEFAULT_MAX_BATCH,
                  on_step: Callable[[int, float], None] | None = None):
@@ -30,11 +32,8 @@ class TorchEngine:
         self.on_step = on_step
         self._waiting: collections.OrderedDict[int, tuple[Row, Callable]] = collections.OrderedDict()
         self._keys = itertools.count()
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
+        super().__init__()
         self._running = 0
-        self.error: BaseException | None = None
 
     def _forward(self, rows: Sequence[Row]) -> np.ndarray:
         import torch
@@ -97,31 +96,9 @@ class TorchEngine:
             callback(row_logits, self.num_layers)
         return True
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="torch-engine", daemon=True)
-        self._thread.start()
+    def _has_work(self) -> bool:
+        return bool(self._waiting)
 
-    def _loop(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    while not self._waiting and not self._stopping:
-                        self._cond.wait()
-                    if self._stopping and not self._waiting:
-                        return
-                self.step()
-        except BaseException as e:  # noqa: BLE001 - reported by the server
-            self.error = e
-            with self._cond:
-                self._stopping = True
-                failed, self._waiting = list(self._waiting.values()), collections.OrderedDict()
-            for _, callback in failed:
-                callback(None, 0)
-            raise
-
-    def stop(self, timeout: float | None = None) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+    def _take_all(self) -> list[Callable]:
+        failed, self._waiting = [callback for _, callback in self._waiting.values()], collections.OrderedDict()
+        return failed
