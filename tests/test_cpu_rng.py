@@ -8,13 +8,13 @@ import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
-from deebert_jax.cpu.threefry import fuse_threefry_on_cpu
+from deebert_jax.cpu.threefry import register_threefry_lowering
 
 
 def test_unrolled_threefry_matches_the_rolled_loop_and_the_known_answer():
     from jax._src.random import threefry2x32 as impl
 
-    assert fuse_threefry_on_cpu()
+    assert register_threefry_lowering()
     # Random123's known-answer vector for threefry2x32 with 20 rounds.
     key = jnp.array([0x13198A2E, 0x03707344], jnp.uint32)
     count = jnp.array([0x243F6A88, 0x85A308D3], jnp.uint32)
@@ -38,8 +38,8 @@ def test_dropout_masks_are_the_ones_jax_draws_without_the_patch():
     code = ("import jax, numpy as np, sys\n"
             "f = lambda: np.asarray(jax.jit(lambda k: jax.random.bernoulli(k, 0.9, (4, 12, 33)))(jax.random.PRNGKey(7)))\n"
             "before = f()\n"
-            "from deebert_jax.cpu.threefry import fuse_threefry_on_cpu\n"
-            "assert fuse_threefry_on_cpu()\n"
+            "from deebert_jax.cpu.threefry import register_threefry_lowering\n"
+            "assert register_threefry_lowering()\n"
             "after = f()\n"
             "print(int((before != after).sum()), int(before.sum()))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

@@ -35,7 +35,7 @@ def test_computed_once_keeps_every_bit(dtype):
 def test_a_mask_read_twice_is_drawn_once():
     """Without `computed_once` XLA copies threefry into both readers; with it, one fusion draws it
     (with the fusable threefry lowering training uses, `cpu_rng`)."""
-    cpu_rng.fuse_threefry_on_cpu()
+    cpu_rng.register_threefry_lowering()
     def f(wrap, key, x):
         keep = wrap(jax.random.bernoulli(key, 0.9, x.shape))
         return jnp.where(keep, x * 2, 0), jnp.where(keep, jnp.sin(x), 1)

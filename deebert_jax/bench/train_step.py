@@ -70,11 +70,6 @@ def jax_defaults():
         threefry.register_threefry_lowering(unrolled=unrolled)
 
 
-@contextlib.contextmanager
-def _tuned(kernels: str):
-    yield kernels
-
-
 def jax_steps(model_dir: str, batch: dict, with_jax_defaults: bool = False, names=None,
               dtype: str = "float32") -> dict:
     """{"jax_stage1": step(), "jax_stage2": step()} (+ "jax_stage1_jax_defaults"): one pmapped
@@ -95,7 +90,7 @@ def jax_steps(model_dir: str, batch: dict, with_jax_defaults: bool = False, name
     settings = train_steps.OptimizerSettings(2e-5, total_steps=1000, warmup_steps=100, weight_decay=0.01)
     from deebert_jax.model.kernels import for_devices
 
-    tuned = functools.partial(_tuned, for_devices(devices))
+    tuned = functools.partial(contextlib.nullcontext, for_devices(devices))
     variants = [("jax_stage1", 1, tuned), ("jax_stage2", 2, tuned)]
     if with_jax_defaults:
         variants.append(("jax_stage1_jax_defaults", 1, jax_defaults))

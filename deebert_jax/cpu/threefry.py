@@ -60,9 +60,3 @@ def register_threefry_lowering(unrolled: bool = True) -> bool:
 def registered_unrolled() -> bool:
     """Whether the unrolled lowering is the one registered now (this module's doing)."""
     return _unrolled
-
-
-@functools.lru_cache(maxsize=None)
-def fuse_threefry_on_cpu() -> bool:
-    """Register the unrolled threefry lowering for the CPU platform (once); True if it is in place."""
-    return register_threefry_lowering(unrolled=True)
