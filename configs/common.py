@@ -11,6 +11,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.max_seq_length = 128
     c.train_limit = 0               # keep the first N training examples (0: all)
     c.eval_limit = 0                # keep the first N dev examples (0: all)
+    # Hold out the last N rows of the training split: no stage ever sees them. After stage 2 they
+    # choose the exit threshold (train.calibrate's train-holdout split, the budget below) and the
+    # model directory gets its exit_policy.json; dev stays the untouched report set. 0: off.
+    c.calibration_holdout = 0
+    c.calibration_max_drop = 1.0    # points of the task metric below ramp L
+    c.calibration_confidence = 0.95 # the Learn-then-Test guarantee's level; 0: empirical, no guarantee
+    c.calibration_rule = "entropy"
     # Model
     c.init_checkpoint = ""          # "" packaged MiniLM-L6; a PyTorch/HF or deebert-jax dir; "random"
     c.tokenizer = ""                # "" -> the init checkpoint's own tokenizer
@@ -33,6 +40,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.adam_b2 = 0.999
     c.adam_eps = 1e-8
     c.max_grad_norm = 1.0           # <= 0: no clipping
+    # Stage 2's loss for off-ramps 1..L-1: "labels" (DeeBERT: cross-entropy with the labels) or
+    # "distill" (also ramp L's soft predictions at distill_temperature, weight distill_weight:
+    # (1 - w) CE + w T^2 KL; the exit guarantee bounds disagreement with ramp L, so this trains for it).
+    c.offramp_loss = "labels"
+    c.distill_temperature = 2.0
+    c.distill_weight = 0.5
     c.seed = 42
     # What the training step computes in: "float32", or "bfloat16" (mixed precision: matmuls and
     # activations in bf16; parameters, optimizer state, softmax, loss and checkpoints in float32).

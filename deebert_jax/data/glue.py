@@ -287,6 +287,25 @@ def load_split(task: str, split: str, *, glue_dir: str | os.PathLike | None = No
     return arrays
 
 
+def load_train_and_holdout(task: str, holdout: int, *, limit: int | None = None, **common
+                           ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """-> (training rows, held-out rows or None), disjoint by construction.
+
+    The held-out rows are the last `holdout` rows of the train split (what `train.calibrate
+    --calibration-split train-holdout --calibration-size N` reads); training keeps the first
+    `limit` of the rows before them (all when `limit` is None or 0). `common`: `load_split`'s keywords.
+    """
+    if not holdout:
+        return load_split(task, "train", limit=limit, **common), None
+    full = load_split(task, "train", limit=None, **common)
+    n = num_examples(full)
+    if holdout >= n:
+        raise DataError(f"config.calibration_holdout={holdout}: the {canonical_task(task)} training split has "
+                        f"{n} rows, none would be left to train on")
+    keep = n - holdout if not limit or limit <= 0 else min(int(limit), n - holdout)
+    return ({k: v[:keep] for k, v in full.items()}, {k: v[n - holdout:] for k, v in full.items()})
+
+
 def num_examples(arrays: Mapping[str, np.ndarray]) -> int:
     return int(arrays["labels"].shape[0])
 

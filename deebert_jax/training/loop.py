@@ -19,14 +19,16 @@ from deebert_jax.data import glue as data_lib
 from deebert_jax.weights.checkpoint import (TrainCheckpointManager, is_checkpoint_dir, load_checkpoint, save_checkpoint,
                                             write_label_names)
 from deebert_jax.core.config import DeeBertConfig
-from deebert_jax.evaluation.sweep import evaluate_ramps
+from deebert_jax.evaluation.sweep import all_ramp_logits, evaluate_ramps
 from deebert_jax.evaluation.metrics import metric_name
 from deebert_jax.weights.model_loading import load_initial_model, model_overrides
 from deebert_jax.core.errors import InputError, NonFiniteLossError
 from deebert_jax.model import kernels as kernels_lib
+from deebert_jax.training.losses import LABELS
 from deebert_jax.training.steps import OptimizerSettings, init_train_state, pmapped_train_step
-from deebert_jax.training.run_config import (RUN_SPEC_FILE, check_max_seq_length, check_run_spec, compute_dtype,
-                                    stage_learning_rate, stage_steps, validate_config)
+from deebert_jax.training.run_config import (RUN_SPEC_FILE, calibration_budget, check_max_seq_length, check_run_spec,
+                                             compute_dtype, offramp_loss, stage_learning_rate, stage_steps,
+                                             validate_config)
 from deebert_jax.core.runtime import MetricsLog, maybe_initialize_distributed, pmap_devices, replicate, \
     unreplicate, workdir_lock
 
@@ -52,6 +54,7 @@ class RunContext:
     on_step: Callable | None = None
     params: Params = None   # the model as the run goes: the start, then after each stage
     kernels: str = "reference"   # what the training graph is built from, for `devices` (`model.kernels`)
+    holdout: dict | None = None  # training rows no stage sees, for the calibration (`config.calibration_holdout`)
 
 
 def _save_model(ctx: RunContext, directory: str, params: Params) -> None:
@@ -69,28 +72,41 @@ def _save_model(ctx: RunContext, directory: str, params: Params) -> None:
     save_checkpoint(directory, ctx.config, params, write_extra=write_extra)
 
 
+def _checkpoint_dir(ctx: RunContext, stage: int) -> str:
+    return os.path.join(ctx.workdir, "checkpoints", f"stage{stage}")
+
+
+def stage_run_spec(ctx: RunContext, stage: int) -> tuple[OptimizerSettings, dict]:
+    """-> (the stage's optimizer settings, its run spec): what decides the trajectory. A resumed
+    run, or a finished one run again, must agree with it to mean the run that was started."""
+    cfg, config = ctx.cfg, ctx.config
+    global_batch = int(cfg.per_device_batch_size) * jax.device_count()
+    total = stage_steps(cfg, stage, data_lib.num_examples(ctx.train), global_batch)
+    settings = OptimizerSettings(stage_learning_rate(cfg, stage), total,
+                                 int(round(float(cfg.get("warmup_ratio", 0.0)) * total)), float(cfg.weight_decay),
+                                 float(cfg.adam_b1), float(cfg.adam_b2), float(cfg.adam_eps), float(cfg.max_grad_norm))
+    spec = {"optimizer": dataclasses.asdict(settings), "model": config.to_dict(), "seed": int(cfg.seed),
+            "global_batch_size": global_batch, "task": ctx.task,
+            "train_examples": data_lib.num_examples(ctx.train), "max_seq_length": int(cfg.max_seq_length),
+            "dtype": compute_dtype(cfg)}
+    if stage == 2:
+        spec["offramp_loss"] = offramp_loss(cfg).describe()
+    return settings, spec
+
+
 def run_stage(ctx: RunContext, stage: int, params: Params) -> Params:
     """Trains one stage from `params` (or resumes it from its latest checkpoint) -> final params."""
     from tqdm.auto import tqdm
 
     cfg, config = ctx.cfg, ctx.config
     n_dev = len(ctx.devices)
-    global_batch = int(cfg.per_device_batch_size) * jax.device_count()
-    total = stage_steps(cfg, stage, data_lib.num_examples(ctx.train), global_batch)
-    settings = OptimizerSettings(stage_learning_rate(cfg, stage), total,
-                                 int(round(float(cfg.get("warmup_ratio", 0.0)) * total)), float(cfg.weight_decay),
-                                 float(cfg.adam_b1), float(cfg.adam_b2), float(cfg.adam_eps), float(cfg.max_grad_norm))
-    dtype = compute_dtype(cfg)
-    p_step, tx = pmapped_train_step(config, stage, settings, pmap_devices(ctx.devices), dtype, ctx.kernels)
+    settings, run_spec = stage_run_spec(ctx, stage)
+    global_batch, total, dtype = run_spec["global_batch_size"], settings.total_steps, run_spec["dtype"]
+    loss = offramp_loss(cfg) if stage == 2 else LABELS
+    p_step, tx = pmapped_train_step(config, stage, settings, pmap_devices(ctx.devices), dtype, ctx.kernels, loss)
     state = init_train_state(params, tx, stage, config.num_hidden_layers)
-    manager = TrainCheckpointManager(os.path.join(ctx.workdir, "checkpoints", f"stage{stage}"),
-                                     max_to_keep=int(cfg.keep_checkpoints))
+    manager = TrainCheckpointManager(_checkpoint_dir(ctx, stage), max_to_keep=int(cfg.keep_checkpoints))
     start = manager.latest_step() or 0
-    # What decides the trajectory; a resumed run must agree with it to end where the first would have.
-    run_spec = {"optimizer": dataclasses.asdict(settings), "model": config.to_dict(), "seed": int(cfg.seed),
-                "global_batch_size": global_batch, "task": ctx.task,
-                "train_examples": data_lib.num_examples(ctx.train), "max_seq_length": int(cfg.max_seq_length),
-                "dtype": dtype}
     check_run_spec(os.path.join(manager.directory, RUN_SPEC_FILE), run_spec, resuming=bool(start))
     if start:
         # The newest intact step: a damaged one (a file cut short or lost) is set aside with a warning.
@@ -128,7 +144,8 @@ def run_stage(ctx: RunContext, stage: int, params: Params) -> Params:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}",
                                 ex_s=f"{rate:.1f}")
                 record = {"event": "train", "stage": stage, "step": done, "examples_per_second": rate,
-                          **{k: metrics[k] for k in ("loss", "accuracy", "learning_rate", "grad_norm")}}
+                          **{k: metrics[k] for k in ("loss", "accuracy", "agreement", "learning_rate", "grad_norm")
+                             if k in metrics}}
                 ctx.log.write(record, {f"stage{stage}/train/{k}": record[k] for k in
                                        ("loss", "accuracy", "learning_rate", "grad_norm", "examples_per_second")}, done)
             if (save_every > 0 and done % save_every == 0) or done == total:
@@ -171,11 +188,15 @@ def train(cfg, *, on_step: Callable[[int, int], None] | None = None) -> dict:
     workdir = os.path.abspath(os.path.expanduser(cfg.workdir))
     with workdir_lock(workdir):
         ctx = _prepare(cfg, workdir, task, stages, on_step)
-        evals = {}
+        evals, calibrated = {}, None
+        model_dir = os.path.join(workdir, "model")
         try:
             for stage in stages:
                 stage_dir = os.path.join(workdir, f"stage{stage}")
                 if is_checkpoint_dir(stage_dir):
+                    # A finished stage is reused only for the settings it was trained with.
+                    spec_path = os.path.join(_checkpoint_dir(ctx, stage), RUN_SPEC_FILE)
+                    check_run_spec(spec_path, stage_run_spec(ctx, stage)[1], resuming=True, finished=True)
                     log.info("stage %d: already complete in %s, skipping", stage, stage_dir)
                     _, ctx.params = load_checkpoint(stage_dir)
                     continue
@@ -184,10 +205,48 @@ def train(cfg, *, on_step: Callable[[int, int], None] | None = None) -> dict:
                                     int(cfg.per_device_batch_size) * jax.device_count())
                 evals[stage] = evaluate_stage(ctx, stage, ctx.params, total)
                 _save_model(ctx, stage_dir, ctx.params)
-            _save_model(ctx, os.path.join(workdir, "model"), ctx.params)
+            if evals or not is_checkpoint_dir(model_dir):   # a finished run again leaves the user's model as it is
+                _save_model(ctx, model_dir, ctx.params)
+                if ctx.holdout is not None and 2 in stages:
+                    calibrated = calibrate_after_training(ctx, model_dir)
         finally:
             ctx.log.close()
-    return {"workdir": workdir, "model": os.path.join(workdir, "model"), "eval": evals}
+    return {"workdir": workdir, "model": model_dir, "eval": evals, "calibration": calibrated}
+
+
+def calibrate_after_training(ctx: RunContext, model_dir: str) -> dict:
+    """Chooses the exit threshold on the held-out training rows, reports it on dev, and writes
+    `model_dir/exit_policy.json` (host 0). -> {"policy": the policy or None, "refused": reason or None}.
+    A budget nothing meets is not an error: the model is written without a policy, and the
+    reason is logged, recorded in metrics.jsonl and returned."""
+    from deebert_jax.evaluation import calibration
+
+    budget = calibration_budget(ctx.cfg)
+    batch = int(ctx.cfg.eval_batch_size)
+    held = all_ramp_logits(ctx.config, ctx.params, ctx.holdout, batch, devices=ctx.devices)
+    dev = all_ramp_logits(ctx.config, ctx.params, ctx.dev, batch, devices=ctx.devices)
+    policy, refused = None, None
+    try:
+        chosen, tested = calibration.choose_threshold(ctx.task, held, ctx.holdout["labels"], budget.max_drop,
+                                                      budget.rule, budget.confidence)
+    except calibration.CalibrationError as e:
+        refused = str(e)
+        log.warning("calibration on the %d held-out rows: %s; %s has no exit_policy.json (train.predict runs "
+                    "it at full depth)", data_lib.num_examples(ctx.holdout), refused, model_dir)
+    else:
+        reported = calibration.threshold_stats(ctx.task, dev, ctx.dev["labels"], chosen["threshold"], budget.rule)
+        policy = calibration.make_policy(ctx.task, budget.rule, budget.max_drop, budget.confidence, chosen, tested,
+                                         reported, "train-holdout", ctx.config.num_hidden_layers,
+                                         calibration_size=data_lib.num_examples(ctx.holdout),
+                                         max_seq_length=int(ctx.cfg.max_seq_length))
+        if jax.process_index() == 0:
+            calibration.write_exit_policy(model_dir, policy)
+        log.info("calibration on the %d held-out rows: threshold %g, dev saving %.1f%%, dev drop %.2f points; "
+                 "wrote %s", data_lib.num_examples(ctx.holdout), policy["threshold"], 100 * reported["saving"],
+                 reported["drop"], os.path.join(model_dir, calibration.POLICY_FILE))
+    ctx.log.write({"event": "calibration", "holdout": data_lib.num_examples(ctx.holdout),
+                   "policy": policy, "refused": refused}, {}, 0)
+    return {"policy": policy, "refused": refused}
 
 
 def _prepare(cfg, workdir: str, task: str, stages: tuple[int, ...], on_step) -> RunContext:
@@ -209,11 +268,15 @@ def _prepare(cfg, workdir: str, task: str, stages: tuple[int, ...], on_step) -> 
     glue_dir = cfg.get("glue_dir", "") or os.environ.get("GLUE_DIR") or None
     common = dict(glue_dir=glue_dir, tokenizer=tokenizer, max_seq_length=int(cfg.max_seq_length),
                   vocab_size=config.vocab_size, seed=int(cfg.seed))
-    train_arrays = data_lib.load_split(task, "train", limit=cfg.get("train_limit", 0) or None, **common)
+    holdout = int(cfg.get("calibration_holdout", 0) or 0)   # out of every stage, not only stage 2
+    train_arrays, holdout_arrays = data_lib.load_train_and_holdout(task, holdout, limit=cfg.get("train_limit", 0) or None,
+                                                                   **common)
     dev_arrays = data_lib.load_split(task, "dev", limit=cfg.get("eval_limit", 0) or None, **common)
     if jax.process_count() > 1:
         dev_arrays = data_lib.host_eval_rows(dev_arrays, jax.process_index(), jax.process_count())
-    log.info("task %s: train %s; dev %s", task, data_lib.describe(train_arrays), data_lib.describe(dev_arrays))
+    log.info("task %s: train %s; dev %s%s", task, data_lib.describe(train_arrays), data_lib.describe(dev_arrays),
+             f"; held out for calibration {data_lib.describe(holdout_arrays)}" if holdout_arrays else "")
     devices = jax.local_devices()
     return RunContext(cfg, workdir, task, config, train_arrays, dev_arrays, tokenizer, devices,
-                      MetricsLog(workdir), on_step, params, kernels=kernels_lib.for_devices(devices))
+                      MetricsLog(workdir), on_step, params, kernels=kernels_lib.for_devices(devices),
+                      holdout=holdout_arrays)

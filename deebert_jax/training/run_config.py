@@ -17,6 +17,7 @@ import jax
 from deebert_jax.core.errors import InputError
 from deebert_jax.data import glue as data_lib
 from deebert_jax.core.config import DeeBertConfig
+from deebert_jax.training.losses import OffRampLoss
 
 STAGES = (1, 2)
 RUN_SPEC_FILE = "run_spec.json"
@@ -94,7 +95,10 @@ def validate_config(cfg) -> tuple[int, ...]:
                              f"steps; set one of them above 0")
     _number(cfg, "warmup_ratio", lambda x: 0 <= x <= 1, "a number in [0, 1]", 0.0)
     compute_dtype(cfg)
-    for field in ("weight_decay", "save_every_steps", "log_every_steps", "train_limit", "eval_limit"):
+    offramp_loss(cfg)
+    calibration_budget(cfg)
+    for field in ("weight_decay", "save_every_steps", "log_every_steps", "train_limit", "eval_limit",
+                  "calibration_holdout"):
         _number(cfg, field, non_negative, "a number >= 0", 0)
     return stages
 
@@ -111,6 +115,41 @@ def compute_dtype(cfg) -> str:
     return value
 
 
+def offramp_loss(cfg) -> OffRampLoss:
+    """`config.offramp_loss` ("labels" when absent), `distill_temperature`, `distill_weight`."""
+    kind = cfg.get("offramp_loss", "labels")
+    if kind not in ("labels", "distill"):
+        raise InputError(f"config.offramp_loss={kind!r}: expected 'labels' or 'distill'")
+    if kind == "labels":
+        return OffRampLoss()
+    temperature = _number(cfg, "distill_temperature", lambda x: x > 0, "a finite number > 0", 2.0)
+    weight = _number(cfg, "distill_weight", lambda x: 0 <= x <= 1, "a number in [0, 1]", 0.5)
+    return OffRampLoss(kind, temperature, weight)
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationBudget:
+    """What the end-of-training calibration on the held-out rows chooses within."""
+    holdout: int
+    max_drop: float
+    confidence: float | None   # None: the empirical choice, no guarantee
+    rule: str
+
+
+def calibration_budget(cfg) -> CalibrationBudget:
+    """`config.calibration_*` (holdout 0: no calibration after training)."""
+    from deebert_jax.inference.early_exit import EXIT_RULES
+
+    holdout = int(_number(cfg, "calibration_holdout", lambda x: x >= 0 and x == int(x), "an integer >= 0", 0))
+    max_drop = _number(cfg, "calibration_max_drop", lambda x: x >= 0, "a number of points >= 0", 1.0)
+    confidence = _number(cfg, "calibration_confidence", lambda x: 0 <= x < 1, "a number in [0, 1) (0: no guarantee)",
+                         0.95)
+    rule = cfg.get("calibration_rule", "entropy")
+    if rule not in EXIT_RULES:
+        raise InputError(f"config.calibration_rule={rule!r}: expected one of {', '.join(sorted(EXIT_RULES))}")
+    return CalibrationBudget(holdout, max_drop, confidence or None, rule)
+
+
 def check_max_seq_length(cfg, max_position_embeddings: int, limit_text: str = "the model's max_position_embeddings") -> None:
     """`cfg.max_seq_length` in [1, `max_position_embeddings`]: the model's longest input
     (`DeeBertConfig.max_sequence_length`, which `limit_text` explains)."""
@@ -122,7 +161,7 @@ def check_max_seq_length(cfg, max_position_embeddings: int, limit_text: str = "t
 # Resuming: the settings that decide a stage's trajectory must not change between runs
 
 # Run-spec entries newer than the first checkpoints, with the value every earlier run had.
-RUN_SPEC_FIELDS_ADDED = {"dtype": "float32"}
+RUN_SPEC_FIELDS_ADDED = {"dtype": "float32", "offramp_loss": "labels"}
 
 
 def _flatten(d: Mapping, prefix: str = "") -> dict:
@@ -132,9 +171,13 @@ def _flatten(d: Mapping, prefix: str = "") -> dict:
     return out
 
 
-def check_run_spec(path: str, spec: dict, resuming: bool) -> None:
-    """Writes the stage's run spec; on resume, a spec that differs is an error naming the fields."""
+def check_run_spec(path: str, spec: dict, resuming: bool, finished: bool = False) -> None:
+    """Writes the stage's run spec; on resume, a spec that differs is an error naming the fields.
+    `finished`: the stage is complete and would be reused; only checked (nothing is written, and
+    a stage without a recorded spec, e.g. copied from another workdir, is taken as it is)."""
     spec = json.loads(json.dumps(spec))  # the JSON view, so tuples and lists compare alike
+    if finished and not os.path.isfile(path):
+        return
     if resuming and os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
@@ -145,6 +188,9 @@ def check_run_spec(path: str, spec: dict, resuming: bool) -> None:
         added.update(RUN_SPEC_FIELDS_ADDED)
         diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)
                 and not (k not in before and k in added and now.get(k) == added[k])]
+        if diff and finished:
+            raise InputError(f"{path}: this workdir's finished stage was trained with different settings "
+                             f"({', '.join(diff)}); run again with the same config or use a fresh workdir")
         if diff:
             raise InputError(f"{path}: this workdir's checkpoints were written by a run with different settings "
                              f"({', '.join(diff)}); resume with the same config or use a fresh workdir")

@@ -2,7 +2,8 @@
 losses, and the pure `pmap`-able step.
 
 Stage 1 fine-tunes embeddings, layers and the final ramp (ramp L) on the final cross-entropy.
-Stage 2 trains only the off-ramps 1..L-1 on the sum of their cross-entropies. The parameters
+Stage 2 trains only the off-ramps 1..L-1, on the sum of their cross-entropies or with ramp L's
+soft predictions mixed in (`training.losses.OffRampLoss`). The parameters
 are split per stage into a trainable and a frozen subtree: the optimizer only ever sees the
 trainable one, and the frozen one is passed through untouched, so it stays bitwise identical.
 """
@@ -22,6 +23,7 @@ from deebert_jax.core.config import DeeBertConfig
 from deebert_jax.core.errors import InputError
 from deebert_jax.core.runtime import AXIS
 from deebert_jax.model.modeling import DeeBert
+from deebert_jax.training.losses import LABELS, OffRampLoss, off_ramp_loss, stage_loss  # noqa: F401 (public here)
 from deebert_jax.training.run_config import STAGES
 
 Params = Any
@@ -127,28 +129,6 @@ def init_train_state(params: Params, tx: optax.GradientTransformation, stage: in
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable))
 
 
-def stage_loss(ramp_logits: jax.Array, labels: jax.Array, stage: int) -> tuple[jax.Array, dict]:
-    """ramp_logits [L, B, K], labels [B] -> (loss, metrics).
-
-    Stage 1: mean cross-entropy of ramp L. Stage 2: sum over ramps 1..L-1 of their mean cross-entropies.
-    """
-    if stage == 2:
-        return off_ramp_loss(ramp_logits[:-1], labels)
-    ce = optax.softmax_cross_entropy_with_integer_labels(ramp_logits, labels[None, :]).mean(axis=1)  # [L]
-    return _with_accuracy(ce[-1], ramp_logits[-1], labels)
-
-
-def off_ramp_loss(off_ramp_logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict]:
-    """Stage 2's loss from the off-ramps' logits alone: [L-1, B, K], labels [B] -> (loss, metrics)."""
-    ce = optax.softmax_cross_entropy_with_integer_labels(off_ramp_logits, labels[None, :]).mean(axis=1)
-    return _with_accuracy(ce.sum(), off_ramp_logits, labels)
-
-
-def _with_accuracy(loss: jax.Array, logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict]:
-    accuracy = (jnp.argmax(logits, axis=-1) == labels).mean()
-    return loss, {"loss": loss, "accuracy": accuracy}
-
-
 def _across_devices(collective: Callable, tree, axis_name: str):
     """`collective(tree, axis_name)`; on one device the tree itself (the same values: a mean or
     minimum over one), skipping an all-reduce XLA's CPU backend ran as a copy of every gradient."""
@@ -161,7 +141,8 @@ def _all_finite(tree) -> jax.Array:
 
 
 def make_train_step(config: DeeBertConfig, tx: optax.GradientTransformation, schedule: optax.Schedule, stage: int,
-                    axis_name: str = AXIS, dtype=jnp.float32, kernels: str = "reference") -> Callable:
+                    axis_name: str = AXIS, dtype=jnp.float32, kernels: str = "reference",
+                    offramp_loss: OffRampLoss = LABELS) -> Callable:
     """-> `step(state, batch, dropout_key) -> (state, metrics)`, to be run under `pmap(axis_name=...)`.
 
     `batch` holds this device's rows: input_ids, attention_mask, token_type_ids [b, S], labels [b].
@@ -169,9 +150,11 @@ def make_train_step(config: DeeBertConfig, tx: optax.GradientTransformation, sch
     global-batch mean. `dtype` is the compute dtype: under bfloat16 the matmuls and activations are
     bf16, while parameters, gradients, optimizer state, softmax, layer norm and the loss stay float32.
     `kernels`: what the graph is built from (`model.kernels`; the caller picks it for its devices,
-    `kernels.for_devices`). Dropout uses `fold_in(fold_in(dropout_key, step), device)`, so a resumed run
+    `kernels.for_devices`). `offramp_loss`: stage 2's loss (`training.losses`); "distill" also runs
+    layer L and ramp L (forward only) for the teacher. Dropout uses `fold_in(fold_in(dropout_key, step), device)`, so a resumed run
     draws the same masks. Metrics: loss, accuracy, grad_norm, learning_rate, finite (1.0 when the
-    loss, gradients and new parameters are all finite).
+    loss, gradients and new parameters are all finite); with "distill", agreement (of the
+    off-ramps' predictions with ramp L's).
     """
     if stage not in STAGES:
         raise InputError(f"stage={stage!r}: expected 1 or 2")
@@ -185,12 +168,18 @@ def make_train_step(config: DeeBertConfig, tx: optax.GradientTransformation, sch
         trainable, frozen = split_params(state.params, stage, L)
 
         def loss_fn(trainable):
-            # Stage 2 trains the off-ramps alone: the model skips layer L and ramp L.
+            # Stage 2 trains the off-ramps alone: the model skips layer L and ramp L unless they
+            # are the distillation teacher (then ramp L's logits carry no gradient).
+            teacher = stage == 2 and offramp_loss.needs_final_ramp
             logits = model.apply({"params": merge_params(trainable, frozen, stage)}, batch["input_ids"],
                                  batch["attention_mask"], batch["token_type_ids"], train=True,
-                                 stop_backbone_gradient=(stage == 2), off_ramps_only=(stage == 2),
+                                 stop_backbone_gradient=(stage == 2), off_ramps_only=(stage == 2 and not teacher),
                                  rngs={"dropout": key})
-            return off_ramp_loss(logits, batch["labels"]) if stage == 2 else stage_loss(logits, batch["labels"], 1)
+            if stage == 1:
+                return stage_loss(logits, batch["labels"], 1)
+            if teacher:
+                return off_ramp_loss(logits[:-1], batch["labels"], logits[-1], offramp_loss)
+            return off_ramp_loss(logits, batch["labels"])
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         grads = _across_devices(jax.lax.pmean, grads, axis_name)
@@ -209,9 +198,10 @@ def make_train_step(config: DeeBertConfig, tx: optax.GradientTransformation, sch
 
 @functools.lru_cache(maxsize=8)
 def pmapped_train_step(config: DeeBertConfig, stage: int, settings: OptimizerSettings, devices: tuple | None = None,
-                       dtype: str = "float32", kernels: str = "reference"):
+                       dtype: str = "float32", kernels: str = "reference", offramp_loss: OffRampLoss = LABELS):
     """-> (pmapped step with the state donated, its optimizer). Cached: a second run in the same
-    process with the same model, stage, settings and compute dtype reuses the compiled step."""
+    process with the same model, stage, settings, compute dtype and loss reuses the compiled step."""
     tx = settings.optimizer()
-    step = make_train_step(config, tx, settings.schedule(), stage, dtype=jnp.dtype(dtype), kernels=kernels)
+    step = make_train_step(config, tx, settings.schedule(), stage, dtype=jnp.dtype(dtype), kernels=kernels,
+                           offramp_loss=offramp_loss)
     return jax.pmap(step, axis_name=AXIS, devices=devices, donate_argnums=(0,)), tx
