@@ -168,8 +168,10 @@ def test_cli_train_holdout_split(checkpoint, capsys):
 def test_refusals_are_one_clear_line(checkpoint, dev_logits, dev, capsys):
     # Budget 0: a threshold must save layers at no cost; every early exit here costs accuracy.
     assert calibrate(checkpoint[0], "--max-drop", "0") == 1
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("error: no threshold saves layers within a drop of 0 points")
+    # 50 calibration examples without --confidence: a warning line first, then the one error line.
+    warning, err = capsys.readouterr().err.strip().split("\n")
+    assert warning.startswith("warning: 50 calibration examples")
+    assert err.startswith("error: no threshold saves layers within a drop of 0 points")
     assert "best: threshold" in err
     with pytest.raises(calibration.CalibrationError, match="at 95% confidence"):
         calibration.choose_threshold("synthetic", dev_logits, dev["labels"], 0.0, confidence=0.95)

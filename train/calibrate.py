@@ -73,21 +73,51 @@ def main(argv=None) -> int:
     setup_process()   # process-wide settings, before JAX runs anything
     from deebert_jax.evaluation import calibration
 
+    out_dir, filename = ((os.path.dirname(os.path.abspath(args.out)), os.path.basename(args.out)) if args.out
+                         else (args.checkpoint, calibration.POLICY_FILE))
     task, sets = load_calibration_sets(args)
-    chosen, tested = calibration.choose_threshold(task, *sets.calibration, args.max_drop, args.rule,
-                                                  args.confidence, args.thresholds)
+    n = sets.calibration[1].shape[0]
+    if args.confidence is None and n < SMALL_CALIBRATION:
+        print(f"warning: {n} calibration examples: the empirical choice on so few is noise, with no guarantee "
+              "(--confidence adds one and refuses what so few cannot support)", file=sys.stderr)
+    try:
+        chosen, tested = calibration.choose_threshold(task, *sets.calibration, args.max_drop, args.rule,
+                                                      args.confidence, args.thresholds)
+    except calibration.CalibrationError as e:
+        raise calibration.CalibrationError(f"{e}; {existing_policy_note(out_dir, filename)}") from None
     reported = calibration.threshold_stats(task, *sets.reported, chosen["threshold"], args.rule)
     policy = calibration.make_policy(task, args.rule, args.max_drop, args.confidence, chosen, tested, reported,
                                      args.calibration_split, sets.calibration[0].shape[0], **sets.extra)
     if args.out:
-        out_dir = os.path.dirname(os.path.abspath(args.out))
         os.makedirs(out_dir, exist_ok=True)
-        path = calibration.write_exit_policy(out_dir, policy, os.path.basename(args.out))
-    else:
-        path = calibration.write_exit_policy(args.checkpoint, policy)
+    path = calibration.write_exit_policy(out_dir, policy, filename)
     print(calibration.format_summary(policy))
     print(f"wrote {path}")
     return 0
+
+
+# Below this many calibration examples an empirical (no --confidence) choice gets a warning.
+SMALL_CALIBRATION = 200
+
+
+def existing_policy_note(directory: str, filename: str) -> str:
+    """What a refused calibration leaves: the policy file as it was (named, with its threshold and
+    budget), or none, so train.predict runs at full depth."""
+    import json
+
+    path = os.path.join(directory, filename)
+    if not os.path.isfile(path):
+        return f"nothing written ({path} does not exist: train.predict and the server run at full depth)"
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        what = (f"rule {old['rule']}, threshold {old['threshold']:g}, budget {old.get('max_drop', '?')} points"
+                f"{'' if old.get('confidence') is None else ' at confidence ' + format(old['confidence'], 'g')}"
+                f"{', chosen ' + old['chosen_at'] if old.get('chosen_at') else ''}")
+    except (OSError, ValueError, KeyError, TypeError):
+        what = "unreadable"
+    return (f"{path} left as it was ({what}), and train.predict and the server keep using it; "
+            f"move it away to run at full depth")
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ def main(argv=None) -> int:
                      None if args.text_pair is None else predict.check_text(args.text_pair, "--text-pair"))]
     config, params = load_checkpoint(args.checkpoint)
     threshold, rule, note = predict.resolve_threshold(args.checkpoint, args.threshold, args.rule,
-                                                      config.num_hidden_layers)
+                                                      config.num_hidden_layers, model=(config, params),
+                                                      max_seq_length=args.max_seq_length)
     print(note, file=sys.stderr)
     tokenizer = data.load_tokenizer(args.checkpoint)
     arrays, truncated = predict.encode(tokenizer, examples, args.max_seq_length, config.vocab_size)

@@ -23,6 +23,7 @@ Two ways to choose, both over thresholds ordered from safe (never exit early) to
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -199,7 +200,7 @@ class CalibrationSets:
 
     calibration, reported: ([L, n, K] float32 logits, [n] labels). split: one of
     CALIBRATION_SPLITS. extra: what the policy records about the split ({"seed"} for dev-half,
-    {"calibration_size"} for train-holdout). rows: for dev-half, the (calibration, reported) dev
+    {"calibration_size"} for train-holdout) and the model (`model_fingerprint`, `max_seq_length`). rows: for dev-half, the (calibration, reported) dev
     row indices, disjoint and sorted; None for train-holdout (the two come from different splits).
     """
     calibration: tuple[np.ndarray, np.ndarray]
@@ -221,8 +222,12 @@ def calibration_sets(config, params, task: str, tokenizer=None, *, split: str = 
     """
     if split not in CALIBRATION_SPLITS:
         raise InputError(f"unknown calibration split {split!r}; expected one of {list(CALIBRATION_SPLITS)}")
+    from deebert_jax.weights.checkpoint import model_fingerprint
+
     common = dict(glue_dir=glue_dir, tokenizer=tokenizer, max_seq_length=max_seq_length,
                   vocab_size=config.vocab_size)
+    # What the policy was calibrated on, so that loading it can refuse other weights or lengths.
+    model = {"model_fingerprint": model_fingerprint(config, params), "max_seq_length": int(max_seq_length)}
     dev = data.load_split(task, "dev", limit=limit, **common)
     logits = lambda arrays: evaluation.all_ramp_logits(config, params, arrays, batch_size, progress=progress)
     if split == "dev-half":
@@ -233,26 +238,30 @@ def calibration_sets(config, params, task: str, tokenizer=None, *, split: str = 
         cal_rows, rep_rows = split_indices(n, seed)
         return CalibrationSets((dev_logits[:, cal_rows], dev["labels"][cal_rows]),
                                (dev_logits[:, rep_rows], dev["labels"][rep_rows]),
-                               split, {"seed": seed}, (cal_rows, rep_rows))
+                               split, {"seed": seed, **model}, (cal_rows, rep_rows))
     train = data.load_split(task, "train", **common)
     tail = {k: v[-calibration_size:] for k, v in train.items()}
     return CalibrationSets((logits(tail), tail["labels"]), (logits(dev), dev["labels"]), split,
-                           {"calibration_size": data.num_examples(tail)})
+                           {"calibration_size": data.num_examples(tail), **model})
 
 
 def make_policy(task: str, rule: str, max_drop: float, confidence: float | None, chosen: Mapping,
                 tested: Sequence[Mapping], reported: Mapping, calibration_split: str, num_layers: int,
                 **extra) -> dict:
-    """The `exit_policy.json` dict (`extra`: e.g. the split's seed or size)."""
+    """The `exit_policy.json` dict (`extra`: e.g. the split's seed or size, `max_seq_length`, and
+    `model_fingerprint` (`weights.checkpoint.model_fingerprint`), which loading checks)."""
     keep = ("n", "disagreement", "drop", "saving", "bound", "p_value", "metric", "full_metric", "mean_exit_layer")
     row = lambda s: {k: s[k] for k in ("threshold", *keep) if k in s}
+    name = metrics.metric_name(task)
     return {
         "format": POLICY_FORMAT, "rule": rule, "threshold": chosen["threshold"], "max_drop": float(max_drop),
-        "confidence": confidence, "task": task, "metric_name": metrics.metric_name(task), "num_layers": num_layers,
-        "calibration_split": calibration_split, **extra,
+        "confidence": confidence, "task": task, "metric_name": name, "num_layers": num_layers,
+        "calibration_split": calibration_split,
+        "chosen_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), **extra,
         "calibration": {k: chosen.get(k) for k in keep},
         "reported": {k: reported[k] for k in keep if k in reported},
         "guarantee": guarantee(max_drop, confidence),
+        "guarantee_scope": guarantee_scope(confidence, calibration_split, task, extra.get("calibration_size")),
         "tested": [row(s) for s in tested],
     }
 
@@ -265,6 +274,64 @@ def guarantee(max_drop: float, confidence: float | None) -> str | None:
             f"at most {max_drop:g} points")
 
 
+def guarantee_scope(confidence: float | None, split: str, task: str, calibration_size: int | None = None) -> list[str]:
+    """What the guarantee does and does not promise for this split and metric, one sentence each
+    (written into the policy and printed by `train.calibrate`)."""
+    if confidence is None:
+        lines = ["no guarantee: the empirical choice is the best threshold on these calibration examples; "
+                 "on other examples its drop can be larger (choose with --confidence for a guarantee)"]
+    else:
+        lines = [f"it holds over calibration draws: in at most {1 - confidence:.0%} of them is the chosen threshold "
+                 "worse than the budget on the distribution they were drawn from"]
+    if split == "dev-half":
+        lines.append("population: examples distributed like the task's dev set (the reported half is a finite "
+                     "sample of it: its drop can exceed the budget by chance)")
+    else:
+        rows = f"the last {calibration_size} training rows" if calibration_size else "the held-out training rows"
+        lines.append(f"population: examples distributed like {rows}, which no training stage saw; inputs from "
+                     "elsewhere are not covered" + (" (SST-2's training rows are phrases of the parse trees, its dev "
+                                                   "rows whole sentences: dev is not that population, so the "
+                                                   "drop reported on dev is a check, not the guarantee)"
+                                                   if task.lower().replace("-", "") == "sst2" else ""))
+    name = metrics.metric_name(task)
+    if name == "accuracy":
+        lines.append("metric: accuracy can fall only where predictions change, so a disagreement rate of at most "
+                     "the budget bounds the expected accuracy drop")
+    else:
+        lines.append(f"metric: only the disagreement rate with the full model is bounded; {name} is not "
+                     f"({name} is not an average over examples, a few changed predictions can move it more)")
+    return lines
+
+
+def calibration_size_needed(disagreements: int, max_drop: float, confidence: float, limit: int = 10 ** 7) -> int | None:
+    """The fewest calibration examples with which a threshold showing `disagreements` of them is
+    certified (exact binomial p-value <= 1 - confidence at rate max_drop / 100): the power of the
+    test. None past `limit`."""
+    alpha, delta = max_drop / 100.0, 1.0 - confidence
+    if alpha <= 0:
+        return None
+    lo, hi = disagreements + 1, disagreements + 1
+    while binomial_cdf(disagreements, hi, alpha) > delta:
+        lo, hi = hi, hi * 2
+        if hi > limit:
+            return None
+    while lo < hi:   # binomial_cdf(k, n, alpha) falls as n grows
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if binomial_cdf(disagreements, mid, alpha) > delta else (lo, mid)
+    return lo
+
+
+def format_power_table(max_drop: float, confidence: float, disagreements: Sequence[int] = (0, 1, 2, 5, 10, 20, 50)
+                       ) -> str:
+    """Markdown: for each k, the calibration size that certifies a threshold with k disagreements."""
+    lines = [f"| disagreements k | calibration examples needed (budget {max_drop:g} points, confidence "
+             f"{confidence:g}) | k / n |", "|---|---|---|"]
+    for k in disagreements:
+        n = calibration_size_needed(k, max_drop, confidence)
+        lines.append(f"| {k} | {n if n else '-'} | {k / n:.2%} |" if n else f"| {k} | - | - |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------
 # The policy file
 
@@ -275,24 +342,86 @@ def write_exit_policy(model_dir: str | os.PathLike, policy: Mapping, filename: s
     return atomic_write_text(os.path.join(os.fspath(model_dir), filename), json.dumps(policy, indent=2) + "\n")
 
 
-def load_exit_policy(model_dir: str | os.PathLike) -> dict | None:
-    """`model_dir/exit_policy.json` as a dict, None when absent; a file without a valid rule and
-    threshold is a ValueError naming it."""
+# Field -> (what it must be, test); checked like config.json's fields.
+_POLICY_FIELDS = {
+    "format": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "rule": (f"one of {', '.join(sorted(EXIT_RULES))}", lambda v: isinstance(v, str) and v in EXIT_RULES),
+    "threshold": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
+    "max_drop": ("a number >= 0", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
+    "confidence": ("null or a number in (0, 1)",
+                   lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1)),
+    "num_layers": ("an integer >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "max_seq_length": ("an integer >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "task": ("a string", lambda v: isinstance(v, str)),
+    "calibration_split": ("a string", lambda v: isinstance(v, str)),
+    "model_fingerprint": ("a string", lambda v: isinstance(v, str)),
+    "chosen_at": ("a string", lambda v: isinstance(v, str)),
+}
+_POLICY_REQUIRED = ("rule", "threshold")
+
+
+def load_exit_policy(model_dir: str | os.PathLike, *, model: tuple | None = None, max_seq_length: int | None = None,
+                     task: str | None = None) -> dict | None:
+    """`model_dir/exit_policy.json` as a dict, None when absent. A file that is not a JSON object
+    with a valid rule and threshold, whose fields have the wrong types, or that was calibrated on
+    something else than what is asked (`model`: the (config, params) it will run with, compared
+    by `model_fingerprint` and layer count; `max_seq_length`; `task`) is an InputError naming it."""
     path = os.path.join(os.fspath(model_dir), POLICY_FILE)
     if not os.path.isfile(path):
         return None
     try:
         with open(path, encoding="utf-8") as f:
             policy = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(policy, dict) or "threshold" not in policy or policy.get("rule") not in EXIT_RULES:
+    if not isinstance(policy, dict) or any(k not in policy for k in _POLICY_REQUIRED):
         raise InputError(f"{path}: expected an object with 'rule' (one of {sorted(EXIT_RULES)}) and 'threshold'")
+    for field, (expected, ok) in _POLICY_FIELDS.items():
+        if field in policy and not ok(policy[field]):
+            raise InputError(f"{path}: \"{field}\" is {json.dumps(policy[field])}, expected {expected}")
     try:
         check_threshold(policy["threshold"], policy["rule"])
     except (TypeError, ValueError) as e:
         raise InputError(f"{path}: {e}") from e
+    again = "choose a threshold for this one with python -m train.calibrate, or move the file away"
+    if model is not None:
+        from deebert_jax.weights.checkpoint import model_fingerprint
+
+        config, params = model
+        if policy.get("num_layers", config.num_hidden_layers) != config.num_hidden_layers:
+            raise InputError(f"{path}: calibrated on a {policy['num_layers']}-layer model, this one has "
+                             f"{config.num_hidden_layers}; {again}")
+        if "model_fingerprint" in policy and policy["model_fingerprint"] != model_fingerprint(config, params):
+            raise InputError(f"{path}: calibrated on other weights (model_fingerprint {policy['model_fingerprint']}, "
+                             f"these weights {model_fingerprint(config, params)}); {again}")
+    if task is not None and "task" in policy and _task_key(policy["task"]) != _task_key(task):
+        raise InputError(f"{path}: calibrated for task {policy['task']}, not {task}; {again}")
+    if max_seq_length is not None and policy.get("max_seq_length", max_seq_length) != max_seq_length:
+        raise InputError(f"{path}: calibrated at max_seq_length {policy['max_seq_length']}, this run uses "
+                         f"{max_seq_length}: pass --max-seq-length {policy['max_seq_length']}, or calibrate again "
+                         f"at {max_seq_length}")
     return policy
+
+
+def _task_key(task: str) -> str:
+    return task.lower().replace("-", "")
+
+
+def describe_policy(policy: Mapping) -> str:
+    """One line: how the policy's threshold was chosen (budget, confidence, split, when)."""
+    level = (f"at confidence {policy['confidence']:g}" if policy.get("confidence") is not None
+             else "empirical, no guarantee")
+    parts = [f"budget {policy['max_drop']:g} points of {policy.get('metric_name', 'the metric')} {level}"
+             if "max_drop" in policy else "budget not recorded"]
+    if policy.get("calibration_split"):
+        size = policy.get("calibration_size") or (policy.get("calibration") or {}).get("n")
+        parts.append(f"calibrated on {policy['calibration_split']}" + (f" ({size} examples)" if size else ""))
+    if policy.get("task"):
+        parts.append(f"task {policy['task']}")
+    parts.append(f"chosen {policy['chosen_at']}" if policy.get("chosen_at") else "date not recorded")
+    if "model_fingerprint" not in policy:
+        parts.append("no model fingerprint (written before fingerprints; not checked against these weights)")
+    return ", ".join(parts)
 
 
 def with_policy_threshold(thresholds: Sequence[float], model_dir: str | os.PathLike | None,
@@ -327,4 +456,25 @@ def format_summary(policy: Mapping) -> str:
                  f"disagreement {rep['disagreement']:.2%}")
     if policy.get("guarantee"):
         lines.append(f"guarantee: {policy['guarantee']}")
+    for line in policy.get("guarantee_scope") or ():
+        lines.append(f"  - {line}")
+    if conf is not None and policy["max_drop"] > 0:
+        k = certifiable_disagreements(cal["n"], policy["max_drop"], conf)
+        lines.append(f"power: with {cal['n']} calibration examples " +
+                     (f"a threshold passes with at most {k} disagreements ({k / cal['n']:.2%})" if k is not None
+                      else f"no threshold can pass (even 0 disagreements need "
+                           f"{calibration_size_needed(0, policy['max_drop'], conf)})")
+                     + "; docs/calibration.md gives the sizes for more")
     return "\n".join(lines)
+
+
+def certifiable_disagreements(n: int, max_drop: float, confidence: float) -> int | None:
+    """The most disagreements among n calibration examples with which a threshold still passes;
+    None when even 0 does not."""
+    alpha, delta = max_drop / 100.0, 1.0 - confidence
+    if alpha <= 0 or binomial_cdf(0, n, alpha) > delta:
+        return None
+    k = 0
+    while k + 1 < n and binomial_cdf(k + 1, n, alpha) <= delta:
+        k += 1
+    return k

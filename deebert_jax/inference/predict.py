@@ -213,17 +213,22 @@ def label_names(model_dir: str | os.PathLike, num_labels: int) -> list[str]:
 
 
 def resolve_threshold(model_dir: str | os.PathLike, threshold: float | None, rule: str | None,
-                      num_layers: int) -> tuple[float, str, str]:
+                      num_layers: int, *, model: tuple | None = None,
+                      max_seq_length: int | None = None) -> tuple[float, str, str]:
     """-> (threshold, rule, a note saying where they came from). A missing threshold comes from
     the model directory's exit_policy.json (when its rule is `rule` or `rule` is None), else the
-    rule's full-depth threshold (entropy 0). A missing rule: the policy's, else entropy."""
-    policy = calibration.load_exit_policy(model_dir)
-    rule = rule or (policy["rule"] if policy and threshold is None else "entropy")
+    rule's full-depth threshold (entropy 0). A missing rule: the policy's, else entropy. The
+    policy is checked against `model` ((config, params)) and `max_seq_length` when given
+    (`calibration.load_exit_policy`); it is not read when `threshold` is given."""
     if threshold is not None:
+        rule = rule or "entropy"
         return float(threshold), rule, f"rule {rule}, threshold {threshold:g} (given)"
+    policy = calibration.load_exit_policy(model_dir, model=model, max_seq_length=max_seq_length)
+    rule = rule or (policy["rule"] if policy else "entropy")
     path = os.path.join(os.fspath(model_dir), calibration.POLICY_FILE)
     if policy is not None and policy["rule"] == rule:
-        return float(policy["threshold"]), rule, f"rule {rule}, threshold {policy['threshold']:g} from {path}"
+        return (float(policy["threshold"]), rule,
+                f"rule {rule}, threshold {policy['threshold']:g} from {path} ({calibration.describe_policy(policy)})")
     full = evaluation.default_thresholds(rule, num_layers)[0]
     why = (f"no {calibration.POLICY_FILE} in {os.fspath(model_dir)}" if policy is None
            else f"{path} is for rule {policy['rule']}")

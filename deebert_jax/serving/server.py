@@ -48,7 +48,8 @@ def build_service(model_dir: str, *, threshold: float | None = None, rule: str |
             "backend": backend}
     if backend == "jax":
         from deebert_jax.serving.engine import Engine
-        threshold, rule, note = predict.resolve_threshold(model_dir, threshold, rule, L)
+        threshold, rule, note = predict.resolve_threshold(model_dir, threshold, rule, L, model=(config, params),
+                                                          max_seq_length=max_seq_length)
         engine = Engine(config, params, lengths, threshold, rule, bucket_sizes=bucket_sizes)
         info.update(rule=rule, threshold=threshold)
     else:

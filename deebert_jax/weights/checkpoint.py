@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -54,6 +55,18 @@ def save_checkpoint(directory: str | os.PathLike, config: DeeBertConfig, params:
         if write_extra is not None:
             write_extra(tmp)
     return directory
+
+
+def model_fingerprint(config: DeeBertConfig, params: Any) -> str:
+    """A short hash of the config and every parameter's path, dtype, shape and bytes: what an
+    `exit_policy.json` records so that it is never used with other weights (16 hex digits)."""
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(jax.device_get(params)),
+                             key=lambda item: jax.tree_util.keystr(item[0])):
+        leaf = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype.str}:{leaf.shape}".encode())
+        digest.update(leaf.tobytes())
+    return digest.hexdigest()[:16]
 
 
 def write_label_names(directory: str | os.PathLike, names) -> str:
