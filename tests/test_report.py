@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from deebert_jax.evaluation.report import format_markdown_section, relative_paths
+from deebert_jax.evaluation.report import format_markdown_section, portable_paths, relative_paths
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -19,6 +19,13 @@ from deebert_jax.evaluation.report import format_markdown_section, relative_path
 ])
 def test_relative_paths_rewrites_only_paths_under_the_root(text, expected):
     assert relative_paths(text, "/ckpt/main") == expected
+
+
+def test_portable_paths_makes_the_checkout_and_its_neighbours_relative():
+    kept = portable_paths({"data": "GLUE TSVs from /ckpt/shared/data/glue", "n": 3,
+                           "steps": ["python -m x --out /ckpt/main/workdirs/a", "/ckpt/mainly/x"]}, "/ckpt/main")
+    assert kept == {"data": "GLUE TSVs from ../shared/data/glue", "n": 3,
+                    "steps": ["python -m x --out workdirs/a", "../mainly/x"]}
 
 
 def test_relative_paths_defaults_to_the_current_directory(tmp_path, monkeypatch):

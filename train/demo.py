@@ -110,9 +110,16 @@ def _demo(argv) -> int:
         "--batch-sizes", str(cfg.bench_batch_sizes), "--thresholds", str(cfg.bench_thresholds),
         "--runs", str(cfg.bench_runs), *glue, "--no-progress", "--out", bench_path])
 
-    from deebert_jax.evaluation.report import format_summary, ramp_pooling, target_line
+    from deebert_jax.evaluation.calibration import POLICY_FILE
+    from deebert_jax.evaluation.report import format_summary, ramp_pooling, same_set_line, target_line
     with open(results_path) as f:
         results = json.load(f)
+    # The threshold train.train chose on its held-out rows (config.calibration_holdout), if any.
+    policy_path = os.path.join(model, POLICY_FILE)
+    policy = None
+    if cfg.get("calibration_holdout", 0) and os.path.isfile(policy_path):
+        with open(policy_path) as f:
+            policy = json.load(f)
     with open(bench_path) as f:
         bench = json.load(f)
     batch = int(str(cfg.bench_batch_sizes).split(",")[0])
@@ -124,18 +131,24 @@ def _demo(argv) -> int:
           + ("the mean of the tokens" if ramp_pooling(cfg.to_dict()) == "mean" else "the first token"))
     print(f"device: {bench.get('device')}, threads {bench.get('threads')}, precision {bench.get('precision')}")
     print(format_summary(results, bench, batch))
-    print(target_line(results) or "")
+    if policy is not None:
+        print(target_line(results, policy=policy))
+        print(same_set_line(results) or "")
+    else:
+        print(target_line(results) or "")
     print("\nfiles:")
     for label, path in [("sweep", results_path), ("sweep plot", os.path.splitext(results_path)[0] + ".png"),
                         ("latency", bench_path), ("latency plot", os.path.splitext(bench_path)[0] + ".png"),
-                        ("model", model), ("training log", os.path.join(train_dir, "metrics.jsonl"))]:
+                        ("model", model), ("exit policy", policy_path if policy is not None else "none"),
+                        ("training log", os.path.join(train_dir, "metrics.jsonl"))]:
         print(f"  {label:<13} {path}")
     print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {time.time() - started:.0f}s")
     # What produced these files, for reports (train.report) that must not type numbers by hand.
     with open(os.path.join(workdir, "run.json"), "w") as f:
         json.dump({"command": shlex.join(["python", "-m", "train.demo", *sys.argv[1:]]), "steps": COMMANDS,
                    "config": cfg.to_dict(), "data": source, "seconds": timings,
-                   "results": results_path, "bench": bench_path, "model": model}, f, indent=2, default=str)
+                   "results": results_path, "bench": bench_path, "model": model, "policy": policy},
+                  f, indent=2, default=str)
     return 0
 
 

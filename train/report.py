@@ -4,7 +4,8 @@
         [--rules workdirs/rules/sst2.json workdirs/rules/mrpc.json ...]
 
 Every number in the file is read from those JSON files; each section names the command that
-produced it. Plots are copied to docs/results/. `--rules` adds a section "Exit rules side by side"
+produced it. Plots are copied to docs/results/, and the run's JSON files (run.json with the
+exit policy, results.json, bench.json) to docs/results/NAME/, so every number has its file. `--rules` adds a section "Exit rules side by side"
 from `train.compare_rules` JSON files: per task, its table, its plot (drawn again from the JSON,
 into docs/results/) and its command.
 """
@@ -19,7 +20,7 @@ import shutil
 import sys
 
 from deebert_jax.core.fileutil import atomic_write_text
-from deebert_jax.evaluation.report import REFERENCE_BERT_BASE, format_markdown_section, relative_paths
+from deebert_jax.evaluation.report import REFERENCE_BERT_BASE, format_markdown_section, portable_paths, relative_paths
 from train.cli import one_line
 
 RULES_INTRO = (
@@ -101,6 +102,12 @@ def main(argv=None) -> int:
             dst = os.path.join(plots, f"{name}_{kind}.png")
             shutil.copyfile(src_png, dst)
             pngs[kind] = os.path.relpath(dst, base)
+        # The JSON behind every number of the section, kept beside the plots (paths made relative).
+        json_dir = os.path.join(plots, name)
+        os.makedirs(json_dir, exist_ok=True)
+        for file_name, data in (("run.json", meta), ("results.json", results), ("bench.json", bench)):
+            atomic_write_text(os.path.join(json_dir, file_name), json.dumps(portable_paths(data), indent=1) + "\n")
+        pngs["json"] = os.path.relpath(json_dir, base)
         sections.append(format_markdown_section(meta, results, bench, pngs, label=os.path.normpath(run)))
     if comparisons:
         sections.append(_rules_section(comparisons, plots, base))

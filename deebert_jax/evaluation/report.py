@@ -13,9 +13,9 @@ _PATH_START = r"(?<![\w.~/-])"
 _PATH_END = r"""[\s'"`),;]"""
 
 
-def relative_paths(text: str, root: str | None = None) -> str:
+def relative_paths(text: str, root: str | None = None, prefix: str = "") -> str:
     """`text` (a command line or a path) with every absolute path under `root` (default: the current
-    directory) written relative to it; other text is left alone.
+    directory) written relative to it, after `prefix`; other text is left alone.
 
     In /ckpt: "train.x --out /ckpt/workdirs/a --data /data" -> "train.x --out workdirs/a --data /data".
     """
@@ -24,7 +24,21 @@ def relative_paths(text: str, root: str | None = None) -> str:
         return text
     # Either the root, slashes and more of the path (-> that rest) or the root itself (-> ".").
     pattern = re.compile(_PATH_START + re.escape(root) + rf"(?:(/+)(?!{_PATH_END}|/|$)|/*(?={_PATH_END}|$))")
-    return pattern.sub(lambda m: "" if m.group(1) else ".", text)
+    return pattern.sub(lambda m: prefix if m.group(1) else (prefix.rstrip("/") or "."), text)
+
+
+def portable_paths(value: Any, root: str | None = None) -> Any:
+    """`value` (a string, or JSON-like lists and dicts of them) with absolute paths under `root`
+    (default: the current directory) written relative to it, and those beside it as ../...: what
+    a file kept in the repository may say of where things were."""
+    if isinstance(value, str):
+        root = os.path.normpath(os.path.abspath(root or os.getcwd()))
+        return relative_paths(relative_paths(value, root), os.path.dirname(root), "../")
+    if isinstance(value, list):
+        return [portable_paths(v, root) for v in value]
+    if isinstance(value, dict):
+        return {k: portable_paths(v, root) for k, v in value.items()}
+    return value
 
 
 # Environment variables that change what a benchmark measures: a recorded command names those set.
@@ -106,19 +120,46 @@ def best_saving_within(results: Mapping[str, Any], max_loss: float) -> dict | No
     return max(ok, key=lambda p: p["layer_saving"]) if ok else None
 
 
-def target_line(results: Mapping[str, Any], bold: str = "") -> str | None:
-    """One sentence: the largest saving within TARGET_LOSS of ramp L, and whether the target is met.
+def target_line(results: Mapping[str, Any], bold: str = "", policy: Mapping[str, Any] | None = None) -> str | None:
+    """The headline: with `policy` (an exit_policy.json chosen on held-out rows), `held_out_line`,
+    the target judged on it; without, `same_set_line`, which says the target is not judged.
 
     `bold`: the Markdown emphasis to wrap the numbers in ("**"), "" for plain text.
     """
+    if policy is not None:
+        return held_out_line(policy, bold)
+    same = same_set_line(results, bold)
+    return None if same is None else (same + " Target not judged: no threshold was chosen on held-out rows "
+                                      "(config.calibration_holdout).")
+
+
+def same_set_line(results: Mapping[str, Any], bold: str = "") -> str | None:
+    """The sweep's largest saving within TARGET_LOSS of ramp L, labelled as what it is: chosen on
+    the set it is measured on (optimistic)."""
     best = best_saving_within(results, TARGET_LOSS)
     if best is None:
         return None
-    met = best["layer_saving"] >= TARGET_SAVING
-    return (f"Largest layer saving within {100 * TARGET_LOSS:.1f} point of the final ramp: "
-            f"{bold}{100 * best['layer_saving']:.1f}%{bold} at threshold {best['threshold']:g} "
-            f"({results['metric_name']} {100 * best['metric']:.2f}). Target (>= {100 * TARGET_SAVING:.0f}% saved, "
-            f"<= {100 * TARGET_LOSS:.1f} point lost): {bold}{'met' if met else 'not met'}{bold}.")
+    return (f"Same-set sweep (threshold chosen on the dev set it is measured on, so optimistic): largest "
+            f"layer saving within {100 * TARGET_LOSS:.1f} point of the final ramp {bold}"
+            f"{100 * best['layer_saving']:.1f}%{bold} at threshold {best['threshold']:g} "
+            f"({results['metric_name']} {100 * best['metric']:.2f}).")
+
+
+def held_out_line(policy: Mapping[str, Any], bold: str = "") -> str:
+    """The threshold chosen on held-out rows (the policy), measured on dev, and the target judged on it."""
+    rep, name = policy["reported"], policy.get("metric_name", "metric")
+    level = (f", confidence {policy['confidence']:g}" if policy.get("confidence") is not None
+             else ", empirical (no guarantee)")
+    size = policy.get("calibration_size") or policy["calibration"]["n"]
+    where = (f"{size} training rows no stage saw" if policy.get("calibration_split") == "train-holdout"
+             else f"{size} {policy.get('calibration_split', '')} rows")
+    met = rep["saving"] >= TARGET_SAVING and rep["drop"] <= 100 * TARGET_LOSS + 1e-9
+    return (f"Held-out choice: {policy['rule']} threshold {policy['threshold']:g} chosen on {where} (budget "
+            f"{policy['max_drop']:g} point{level}); on dev ({rep['n']} examples): {bold}{100 * rep['saving']:.1f}%"
+            f"{bold} of layers saved, {name} {100 * rep['metric']:.2f} against {100 * rep['full_metric']:.2f} "
+            f"(drop {rep['drop']:.2f} points), {100 * rep['disagreement']:.2f}% of predictions differ from the "
+            f"final ramp. Target (>= {100 * TARGET_SAVING:.0f}% saved, <= {100 * TARGET_LOSS:.1f} point lost, "
+            f"judged on this held-out choice): {bold}{'met' if met else 'not met'}{bold}.")
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -152,20 +193,27 @@ def format_markdown_section(meta: Mapping[str, Any], results: Mapping[str, Any],
              f"{cfg.get('stage2_epochs')} (stage 2); lr {cfg.get('learning_rate')} / {cfg.get('stage2_learning_rate')}; "
              f"batch {cfg.get('per_device_batch_size')} per device; seed {cfg.get('seed')}; "
              f"off-ramps read the {'mean of the real tokens' if pooling == 'mean' else 'first token'}.  ",
-           "Steps: " + "; ".join(f"`{relative_paths(s)}`" for s in meta.get("steps", [])), "",
+           "Steps: " + "; ".join(f"`{relative_paths(s)}`" for s in meta.get("steps", [])) + "  ",
+           *([f"JSON behind every number here: [{pngs['json']}/]({pngs['json']}/) (run.json, results.json, "
+              f"bench.json)."] if pngs.get("json") else []), "",
            f"Final ramp (layer {L}) dev {name}: **{100 * final:.2f}** on {results['num_examples']} examples"
            + (f" (bert-base reference: {REFERENCE_BERT_BASE[task]})" if task in REFERENCE_BERT_BASE else ""), ""]
     out += _md_table(["layer"] + [str(r["layer"]) for r in results["per_ramp"]],
                      [[name] + [f"{100 * r['metric']:.2f}" for r in results["per_ramp"]]])
-    out += ["", f"Threshold sweep ({results.get('rule', 'entropy')}, mode {results.get('mode')}):", ""]
+    out += ["", f"Threshold sweep on dev ({results.get('rule', 'entropy')}, mode {results.get('mode')}; "
+                "every threshold measured on the same set, a curve, not a choice):", ""]
     out += _md_table(["threshold", name, "change (points)", "layer saving", "mean exit layer",
                       f"exit counts (layer 1..{L})"],
                      [[f"{p['threshold']:g}", f"{100 * p['metric']:.2f}", f"{100 * (p['metric'] - final):+.2f}",
                        f"{100 * p['layer_saving']:.1f}%", f"{p['mean_exit_layer']:.2f}",
                        " ".join(str(c) for c in p["exit_counts"])] for p in results["sweep"]])
-    target = target_line(results, bold="**")
-    if target is not None:
-        out += ["", target]
+    policy = meta.get("policy")
+    if policy is not None:
+        out += ["", held_out_line(policy, bold="**")]
+    same = same_set_line(results)
+    if same is not None:
+        out += ["", same + ("" if policy is not None else " Target not judged: no threshold was chosen on "
+                            "held-out rows (config.calibration_holdout).")]
     out += ["", f"![{task} trade-off]({pngs['tradeoff']})", "",
             f"Latency ({bench.get('device')}, threads {bench.get('threads')}"
             + (f", precision {bench['precision']} on both sides" if bench.get("precision") else "")
