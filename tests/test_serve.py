@@ -108,6 +108,7 @@ def test_predict_answers_what_train_predict_writes(service, reference, threshold
     health = call(app, "GET", "/health")
     assert health.status_code == 200 and health.json()["status"] == "ready"
     assert health.json()["threshold"] == pytest.approx(threshold) and health.json()["lengths"] == [SEQ]
+    assert health.json()["schedule"] == "arrivals"
     single = call(app, "POST", "/predict", json={"inputs": TEXTS[0]})
     assert single.status_code == 200
     assert_same_records(single.json(), [reference[(TEXTS[0], None)]])

@@ -1,5 +1,6 @@
 """The serving scheduler (pure) and engine: random arrival schedules, driven step by step, give
-row for row `exit_aware_predict`'s exits; the schedule is deepest first; nothing recompiles."""
+row for row `exit_aware_predict`'s exits under every schedule; each schedule's order (arrivals:
+a new row starts on the next step however deep the others are); nothing recompiles."""
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from deebert_jax.model.inference_step import forward
 from deebert_jax.serving import engine as engine_lib
 from deebert_jax.serving.engine import Engine
 from deebert_jax.serving.requests import Row
-from deebert_jax.serving.scheduler import Scheduler
+from deebert_jax.serving.scheduler import SCHEDULES, Scheduler
 
 CONFIG = tiny_config(num_hidden_layers=4, num_labels=3)
 LENGTHS = (8, 16)
@@ -24,7 +25,7 @@ N = 37
 # -- the scheduler alone -----------------------------------------------------------------------
 
 def test_scheduler_runs_the_deepest_group_first_and_admits_into_free_slots():
-    s = Scheduler(num_layers=3, lengths=(8, 16), pool_size=2)
+    s = Scheduler(num_layers=3, lengths=(8, 16), pool_size=2, schedule="deepest")
     for key, length in (("a", 8), ("b", 8), ("c", 8), ("d", 16)):
         s.submit(key, length)
     first = s.next_step()  # two layer-0 groups: the one holding the oldest row, up to 2 free slots
@@ -46,7 +47,7 @@ def test_scheduler_runs_the_deepest_group_first_and_admits_into_free_slots():
 
 
 def test_scheduler_pool_bounds_rows_in_flight():
-    s = Scheduler(num_layers=2, lengths=(8,), pool_size=3)
+    s = Scheduler(num_layers=2, lengths=(8,), pool_size=3, schedule="deepest")
     for key in range(5):
         s.submit(key, 8)
     step = s.next_step()
@@ -59,6 +60,59 @@ def test_scheduler_pool_bounds_rows_in_flight():
     s.complete(step, [False])
     step = s.next_step()
     assert [k for k, _ in step.admit] == [3, 4]
+
+
+def _run(s, step, exited=None):
+    """Completes `step` (no row exits unless `exited`) -> (length, layer, admitted keys) it ran."""
+    s.complete(step, exited or [False] * len(step.slots))
+    return step.length, step.layer, [k for k, _ in step.admit]
+
+
+def test_arrivals_start_on_the_next_step_while_others_are_deep():
+    s = Scheduler(num_layers=4, lengths=(8, 16), pool_size=4)  # the default schedule: arrivals
+    assert s.schedule == "arrivals"
+    s.submit("a", 8)
+    s.submit("b", 8)
+    assert _run(s, s.next_step()) == (8, 0, ["a", "b"])
+    assert _run(s, s.next_step()) == (8, 1, [])
+    s.submit("c", 16)
+    s.submit("d", 8)  # a and b are at layer 2 of 4: c and d start now, the oldest waiting first
+    assert _run(s, s.next_step()) == (16, 0, ["c"])
+    assert _run(s, s.next_step()) == (8, 0, ["d"])
+    assert _run(s, s.next_step()) == (8, 2, [])  # nobody waits: the deepest group
+    s.submit("e", 8)
+    assert _run(s, s.next_step()) == (8, 0, ["e"])  # e pre-empts a and b at layer 3
+    assert _run(s, s.next_step(), [True, True]) == (8, 3, [])  # a and b: their last layer
+    assert _run(s, s.next_step(), [True]) == (16, 1, [])  # c (older than d) exits at layer 2
+    step = s.next_step()  # d and e, both at layer 1, run as one group
+    assert (step.length, step.layer, len(step.slots)) == (8, 1, 2)
+
+
+def test_arrivals_wait_only_for_a_free_slot():
+    s = Scheduler(num_layers=3, lengths=(8,), pool_size=2)
+    for key in "abc":
+        s.submit(key, 8)
+    assert _run(s, s.next_step()) == (8, 0, ["a", "b"])
+    # c waits: the pool is full, so the rows in flight run (deepest first) until one exits.
+    assert _run(s, s.next_step(), [True, False]) == (8, 1, [])
+    assert _run(s, s.next_step()) == (8, 0, ["c"])
+
+
+def test_shallowest_lets_new_rows_catch_up_and_merge():
+    s = Scheduler(num_layers=4, lengths=(8,), pool_size=4, schedule="shallowest")
+    s.submit("a", 8)
+    assert _run(s, s.next_step()) == (8, 0, ["a"])
+    assert _run(s, s.next_step()) == (8, 1, [])
+    s.submit("b", 8)
+    assert _run(s, s.next_step()) == (8, 0, ["b"])
+    assert _run(s, s.next_step()) == (8, 1, [])   # b catches up with a (layer 2) ...
+    step = s.next_step()
+    assert (step.layer, len(step.slots)) == (2, 2)  # ... and they run together
+
+
+def test_an_unknown_schedule_is_refused():
+    with pytest.raises(ValueError, match="schedule 'fifo'"):
+        Scheduler(num_layers=2, lengths=(8,), pool_size=2, schedule="fifo")
 
 
 # -- the engine against exit_aware_predict ------------------------------------------------------
@@ -104,8 +158,9 @@ def drive(engine, rows, seed):
 
 
 # Entropy (a stateless rule, as max_prob) and patience (per-row rule state carried in the pool).
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("rule", ["entropy", "patience"])
-def test_random_arrivals_give_exit_aware_predicts_exits(model, rule):
+def test_random_arrivals_give_exit_aware_predicts_exits(model, rule, schedule):
     params, batch = model
     if rule == "entropy":
         thresholds = safe_thresholds(entropy(forward(CONFIG, params, *batch)), np.random.default_rng(3), 2, (0.1, 0.6))
@@ -114,7 +169,8 @@ def test_random_arrivals_give_exit_aware_predicts_exits(model, rule):
     rows, seen = rows_of(batch), set()
     for t, threshold in enumerate(thresholds):
         reference = exit_aware_predict(CONFIG, params, *batch, threshold, rule, bucket_sizes=BUCKETS)
-        engine = Engine(CONFIG, params, LENGTHS, threshold, rule, pool_size=16, bucket_sizes=BUCKETS)
+        engine = Engine(CONFIG, params, LENGTHS, threshold, rule, pool_size=16, bucket_sizes=BUCKETS,
+                        schedule=schedule)
         for seed in (t, t + 10):  # two arrival orders through the same engine (slots reused)
             answers = drive(engine, rows, seed)
             exits = np.array([answers[i][1] for i in range(N)])
@@ -123,6 +179,25 @@ def test_random_arrivals_give_exit_aware_predicts_exits(model, rule):
             np.testing.assert_allclose(logits, np.asarray(reference.logits), atol=1e-5, rtol=0)
             seen |= set(exits.tolist())
     assert len(seen) >= 2  # the thresholds exercise exits at several layers
+
+
+def test_a_row_submitted_while_others_are_deep_starts_on_the_next_step(model):
+    params, batch = model
+    rows = rows_of(batch)
+    engine = Engine(CONFIG, params, LENGTHS, 0.0, "entropy", pool_size=16, bucket_sizes=BUCKETS)  # full depth
+    answers = []
+    first = engine.submit(rows[:5], [lambda logits, layer: answers.append(layer)] * 5)
+    while engine.scheduler.layer_of(first[0]) != CONFIG.num_hidden_layers - 1:
+        assert engine.step()
+    deep = {engine.scheduler.layer_of(k) for k in first}
+    (late,) = engine.submit(rows[5:6], [lambda logits, layer: answers.append(layer)])
+    assert engine.scheduler.layer_of(late) is None   # waiting, not yet embedded
+    engine.step()
+    assert engine.scheduler.layer_of(late) == 1      # its layer 1 ran: it runs layer 2 next
+    assert {engine.scheduler.layer_of(k) for k in first} == deep and not answers  # the others waited
+    while engine.step():
+        pass
+    assert answers == [CONFIG.num_hidden_layers] * 6
 
 
 def test_warm_up_compiles_everything_a_request_runs(model):

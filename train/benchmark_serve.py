@@ -38,9 +38,18 @@ def parse_args(argv):
     p.add_argument("--modes", default=",".join(["full_depth", "early_exit", "torch"]))
     p.add_argument("--out", default="workdirs/serve_bench.json")
     p.add_argument("--quick", action="store_true", help="a tiny random model and two short rates (a smoke run)")
+    p.add_argument("--schedule", default=None, help="the JAX servers' schedule (train.serve --schedule; "
+                   "default: the server's)")
+    p.add_argument("--model-label", default=None,
+                   help="how the report names the model directory (default: its path relative to the current "
+                        "directory when inside it, else MODEL_DIR: no path outside the checkout is written)")
     args = p.parse_args(argv)
     if not args.quick and not args.checkpoint:
         p.error("--checkpoint is required (or --quick)")
+    if args.schedule is not None:
+        from deebert_jax.serving.scheduler import SCHEDULES
+        if args.schedule not in SCHEDULES:
+            p.error(f"--schedule {args.schedule!r}; expected one of {', '.join(SCHEDULES)}")
     return args
 
 
@@ -71,10 +80,14 @@ def main(argv=None) -> int:
             model_dir = args.checkpoint
             pairs, labels = data.read_texts("sst2", "dev", args.glue_dir)
             texts = [p[0] for p in pairs]
+        label = args.model_label or ("a tiny random model (--quick)" if args.quick else bench.model_label(model_dir))
         result = bench.run(model_dir, texts, labels, server_command=[sys.executable, "-m", "train.serve"], env=env,
                            slo_ms=args.slo_ms, max_seq_length=args.max_seq_length, modes=modes,
-                           say=lambda line: print(line, flush=True), **options)
-        paths = bench.write_outputs(result, args.out, report.command_line("train.benchmark_serve", sys.argv[1:]))
+                           say=lambda line: print(line, flush=True), schedule=args.schedule, label=label, **options)
+        command = report.command_line("train.benchmark_serve", sys.argv[1:])
+        if not args.quick:
+            command = bench.name_model(command, model_dir, label)
+        paths = bench.write_outputs(result, args.out, command)
     print(open(paths["markdown"], encoding="utf-8").read())
     for kind, path in paths.items():
         print(f"wrote {kind}: {report.relative_paths(path)}")

@@ -33,12 +33,15 @@ READY_TIMEOUT_S = 600
 HOST = "127.0.0.1"   # the benchmark never talks to anything else
 
 
-def server_args(mode: str, model_dir: str, max_seq_length: int) -> list[str]:
+def server_args(mode: str, model_dir: str, max_seq_length: int, schedule: str | None = None) -> list[str]:
+    """`train.serve`'s arguments for `mode`; `schedule` (the JAX modes') None: the server's default."""
     args = ["--checkpoint", model_dir, "--host", HOST, "--port", "0", "--max-seq-length", str(max_seq_length)]
     if mode == "full_depth":
         args += ["--threshold", "0", "--rule", "entropy"]
     elif mode == "torch":
         args += ["--backend", "torch"]
+    if schedule and mode != "torch":
+        args += ["--schedule", schedule]
     return args
 
 
@@ -82,6 +85,24 @@ def measure(port: int, texts: Sequence[str], labels, reference, rate: float, *, 
     return row
 
 
+def model_label(model_dir: str, root: str | None = None) -> str:
+    """How the report names `model_dir`: its path relative to `root` (default: the current
+    directory) when inside it, else a placeholder (the report names no path outside the checkout)."""
+    root = os.path.abspath(root or os.getcwd())
+    path = os.path.abspath(model_dir)
+    if os.path.commonpath([root, path]) == root:
+        return os.path.relpath(path, root)
+    return "MODEL_DIR"
+
+
+def name_model(text: str, model_dir: str, label: str) -> str:
+    """`text` (a command, a server's line) with the model directory, as given or absolute, written `label`."""
+    forms = {os.fspath(model_dir), os.path.normpath(model_dir), os.path.abspath(model_dir)}
+    for form in sorted(forms, key=len, reverse=True):   # the longest first: one may contain another
+        text = re.sub(r"(?<![\w./-])" + re.escape(form.rstrip("/")) + r"(?![\w.-])", lambda m: label, text)
+    return text
+
+
 def _far_past(row: dict, slo_ms: float) -> bool:
     return bool(row["errors"]) or row["p99_ms"] > 4 * slo_ms
 
@@ -101,19 +122,23 @@ def reference_answers(model_dir: str, texts: Sequence[str], threshold: float, ru
 
 def run(model_dir: str, texts: Sequence[str], labels, *, server_command: Sequence[str], env: dict,
         rates: Sequence[float], duration_s: float, max_requests: int, slo_ms: float, max_seq_length: int,
-        modes: Sequence[str] = MODES, seed: int = 0, say: Callable[[str], None] = print) -> dict:
-    """The whole benchmark -> the result dict (`write_outputs` writes it)."""
+        modes: Sequence[str] = MODES, seed: int = 0, say: Callable[[str], None] = print,
+        schedule: str | None = None, label: str | None = None) -> dict:
+    """The whole benchmark -> the result dict (`write_outputs` writes it). `schedule`: the JAX
+    servers' (None: their default); `label`: how the result names `model_dir` (`model_label`)."""
     from deebert_jax.inference import predict
     from deebert_jax.weights.checkpoint import load_checkpoint
     config, _ = load_checkpoint(model_dir)
     L = config.num_hidden_layers
     threshold, rule, note = predict.resolve_threshold(model_dir, None, None, L)
+    label = label or model_label(model_dir)
+    note = name_model(note, model_dir, label)
     say(f"early exit: {note}")
     references = {"early_exit": reference_answers(model_dir, texts, threshold, rule, max_seq_length),
                   "full_depth": reference_answers(model_dir, texts, 0.0, "entropy", max_seq_length)}
     references["torch"] = references["full_depth"]
     result = {"environment": bench_harness.environment(bench_harness.available_cpus(), "cpu"),
-              "model": os.path.basename(os.path.normpath(model_dir)), "layers": L, "threshold": threshold,
+              "model": label, "layers": L, "threshold": threshold, "schedule": schedule,
               "rule": rule, "threshold_note": note, "max_seq_length": max_seq_length, "texts": len(texts),
               "rates": list(rates), "duration_s": duration_s, "max_requests": max_requests, "slo_p99_ms": slo_ms,
               "modes": {}}
@@ -121,7 +146,8 @@ def run(model_dir: str, texts: Sequence[str], labels, *, server_command: Sequenc
     try:
         for mode in modes:  # all up first, then each rate runs every mode in turn (interleaved)
             say(f"== starting {MODE_NAMES[mode]}")
-            servers[mode] = start_server([*server_command, *server_args(mode, model_dir, max_seq_length)], env, say)
+            servers[mode] = start_server([*server_command, *server_args(mode, model_dir, max_seq_length, schedule)],
+                                         env, lambda line: say(name_model(line, model_dir, label)))
         rows = {mode: [] for mode in modes}
         bad = {mode: 0 for mode in modes}
 
@@ -152,7 +178,8 @@ def run(model_dir: str, texts: Sequence[str], labels, *, server_command: Sequenc
     finally:
         status = {mode: stop_server(proc) for mode, (proc, _, _) in servers.items()}
     for mode in modes:
-        result["modes"][mode] = {"name": MODE_NAMES[mode], "server_lines": servers[mode][2],
+        result["modes"][mode] = {"name": MODE_NAMES[mode],
+                                 "server_lines": [name_model(line, model_dir, label) for line in servers[mode][2]],
                                  "exit_status": status[mode], "rows": rows[mode],
                                  "capacity_rps": loadgen.capacity(rows[mode], slo_ms)}
         say(f"{MODE_NAMES[mode]}: capacity (p99 <= {slo_ms:g} ms, no errors) {result['modes'][mode]['capacity_rps']} "
@@ -207,7 +234,8 @@ def targets(result: dict) -> dict:
 def markdown(result: dict, command: str) -> str:
     env = result["environment"]
     lines = [f"```bash\n{command}\n```", "",
-             f"Model `{result['model']}` ({result['layers']} layers), {result['threshold_note']}; one SST-2 dev "
+             f"Model `{result['model']}` ({result['layers']} layers), {result['threshold_note']}; JAX servers' "
+             f"schedule: {result.get('schedule') or 'the default'}; one SST-2 dev "
              f"sentence per request, max length {result['max_seq_length']}; {result['duration_s']:g} s per rate "
              f"(at most {result['max_requests']} requests); SLO: p99 <= {result['slo_p99_ms']:g} ms, no errors. "
              f"{env['device']}; threads: {env['threads']}; load average before: {env['load_average_before']}, "
@@ -262,7 +290,7 @@ def plot(result: dict, path: str) -> str:
     ax.set_xlabel("offered load (requests/s, Poisson)")
     ax.set_ylabel("latency (ms)")
     ax.set_yscale("log")
-    ax.set_title(f"{result['model']}: latency against load")
+    ax.set_title(f"{os.path.basename(result['model'])}: latency against load")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -37,7 +37,7 @@ from deebert_jax.model import inference_step
 from deebert_jax.core.config import DeeBertConfig
 from deebert_jax.inference.early_exit import ExitState, check_threshold
 from deebert_jax.serving.requests import Row
-from deebert_jax.serving.scheduler import Scheduler, Step
+from deebert_jax.serving.scheduler import DEFAULT_SCHEDULE, Scheduler, Step
 from deebert_jax.serving.worker import Worker
 
 ADMIT_ROWS = 8           # rows embedded per admit call (more: several calls)
@@ -102,6 +102,7 @@ class Engine(Worker):
     callback gets (logits [K], exit_layer) the moment its row exits. `step()` runs on one thread
     at a time (`start()`: a worker thread); `submit`, `cancel`, `pending` and `stop` may be
     called from any thread. `on_step(rows, seconds)` is called after each step (metrics).
+    `schedule`: which group runs next (`scheduler.SCHEDULES`).
     """
 
     thread_name = "deebert-engine"
@@ -109,7 +110,7 @@ class Engine(Worker):
     def __init__(self, config: DeeBertConfig, params, lengths: Sequence[int], threshold: float,
                  rule: str = "entropy", *, pool_size: int = DEFAULT_POOL_SIZE,
                  bucket_sizes: Sequence[int] | None = None, dtype=jnp.float32,
-                 on_step: Callable[[int, float], None] | None = None):
+                 on_step: Callable[[int, float], None] | None = None, schedule: str = DEFAULT_SCHEDULE):
         check_threshold(threshold, rule)
         self.config, self.rule, self.lengths = config, rule, tuple(sorted(set(int(n) for n in lengths)))
         if max(self.lengths) > config.max_sequence_length:
@@ -119,7 +120,7 @@ class Engine(Worker):
         self.threshold = np.float32(threshold)
         self.dtype = jnp.dtype(dtype)
         self.on_step = on_step
-        self.scheduler = Scheduler(config.num_hidden_layers, self.lengths, self.pool_size)
+        self.scheduler = Scheduler(config.num_hidden_layers, self.lengths, self.pool_size, schedule)
         self.params = jax.device_put(layouts.unstack_params(params))
         self._rows: dict[int, tuple[Row, Callback]] = {}
         self._keys = itertools.count()

@@ -7,23 +7,26 @@ moment it exits. A *group* is every row of one pool at one layer: one step runs 
 through one layer (the engine cuts it into fixed-size buckets), so every step reads one layer's
 weights once and never copies them per row.
 
-The schedule is **deepest group first** (ties: the group holding the oldest row):
+Schedules (`SCHEDULES`; which group runs next, ties: the group holding the oldest row):
 
-- It is shortest-remaining-work first: a deeper row has fewer layers left, and on the CPU a row
-  costs about the same per layer in any bucket of 8, so finishing the nearest-done rows first
-  minimises the mean time in the system (the answer goes out the moment a row exits).
-- It batches by itself: while the rows ahead finish, new arrivals gather at layer 0 and start
-  together as one group, so under load groups grow (fewer, fuller buckets) instead of every
-  arrival running alone. The price: a new row starts at layer 1 once no deeper row is left,
-  i.e. after the rows already in flight have exited or finished (at most L - 1 steps per pool,
-  over groups that only shrink: their rows exit and nothing joins them). An idle server starts
-  it at once; a busy one makes it wait for that shrinking tail, not for a fixed batch.
-- It bounds memory and waiting: rows in flight are at most the pools' slots; no row is
-  starved (a group at layer l waits only for groups deeper than l, which drain in at most
-  L - l steps each, because nothing new becomes deeper than l while it waits).
+- **arrivals** (the default): rows waiting for a slot are admitted by the next step (their
+  layer 1), then the deepest group. A new request never waits for the rows in flight, and
+  groups still form: the admitted rows land at layer 1 beside the rows already waiting there
+  and move on together. Rows deeper than 1 are not starved: they run whenever nobody new
+  waits, and admissions stop once the pool's slots are all taken (at most `pool_size` rows in
+  flight), so sustained overload turns back into deepest first.
+- **deepest**: the deepest group first. Shortest-remaining-work first (with no exits, the
+  order that minimises the mean time in the system), and new arrivals gather at layer 0 and
+  start together as one big group; the price is that a new request waits until the rows in
+  flight have exited or finished (up to L - 1 steps per pool).
+- **shallowest**: the shallowest group first (least attained service: the order that
+  minimises the mean time when most rows exit early): arrivals start at once and the shallow
+  groups catch up with the deeper ones and merge; the deep rows wait meanwhile (they run when
+  no shallower group is left, or when the pool's slots are all taken).
 
-Row-by-row exits do not depend on the schedule (each row sees the same layers and exit rule
-whatever the order); the tests drive random arrival orders through it.
+`docs/serving.md` has the measured comparison. Row-by-row exits do not depend on the schedule
+(each row sees the same layers and exit rule whatever the order); the tests drive random
+arrival orders through every schedule.
 """
 
 from __future__ import annotations
@@ -46,14 +49,27 @@ class Step:
     admit: tuple[tuple[Hashable, int], ...] = ()
 
 
-class Scheduler:
-    """Pools of `pool_size` slots, one per padded length in `lengths`, for a model of `num_layers`."""
+SCHEDULES = ("arrivals", "deepest", "shallowest")
+DEFAULT_SCHEDULE = "arrivals"
 
-    def __init__(self, num_layers: int, lengths: Sequence[int], pool_size: int):
+
+def check_schedule(schedule: str) -> str:
+    if schedule not in SCHEDULES:
+        raise InputError(f"schedule {schedule!r}; expected one of {SCHEDULES}")
+    return schedule
+
+
+class Scheduler:
+    """Pools of `pool_size` slots, one per padded length in `lengths`, for a model of `num_layers`,
+    run in the order `schedule` (one of `SCHEDULES`)."""
+
+    def __init__(self, num_layers: int, lengths: Sequence[int], pool_size: int, schedule: str = DEFAULT_SCHEDULE):
         if num_layers < 1 or pool_size < 1 or not lengths:
             raise InputError(f"num_layers={num_layers}, pool_size={pool_size}, lengths={lengths!r}: "
                              "need at least one layer, one slot and one length")
+        check_schedule(schedule)
         self.num_layers, self.lengths, self.pool_size = num_layers, tuple(lengths), pool_size
+        self.schedule = schedule
         self._order = itertools.count()   # arrival order, for ties and FIFO admission
         self._waiting = {n: collections.OrderedDict() for n in self.lengths}   # key -> arrival
         self._free = {n: list(range(pool_size - 1, -1, -1)) for n in self.lengths}  # pop() -> lowest
@@ -79,6 +95,10 @@ class Scheduler:
     def running(self) -> int:
         return len(self._slots)
 
+    def layer_of(self, key: Hashable) -> int | None:
+        """The layer (0-based) a running row runs next; None if it is waiting or gone."""
+        return next((layer for k, layer, _ in self._slots.values() if k == key), None)
+
     def has_work(self) -> bool:
         return bool(self._slots) or any(self._admissible(n) for n in self.lengths)
 
@@ -94,15 +114,20 @@ class Scheduler:
         return groups
 
     def next_step(self) -> Step | None:
-        """The deepest group (ties: the one with the oldest row); None when there is no work."""
+        """The next group by the schedule; None when there is no work."""
         groups = self._groups()
-        candidates = [(-layer, min(rows)[0], length, layer) for (length, layer), rows in groups.items()]
+        # (layer, oldest arrival, length) of every group that could run, admissions at layer 0
+        candidates = [(layer, min(rows)[0], length) for (length, layer), rows in groups.items()]
         for length in self.lengths:
             if self._admissible(length) and (length, 0) not in groups:
-                candidates.append((0, next(iter(self._waiting[length].values())), length, 0))
+                candidates.append((0, next(iter(self._waiting[length].values())), length))
         if not candidates:
             return None
-        _, _, length, layer = min(candidates)
+        admissions = [c for c in candidates if c[0] == 0]
+        if self.schedule == "shallowest" or (self.schedule == "arrivals" and admissions):
+            layer, _, length = min(candidates)   # the shallowest, so admissions first
+        else:
+            layer, _, length = min(candidates, key=lambda c: (-c[0], c[1]))
         rows = sorted(groups.get((length, layer), []))
         admit = []
         if layer == 0:

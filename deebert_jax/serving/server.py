@@ -28,16 +28,21 @@ BACKLOG = 2048
 
 def build_service(model_dir: str, *, threshold: float | None = None, rule: str | None = None,
                   max_seq_length: int = 128, max_queue: int = DEFAULT_MAX_QUEUE, backend: str = "jax",
-                  bucket_sizes: tuple[int, ...] | None = None, say: Callable[[str], None] = print) -> Service:
+                  bucket_sizes: tuple[int, ...] | None = None, say: Callable[[str], None] = print,
+                  schedule: str | None = None) -> Service:
     """The model, tokenizer, threshold (`predict.resolve_threshold`: given, else exit_policy.json,
     else full depth; `say` reports which) and engine; nothing compiled yet. `bucket_sizes`: the
-    engine's (default `exit_aware.default_bucket_sizes()`)."""
+    engine's (default `exit_aware.default_bucket_sizes()`); `schedule`: the JAX engine's
+    (`scheduler.SCHEDULES`, default `scheduler.DEFAULT_SCHEDULE`)."""
     from deebert_jax.data import glue as data
     from deebert_jax.inference import predict
     from deebert_jax.weights.checkpoint import load_checkpoint
 
     if backend not in BACKENDS:
         raise InputError(f"backend {backend!r}; expected one of {BACKENDS}")
+    if schedule is not None:
+        from deebert_jax.serving.scheduler import check_schedule
+        check_schedule(schedule)
     config, params = load_checkpoint(model_dir)
     tokenizer = data.load_tokenizer(model_dir)
     if max_seq_length > config.max_sequence_length:
@@ -48,10 +53,13 @@ def build_service(model_dir: str, *, threshold: float | None = None, rule: str |
             "backend": backend}
     if backend == "jax":
         from deebert_jax.serving.engine import Engine
+        from deebert_jax.serving.scheduler import DEFAULT_SCHEDULE
         threshold, rule, note = predict.resolve_threshold(model_dir, threshold, rule, L, model=(config, params),
                                                           max_seq_length=max_seq_length)
-        engine = Engine(config, params, lengths, threshold, rule, bucket_sizes=bucket_sizes)
-        info.update(rule=rule, threshold=threshold)
+        schedule = schedule or DEFAULT_SCHEDULE
+        engine = Engine(config, params, lengths, threshold, rule, bucket_sizes=bucket_sizes, schedule=schedule)
+        info.update(rule=rule, threshold=threshold, schedule=schedule)
+        note += f"; schedule {schedule}"
     else:
         from deebert_jax.bench.benchmarking import torch_twin
         from deebert_jax.serving.torch_engine import TorchEngine
