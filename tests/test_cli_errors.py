@@ -140,3 +140,181 @@ def test_every_user_facing_error_is_a_deebert_error_and_only_those_are_one_line(
         raise ValueError("a bug of ours")
     with pytest.raises(ValueError, match="a bug of ours"):
         cli.run(bug, [])
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs that look fine: outputs onto inputs, tokenizers that cannot tokenise, configs that
+# disagree with their weights, lengths out of bounds
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "movie", "film", "was", "is", "good", "bad",
+         "very", "not", "a", "plot", "."]
+
+
+@pytest.fixture(scope="module")
+def probe_base(tmp_path_factory):
+    """Made once: `model/` (3 layers, 64 positions, a WordPiece tokenizer), `rob_src/` (a RoBERTa
+    PyTorch directory whose only tokenizer file is tokenizer_config.json) and `rob_model/` (a
+    RoBERTa model directory, pad_token_id 1, given the WordPiece tokenizer, which pads with 0)."""
+    from transformers import BertTokenizerFast
+
+    from deebert_jax.core.config import tiny_config
+    from deebert_jax.weights.checkpoint import save_checkpoint
+    from deebert_jax.weights.convert import export_pytorch_checkpoint
+    from tests.conftest import initial_params
+
+    root = tmp_path_factory.mktemp("probe")
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(WORDS)})
+    write_tok = lambda tmp: tok.save_pretrained(os.path.join(tmp, "tokenizer"))
+    config = tiny_config(vocab_size=len(WORDS), num_hidden_layers=3)
+    save_checkpoint(root / "model", config, initial_params(config), write_extra=write_tok)
+    roberta = tiny_config(vocab_size=len(WORDS), model_type="roberta", pad_token_id=1, max_position_embeddings=66)
+    export_pytorch_checkpoint(roberta, initial_params(roberta), root / "rob_src")
+    (root / "rob_src" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "RobertaTokenizer"}))
+    save_checkpoint(root / "rob_model", roberta, initial_params(roberta), write_extra=write_tok)
+    return root
+
+
+def _edit_json(path, **changes):
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), **changes)))
+
+
+@pytest.fixture
+def probe_tree(tmp_path, probe_base):
+    """The user's files: texts (and a symlink and a hard link to them), a folder, a GLUE dev file,
+    notes that are not JSON, a finished demo run, a pickle that would run code, and model
+    directories whose config disagrees with their weights or whose tokenizer cannot tokenise."""
+    import shutil
+
+    from tests.test_report import _run_files
+
+    for name in ("model", "rob_src", "rob_model"):
+        shutil.copytree(probe_base / name, tmp_path / name)
+    for name, changes in (("more_layers", {"num_hidden_layers": 4}), ("bigger_vocab", {"vocab_size": 40}),
+                          ("wider", {"hidden_size": 64}), ("more_labels", {"num_labels": 3})):
+        shutil.copytree(probe_base / "model", tmp_path / name)
+        _edit_json(tmp_path / name / "deebert_config.json", **changes)
+    shutil.copytree(probe_base / "model", tmp_path / "short_tok")
+    _edit_json(tmp_path / "short_tok" / "tokenizer" / "tokenizer_config.json", model_max_length=16)
+    shutil.copytree(probe_base / "model", tmp_path / "empty_tok")
+    shutil.rmtree(tmp_path / "empty_tok" / "tokenizer")
+    (tmp_path / "empty_tok" / "tokenizer").mkdir()
+    (tmp_path / "empty_tok" / "tokenizer" / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "RobertaTokenizer"}))
+    (tmp_path / "texts.txt").write_text("the movie was good\na very bad film\ngood\n")
+    os.symlink("texts.txt", tmp_path / "link.txt")
+    os.link(tmp_path / "texts.txt", tmp_path / "hard.txt")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "mine.txt").write_text("mine\n")
+    (tmp_path / "glue" / "SST-2").mkdir(parents=True)
+    (tmp_path / "glue" / "SST-2" / "dev.tsv").write_text("sentence\tlabel\nthe movie was good\t1\na bad film\t0\n")
+    (tmp_path / "notes.txt").write_text("not JSON\n")
+    (tmp_path / "preamble.md").write_text("# my notes\n")
+    _run_files(tmp_path)   # workdirs/demo: run.json, results.json, bench.json and their plots
+    (tmp_path / "evil").mkdir()
+    shutil.copy(probe_base / "rob_src" / "config.json", tmp_path / "evil" / "config.json")
+    import pickle
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, ("touch PWNED",))
+    (tmp_path / "evil" / "pytorch_model.bin").write_bytes(pickle.dumps(RunsCode()))
+    return tmp_path
+
+
+PREDICT = ["train.predict", "--checkpoint", "model", "--no-progress"]
+TEXT = ["--text", "the movie was good"]
+
+PROBE_CASES = [
+    # An output that is an input, by name, symlink or hard link, or a file the command reads
+    (*PREDICT, "--input", "texts.txt", "--out", "texts.txt",
+     r"^error: texts\.txt: --out names the same file as --input texts\.txt; write the output somewhere else$"),
+    (*PREDICT, "--input", "texts.txt", "--out", "link.txt", r"^error: link\.txt: --out names the same file as --input"),
+    (*PREDICT, "--input", "texts.txt", "--out", "hard.txt", r"^error: hard\.txt: --out names the same file as --input"),
+    (*PREDICT, "--input", "texts.txt", "--out", "model/deebert_config.json",
+     r"^error: model/deebert_config\.json: --out would overwrite deebert_config\.json of --checkpoint model;"),
+    ("train.evaluate", "--checkpoint", "model", "--task", "sst2", "--glue-dir", "glue", "--out", "glue/SST-2/dev.tsv",
+     r"^error: glue/SST-2/dev\.tsv: --out names the same file as --glue-dir glue/SST-2/dev\.tsv"),
+    ("train.evaluate", "--checkpoint", "model", "--task", "synthetic", "--out", "model/tokenizer/vocab.json",
+     r"^error: model/tokenizer/vocab\.json: --out would overwrite tokenizer of --checkpoint model"),
+    ("train.benchmark", "--checkpoint", "model", "--runs", "1", "--out", "model/deebert_config.json",
+     r"^error: model/deebert_config\.json: --out would overwrite deebert_config\.json of --checkpoint model"),
+    ("train.benchmark_train", "--model", "evil", "--out", "evil/config.json",
+     r"^error: evil/config\.json: --out would overwrite config\.json of --model evil"),
+    ("train.report", "workdirs/demo", "--preamble", "preamble.md", "--out", "preamble.md",
+     r"^error: preamble\.md: --out names the same file as --preamble preamble\.md"),
+    ("train.report", "workdirs/demo", "--out", "workdirs/demo/results.json",
+     r"^error: workdirs/demo/results\.json: --out names the same file as run workdirs/demo: results\.json"),
+    # A tokenizer that cannot tokenise: at convert time and at load time
+    ("train.convert", "--pytorch", "rob_src", "--out", "converted",
+     r"^error: rob_src: the tokenizer has no vocabulary, only its 5 special tokens"),
+    ("train.predict", "--checkpoint", "empty_tok", *TEXT,
+     r"^error: empty_tok/tokenizer: the tokenizer has no vocabulary, only its 5 special tokens"),
+    ("train.predict", "--checkpoint", "rob_model", *TEXT,
+     r"^error: rob_model/tokenizer: the tokenizer pads with id 0 \('\[PAD\]'\), the model's config has "
+     r"pad_token_id=1; they are not of one model$"),
+    # Lengths: longer than the model or its tokenizer supports, too short for the special tokens
+    (*PREDICT, *TEXT, "--max-seq-length", "65",
+     r"^error: --max-seq-length 65 is longer than the model's max_position_embeddings=64$"),
+    ("train.predict", "--checkpoint", "short_tok", *TEXT, "--max-seq-length", "32",
+     r"^error: --max-seq-length 32 is longer than the tokenizer's model_max_length=16$"),
+    (*PREDICT, *TEXT, "--max-seq-length", "1",
+     r"^error: --max-seq-length 1 is too short: the tokenizer adds 2 special tokens to a text, so at least 3 are needed$"),
+    ("train.evaluate", "--checkpoint", "model", "--task", "sst2", "--glue-dir", "glue", "--max-seq-length", "1",
+     "--out", "r.json", r"^error: --max-seq-length 1 is too short"),
+    ("train.evaluate", "--checkpoint", "model", "--task", "synthetic", "--max-seq-length", "128", "--out", "r.json",
+     r"^error: --max-seq-length 128 is longer than the model's max_position_embeddings=64$"),
+    # A config that disagrees with its weights
+    ("train.predict", "--checkpoint", "more_layers", *TEXT,
+     r"^error: \S*more_layers/deebert_config\.json: num_hidden_layers=4, but params/ holds 3 layers"),
+    ("train.predict", "--checkpoint", "bigger_vocab", *TEXT,
+     r"^error: \S*bigger_vocab/deebert_config\.json: vocab_size=40, but params/ holds 17 token embeddings"),
+    ("train.predict", "--checkpoint", "wider", *TEXT,
+     r"^error: \S*wider/deebert_config\.json: hidden_size=64, but params/ holds 32 columns per embedding"),
+    ("train.evaluate", "--checkpoint", "more_labels", "--task", "synthetic", "--out", "r.json",
+     r"^error: \S*more_labels/deebert_config\.json: num_labels=3, but params/ holds 2 labels"),
+    # Counts far too large
+    ("train.benchmark", "--random-model", "tiny", "--num-labels", "100000000", "--out", "b.json",
+     r"^error: num_labels=100000000 is too large: the model would have [\d,]+ parameters \([\d.]+ GiB in float32\)"),
+    ("train.convert", "--pytorch", "rob_src", "--out", "converted", "--num-labels", "100000000",
+     r"^error: rob_src/config\.json: num_labels=100000000 is too large"),
+    # --out or --input naming a directory: refused before the work, no temporary file left
+    (*PREDICT, *TEXT, "--out", "folder", r"^error: \S*folder: is a directory; name a file to write"),
+    ("train.report", "workdirs/demo", "--out", "folder", r"^error: \S*folder: is a directory"),
+    ("train.benchmark_exit_aware", "--random-model", "tiny", "--out", "folder", r"^error: \S*folder: is a directory"),
+    (*PREDICT, "--input", "folder",
+     r"^error: folder: is a directory; expected a \.txt, \.tsv, \.jsonl file of texts$"),
+    # A file that is not what the flag reads
+    ("train.benchmark", "--render", "notes.txt", r"^error: notes\.txt: not a bench\.json \(not valid JSON"),
+    ("train.benchmark_train", "--model", "evil", "--steps", "1", "--seq-len", "8", "--batch-size", "8", "--out", "bt.json",
+     r"^error: evil/pytorch_model\.bin: refused: the file holds objects other than tensors, which could run code"),
+]
+
+
+@pytest.mark.parametrize("case", PROBE_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(PROBE_CASES)])
+def test_probe_case_is_one_line_and_nothing_is_overwritten(probe_tree, case):
+    module, *args, message = case
+    before = _snapshot(probe_tree)
+    entries = sorted(os.listdir(probe_tree))
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+    env.pop("DEEBERT_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=probe_tree, env=env, capture_output=True,
+                          text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines and re.search(message, lines[-1]), proc.stderr[-2000:]
+    # Nothing changed, nothing appeared anywhere below (no output, no hidden temporary file, no code run).
+    assert _snapshot(probe_tree) == before
+    assert sorted(os.listdir(probe_tree)) == entries
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+@pytest.mark.parametrize("module", ["train.benchmark", "train.benchmark_exit_aware"])
+def test_seq_len_must_be_positive(tmp_path, module, value):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    args = ["--random-model", "tiny", "--seq-len", value, "--out", "b.json"]
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1].endswith(
+        f"error: argument --seq-len: '{value}' must be positive"), proc.stderr
+    assert os.listdir(tmp_path) == []

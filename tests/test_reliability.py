@@ -341,3 +341,258 @@ def test_config_types_that_are_fine():
     assert type(c.hidden_size) is int and type(c.hidden_dropout_prob) is float
     with pytest.raises(ConfigError, match="expected a JSON object"):
         DeeBertConfig.from_dict([1, 2], source="x.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs that are inputs; writes that are interrupted
+
+def test_check_outputs_apart_by_name_link_and_read_files(tmp_path):
+    from deebert_jax.core.fileutil import check_outputs_apart, same_path
+
+    (tmp_path / "in.txt").write_text("mine\n")
+    os.symlink("in.txt", tmp_path / "sym.txt")
+    os.link(tmp_path / "in.txt", tmp_path / "hard.txt")
+    (tmp_path / "model" / "tokenizer").mkdir(parents=True)
+    for out in ("in.txt", "sym.txt", "hard.txt", "./sub/../in.txt"):
+        with pytest.raises(OutputPathError, match=f"--out names the same file as --input {tmp_path / 'in.txt'}"):
+            check_outputs_apart({"--out": tmp_path / out}, {"--input": tmp_path / "in.txt"})
+    for out in ("model/deebert_config.json", "model/tokenizer/vocab.txt", "model/params/x"):
+        with pytest.raises(OutputPathError, match="--out would overwrite .* of --checkpoint"):
+            check_outputs_apart({"--out": tmp_path / out}, {"--checkpoint": tmp_path / "model"},
+                                reads={"--checkpoint": ("deebert_config.json", "tokenizer", "params")})
+    # Apart: another file, a new file in the model directory, inputs not given or absent.
+    check_outputs_apart({"--out": tmp_path / "preds.jsonl", "--plot": None},
+                        {"--input": tmp_path / "in.txt", "--glue-dir": None, "--other": tmp_path / "absent"})
+    check_outputs_apart({"--out": tmp_path / "model" / "results.json"}, {"--checkpoint": tmp_path / "model"},
+                        reads={"--checkpoint": ("deebert_config.json",)})
+    assert same_path(tmp_path / "sym.txt", tmp_path / "hard.txt") and not same_path(tmp_path / "in.txt", tmp_path / "x")
+    assert (tmp_path / "in.txt").read_text() == "mine\n"
+
+
+def test_atomic_write_refuses_a_directory_before_making_a_temporary_file(tmp_path):
+    from deebert_jax.core.fileutil import atomic_write_text
+
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OutputPathError, match=r"out: is a directory; name a file to write"):
+        atomic_write_text(tmp_path / "out", "x")
+    assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("unnamed", [True, False])
+def test_a_write_killed_halfway_leaves_the_old_file_and_nothing_hidden(tmp_path, unnamed):
+    """The process dies (SIGKILL, no cleanup can run) in the middle of writing: the old file is
+    whole, and with an unnamed temporary file (Linux) no hidden file is left either."""
+    from deebert_jax.core import fileutil
+
+    if unnamed and not fileutil._can_write_unnamed():
+        pytest.skip("no O_TMPFILE here")
+    (tmp_path / "preds.jsonl").write_text("old\n")
+    script = f"""
+import os, signal
+from deebert_jax.core import fileutil
+fileutil._can_write_unnamed = lambda: {unnamed}
+real = os.fdopen
+class Dying:
+    def __init__(self, f): self.f = f
+    def __enter__(self): return self
+    def __exit__(self, *a): return False
+    def write(self, text):
+        self.f.write(text[:3]); self.f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+os.fdopen = lambda *a, **k: Dying(real(*a, **k))
+fileutil.atomic_write_text({str(tmp_path / 'preds.jsonl')!r}, "new\\n" * 1000)
+"""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, timeout=60)
+    assert proc.returncode == -9, proc.stderr
+    assert (tmp_path / "preds.jsonl").read_text() == "old\n"
+    hidden = [n for n in os.listdir(tmp_path) if n != "preds.jsonl"]
+    # Without O_TMPFILE the named temporary file stays (what the unnamed one is for).
+    assert hidden == [] if unnamed else [n.startswith(".preds.jsonl.") for n in hidden] == [True]
+    # A write that is not interrupted leaves only its file, with the umask's mode.
+    fileutil.atomic_write_text(tmp_path / "new.txt", "x")
+    assert (tmp_path / "new.txt").read_text() == "x" and stat.S_IMODE(os.stat(tmp_path / "new.txt").st_mode) == \
+        0o666 & ~fileutil._umask()
+
+
+# ----------------------------------------------------------------------------------------------
+# A config that disagrees with its weights; sizes out of bounds; the training length
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_hidden_layers", 3, "num_hidden_layers=3, but params/ holds 2 layers"),
+    ("num_hidden_layers", 1, "num_hidden_layers=1, but params/ holds 2 layers"),
+    ("vocab_size", 200, "vocab_size=200, but params/ holds 100 token embeddings"),
+    ("hidden_size", 64, "hidden_size=64, but params/ holds 32 columns per embedding"),
+    ("num_labels", 2, "num_labels=2, but params/ holds 3 labels"),
+    ("max_position_embeddings", 128, "max_position_embeddings=128, but params/ holds 64 positions"),
+    ("intermediate_size", 128, "intermediate_size=128, but params/ holds 64 intermediate units"),
+])
+def test_config_that_disagrees_with_its_params_is_one_line(tmp_path, params, field, value, message):
+    path = save_checkpoint(tmp_path / "model", CONFIG, params)
+    config_file = os.path.join(path, "deebert_config.json")
+    json.dump(dict(json.load(open(config_file)), **{field: value}), open(config_file, "w"))
+    from deebert_jax.weights.convert import CheckpointError
+
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    assert str(e.value).startswith(f"{config_file}: {message} (") and "not of one model" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_params_with_a_leaf_the_config_does_not_imply(params):
+    from deebert_jax.weights.checkpoint import check_params_match
+    from deebert_jax.weights.convert import CheckpointError
+
+    extra = dict(params, extra={"kernel": np.zeros((2, 2), np.float32)})
+    with pytest.raises(CheckpointError, match=r"^m/deebert_config.json: the config and the weights are not of one "
+                                              r"model \(extra/kernel is in params/ but not in what the config implies\)$"):
+        check_params_match(CONFIG, extra, "m/deebert_config.json")
+    check_params_match(CONFIG, params, "m/deebert_config.json")   # a match says nothing
+
+
+@pytest.mark.parametrize("field, value", [("num_labels", 100_000_000), ("vocab_size", 10 ** 9),
+                                          ("intermediate_size", 10 ** 9), ("max_position_embeddings", 10 ** 9)])
+def test_configs_too_large_to_allocate_are_refused_naming_the_field(field, value):
+    with pytest.raises(ConfigError, match=rf"^{field}={value} is too large: the model would have [\d,]+ parameters "
+                                          r"\([\d.]+ GiB in float32\); at most 2,147,483,647$"):
+        tiny_config(**{field: value})
+    assert DeeBertConfig().num_parameters == 115_997_208   # bert-base with 12 ramps: far below the bound
+
+
+def test_training_length_is_recorded_and_read_back(tmp_path, params):
+    from deebert_jax.weights.checkpoint import TRAINING_FILE, training_length, write_training_info
+    from deebert_jax.weights.convert import CheckpointError
+
+    path = save_checkpoint(tmp_path / "model", CONFIG, params, write_extra=lambda tmp: write_training_info(tmp, 32))
+    assert training_length(path) == 32
+    assert training_length(save_checkpoint(tmp_path / "other", CONFIG, params)) is None
+    with open(os.path.join(path, TRAINING_FILE), "w") as f:
+        json.dump({"max_seq_length": "32"}, f)
+    with pytest.raises(CheckpointError, match=r"training.json: max_seq_length='32' must be a positive integer"):
+        training_length(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers that cannot tokenise; texts cut before tokenising; lengths; a byte-order mark
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "movie", "was", "good", "bad", "a", "."]
+
+
+def word_tokenizer(words=WORDS, **kwargs):
+    from transformers import BertTokenizerFast
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, **kwargs)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("only_special", r"^src: the tokenizer has no vocabulary, only its 5 special tokens"),
+    ("larger_than_vocab", r"^src: the tokenizer has 12 tokens, more than the model's vocab_size=10$"),
+    ("other_pad", r"^src: the tokenizer pads with id 0 \('\[PAD\]'\), the model's config has pad_token_id=1; "),
+])
+def test_tokenizers_that_cannot_tokenise_for_the_model(case, message):
+    from deebert_jax.data.glue import DataError, check_tokenizer
+
+    tok = word_tokenizer(WORDS[:5] if case == "only_special" else WORDS)
+    config = {"only_special": tiny_config(), "larger_than_vocab": tiny_config(vocab_size=10),
+              "other_pad": tiny_config(model_type="roberta", pad_token_id=1)}[case]
+    with pytest.raises(DataError, match=message):
+        check_tokenizer(tok, "src", config)
+    assert check_tokenizer(word_tokenizer(), "src", tiny_config()) is not None   # a usable one passes
+
+
+def test_a_tokenizer_adding_no_leading_special_token_is_refused():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from deebert_jax.data.glue import DataError, check_tokenizer
+
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]")
+    with pytest.raises(DataError, match=r"^src: the tokenizer adds no special token \(such as \[CLS\] or <s>\)"):
+        check_tokenizer(tok, "src")
+
+
+def test_load_tokenizer_refuses_a_directory_with_only_tokenizer_config(tmp_path):
+    from deebert_jax.data.glue import DataError, load_tokenizer
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "RobertaTokenizer"}))
+    with pytest.raises(DataError, match=f"^{tmp_path}: the tokenizer has no vocabulary"):
+        load_tokenizer(tmp_path)
+
+
+class CountingTokenizer:
+    """Wraps a tokenizer, recording the longest text it is given."""
+
+    def __init__(self, tok):
+        self.tok, self.longest = tok, 0
+
+    def __call__(self, firsts, seconds=None, **kwargs):
+        self.longest = max([self.longest, *map(len, firsts), *map(len, seconds or [])])
+        return self.tok(firsts, seconds, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def __len__(self):
+        return len(self.tok)
+
+
+@pytest.mark.parametrize("text, truncated", [
+    ("the movie was good", False),
+    ("the movie " * 7, False),                        # 14 words + 2 special tokens: fits 16 exactly
+    ("the movie " * 7 + "a", True),                   # one token too many
+    ("good " * 2_000_000, True),                      # 10 MB: cut before tokenising
+    (" " * 600 + "good", True),                       # only the part the model can see is read
+])
+def test_texts_are_cut_before_tokenising_and_truncated_says_so(text, truncated):
+    from deebert_jax.data.glue import CHARS_PER_TOKEN
+    from deebert_jax.inference.predict import encode
+
+    tok = CountingTokenizer(word_tokenizer())
+    arrays, cut = encode(tok, [(text, None), (text, "a good movie")], 16)
+    assert tok.longest <= CHARS_PER_TOKEN * 16
+    assert arrays["input_ids"].shape[1] <= 16
+    assert cut[0] == truncated and cut[1] == (truncated or len(text.split()) + 3 + 3 > 16)
+
+
+def test_max_seq_length_defaults_and_bounds(tmp_path, params):
+    from deebert_jax.core.errors import InputError
+    from deebert_jax.inference.predict import resolve_max_seq_length
+    from deebert_jax.weights.checkpoint import write_training_info
+
+    tok = word_tokenizer(model_max_length=512)
+    plain = save_checkpoint(tmp_path / "plain", CONFIG, params)
+    trained = save_checkpoint(tmp_path / "trained", CONFIG, params, write_extra=lambda t: write_training_info(t, 32))
+    assert resolve_max_seq_length(None, CONFIG, plain, tok) == (64, "the model's max_position_embeddings=64")
+    assert resolve_max_seq_length(None, CONFIG, trained, tok)[0] == 32
+    assert resolve_max_seq_length(None, CONFIG, plain, tok, fallback=48)[0] == 48
+    assert resolve_max_seq_length(None, CONFIG, plain, word_tokenizer(model_max_length=16)) == (
+        16, "the tokenizer's model_max_length=16")
+    assert resolve_max_seq_length(40, CONFIG, trained, tok) == (40, "given")
+    for requested, tokenizer, message in [
+            (65, tok, "--max-seq-length 65 is longer than the model's max_position_embeddings=64"),
+            (32, word_tokenizer(model_max_length=16), "--max-seq-length 32 is longer than the tokenizer's model_max_length=16"),
+            (2, tok, "--max-seq-length 2 is too short: the tokenizer adds 2 special tokens to a text, so at least 3 are needed")]:
+        with pytest.raises(InputError) as e:
+            resolve_max_seq_length(requested, CONFIG, plain, tokenizer)
+        assert str(e.value) == message
+
+
+@pytest.mark.parametrize("name, body", [
+    ("in.txt", "good movie\nbad\n"),
+    ("in.tsv", "sentence\tlabel\ngood movie\t1\nbad\t0\n"),
+    ("in.jsonl", '{"text": "good movie"}\n{"text": "bad"}\n'),
+])
+def test_a_byte_order_mark_is_not_part_of_the_first_text(tmp_path, name, body):
+    from deebert_jax.inference.predict import read_inputs
+
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + body.encode())
+    assert read_inputs(tmp_path / name) == [("good movie", None), ("bad", None)]
+
+
+def test_input_naming_a_directory_says_so(tmp_path):
+    from deebert_jax.data.glue import DataError
+    from deebert_jax.inference.predict import read_inputs
+
+    with pytest.raises(DataError, match=f"^{tmp_path}: is a directory; expected a .txt, .tsv, .jsonl file of texts$"):
+        read_inputs(tmp_path)

@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 
-from train.cli import floats, ints, run
+from train.cli import floats, ints, positive_int, run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,16 +29,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--random-model", choices=RANDOM_MODELS, help="random weights of this size")
     src.add_argument("--render", metavar="BENCH_JSON",
                      help="only re-derive targets, table and plot of an existing bench.json")
-    p.add_argument("--num-labels", type=int, default=2, help="classes for --pytorch / --random-model")
+    p.add_argument("--num-labels", type=positive_int, default=2, help="classes for --pytorch / --random-model")
     p.add_argument("--task", default="none", help="GLUE task for real dev sentences (e.g. sst2); 'none': random tokens")
     p.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"), help="local GLUE folder (default $GLUE_DIR)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
-    p.add_argument("--seq-len", type=int, default=128, help="padded length (the predictor's max_seq_length)")
+    p.add_argument("--seq-len", type=positive_int, default=128, help="padded length (the predictor's max_seq_length)")
     p.add_argument("--batch-sizes", type=ints, default=[1, 32])
     p.add_argument("--thresholds", type=floats, default=None,
                    help=f"default {','.join(f'{t:g}' for t in DEFAULT_THRESHOLDS)}, plus CHECKPOINT/exit_policy.json's "
                         "entropy threshold when there is one (train.calibrate)")
-    p.add_argument("--runs", type=int, default=MIN_RUNS, help=f"timed runs per cell (>= {MIN_RUNS} for reported numbers)")
+    p.add_argument("--runs", type=positive_int, default=MIN_RUNS, help=f"timed runs per cell (>= {MIN_RUNS} for reported numbers)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=available_cpus(), help="threads for XLA and torch alike")
     p.add_argument("--device", choices=("cpu", "auto"), default="cpu",
@@ -85,8 +85,15 @@ def _main(argv: list[str]) -> int:
         paths = bench_report.render(args.render)
         print("wrote " + ", ".join(paths.values()), file=sys.stderr)
         return 0
-    from deebert_jax.core.fileutil import check_output_file
-    check_output_file(args.out)   # before the timing, not after it
+    from deebert_jax.core.fileutil import check_output_file, check_outputs_apart
+    from deebert_jax.weights.checkpoint import MODEL_DIR_FILES
+    # Before the timing, not after it: bench.json, .md and .png are neither directories nor read here.
+    stem = os.path.splitext(args.out)[0]
+    outputs = {"--out": args.out, "--out's table": stem + ".md", "--out's plot": stem + ".png"}
+    for path in outputs.values():
+        check_output_file(path)
+    sources = {"--checkpoint": args.checkpoint, "--pytorch": args.pytorch, "--tokenizer": args.tokenizer}
+    check_outputs_apart(outputs, {**sources, **_dev_file(args)}, reads={k: MODEL_DIR_FILES for k in sources})
     from deebert_jax.bench import precision as precision_lib
     precision = precision_lib.resolve(args.precision, args.dtype)
     import jax
@@ -165,6 +172,15 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
+def _dev_file(args) -> dict[str, str]:
+    """{"--glue-dir": the dev file `--task` reads} when it reads one from a folder, else {}."""
+    from deebert_jax.data import glue as data
+    if args.task.lower() in ("none", "") or not args.glue_dir:
+        return {}
+    task = data.canonical_task(args.task)
+    return {"--glue-dir": data.glue_file(task, "dev", args.glue_dir)} if data.TASKS[task] is not None else {}
+
+
 def _inputs(args, config, model_dir, spec):
     """The input pool: real dev sentences of `--task`, else random full-length token ids."""
     from deebert_jax.bench import harness
@@ -179,7 +195,7 @@ def _inputs(args, config, model_dir, spec):
         tok_dir = args.tokenizer or model_dir
         if tok_dir is None:
             raise harness.BenchmarkError(f"--task {task} needs a tokenizer: pass --tokenizer DIR with --random-model")
-        tokenizer = data.load_tokenizer(tok_dir)
+        tokenizer = data.load_tokenizer(tok_dir, config)
     arrays = data.load_split(task, "dev", glue_dir=args.glue_dir, tokenizer=tokenizer, max_seq_length=args.seq_len,
                              limit=need, vocab_size=config.vocab_size, seed=args.seed)
     n = arrays["input_ids"].shape[0]

@@ -31,7 +31,8 @@ import platform
 import sys
 
 from deebert_jax.core.errors import InputError
-from train.cli import floats, ints, run
+from deebert_jax.core.fileutil import atomic_write_text
+from train.cli import floats, ints, positive_int, run
 
 
 def parse_args(argv=None):
@@ -46,9 +47,9 @@ def parse_args(argv=None):
                    help="synthetic ramps: spread (std over the pool) of each ramp's centred logits")
     p.add_argument("--seed", type=int, default=0, help="synthetic ramps: random seed")
     p.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"), help="local GLUE folder (default $GLUE_DIR)")
-    p.add_argument("--pool", type=int, default=256, help="examples timed (the first N of SST-2 dev)")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=32, help="batch of the plain loop")
+    p.add_argument("--pool", type=positive_int, default=256, help="examples timed (the first N of SST-2 dev)")
+    p.add_argument("--seq-len", type=positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="batch of the plain loop")
     p.add_argument("--rule", default="entropy", choices=["entropy", "max_prob", "patience"])
     p.add_argument("--layer-savings", type=floats, default=[0.3, 0.5, 0.7],
                    help="target per-example layer savings; thresholds are chosen to hit them (entropy rule)")
@@ -58,8 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--bucket-sizes", type=lambda t: [ints(x) for x in t.split(";") if x.strip()], default=[None],
                    help="exit_aware bucket sizes, e.g. 32,8 (default: the library's default for this backend); "
                         "several alternatives separated by ';' are each timed")
-    p.add_argument("--pool-size", type=int, default=1024, help="exit_aware_predict pool_size")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--pool-size", type=positive_int, default=1024, help="exit_aware_predict pool_size")
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--more-batch-sizes", type=ints, default=[],
                    help="also time the plain loop (and the full-depth base) at these batch sizes, e.g. 8,1")
     p.add_argument("--out", default=os.path.join("workdirs", "benchmark_exit_aware.json"))
@@ -178,8 +179,13 @@ def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     from deebert_jax.core.process import setup_process
     setup_process()   # process-wide settings, before JAX runs anything
-    from deebert_jax.core.fileutil import check_output_file
+    from deebert_jax.core.fileutil import check_output_file, check_outputs_apart
+    from deebert_jax.weights.checkpoint import MODEL_DIR_FILES
     check_output_file(args.out)   # before the timing, not after it
+    sst2 = os.path.join(args.glue_dir, "SST-2", "dev.tsv") if args.glue_dir else None
+    check_outputs_apart({"--out": args.out}, {"--pytorch": args.pytorch, "--checkpoint": args.checkpoint,
+                                              "--glue-dir": sst2},
+                        reads={"--pytorch": MODEL_DIR_FILES, "--checkpoint": MODEL_DIR_FILES})
     import jax
     import numpy as np
     from tqdm import tqdm
@@ -319,9 +325,7 @@ def _main(argv: list[str]) -> int:
         device=str(jax.devices()[0]), cpu_count=os.cpu_count(), platform=platform.platform(),
         jax=jax.__version__, rows=rows,
     )
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
+    atomic_write_text(args.out, json.dumps(report, indent=2))
     print(f"wrote {args.out}")
     return 0
 

@@ -114,9 +114,19 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
         return 1
 
 
-def add_dev_data_flags(parser: argparse.ArgumentParser, limit_help: str = "only the first N dev examples") -> None:
-    """--glue-dir, --max-seq-length and --limit, as every command that reads a GLUE dev set takes them."""
+# --max-seq-length of the commands that pad every dev row to it, when the model records no training length.
+DEV_MAX_SEQ_LENGTH = 128
+
+
+def add_dev_data_flags(parser: argparse.ArgumentParser, limit_help: str = "only the first N dev examples",
+                       default_length: int | None = DEV_MAX_SEQ_LENGTH) -> None:
+    """--glue-dir, --max-seq-length and --limit, as every command that reads a GLUE dev set takes them.
+    `default_length=None`: the command resolves the length from the model
+    (`predict.resolve_max_seq_length(..., fallback=DEV_MAX_SEQ_LENGTH)`)."""
     parser.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"),
                         help="local GLUE folder (default $GLUE_DIR; without it the datasets hub)")
-    parser.add_argument("--max-seq-length", type=positive_int, default=128)
+    help_length = (None if default_length is not None else
+                   f"default: the length the model was trained at, else {DEV_MAX_SEQ_LENGTH} "
+                   "or the model's longest input if shorter; a longer one is refused")
+    parser.add_argument("--max-seq-length", type=positive_int, default=default_length, help=help_length)
     parser.add_argument("--limit", type=positive_int, default=None, help=limit_help)

@@ -43,6 +43,22 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def check_length_and_outputs(args, outputs) -> None:
+    """Before the work: no output is a file this command reads, and --max-seq-length fits the model."""
+    from deebert_jax.core.fileutil import check_outputs_apart
+    from deebert_jax.data import glue as data
+    from deebert_jax.inference.predict import resolve_max_seq_length
+    from deebert_jax.weights.checkpoint import MODEL_DIR_FILES, read_model_config
+
+    task = data.canonical_task(args.task)
+    read = {f"--glue-dir ({split})": data.glue_file(task, split, args.glue_dir)
+            for split in ("train", "dev") if args.glue_dir and data.TASKS[task] is not None}
+    check_outputs_apart(outputs, {"--checkpoint": args.checkpoint, **read}, reads={"--checkpoint": MODEL_DIR_FILES})
+    config = read_model_config(args.checkpoint)
+    tokenizer = None if data.TASKS[task] is None else data.load_tokenizer(args.checkpoint, config)
+    resolve_max_seq_length(args.max_seq_length, config, args.checkpoint, tokenizer)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -65,6 +81,7 @@ def main(argv=None) -> int:
                (("--out", args.out), ("--plot", args.plot), ("--markdown", args.markdown)) if path is not None}
     if len(set(outputs.values())) < len(outputs):
         raise InputError(f"{' and '.join(outputs)} name the same file; give each its own path")
+    check_length_and_outputs(args, outputs)
 
     task, sets = load_calibration_sets(args)
     result = rule_comparison.compare_rules(task, sets.calibration, sets.reported, rules, budgets, args.confidence)

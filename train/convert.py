@@ -24,7 +24,7 @@ def _main(argv) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pytorch", required=True, help="model directory: config.json + model.safetensors or pytorch_model.bin")
     parser.add_argument("--out", required=True, help="output directory (deebert-jax orbax checkpoint)")
-    parser.add_argument("--num-labels", type=int, default=None, help="classes; default: from the checkpoint, else 2")
+    parser.add_argument("--num-labels", type=cli.positive_int, default=None, help="classes; default: from the checkpoint, else 2")
     parser.add_argument("--seed", type=int, default=0, help="seed for heads the checkpoint does not have")
     parser.add_argument("--no-tokenizer", action="store_true", help="do not copy the tokenizer files")
     parser.add_argument("--overwrite", action="store_true",
@@ -44,7 +44,8 @@ def _main(argv) -> int:
     source_dir = resolve_model_dir(args.pytorch)
     # The source's fast tokenizer (WordPiece or RoBERTa's BPE) goes beside the weights, so
     # evaluation needs only `--out`; loaded before anything is written, so a broken one stops here.
-    tokenizer = None if args.no_tokenizer or not has_tokenizer(source_dir) else load_tokenizer(source_dir)
+    # One that cannot tokenise for this model (no vocabulary, another padding id) is refused here.
+    tokenizer = None if args.no_tokenizer or not has_tokenizer(source_dir) else load_tokenizer(source_dir, config)
     copy = None if tokenizer is None else (
         lambda tmp_dir: tokenizer.save_pretrained(os.path.join(tmp_dir, "tokenizer")))
     # The tokenizer goes inside the same atomic rename as the weights.

@@ -39,6 +39,16 @@ def parse_thresholds(text: str) -> list[float]:
     return values
 
 
+def dev_file(task: str, glue_dir: str | None) -> dict[str, str]:
+    """{"--glue-dir": the dev file read} for a GLUE task read from a folder, else {}."""
+    from deebert_jax.data import glue as data
+    try:
+        name = data.canonical_task(task)
+    except data.DataError:
+        return {}   # refused with its own message when the model is loaded
+    return {"--glue-dir": data.glue_file(name, "dev", glue_dir)} if glue_dir and data.TASKS[name] else {}
+
+
 def main(argv=None) -> int:
     """-> exit status: 0, 1 on a project error (one line on stderr), 2 on bad flags."""
     return cli.run(_main, argv)
@@ -58,7 +68,7 @@ def _main(argv) -> int:
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--mode", default="batch", choices=MODES,
                         help="batch: one loop per batch (pmap over local devices); exit_aware: rows compacted as they exit")
-    cli.add_dev_data_flags(parser, "evaluate only the first N dev examples")
+    cli.add_dev_data_flags(parser, "evaluate only the first N dev examples", default_length=None)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--out", required=True, help="results JSON path; the PNG goes beside it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -69,11 +79,23 @@ def _main(argv) -> int:
     from deebert_jax.data import glue as data
     from deebert_jax.evaluation import sweep as evaluation
     from deebert_jax.evaluation.calibration import with_policy_threshold
-    from deebert_jax.core.fileutil import check_output_file
+    from deebert_jax.core.fileutil import check_output_file, check_outputs_apart
+    from deebert_jax.inference.predict import resolve_max_seq_length
+    from deebert_jax.weights.checkpoint import MODEL_DIR_FILES
     from deebert_jax.weights.model_loading import load_model_for_task
 
-    check_output_file(args.out)   # before the evaluation, not after it
+    # Before the evaluation, not after it: the JSON and its PNG are neither directories nor files it reads.
+    png = os.path.splitext(args.out)[0] + ".png"
+    check_output_file(args.out)
+    check_output_file(png)
+    check_outputs_apart({"--out": args.out, "--out's plot": png},
+                        {"--checkpoint": args.checkpoint, **dev_file(args.task, args.glue_dir)},
+                        reads={"--checkpoint": MODEL_DIR_FILES})
     config, params, task, tokenizer = load_model_for_task(args.checkpoint, args.task)
+    args.max_seq_length, why = resolve_max_seq_length(args.max_seq_length, config, args.checkpoint, tokenizer,
+                                                      fallback=cli.DEV_MAX_SEQ_LENGTH)
+    if why != "given":
+        print(f"max sequence length {args.max_seq_length}: {why}", file=sys.stderr)
     # A calibrated threshold (train.calibrate) joins the default sweep, so its point is on the curve.
     thresholds = args.thresholds or with_policy_threshold(
         evaluation.default_thresholds(args.rule, config.num_hidden_layers), args.checkpoint, args.rule)

@@ -8,7 +8,10 @@ FILE is `.txt` (one text a line), `.tsv` (one or two text columns; a header nami
 is allowed) or `.jsonl` (`{"text": ..., "text_pair": ...}`). Writes one JSON line per example
 (label, label_id, probabilities, exit_layer, truncated) to `--out`, else to stdout; notes and
 the summary go to stderr. Without `--threshold`: DIR/exit_policy.json (`train.calibrate`), else
-the full depth. An empty or malformed line is an error naming the file and line; nothing is written.
+the full depth. Without `--max-seq-length`: the length the model was trained at (DIR/training.json),
+else the longest its positions cover; a longer one is refused. A text the model cannot see whole
+is `"truncated": true`. An empty or malformed line is an error naming the file and line; nothing
+is written, and `--out` may not be `--input` or a file of DIR.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ def parse_args(argv):
     parser.add_argument("--rule", default=None, choices=sorted(EXIT_RULES),
                         help="default: the exit policy's rule, else entropy")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="rows per exit-aware pool")
-    parser.add_argument("--max-seq-length", type=positive_int, default=128, help="longer inputs are truncated")
+    parser.add_argument("--max-seq-length", type=positive_int, default=None,
+                        help="longer inputs are truncated; default: the length the model was trained at, "
+                             "else the longest its positions cover (and at most the tokenizer's model_max_length)")
     parser.add_argument("--out", default=None, help="predictions JSONL (default: stdout)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -47,22 +52,31 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from deebert_jax.core.process import setup_process
     setup_process()   # process-wide settings, before JAX runs anything
+    from deebert_jax.core.fileutil import check_output_file, check_outputs_apart
     from deebert_jax.data import glue as data
     from deebert_jax.inference import predict
-    from deebert_jax.weights.checkpoint import load_checkpoint
+    from deebert_jax.weights.checkpoint import MODEL_DIR_FILES, load_checkpoint
 
+    # Before anything is read: --out may be neither a directory nor what this command reads.
+    if args.out:
+        check_output_file(args.out)
+    check_outputs_apart({"--out": args.out}, {"--input": args.input, "--checkpoint": args.checkpoint},
+                        reads={"--checkpoint": MODEL_DIR_FILES})
     if args.input:
         examples = predict.read_inputs(args.input)
     else:
         examples = [(predict.check_text(args.text, "--text"),
                      None if args.text_pair is None else predict.check_text(args.text_pair, "--text-pair"))]
     config, params = load_checkpoint(args.checkpoint)
+    tokenizer = data.load_tokenizer(args.checkpoint, config)
+    max_seq_length, why = predict.resolve_max_seq_length(args.max_seq_length, config, args.checkpoint, tokenizer)
     threshold, rule, note = predict.resolve_threshold(args.checkpoint, args.threshold, args.rule,
                                                       config.num_hidden_layers, model=(config, params),
-                                                      max_seq_length=args.max_seq_length)
+                                                      max_seq_length=max_seq_length)
     print(note, file=sys.stderr)
-    tokenizer = data.load_tokenizer(args.checkpoint)
-    arrays, truncated = predict.encode(tokenizer, examples, args.max_seq_length, config.vocab_size)
+    if why != "given":
+        print(f"max sequence length {max_seq_length}: {why}", file=sys.stderr)
+    arrays, truncated = predict.encode(tokenizer, examples, max_seq_length, config.vocab_size)
     probs, exit_layer, seconds = predict.predict_arrays(config, params, arrays, threshold, rule, args.batch_size,
                                                         progress=bool(args.input) and not args.no_progress)
     records = predict.format_predictions(examples, probs, exit_layer,
@@ -71,7 +85,7 @@ def main(argv=None) -> int:
         print(f"wrote {predict.write_jsonl(records, args.out)}", file=sys.stderr)
     else:
         sys.stdout.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    print(predict.summary(exit_layer, config.num_hidden_layers, seconds, truncated, args.max_seq_length),
+    print(predict.summary(exit_layer, config.num_hidden_layers, seconds, truncated, max_seq_length),
           file=sys.stderr)
     return 0
 

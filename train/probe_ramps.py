@@ -103,10 +103,21 @@ def _main(argv) -> int:
     from deebert_jax.core.process import setup_process
     setup_process()   # process-wide settings, before JAX runs anything
 
-    config, params = load_checkpoint(args.checkpoint)
+    from deebert_jax.core.fileutil import atomic_write_text, check_output_file, check_outputs_apart
+    from deebert_jax.weights.checkpoint import MODEL_DIR_FILES
+
     task = data_lib.canonical_task(args.task)
-    tokenizer = None if task == "synthetic" else data_lib.load_tokenizer(os.path.join(args.checkpoint, "tokenizer"))
-    common = dict(glue_dir=args.glue_dir or os.environ.get("GLUE_DIR"), tokenizer=tokenizer,
+    glue_dir = args.glue_dir or os.environ.get("GLUE_DIR")
+    if args.out:   # before the work: neither a directory nor a file this command reads
+        check_output_file(args.out)
+        read = {f"--glue-dir ({split})": data_lib.glue_file(task, split, glue_dir)
+                for split in ("train", "dev") if glue_dir and data_lib.TASKS[task] is not None}
+        check_outputs_apart({"--out": args.out}, {"--checkpoint": args.checkpoint, **read},
+                            reads={"--checkpoint": MODEL_DIR_FILES})
+    config, params = load_checkpoint(args.checkpoint)
+    tokenizer = None if task == "synthetic" else data_lib.load_tokenizer(os.path.join(args.checkpoint, "tokenizer"),
+                                                                          config)
+    common = dict(glue_dir=glue_dir, tokenizer=tokenizer,
                   max_seq_length=args.max_seq_length, vocab_size=config.vocab_size, seed=args.seed)
     train = data_lib.load_split(task, "train", limit=args.limit or None, **common)
     dev = data_lib.load_split(task, "dev", **common)
@@ -131,9 +142,7 @@ def _main(argv) -> int:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+        atomic_write_text(args.out, text + "\n")
         print(f"wrote {args.out}")
     return 0
 

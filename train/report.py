@@ -19,7 +19,7 @@ import shlex
 import shutil
 import sys
 
-from deebert_jax.core.fileutil import atomic_write_text
+from deebert_jax.core.fileutil import atomic_write_text, check_output_file, check_outputs_apart, same_path
 from deebert_jax.evaluation.report import REFERENCE_BERT_BASE, format_markdown_section, portable_paths, relative_paths
 from train.cli import one_line
 
@@ -89,6 +89,18 @@ def main(argv=None) -> int:
         except (OSError, ValueError) as e:
             print(f"error: {one_line(e)}", file=sys.stderr)
             return 1
+    # Before anything is written: the Markdown and the plots it copies are none of the files read.
+    try:
+        check_output_file(args.out)
+        inputs = {"--preamble": args.preamble, **{f"--rules {path}": path for path in args.rules}}
+        for run, meta, _, _ in loaded:
+            for src in (os.path.join(run, "run.json"), meta["results"], meta["bench"]):
+                inputs[f"run {run}: {os.path.basename(src)}"] = src
+                inputs[f"run {run}: {os.path.basename(os.path.splitext(src)[0])}.png"] = os.path.splitext(src)[0] + ".png"
+        check_outputs_apart({"--out": args.out}, inputs)
+    except (OSError, ValueError) as e:   # OutputPathError is a ValueError
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
     os.makedirs(plots, exist_ok=True)
     sections, names = [], set()
     for run, meta, results, bench in loaded:
@@ -100,7 +112,8 @@ def main(argv=None) -> int:
         for kind, src in (("tradeoff", meta["results"]), ("latency", meta["bench"])):
             src_png = os.path.splitext(src)[0] + ".png"
             dst = os.path.join(plots, f"{name}_{kind}.png")
-            shutil.copyfile(src_png, dst)
+            if not same_path(src_png, dst):   # a run already under --plots: its plot is in place
+                shutil.copyfile(src_png, dst)
             pngs[kind] = os.path.relpath(dst, base)
         # The JSON behind every number of the section, kept beside the plots (paths made relative).
         json_dir = os.path.join(plots, name)

@@ -33,7 +33,9 @@ def parse_args(argv):
                         help="default: DIR/exit_policy.json, else the full depth")
     parser.add_argument("--rule", default=None, choices=sorted(EXIT_RULES),
                         help="default: the exit policy's rule, else entropy")
-    parser.add_argument("--max-seq-length", type=positive_int, default=128, help="longer inputs are truncated")
+    parser.add_argument("--max-seq-length", type=positive_int, default=None,
+                        help="longer inputs are truncated; default: the length the model was trained at, else the "
+                             "longest its positions cover (at most the tokenizer's model_max_length)")
     parser.add_argument("--max-queue", type=positive_int, default=DEFAULT_MAX_QUEUE,
                         help="rows accepted and not yet answered; past it, 503 with Retry-After")
     parser.add_argument("--backend", default="jax", choices=BACKENDS,

@@ -228,10 +228,22 @@ def plot(result: Mapping[str, Any], path: str) -> str:
 
 def render(out_json: str) -> dict[str, str]:
     """Re-derives the targets, table and plot of an existing bench.json (timings untouched)."""
-    with open(out_json, encoding="utf-8") as f:
-        result = json.load(f)
+    if os.path.isdir(out_json):
+        raise BenchmarkError(f"{out_json}: is a directory; --render takes a bench.json file")
+    if os.path.splitext(out_json)[1].lower() in (".md", ".png"):   # the table or plot would replace the JSON
+        raise BenchmarkError(f"{out_json}: --render takes the bench.json; its .md and .png are written beside it")
+    try:
+        with open(out_json, encoding="utf-8") as f:
+            result = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BenchmarkError(f"{out_json}: not a bench.json (not valid JSON: {e})") from None
+    if not isinstance(result, dict):
+        raise BenchmarkError(f"{out_json}: not a bench.json (expected a JSON object, found {type(result).__name__})")
     _precision_of_older_file(result, out_json)
-    validate(result)
+    try:
+        validate(result)
+    except BenchmarkError as e:   # named by the file the user gave
+        raise BenchmarkError(str(e).replace("bench.json: ", f"{out_json}: ", 1)) from None
     result["targets"] = check_targets(result)
     return write_outputs(result, out_json)
 

@@ -168,8 +168,10 @@ def run(model_dir: str, model_name: str, batch_size: int, seq_len: int, steps: i
     batch = inputs(batch_size, seq_len, model_config["vocab_size"])
     jax_platform = jax.devices()[0].platform
     torch_device = torch_device_for(jax_platform)
-    calls = {"torch_adamw": torch_step(model_dir, batch, torch_device, precision),
-             **jax_steps(model_dir, batch, with_jax_defaults, dtype=precision.dtype)}
+    # JAX's side first: it reads the weights with `convert.read_state_dict`, so a file that is not
+    # plain tensors (a pickle with code in it) is one CheckpointError before transformers opens it.
+    jax_calls = jax_steps(model_dir, batch, with_jax_defaults, dtype=precision.dtype)
+    calls = {"torch_adamw": torch_step(model_dir, batch, torch_device, precision), **jax_calls}
     # In turns, one step of each per round: load from other processes falls on all variants alike.
     timings = time_interleaved(calls, steps, warmup)
     times = {k: [ms / 1e3 for ms in t.times_ms] for k, t in timings.items()}

@@ -20,6 +20,10 @@ RAMP_POOLINGS = ("first", "mean")
 # tokens and padding sits at pad_token_id (`modeling.position_ids`); the weights are laid out alike.
 MODEL_TYPES = ("bert", "roberta")
 
+# The most parameters a config may imply (8 GiB in float32; BERT-large has 0.34e9): a field set far
+# too large (`--num-labels 100000000`) is refused in one line, not by an allocation failing later.
+MAX_PARAMETERS = 2 ** 31 - 1
+
 
 class ConfigError(DeeBertError, ValueError):
     """A configuration we cannot run faithfully."""
@@ -77,9 +81,31 @@ class DeeBertConfig:
                      "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        self._check_size()
         if self.model_type == "roberta" and not 0 <= self.pad_token_id < self.max_position_embeddings - 1:
             raise ConfigError(f"max_position_embeddings={self.max_position_embeddings} leaves no position for a "
                               f"token: RoBERTa positions start at pad_token_id + 1 = {self.pad_token_id + 1}")
+
+    @property
+    def num_parameters(self) -> int:
+        """How many numbers the parameters hold (embeddings, layers, one ramp per layer)."""
+        H, I, L, K = self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.num_labels
+        embeddings = (self.vocab_size + self.max_position_embeddings + self.type_vocab_size + 2) * H
+        layer = 4 * (H * H + H) + 4 * H + (H * I + I) + (I * H + H)
+        ramp = H * H + H + H * K + K
+        return embeddings + L * (layer + ramp)
+
+    def _check_size(self) -> None:
+        n = self.num_parameters
+        if n <= MAX_PARAMETERS:
+            return
+        H, L = self.hidden_size, self.num_hidden_layers
+        shares = {"vocab_size": self.vocab_size * H, "max_position_embeddings": self.max_position_embeddings * H,
+                  "type_vocab_size": self.type_vocab_size * H, "intermediate_size": 2 * L * H * self.intermediate_size,
+                  "num_labels": L * H * self.num_labels, "hidden_size": 5 * L * H * H, "num_hidden_layers": 0}
+        field = max(shares, key=shares.get)
+        raise ConfigError(f"{field}={getattr(self, field)} is too large: the model would have {n:,} parameters "
+                          f"({4 * n / 2 ** 30:.1f} GiB in float32); at most {MAX_PARAMETERS:,}")
 
     @property
     def num_layers(self) -> int:

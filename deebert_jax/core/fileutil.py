@@ -7,7 +7,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from deebert_jax.core.errors import DeeBertError
 
@@ -39,18 +39,71 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
 
 def _atomic_write(path, content, mode: str, encoding: str | None) -> str:
     path = os.path.abspath(os.fspath(path))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
+    if os.path.isdir(path):   # before anything is created: no temporary file to clean up
+        raise OutputPathError(f"{path}: is a directory; name a file to write")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    try:
+        _write_and_rename(path, content, mode, encoding, unnamed=_can_write_unnamed())
+    except _NoLink:   # a file system without O_TMPFILE links: a named temporary file instead
+        _write_and_rename(path, content, mode, encoding, unnamed=False)
+    return path
+
+
+class _NoLink(Exception):
+    """An unnamed (O_TMPFILE) file could not be given a name."""
+
+
+def _can_write_unnamed() -> bool:
+    return hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")   # the link goes through /proc
+
+
+def _write_and_rename(path: str, content, mode: str, encoding: str | None, unnamed: bool) -> None:
+    """`content` into a temporary file beside `path`, then one rename. `unnamed`: the file has no
+    name until it is complete (Linux O_TMPFILE), so a process killed while writing leaves nothing
+    behind (only one killed between the link and the rename could); else a hidden `mkstemp` file."""
+    parent, name = os.path.split(path)
+    tmp = None
+    fd = -1
+    if unnamed:
+        try:
+            fd = os.open(parent, os.O_TMPFILE | os.O_WRONLY, 0o600)
+        except OSError:
+            raise _NoLink() from None
+    else:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=parent)
     try:
         with os.fdopen(fd, mode, encoding=encoding) as f:
             f.write(content)
-        os.chmod(tmp, 0o666 & ~_umask())
+            f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            if tmp is None:
+                tmp = _link_unnamed(f.fileno(), parent, name)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.lexists(tmp):
             os.unlink(tmp)
         raise
-    return path
+
+
+def _link_unnamed(fd: int, parent: str, name: str) -> str:
+    """Gives an O_TMPFILE file a hidden name beside its target -> that path; `_NoLink` if it cannot."""
+    # linkat(AT_SYMLINK_FOLLOW) through /proc: os.link calls linkat (not link, which would link the
+    # /proc entry itself) when given a directory fd.
+    parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(100):
+            tmp = f".{name}.{os.urandom(4).hex()}"
+            try:
+                os.link(f"/proc/self/fd/{fd}", tmp, dst_dir_fd=parent_fd, follow_symlinks=True)
+                return os.path.join(parent, tmp)
+            except FileExistsError:
+                continue
+            except OSError:
+                raise _NoLink() from None
+    finally:
+        os.close(parent_fd)
+    raise FileExistsError(f"{parent}: no free temporary name for {name}")
 
 
 def check_output_file(path: str | os.PathLike) -> str:
@@ -68,6 +121,46 @@ def check_output_file(path: str | os.PathLike) -> str:
     if parent and not os.path.isdir(parent):
         raise OutputPathError(f"{path}: {parent} is a file, not a directory")
     return path
+
+
+def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether `a` and `b` name one file or directory: the same path after symlinks, or the same
+    inode (a hard link)."""
+    if _real(a) == _real(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:   # one of them does not exist (yet): not the same file
+        return False
+
+
+def check_outputs_apart(outputs: Mapping[str, str | os.PathLike | None],
+                        inputs: Mapping[str, str | os.PathLike | None],
+                        reads: Mapping[str, Iterable[str]] | None = None) -> None:
+    """Refuses, before any work, an output that is one of the command's inputs.
+
+    `outputs` and `inputs` map a flag (`--out`) to a path (None: not given). An output may not be
+    the same file as an input (`same_path`: symlinks and hard links included), nor an input
+    directory, nor one of the files `reads[flag]` lists inside input directory `flag` (relative
+    names; a listed folder covers what is below it): what the command reads is never overwritten.
+    """
+    reads = reads or {}
+    for out_flag, out in outputs.items():
+        if out is None:
+            continue
+        for in_flag, source in inputs.items():
+            if source is None or not os.path.lexists(source):
+                continue
+            if same_path(out, source):
+                raise OutputPathError(f"{os.fspath(out)}: {out_flag} names the same file as {in_flag} "
+                                      f"{os.fspath(source)}; write the output somewhere else")
+            if not os.path.isdir(source):
+                continue
+            for name in reads.get(in_flag, ()):
+                inner = os.path.join(os.fspath(source), name)
+                if same_path(out, inner) or _inside(_real(out), _real(inner)):
+                    raise OutputPathError(f"{os.fspath(out)}: {out_flag} would overwrite {name} of {in_flag} "
+                                          f"{os.fspath(source)}; write the output somewhere else")
 
 
 def check_output_path(path: str | os.PathLike, *, sources: Iterable[str | os.PathLike] = (),

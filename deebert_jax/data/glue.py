@@ -97,6 +97,12 @@ def num_labels(task: str) -> int:
 # Any of these in a directory means a tokenizer is saved there: a fast tokenizer's own file,
 # BERT's WordPiece vocabulary, RoBERTa's BPE vocabulary (with merges.txt) or the tokenizer config.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json")
+# Every file a saved tokenizer may be read from.
+TOKENIZER_READ_FILES = (*TOKENIZER_FILES, "merges.txt", "special_tokens_map.json", "added_tokens.json")
+# A text is cut to this many characters per token of the maximum length before it is tokenised,
+# so one huge line costs no more than a long text (`cut_text`); a token of real text rarely spans
+# more than a few dozen characters (a word longer than 100 is one unknown token).
+CHARS_PER_TOKEN = 32
 
 
 def has_tokenizer(directory: str | os.PathLike) -> bool:
@@ -104,11 +110,12 @@ def has_tokenizer(directory: str | os.PathLike) -> bool:
     return any(os.path.isfile(os.path.join(os.fspath(directory), f)) for f in TOKENIZER_FILES)
 
 
-def load_tokenizer(path: str | os.PathLike):
+def load_tokenizer(path: str | os.PathLike, config=None):
     """The fast tokenizer saved with a model: `path/tokenizer/` if present, else `path` (offline).
 
     Whatever kind the directory holds (BERT's WordPiece, RoBERTa's BPE `vocab.json` + `merges.txt`,
-    a `tokenizer.json`), through `AutoTokenizer`; one that cannot load is a `DataError` naming it.
+    a `tokenizer.json`), through `AutoTokenizer`; one that cannot load, or cannot tokenise
+    (`check_tokenizer`, against the model's `config` when given), is a `DataError` naming it.
     """
     from transformers import AutoTokenizer
 
@@ -125,10 +132,54 @@ def load_tokenizer(path: str | os.PathLike):
                 raise DataError(f"{candidate}: cannot load its tokenizer ({type(e).__name__}: {e})") from e
             if not tok.is_fast:
                 raise DataError(f"{candidate}: tokenizer is not a fast tokenizer")
-            return tok
+            return check_tokenizer(tok, candidate, config)
     if not os.path.exists(path) and "/" in path.strip("/") and not os.path.isabs(path):
-        return AutoTokenizer.from_pretrained(path, use_fast=True)  # a hub id (needs the network)
+        return check_tokenizer(AutoTokenizer.from_pretrained(path, use_fast=True), path, config)  # a hub id (online)
     raise DataError(f"{path}: no tokenizer found (looked in {candidates})")
+
+
+def check_tokenizer(tokenizer, source: str, config=None):
+    """-> `tokenizer`, if it can tokenise for a model of `config` (a `DeeBertConfig`, or None for
+    the checks that need none); else a `DataError` naming `source`. Refused: no vocabulary beyond
+    its special tokens (every text would become the same row), no special tokens around a text
+    (the off-ramps read the first token), and with `config` more tokens than the model's
+    `vocab_size` or a padding id other than the config's `pad_token_id` (RoBERTa's positions
+    count the tokens that are not padding)."""
+    special = set(tokenizer.all_special_ids)
+    if len(tokenizer) <= len(special):
+        raise DataError(f"{source}: the tokenizer has no vocabulary, only its {len(tokenizer)} special tokens "
+                        f"{tokenizer.all_special_tokens}; every text would become the same input (are its "
+                        "vocab.txt / vocab.json + merges.txt / tokenizer.json missing?)")
+    if tokenizer.num_special_tokens_to_add(pair=False) < 1:
+        raise DataError(f"{source}: the tokenizer adds no special token (such as [CLS] or <s>) before a text; "
+                        "the off-ramps read the first token")
+    if config is not None:
+        if len(tokenizer) > config.vocab_size:
+            raise DataError(f"{source}: the tokenizer has {len(tokenizer)} tokens, more than the model's "
+                            f"vocab_size={config.vocab_size}")
+        pad = tokenizer.pad_token_id
+        if pad is not None and pad != config.pad_token_id:
+            raise DataError(f"{source}: the tokenizer pads with id {pad} ({tokenizer.pad_token!r}), the model's "
+                            f"config has pad_token_id={config.pad_token_id}; they are not of one model")
+    return tokenizer
+
+
+def cut_text(text: str, max_seq_length: int) -> str:
+    """`text` cut to `CHARS_PER_TOKEN * max_seq_length` characters, before tokenising: a longer
+    text cannot be read whole by the model anyway, and tokenising all of it would cost memory in
+    proportion to its length."""
+    limit = CHARS_PER_TOKEN * int(max_seq_length)
+    return text if len(text) <= limit else text[:limit]
+
+
+def check_room_for_text(tokenizer, max_seq_length: int, pairs: bool = False) -> None:
+    """A `DataError` unless `max_seq_length` leaves room for a token of text (of each text of a
+    pair) besides the special tokens the tokenizer adds."""
+    need = tokenizer.num_special_tokens_to_add(pair=pairs) + (2 if pairs else 1)
+    if max_seq_length < need:
+        raise DataError(f"max_seq_length={max_seq_length} is too short: the tokenizer adds "
+                        f"{need - (2 if pairs else 1)} special tokens to a {'pair' if pairs else 'text'}, "
+                        f"so at least {need} are needed")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,8 +260,9 @@ def _read_hub(task: str, spec: TaskSpec, split: str) -> tuple[list[tuple[str, ..
 
 
 def _tokenize(tokenizer, texts: Sequence[tuple[str, ...]], max_seq_length: int) -> dict[str, np.ndarray]:
-    firsts = [t[0] for t in texts]
-    seconds = [t[1] for t in texts] if len(texts[0]) > 1 else None
+    check_room_for_text(tokenizer, max_seq_length, pairs=len(texts[0]) > 1)
+    firsts = [cut_text(t[0], max_seq_length) for t in texts]
+    seconds = [cut_text(t[1], max_seq_length) for t in texts] if len(texts[0]) > 1 else None
     enc = tokenizer(firsts, seconds, max_length=max_seq_length, truncation=True, padding="max_length",
                     return_token_type_ids=True, return_attention_mask=True, return_tensors="np")
     return {k: np.asarray(enc[k], np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}

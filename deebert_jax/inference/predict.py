@@ -28,10 +28,10 @@ from deebert_jax.evaluation import calibration
 from deebert_jax.evaluation import sweep as evaluation
 from deebert_jax.model import layouts
 from deebert_jax.core.config import DeeBertConfig
-from deebert_jax.data.glue import DataError
+from deebert_jax.data.glue import DataError, check_room_for_text, cut_text
 from deebert_jax.inference.exit_aware import exit_aware_predict
 from deebert_jax.core.fileutil import atomic_write_text
-from deebert_jax.weights.checkpoint import LABELS_FILE
+from deebert_jax.weights.checkpoint import LABELS_FILE, TRAINING_FILE, training_length
 
 Example = tuple[str, "str | None"]   # (text, text_pair or None)
 INPUT_FORMATS = (".txt", ".tsv", ".jsonl")
@@ -43,7 +43,8 @@ SECOND_COLUMNS = ("text_pair", "sentence2", "text_b")
 # Reading
 
 def _lines(path: str):
-    with open(path, encoding="utf-8", newline="") as f:
+    # utf-8-sig: a byte-order mark (an editor may write one) is not part of the first text.
+    with open(path, encoding="utf-8-sig", newline="") as f:
         for number, line in enumerate(f, 1):
             yield number, line.rstrip("\r\n")
 
@@ -125,6 +126,8 @@ def read_inputs(path: str | os.PathLike) -> list[Example]:
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
     readers = {".txt": _read_txt, ".tsv": _read_tsv, ".jsonl": _read_jsonl}
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory; expected a {', '.join(INPUT_FORMATS)} file of texts")
     if ext not in readers:
         raise DataError(f"{path}: unknown input format {ext or '(no extension)'!r}; expected one of {INPUT_FORMATS}")
     if not os.path.isfile(path):
@@ -144,7 +147,9 @@ def read_inputs(path: str | os.PathLike) -> list[Example]:
 def encode(tokenizer, examples: Sequence[Example], max_seq_length: int,
            vocab_size: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """-> (input_ids, attention_mask, token_type_ids [N, S] int32, S the longest example rounded up
-    to a power of two, at most `max_seq_length`; truncated [N] bool). Single texts and pairs may be mixed."""
+    to a power of two, at most `max_seq_length`; truncated [N] bool: the model does not see all of
+    the text). Single texts and pairs may be mixed. Each text is cut to a bounded length first
+    (`glue.cut_text`), so memory does not grow with the longest line; a text cut there is truncated."""
     if vocab_size is not None and len(tokenizer) > vocab_size:  # larger ids would read past the embeddings
         raise DataError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size={vocab_size}")
     rows: list = [None] * len(examples)
@@ -153,13 +158,21 @@ def encode(tokenizer, examples: Sequence[Example], max_seq_length: int,
         index = [i for i, (_, pair) in enumerate(examples) if (pair is not None) == pairs]
         if not index:
             continue
-        firsts = [examples[i][0] for i in index]
-        seconds = [examples[i][1] for i in index] if pairs else None
+        check_room_for_text(tokenizer, max_seq_length, pairs)
+        firsts = [cut_text(examples[i][0], max_seq_length) for i in index]
+        seconds = [cut_text(examples[i][1], max_seq_length) for i in index] if pairs else None
+        cut = [len(firsts[j]) < len(examples[i][0]) or (pairs and len(seconds[j]) < len(examples[i][1]))
+               for j, i in enumerate(index)]
+        # The lengths in full (of the cut texts) against `max_seq_length` itself: a tokenizer that
+        # cut on its own (a truncation saved in tokenizer.json) cannot hide a truncation here.
         full = tokenizer(firsts, seconds, truncation=False, verbose=False)["input_ids"]
         enc = tokenizer(firsts, seconds, truncation=True, max_length=max_seq_length, return_token_type_ids=True)
         for j, i in enumerate(index):
-            rows[i] = (enc["input_ids"][j], enc["token_type_ids"][j])
-            truncated[i] = len(full[j]) > len(enc["input_ids"][j])
+            ids = enc["input_ids"][j]
+            if len(ids) > max_seq_length:
+                raise DataError(f"the tokenizer returned {len(ids)} tokens for max_length={max_seq_length}")
+            rows[i] = (ids, enc["token_type_ids"][j])
+            truncated[i] = cut[j] or len(full[j]) > len(ids) or len(full[j]) > max_seq_length
     # Padded to the longest row rounded up to a power of two (at most max_seq_length), not to
     # max_seq_length: short inputs run short, and few shapes compile.
     longest = max(len(ids) for ids, _ in rows)
@@ -171,6 +184,48 @@ def encode(tokenizer, examples: Sequence[Example], max_seq_length: int,
         arrays["attention_mask"][i, :len(ids)] = 1
         arrays["token_type_ids"][i, :len(ids)] = types
     return arrays, truncated
+
+
+def resolve_max_seq_length(requested: int | None, config: DeeBertConfig, model_dir: str | os.PathLike,
+                           tokenizer=None, flag: str = "--max-seq-length",
+                           fallback: int | None = None) -> tuple[int, str]:
+    """-> (the length inputs are cut to, where it came from: "given" when `requested`), before any
+    text is read.
+
+    Default (`requested` None): the length the model was trained at (`training.json`), else the
+    longest the model's positions cover (`config.max_sequence_length`; at most `fallback` when
+    given: commands that pad every row to the length keep a shorter default), and never more than
+    the tokenizer's own `model_max_length`. A requested length longer than the model's positions or the
+    tokenizer's `model_max_length` is an `InputError` naming `flag`; so is one too short for the
+    special tokens.
+    """
+    limit = config.max_sequence_length
+    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
+    if not isinstance(tokenizer_limit, int) or tokenizer_limit > 1_000_000:   # transformers' "no limit" sentinel
+        tokenizer_limit = None
+    if requested is None:
+        trained = training_length(model_dir)
+        length, why = ((trained, f"the length the model was trained at ({TRAINING_FILE})") if trained
+                       else (limit, f"the model's {config.sequence_limit}"))
+        if not trained and fallback is not None and fallback < limit:
+            length, why = int(fallback), f"the default, within the model's {config.sequence_limit}"
+        if length > limit:
+            raise InputError(f"{os.path.join(os.fspath(model_dir), TRAINING_FILE)}: max_seq_length={length} is "
+                             f"longer than the model's {config.sequence_limit}")
+        if tokenizer_limit is not None and tokenizer_limit < length:
+            length, why = tokenizer_limit, f"the tokenizer's model_max_length={tokenizer_limit}"
+    else:
+        length, why = int(requested), "given"
+        if length > limit:
+            raise InputError(f"{flag} {length} is longer than the model's {config.sequence_limit}")
+        if tokenizer_limit is not None and length > tokenizer_limit:
+            raise InputError(f"{flag} {length} is longer than the tokenizer's model_max_length={tokenizer_limit}")
+    if tokenizer is not None:
+        try:
+            check_room_for_text(tokenizer, length)
+        except DataError as e:
+            raise InputError(f"{flag} {length} is too short: {str(e).split(': ', 1)[-1]}") from None
+    return length, why
 
 
 def predict_arrays(config: DeeBertConfig, params, arrays: Mapping[str, np.ndarray], threshold: float,

@@ -27,7 +27,7 @@ BACKLOG = 2048
 
 
 def build_service(model_dir: str, *, threshold: float | None = None, rule: str | None = None,
-                  max_seq_length: int = 128, max_queue: int = DEFAULT_MAX_QUEUE, backend: str = "jax",
+                  max_seq_length: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE, backend: str = "jax",
                   bucket_sizes: tuple[int, ...] | None = None, say: Callable[[str], None] = print,
                   schedule: str | None = None) -> Service:
     """The model, tokenizer, threshold (`predict.resolve_threshold`: given, else exit_policy.json,
@@ -44,9 +44,9 @@ def build_service(model_dir: str, *, threshold: float | None = None, rule: str |
         from deebert_jax.serving.scheduler import check_schedule
         check_schedule(schedule)
     config, params = load_checkpoint(model_dir)
-    tokenizer = data.load_tokenizer(model_dir)
-    if max_seq_length > config.max_sequence_length:
-        raise InputError(f"--max-seq-length {max_seq_length} is longer than the model's {config.sequence_limit}")
+    tokenizer = data.load_tokenizer(model_dir, config)
+    # None: the length the model was trained at, else its longest input; a longer one is refused here.
+    max_seq_length, why = predict.resolve_max_seq_length(max_seq_length, config, model_dir, tokenizer)
     lengths = length_classes(max_seq_length)
     L = config.num_hidden_layers
     info = {"model": os.path.basename(os.path.normpath(model_dir)), "layers": L, "lengths": list(lengths),
@@ -67,7 +67,8 @@ def build_service(model_dir: str, *, threshold: float | None = None, rule: str |
             engine = TorchEngine(torch_twin(config, params, tmp), lengths)
         note = "eager PyTorch, full depth, dynamic batching (no early exit)"
         info.update(rule=None, threshold=None)
-    say(f"model: {os.fspath(model_dir)} ({L} layers); {note}")
+    say(f"model: {os.fspath(model_dir)} ({L} layers); {note}; max sequence length {max_seq_length}"
+        + ("" if why == "given" else f" ({why})"))
     names = predict.label_names(model_dir, config.num_labels)
     return Service(engine, tokenizer, lengths, names, L, vocab_size=config.vocab_size, max_queue=max_queue, info=info)
 

@@ -14,12 +14,20 @@ import orbax.checkpoint as ocp
 
 from deebert_jax.core.errors import InputError
 from deebert_jax.core.config import ConfigError, DeeBertConfig, read_json_object
-from deebert_jax.weights.convert import CheckpointError
+from deebert_jax.data.glue import TOKENIZER_READ_FILES
+from deebert_jax.weights.convert import WEIGHT_FILES, CheckpointError
 from deebert_jax.core.fileutil import atomic_directory
 
 CONFIG_FILE = "deebert_config.json"
 PARAMS_DIR = "params"
 LABELS_FILE = "labels.json"   # {"id2label": {"0": name, ...}}: optional, older directories lack it
+# {"max_seq_length": S}: the length the model was trained at (`write_training_info`); optional.
+TRAINING_FILE = "training.json"
+# What commands read from a model directory, ours or a PyTorch one (the tokenizer's files may sit
+# at the top): no output of a command that reads the directory may be written there
+# (`fileutil.check_outputs_apart`). "exit_policy.json" is `calibration.POLICY_FILE`.
+MODEL_DIR_FILES = (CONFIG_FILE, PARAMS_DIR, LABELS_FILE, TRAINING_FILE, "exit_policy.json", "tokenizer",
+                   "config.json", *WEIGHT_FILES, *TOKENIZER_READ_FILES)
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +85,70 @@ def write_label_names(directory: str | os.PathLike, names) -> str:
     return path
 
 
-def load_checkpoint(directory: str | os.PathLike) -> tuple[DeeBertConfig, Any]:
-    """-> (config, params as numpy arrays); a damaged directory is one `CheckpointError` naming it."""
+def write_training_info(directory: str | os.PathLike, max_seq_length: int) -> str:
+    """Writes `directory/training.json` ({"max_seq_length": S}, the length the model was trained
+    at) -> its path. Called from a `save_checkpoint` `write_extra`, it lands in the same rename;
+    `predict` and `serve` then default `--max-seq-length` to S."""
+    if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, (int, np.integer)) or max_seq_length < 1:
+        raise InputError(f"max_seq_length={max_seq_length!r} must be a positive integer")
+    path = os.path.join(os.fspath(directory), TRAINING_FILE)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"max_seq_length": int(max_seq_length)}, f, indent=2)
+    return path
+
+
+def training_length(directory: str | os.PathLike) -> int | None:
+    """The length `directory`'s model was trained at (`training.json`), or None when not recorded;
+    a file that is not `{"max_seq_length": positive int}` is a `CheckpointError` naming it."""
+    path = os.path.join(os.fspath(directory), TRAINING_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        value = read_json_object(path).get("max_seq_length")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"{path}: max_seq_length={value!r} must be a positive integer")
+    return value
+
+
+# What a leaf's shape says about a config field, checked first so the message names the field:
+# (leaf path, axis, field, what the axis counts).
+_SHAPE_FIELDS = (
+    ("layers/query/kernel", 0, "num_hidden_layers", "layers"),
+    ("embeddings/word_embeddings/embedding", 0, "vocab_size", "token embeddings"),
+    ("embeddings/word_embeddings/embedding", 1, "hidden_size", "columns per embedding"),
+    ("ramps/classifier/kernel", -1, "num_labels", "labels"),
+    ("embeddings/position_embeddings/embedding", 0, "max_position_embeddings", "positions"),
+    ("embeddings/token_type_embeddings/embedding", 0, "type_vocab_size", "token types"),
+    ("layers/intermediate/kernel", -1, "intermediate_size", "intermediate units"),
+)
+
+
+def check_params_match(config: DeeBertConfig, params: Any, source: str) -> None:
+    """A `CheckpointError` naming `source` and the config field when `params` do not have the
+    shapes `config` implies (more layers, another vocabulary, width or label count...)."""
+    import functools
+
+    from deebert_jax.model.modeling import init_params
+
+    saved = _leaf_shapes(params)
+    for leaf, axis, field, what in _SHAPE_FIELDS:
+        shape = saved.get(leaf)
+        if shape is not None and len(shape) > abs(axis) - (axis < 0) and shape[axis] != getattr(config, field):
+            raise CheckpointError(f"{source}: {field}={getattr(config, field)}, but {PARAMS_DIR}/ holds "
+                                  f"{shape[axis]} {what} ({leaf} has shape {shape}); the config and the "
+                                  "weights are not of one model")
+    wanted = _leaf_shapes(jax.eval_shape(functools.partial(init_params, config), jax.random.PRNGKey(0)))
+    difference = _first_difference({k: v for k, v in saved.items()}, wanted)
+    if difference:
+        difference = difference.replace("in the checkpoint", f"in {PARAMS_DIR}/").replace(
+            "in this run's state", "in what the config implies").replace("in this run", "for the config")
+        raise CheckpointError(f"{source}: the config and the weights are not of one model ({difference})")
+
+
+def read_model_config(directory: str | os.PathLike) -> DeeBertConfig:
+    """The config of a model directory, without its weights (errors as `load_checkpoint`'s)."""
     directory = os.path.abspath(os.fspath(directory))
     config_path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(config_path):
@@ -87,13 +157,21 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[DeeBertConfig, Any]:
         raw = read_json_object(config_path)
     except ConfigError as e:
         raise DamagedCheckpointError(f"{e} (damaged checkpoint)") from e
-    config = DeeBertConfig.from_dict(raw, source=config_path)
+    return DeeBertConfig.from_dict(raw, source=config_path)
+
+
+def load_checkpoint(directory: str | os.PathLike) -> tuple[DeeBertConfig, Any]:
+    """-> (config, params as numpy arrays); a damaged directory is one `CheckpointError` naming it."""
+    directory = os.path.abspath(os.fspath(directory))
+    config_path = os.path.join(directory, CONFIG_FILE)
+    config = read_model_config(directory)
     try:
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(os.path.join(directory, PARAMS_DIR))
     except Exception as e:  # orbax/tensorstore raise many types for missing or truncated files
         raise DamagedCheckpointError(f"{directory}: damaged checkpoint, cannot read {PARAMS_DIR}/ "
                                      f"({_first_line(e)})") from e
+    check_params_match(config, params, config_path)
     return config, jax.tree_util.tree_map(np.asarray, params)
 
 

@@ -96,10 +96,21 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         if path.endswith(".safetensors"):
             from safetensors.numpy import load_file
             return dict(load_file(path))
+        import pickle
+        import warnings
+
         import torch
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():   # torch's note on an unusual pickle protocol: the error below says it
+            warnings.simplefilter("ignore", UserWarning)
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():   # a damaged file, not a refused one
+            raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {_first_line(e)})") from e
+        # Objects other than tensors: never loaded, they could run code.
+        raise CheckpointError(f"{path}: refused: the file holds objects other than tensors, which could run code "
+                              f"when loaded ({_first_line(e)}); save the weights as model.safetensors") from e
     except Exception as e:  # the libraries raise many types for a damaged file
         raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from e
     if not isinstance(sd, Mapping):
@@ -110,6 +121,13 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
             raise CheckpointError(f"{path}: key {k!r} is not a tensor ({type(v).__name__})")
         out[k] = v.detach().float().numpy() if v.is_floating_point() else v.detach().numpy()
     return out
+
+
+def _first_line(e: BaseException) -> str:
+    """The last line of torch's message that names the object it refused (its first is advice)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    named = [line for line in lines if "Unsupported" in line or "global" in line.lower()]
+    return (named or lines or [type(e).__name__])[0][:200]
 
 
 def resolve_model_dir(path: str | os.PathLike) -> str:

@@ -70,5 +70,5 @@ def load_model_for_task(checkpoint: str, task: str) -> tuple[DeeBertConfig, Para
     if data.num_labels(task) != config.num_labels:
         raise InputError(f"{checkpoint}: model has num_labels={config.num_labels} but task {task} "
                          f"has {data.num_labels(task)} labels")
-    tokenizer = None if data.TASKS[task] is None else data.load_tokenizer(checkpoint)
+    tokenizer = None if data.TASKS[task] is None else data.load_tokenizer(checkpoint, config)
     return config, params, task, tokenizer
