@@ -115,6 +115,8 @@ def test_holdout_rows_never_reach_a_training_batch_and_choose_the_policy(tmp_pat
     assert policy["calibration_split"] == "train-holdout" and policy["calibration_size"] == holdout
     assert policy["calibration"]["n"] == holdout and policy["reported"]["n"] == 37
     assert policy["max_seq_length"] == 16
+    from deebert_jax.weights.checkpoint import training_length
+    assert training_length(result["model"]) == 16   # predict and serve default to the training length
     records = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("event") == "calibration" and r["policy"]["threshold"] == policy["threshold"] for r in records)
     assert any("agreement" in r for r in records if r.get("event") == "train" and r["stage"] == 2)

@@ -68,7 +68,10 @@ def _save_model(ctx: RunContext, directory: str, params: Params) -> None:
             ctx.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
         if len(names) == ctx.config.num_labels:  # so predictions say "positive", not "LABEL_1"
             write_label_names(tmp, names)
-    # The tokenizer and labels go in with the same atomic rename: a stage directory is complete or absent.
+        if ctx.cfg is not None:   # predict and serve default --max-seq-length to the training length
+            write_training_info(tmp, int(ctx.cfg.max_seq_length))
+    # The tokenizer, labels and training length go in with the same atomic rename: a stage
+    # directory is complete or absent.
     save_checkpoint(directory, ctx.config, params, write_extra=write_extra)
 
 
