@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from deebert_jax.data import glue as data_lib
-from deebert_jax.weights.checkpoint import (TrainCheckpointManager, is_checkpoint_dir, load_checkpoint, save_checkpoint,
-                                            write_label_names)
+from deebert_jax.weights.checkpoint import (TrainCheckpointManager, is_checkpoint_dir, load_checkpoint,
+                                            model_fingerprint, save_checkpoint, write_label_names)
 from deebert_jax.core.config import DeeBertConfig
 from deebert_jax.evaluation.sweep import all_ramp_logits, evaluate_ramps
 from deebert_jax.evaluation.metrics import metric_name
@@ -241,7 +241,8 @@ def calibrate_after_training(ctx: RunContext, model_dir: str) -> dict:
         policy = calibration.make_policy(ctx.task, budget.rule, budget.max_drop, budget.confidence, chosen, tested,
                                          reported, "train-holdout", ctx.config.num_hidden_layers,
                                          calibration_size=data_lib.num_examples(ctx.holdout),
-                                         max_seq_length=int(ctx.cfg.max_seq_length))
+                                         max_seq_length=int(ctx.cfg.max_seq_length),
+                                         model_fingerprint=model_fingerprint(ctx.config, ctx.params))
         if jax.process_index() == 0:
             calibration.write_exit_policy(model_dir, policy)
         log.info("calibration on the %d held-out rows: threshold %g, dev saving %.1f%%, dev drop %.2f points; "
