@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from deebert_jax.data import glue as data_lib
 from deebert_jax.weights.checkpoint import (TrainCheckpointManager, is_checkpoint_dir, load_checkpoint,
-                                            model_fingerprint, save_checkpoint, write_label_names)
+                                            model_fingerprint, save_checkpoint, write_label_names,
+                                            write_training_info)
 from deebert_jax.core.config import DeeBertConfig
 from deebert_jax.evaluation.sweep import all_ramp_logits, evaluate_ramps
 from deebert_jax.evaluation.metrics import metric_name
