@@ -9,25 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import tiny as tiny_cfg
 from deebert_jax.data import glue as data
 from deebert_jax.evaluation import calibration
 from deebert_jax.training import loop as training
 from deebert_jax.training.losses import OffRampLoss, distillation_kl, off_ramp_loss
 from deebert_jax.training import run_config
+from tests.test_training import _tiny as training_tiny
 
 
 def _tiny(workdir, **overrides):
-    cfg = tiny_cfg.get_config()
-    cfg.workdir = str(workdir)
-    cfg.steps_per_stage = 4
-    cfg.save_every_steps = 0
-    cfg.log_every_steps = 2
-    cfg.train_limit = 64
-    cfg.eval_limit = 37
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return cfg
+    """test_training's tiny run, 4 steps a stage, no checkpoints in between."""
+    return training_tiny(workdir, **{"steps_per_stage": 4, "save_every_steps": 0, **overrides})
 
 
 # ----------------------------------------------------------------------------------------------

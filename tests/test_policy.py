@@ -63,8 +63,12 @@ def test_policy_records_what_it_was_calibrated_on_and_loading_checks_it(model_di
     assert (f"threshold {policy['threshold']:g} from " in note and "budget 30 points of accuracy at confidence 0.9" in note
             and "calibrated on dev-half (50 examples)" in note and f"chosen {policy['chosen_at']}" in note)
     # ... and train.predict refuses one left behind by other weights, in one line, before any work.
+    from transformers import BertTokenizerFast
+
     copied = tmp_path / "other"
     shutil.copytree(model_dir, copied)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "1", "2", "3"]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(copied / "tokenizer")
     stale = json.loads((copied / calibration.POLICY_FILE).read_text())
     stale["model_fingerprint"] = "0123456789abcdef"
     (copied / calibration.POLICY_FILE).write_text(json.dumps(stale))

@@ -188,7 +188,7 @@ def format_markdown_section(meta: Mapping[str, Any], results: Mapping[str, Any],
         f", {'mean-pooled' if pooling == 'mean' else 'first-token'} off-ramps" + (f" ({label})" if label else "")
     out = [f"## {title}", "",
            f"Command: `{relative_paths(meta['command'])}`  ",
-           f"Data: {relative_paths(str(meta.get('data', '?')))}; training examples: " + (f"first {limit}" if limit else "all")
+           f"Data: {portable_paths(str(meta.get('data', '?')))}; training examples: " + (f"first {limit}" if limit else "all")
            + f"; length {cfg.get('max_seq_length')}; epochs {cfg.get('stage1_epochs')} (stage 1) + "
              f"{cfg.get('stage2_epochs')} (stage 2); lr {cfg.get('learning_rate')} / {cfg.get('stage2_learning_rate')}; "
              f"batch {cfg.get('per_device_batch_size')} per device; seed {cfg.get('seed')}; "
@@ -217,6 +217,8 @@ def format_markdown_section(meta: Mapping[str, Any], results: Mapping[str, Any],
     out += ["", f"![{task} trade-off]({pngs['tradeoff']})", "",
             f"Latency ({bench.get('device')}, threads {bench.get('threads')}"
             + (f", precision {bench['precision']} on both sides" if bench.get("precision") else "")
+            + (f", 1-minute load average {bench['load_average_before'][0]:g} before it started"
+               if bench.get("load_average_before") else "")
             + f"; `{relative_paths(bench.get('command', ''))}`):", ""]
     rows = sorted(bench["rows"], key=lambda r: (r["batch_size"], r["backend"], r["mode"] != "full", r["threshold"] or 0))
     out += _md_table(["backend", "mode", "batch", "threshold", "median ms", "p90 ms", "mean exit layer",
