@@ -81,7 +81,8 @@ def main(argv=None) -> int:
                (("--out", args.out), ("--plot", args.plot), ("--markdown", args.markdown)) if path is not None}
     if len(set(outputs.values())) < len(outputs):
         raise InputError(f"{' and '.join(outputs)} name the same file; give each its own path")
-    check_length_and_outputs(args, outputs)
+    check_length_and_outputs(args, {flag: path for flag, path in (("--out", args.out), ("--plot", args.plot),
+                                                                   ("--markdown", args.markdown)) if path is not None})
 
     task, sets = load_calibration_sets(args)
     result = rule_comparison.compare_rules(task, sets.calibration, sets.reported, rules, budgets, args.confidence)

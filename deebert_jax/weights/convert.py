@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import re
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
@@ -96,9 +98,6 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         if path.endswith(".safetensors"):
             from safetensors.numpy import load_file
             return dict(load_file(path))
-        import pickle
-        import warnings
-
         import torch
         with warnings.catch_warnings():   # torch's note on an unusual pickle protocol: the error below says it
             warnings.simplefilter("ignore", UserWarning)
