@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from train.cli import add_dev_data_flags, confidence_level, floats, number, positive_int, run
+from train.cli import DEV_MAX_SEQ_LENGTH, add_dev_data_flags, confidence_level, floats, number, positive_int, run
 
 _confidence = confidence_level
 _max_drop = number(lambda v: 0 <= v < float("inf"), "must be a number of points >= 0")
@@ -49,9 +49,25 @@ def add_calibration_data_flags(parser) -> None:
                              "train-holdout: the last --calibration-size train rows calibrate, dev is reported")
     parser.add_argument("--calibration-size", type=positive_int, default=1000, help="rows for train-holdout")
     parser.add_argument("--seed", type=int, default=0, help="the dev-half split's seed")
-    add_dev_data_flags(parser)
+    add_dev_data_flags(parser, default_length=None)
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--no-progress", action="store_true")
+
+
+def check_length_and_outputs(args, outputs) -> None:
+    """Before the work: no output is a file this command reads, and --max-seq-length fits the model."""
+    from deebert_jax.core.fileutil import check_outputs_apart
+    from deebert_jax.data import glue as data
+    from deebert_jax.inference.predict import resolve_max_seq_length
+    from deebert_jax.weights.checkpoint import MODEL_DIR_FILES, read_model_config
+
+    task = data.canonical_task(args.task)
+    read = {f"--glue-dir ({split})": data.glue_file(task, split, args.glue_dir)
+            for split in ("train", "dev") if args.glue_dir and data.TASKS[task] is not None}
+    check_outputs_apart(outputs, {"--checkpoint": args.checkpoint, **read}, reads={"--checkpoint": MODEL_DIR_FILES})
+    config = read_model_config(args.checkpoint)
+    tokenizer = None if data.TASKS[task] is None else data.load_tokenizer(args.checkpoint, config)
+    resolve_max_seq_length(args.max_seq_length, config, args.checkpoint, tokenizer, fallback=DEV_MAX_SEQ_LENGTH)
 
 
 def load_calibration_sets(args):
@@ -59,7 +75,14 @@ def load_calibration_sets(args):
     from deebert_jax.evaluation import calibration
     from deebert_jax.weights.model_loading import load_model_for_task
 
+    from deebert_jax.inference.predict import resolve_max_seq_length
+
     config, params, task, tokenizer = load_model_for_task(args.checkpoint, args.task)
+    # Default: the length the model was trained at (what its exit_policy.json is then checked at).
+    args.max_seq_length, why = resolve_max_seq_length(args.max_seq_length, config, args.checkpoint, tokenizer,
+                                                      fallback=DEV_MAX_SEQ_LENGTH)
+    if why != "given":
+        print(f"max sequence length {args.max_seq_length}: {why}", file=sys.stderr)
     return task, calibration.calibration_sets(config, params, task, tokenizer, split=args.calibration_split,
                                               seed=args.seed, calibration_size=args.calibration_size,
                                               glue_dir=args.glue_dir, max_seq_length=args.max_seq_length,
@@ -75,6 +98,11 @@ def main(argv=None) -> int:
 
     out_dir, filename = ((os.path.dirname(os.path.abspath(args.out)), os.path.basename(args.out)) if args.out
                          else (args.checkpoint, calibration.POLICY_FILE))
+    from deebert_jax.core.fileutil import check_output_file, same_path
+    # Before the work: --out is neither a directory nor a file this command reads (the model's own
+    # policy file, the default, is the one file of the model directory it may replace).
+    if args.out and not same_path(args.out, os.path.join(args.checkpoint, calibration.POLICY_FILE)):
+        check_length_and_outputs(args, {"--out": check_output_file(args.out)})
     task, sets = load_calibration_sets(args)
     n = sets.calibration[1].shape[0]
     if args.confidence is None and n < SMALL_CALIBRATION:

@@ -19,7 +19,7 @@ import os
 import shlex
 import sys
 
-from train.calibrate import add_calibration_data_flags, load_calibration_sets
+from train.calibrate import add_calibration_data_flags, check_length_and_outputs, load_calibration_sets
 from deebert_jax.core.errors import InputError
 from train.cli import confidence_level, floats, run
 
@@ -41,22 +41,6 @@ def parse_args(argv):
     parser.add_argument("--plot", default=None, help="PNG: held-out saving against held-out drop per rule")
     parser.add_argument("--markdown", default=None, help="the table (and the plot's link) as Markdown")
     return parser.parse_args(argv)
-
-
-def check_length_and_outputs(args, outputs) -> None:
-    """Before the work: no output is a file this command reads, and --max-seq-length fits the model."""
-    from deebert_jax.core.fileutil import check_outputs_apart
-    from deebert_jax.data import glue as data
-    from deebert_jax.inference.predict import resolve_max_seq_length
-    from deebert_jax.weights.checkpoint import MODEL_DIR_FILES, read_model_config
-
-    task = data.canonical_task(args.task)
-    read = {f"--glue-dir ({split})": data.glue_file(task, split, args.glue_dir)
-            for split in ("train", "dev") if args.glue_dir and data.TASKS[task] is not None}
-    check_outputs_apart(outputs, {"--checkpoint": args.checkpoint, **read}, reads={"--checkpoint": MODEL_DIR_FILES})
-    config = read_model_config(args.checkpoint)
-    tokenizer = None if data.TASKS[task] is None else data.load_tokenizer(args.checkpoint, config)
-    resolve_max_seq_length(args.max_seq_length, config, args.checkpoint, tokenizer)
 
 
 def main(argv=None) -> int:

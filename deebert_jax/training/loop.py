@@ -266,10 +266,9 @@ def _prepare(cfg, workdir: str, task: str, stages: tuple[int, ...], on_step) -> 
     tokenizer = None
     if task != "synthetic":
         tokenizer_source = cfg.get("tokenizer", "") or init_dir
-        tokenizer = data_lib.load_tokenizer(tokenizer_source)
-        if len(tokenizer) > config.vocab_size:  # ids past the embedding table would turn into NaNs
-            raise InputError(f"tokenizer {tokenizer_source} has {len(tokenizer)} tokens, more than the model's "
-                             f"vocab_size={config.vocab_size}")
+        # With the config: a tokenizer larger than the embedding table (ids past it would turn into
+        # NaNs), or padding with another id than the model's, is refused here.
+        tokenizer = data_lib.load_tokenizer(tokenizer_source, config)
     glue_dir = cfg.get("glue_dir", "") or os.environ.get("GLUE_DIR") or None
     common = dict(glue_dir=glue_dir, tokenizer=tokenizer, max_seq_length=int(cfg.max_seq_length),
                   vocab_size=config.vocab_size, seed=int(cfg.seed))
