@@ -23,7 +23,7 @@ from deebert_jax.core.config import DeeBertConfig
 from deebert_jax.evaluation.sweep import all_ramp_logits, evaluate_ramps
 from deebert_jax.evaluation.metrics import metric_name
 from deebert_jax.weights.model_loading import load_initial_model, model_overrides
-from deebert_jax.core.errors import InputError, NonFiniteLossError
+from deebert_jax.core.errors import NonFiniteLossError
 from deebert_jax.model import kernels as kernels_lib
 from deebert_jax.training.losses import LABELS
 from deebert_jax.training.steps import OptimizerSettings, init_train_state, pmapped_train_step
