@@ -157,3 +157,12 @@ def test_calibration_draws_repeat_the_choice_and_report_on_unseen_rows():
     halves = calibration_draws.run_draws("sst2", "dev-half", dev, None, draws=3, draw_size=None, max_drop=0.0,
                                          confidence=0.95)
     assert all(r["refused"] and r["saving"] == 0.0 for r in halves)   # a zero budget certifies nothing
+
+
+def test_a_model_without_training_json_defaults_to_its_policys_length(model_dir):
+    config, _ = load_checkpoint(model_dir)
+    assert predict.resolve_max_seq_length(None, config, model_dir)[0] == config.max_sequence_length
+    calibration.write_exit_policy(model_dir, {"rule": "entropy", "threshold": 0.3, "max_seq_length": SEQ})
+    length, why = predict.resolve_max_seq_length(None, config, model_dir)
+    assert (length, why) == (SEQ, "the length its exit policy was calibrated at (exit_policy.json)")
+    assert predict.resolve_max_seq_length(32, config, model_dir) == (32, "given")

@@ -192,7 +192,8 @@ def resolve_max_seq_length(requested: int | None, config: DeeBertConfig, model_d
     """-> (the length inputs are cut to, where it came from: "given" when `requested`), before any
     text is read.
 
-    Default (`requested` None): the length the model was trained at (`training.json`), else the
+    Default (`requested` None): the length the model was trained at (`training.json`, else the
+    length its `exit_policy.json` was calibrated at), else the
     longest the model's positions cover (`config.max_sequence_length`; at most `fallback` when
     given: commands that pad every row to the length keep a shorter default), and never more than
     the tokenizer's own `model_max_length`. A requested length longer than the model's positions or the
@@ -204,13 +205,16 @@ def resolve_max_seq_length(requested: int | None, config: DeeBertConfig, model_d
     if not isinstance(tokenizer_limit, int) or tokenizer_limit > 1_000_000:   # transformers' "no limit" sentinel
         tokenizer_limit = None
     if requested is None:
-        trained = training_length(model_dir)
-        length, why = ((trained, f"the length the model was trained at ({TRAINING_FILE})") if trained
-                       else (limit, f"the model's {config.sequence_limit}"))
+        trained, source = training_length(model_dir), TRAINING_FILE
+        if not trained:   # a model saved before training.json: the length its exit policy was chosen at
+            trained, source = _policy_length(model_dir), calibration.POLICY_FILE
+        said = ("the length the model was trained at" if source == TRAINING_FILE
+                else "the length its exit policy was calibrated at")
+        length, why = ((trained, f"{said} ({source})") if trained else (limit, f"the model's {config.sequence_limit}"))
         if not trained and fallback is not None and fallback < limit:
             length, why = int(fallback), f"the default, within the model's {config.sequence_limit}"
         if length > limit:
-            raise InputError(f"{os.path.join(os.fspath(model_dir), TRAINING_FILE)}: max_seq_length={length} is "
+            raise InputError(f"{os.path.join(os.fspath(model_dir), source)}: max_seq_length={length} is "
                              f"longer than the model's {config.sequence_limit}")
         if tokenizer_limit is not None and tokenizer_limit < length:
             length, why = tokenizer_limit, f"the tokenizer's model_max_length={tokenizer_limit}"
@@ -226,6 +230,17 @@ def resolve_max_seq_length(requested: int | None, config: DeeBertConfig, model_d
         except DataError as e:
             raise InputError(f"{flag} {length} is too short: {str(e).split(': ', 1)[-1]}") from None
     return length, why
+
+
+def _policy_length(model_dir: str | os.PathLike) -> int | None:
+    """`exit_policy.json`'s max_seq_length when it is a positive integer (the policy itself is
+    checked where its threshold is read), else None."""
+    try:
+        with open(os.path.join(os.fspath(model_dir), calibration.POLICY_FILE), encoding="utf-8") as f:
+            value = json.load(f).get("max_seq_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
 
 def predict_arrays(config: DeeBertConfig, params, arrays: Mapping[str, np.ndarray], threshold: float,
