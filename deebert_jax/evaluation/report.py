@@ -184,15 +184,22 @@ def format_markdown_section(meta: Mapping[str, Any], results: Mapping[str, Any],
     final = results["per_ramp"][-1]["metric"]
     limit = cfg.get("train_limit", 0)
     pooling = ramp_pooling(cfg)
-    title = f"{task}: " + (f"first {limit} training examples" if limit else "full training set") + \
+    holdout = cfg.get("calibration_holdout", 0)
+    trained_on = (f"first {limit} training examples" if limit else
+                  f"training set but its last {holdout} rows" if holdout else "full training set")
+    title = f"{task}: " + trained_on + \
         f", {'mean-pooled' if pooling == 'mean' else 'first-token'} off-ramps" + (f" ({label})" if label else "")
     out = [f"## {title}", "",
            f"Command: `{relative_paths(meta['command'])}`  ",
-           f"Data: {portable_paths(str(meta.get('data', '?')))}; training examples: " + (f"first {limit}" if limit else "all")
+           f"Data: {portable_paths(str(meta.get('data', '?')))}; training examples: "
+           + (f"first {limit}" if limit else f"all but the last {holdout}" if holdout else "all")
+           + (f"; held out for the threshold: the last {holdout} training rows" if holdout else "")
            + f"; length {cfg.get('max_seq_length')}; epochs {cfg.get('stage1_epochs')} (stage 1) + "
              f"{cfg.get('stage2_epochs')} (stage 2); lr {cfg.get('learning_rate')} / {cfg.get('stage2_learning_rate')}; "
              f"batch {cfg.get('per_device_batch_size')} per device; seed {cfg.get('seed')}; "
-             f"off-ramps read the {'mean of the real tokens' if pooling == 'mean' else 'first token'}.  ",
+             f"off-ramps read the {'mean of the real tokens' if pooling == 'mean' else 'first token'}"
+             + (f" and learn ramp L's soft predictions (distillation, T {cfg.get('distill_temperature')}, "
+                f"w {cfg.get('distill_weight')})" if cfg.get("offramp_loss") == "distill" else "") + ".  ",
            "Steps: " + "; ".join(f"`{relative_paths(s)}`" for s in meta.get("steps", [])) + "  ",
            *([f"JSON behind every number here: [{pngs['json']}/]({pngs['json']}/) (run.json, results.json, "
               f"bench.json)."] if pngs.get("json") else []), "",
