@@ -34,7 +34,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-from typing import Hashable, Sequence
+import math
+import time
+from typing import Callable, Hashable, Sequence
 
 from deebert_jax.core.errors import InputError
 
@@ -51,6 +53,7 @@ class Step:
 
 SCHEDULES = ("arrivals", "deepest", "shallowest")
 DEFAULT_SCHEDULE = "arrivals"
+DEFAULT_ADMIT_BUDGET_S = 0.05   # arrivals: admissions wait while the oldest row in flight is older
 
 
 def check_schedule(schedule: str) -> str:
@@ -63,13 +66,17 @@ class Scheduler:
     """Pools of `pool_size` slots, one per padded length in `lengths`, for a model of `num_layers`,
     run in the order `schedule` (one of `SCHEDULES`)."""
 
-    def __init__(self, num_layers: int, lengths: Sequence[int], pool_size: int, schedule: str = DEFAULT_SCHEDULE):
+    def __init__(self, num_layers: int, lengths: Sequence[int], pool_size: int, schedule: str = DEFAULT_SCHEDULE,
+                 admit_budget_s: float = DEFAULT_ADMIT_BUDGET_S, clock: Callable[[], float] = time.monotonic):
         if num_layers < 1 or pool_size < 1 or not lengths:
             raise InputError(f"num_layers={num_layers}, pool_size={pool_size}, lengths={lengths!r}: "
                              "need at least one layer, one slot and one length")
         check_schedule(schedule)
         self.num_layers, self.lengths, self.pool_size = num_layers, tuple(lengths), pool_size
-        self.schedule = schedule
+        if not admit_budget_s >= 0:
+            raise InputError(f"admit_budget_s={admit_budget_s}: must be >= 0 (math.inf: never wait)")
+        self.schedule, self.admit_budget_s, self._clock = schedule, float(admit_budget_s), clock
+        self._since: dict[int, float] = {}   # arrival -> when it was submitted
         self._order = itertools.count()   # arrival order, for ties and FIFO admission
         self._waiting = {n: collections.OrderedDict() for n in self.lengths}   # key -> arrival
         self._free = {n: list(range(pool_size - 1, -1, -1)) for n in self.lengths}  # pop() -> lowest
@@ -80,12 +87,16 @@ class Scheduler:
         """Queues a row (not yet embedded) for the pool of padded length `length`."""
         if length not in self._waiting:
             raise InputError(f"length {length} is not one of the pools' lengths {self.lengths}")
-        self._waiting[length][key] = next(self._order)
+        arrival = next(self._order)
+        self._waiting[length][key] = arrival
+        self._since[arrival] = self._clock()
 
     def cancel(self, key: Hashable) -> bool:
         """Drops a row that is still waiting (its client went away); False once it is admitted."""
         for waiting in self._waiting.values():
-            if waiting.pop(key, None) is not None:
+            arrival = waiting.pop(key, None)
+            if arrival is not None:
+                del self._since[arrival]
                 return True
         return False
 
@@ -124,6 +135,10 @@ class Scheduler:
         if not candidates:
             return None
         admissions = [c for c in candidates if c[0] == 0]
+        if self.schedule == "arrivals" and admissions and self.admit_budget_s < math.inf:
+            oldest = min((c[1] for c in candidates if c[0] > 0), default=None)
+            if oldest is not None and self._clock() - self._since[oldest] > self.admit_budget_s:
+                admissions = []   # the rows in flight are late: they go first (deepest first)
         if self.schedule == "shallowest" or (self.schedule == "arrivals" and admissions):
             layer, _, length = min(candidates)   # the shallowest, so admissions first
         else:
@@ -151,6 +166,7 @@ class Scheduler:
                 raise ValueError(f"slot {slot} of pool {step.length} is at layer {layer}, the step ran {step.layer}")
             if gone or layer + 1 >= self.num_layers:  # the last layer always exits
                 del self._slots[(step.length, slot)]
+                del self._since[arrival]
                 self._free[step.length].append(slot)
                 out.append((i, key))
             else:
