@@ -10,19 +10,19 @@ weights once and never copies them per row.
 Schedules (`SCHEDULES`; which group runs next, ties: the group holding the oldest row):
 
 - **arrivals** (the default): rows waiting for a slot are admitted by the next step (their
-  layer 1), then the deepest group. A new request never waits for the rows in flight, and
-  groups still form: the admitted rows land at layer 1 beside the rows already waiting there
-  and move on together. Rows deeper than 1 are not starved: they run whenever nobody new
-  waits, and admissions stop once the pool's slots are all taken (at most `pool_size` rows in
-  flight), so sustained overload turns back into deepest first.
+  layer 1), then the deepest group. A new request does not wait for the rows in flight, and
+  groups still form: the admitted rows land beside the rows already waiting at layer 2 and
+  move on together. Nobody starves: admissions wait while the oldest row in flight is older
+  than `admit_budget_s` (the rows in flight then go first, deepest first), and a full pool
+  admits nobody; so near capacity the order turns back into deepest first. Without the budget
+  (math.inf) the deep rows starve as load grows.
 - **deepest**: the deepest group first. Shortest-remaining-work first (with no exits, the
   order that minimises the mean time in the system), and new arrivals gather at layer 0 and
   start together as one big group; the price is that a new request waits until the rows in
   flight have exited or finished (up to L - 1 steps per pool).
-- **shallowest**: the shallowest group first (least attained service: the order that
-  minimises the mean time when most rows exit early): arrivals start at once and the shallow
-  groups catch up with the deeper ones and merge; the deep rows wait meanwhile (they run when
-  no shallower group is left, or when the pool's slots are all taken).
+- **shallowest**: the shallowest group first (least attained service): arrivals start at once
+  and the shallow groups catch up with the deeper ones and merge; the deep rows wait meanwhile
+  (they run when no shallower group is left), so its tail breaks down under load.
 
 `docs/serving.md` has the measured comparison. Row-by-row exits do not depend on the schedule
 (each row sees the same layers and exit rule whatever the order); the tests drive random
