@@ -98,6 +98,23 @@ def test_arrivals_wait_only_for_a_free_slot():
     assert _run(s, s.next_step()) == (8, 0, ["c"])
 
 
+def test_arrivals_wait_while_the_rows_in_flight_are_past_the_budget():
+    now = [0.0]
+    s = Scheduler(num_layers=4, lengths=(8,), pool_size=4, admit_budget_s=0.05, clock=lambda: now[0])
+    s.submit("a", 8)
+    assert _run(s, s.next_step()) == (8, 0, ["a"])
+    now[0] = 0.05
+    s.submit("b", 8)   # a has been in flight 50 ms, within the budget: b starts at once
+    assert _run(s, s.next_step()) == (8, 0, ["b"])
+    now[0] = 0.051
+    s.submit("c", 8)   # a is late now: the rows in flight (a and b, one group) go first
+    assert _run(s, s.next_step()) == (8, 1, [])
+    assert _run(s, s.next_step(), [True, False]) == (8, 2, [])   # a exits; b (1 ms old) is within budget
+    assert _run(s, s.next_step()) == (8, 0, ["c"])
+    with pytest.raises(ValueError, match="admit_budget_s"):
+        Scheduler(num_layers=2, lengths=(8,), pool_size=2, admit_budget_s=-1)
+
+
 def test_shallowest_lets_new_rows_catch_up_and_merge():
     s = Scheduler(num_layers=4, lengths=(8,), pool_size=4, schedule="shallowest")
     s.submit("a", 8)
@@ -204,7 +221,7 @@ def test_warm_up_compiles_everything_a_request_runs(model):
     params, batch = model
     engine = Engine(CONFIG, params, LENGTHS, 0.3, "entropy", pool_size=16, bucket_sizes=BUCKETS)
     engine.warm_up()
-    admit, step = engine_lib._programs(CONFIG, "entropy", engine.dtype, BUCKETS)
+    admit, step = engine_lib._programs(CONFIG, "entropy", engine.dtype, BUCKETS, engine._treedef)
     compiled = admit._cache_size(), step._cache_size()
     assert min(compiled) >= len(LENGTHS)
     drive(engine, rows_of(batch), seed=1)

@@ -83,3 +83,18 @@ def test_client_retries_a_pooled_connection_the_server_closed():
 
     first, second, opened = asyncio.run(scenario())
     assert first[0] == second[0] == 200 and opened == 2
+
+
+def test_the_report_names_no_model_path_outside_the_checkout(tmp_path):
+    inside, outside = tmp_path / "repo" / "workdirs" / "m", tmp_path / "elsewhere" / "model"
+    assert bench.model_label(str(inside), root=str(tmp_path / "repo")) == "workdirs/m"
+    assert bench.model_label(str(outside), root=str(tmp_path / "repo")) == "MODEL_DIR"
+    line = f"model: {outside} (6 layers); rule entropy, threshold 0.5 from {outside}/exit_policy.json"
+    named = bench.name_model(line, str(outside), "workdirs/demo/train/model")
+    assert str(tmp_path) not in named
+    assert named == ("model: workdirs/demo/train/model (6 layers); rule entropy, threshold 0.5 from "
+                     "workdirs/demo/train/model/exit_policy.json")
+    # A longer path that merely starts with the model's is left alone.
+    assert bench.name_model(f"--out {outside}-2/x", str(outside), "M") == f"--out {outside}-2/x"
+    assert bench.server_args("early_exit", "m", 64, "deepest")[-2:] == ["--schedule", "deepest"]
+    assert "--schedule" not in bench.server_args("torch", "m", 64, "deepest")

@@ -2,7 +2,7 @@
 
     python -m train.serve --checkpoint DIR [--host 127.0.0.1] [--port 8080] [--threshold X]
         [--rule entropy|max_prob|patience] [--max-seq-length N] [--max-queue N]
-        [--schedule arrivals|deepest|shallowest]
+        [--schedule arrivals|deepest|shallowest] [--admit-budget-ms 50]
 
 POST /predict {"inputs": "text" | ["t1", ...] | [["text", "pair"], ...]} answers, per input, the
 record `train.predict` writes; GET /health, GET /metrics (Prometheus). Without `--threshold`:
@@ -22,7 +22,7 @@ from train.cli import positive_int, run
 def parse_args(argv):
     from deebert_jax.inference.early_exit import EXIT_RULES
     from deebert_jax.serving.app import DEFAULT_MAX_QUEUE
-    from deebert_jax.serving.scheduler import DEFAULT_SCHEDULE, SCHEDULES
+    from deebert_jax.serving.scheduler import DEFAULT_ADMIT_BUDGET_S, DEFAULT_SCHEDULE, SCHEDULES
     from deebert_jax.serving.server import BACKENDS
 
     parser = argparse.ArgumentParser(prog="python -m train.serve", description=__doc__.split("\n\n")[0])
@@ -43,6 +43,9 @@ def parse_args(argv):
     parser.add_argument("--schedule", default=DEFAULT_SCHEDULE, choices=SCHEDULES,
                         help="which group of rows runs next (docs/serving.md): arrivals (new rows start at "
                              "once, then the deepest group), deepest (the old order) or shallowest")
+    parser.add_argument("--admit-budget-ms", type=float, default=DEFAULT_ADMIT_BUDGET_S * 1e3,
+                        help="arrivals: new rows wait while the oldest row in flight is older than this "
+                             "(inf: never wait)")
     return parser.parse_args(argv)
 
 
@@ -55,7 +58,8 @@ def main(argv=None) -> int:
     say = server.flush_print
     service = server.build_service(args.checkpoint, threshold=args.threshold, rule=args.rule,
                                    max_seq_length=args.max_seq_length, max_queue=args.max_queue,
-                                   backend=args.backend, say=say, schedule=args.schedule)
+                                   backend=args.backend, say=say, schedule=args.schedule,
+                                   admit_budget_s=args.admit_budget_ms / 1e3)
     sock = server.bind(args.host, args.port)
     say(f"listening on http://{args.host}:{args.port}; compiling before taking requests")
     return server.serve(service, sock, say)

@@ -37,7 +37,7 @@ from deebert_jax.model import inference_step
 from deebert_jax.core.config import DeeBertConfig
 from deebert_jax.inference.early_exit import ExitState, check_threshold
 from deebert_jax.serving.requests import Row
-from deebert_jax.serving.scheduler import DEFAULT_SCHEDULE, Scheduler, Step
+from deebert_jax.serving.scheduler import DEFAULT_ADMIT_BUDGET_S, DEFAULT_SCHEDULE, Scheduler, Step
 from deebert_jax.serving.worker import Worker
 
 ADMIT_ROWS = 8           # rows embedded per admit call (more: several calls)
@@ -85,14 +85,25 @@ def default_bucket_sizes(backend: str | None = None) -> tuple[int, ...]:
     return exit_aware.default_bucket_sizes(backend)
 
 
+def _on_leaves(fn, treedef):
+    """`fn(params, ...)` called with the parameters' leaves (a list) instead of their tree."""
+    def call(leaves, *args):
+        return fn(jax.tree_util.tree_unflatten(treedef, leaves), *args)
+    return call
+
+
 @functools.lru_cache(maxsize=None)
-def _programs(config: DeeBertConfig, rule: str, dtype, bucket_sizes: tuple[int, ...]):
+def _programs(config: DeeBertConfig, rule: str, dtype, bucket_sizes: tuple[int, ...], treedef=None):
     """The jitted admit and step functions, shared by engines of one model kind (each compiles
-    once per padded length and pool size; later calls with the same shapes never compile)."""
-    admit = jax.jit(functools.partial(_admit, config, rule, dtype), donate_argnums=(1, 2))
+    once per padded length and pool size; later calls with the same shapes never compile).
+    With `treedef` they take the parameters as that tree's leaves: a flat list is dispatched
+    faster than the nested dict (0.85 against 1.3 ms a call for MiniLM-L6's 125 arrays)."""
+    admit = functools.partial(_admit, config, rule, dtype)
+    step = functools.partial(_step, config, rule, dtype, bucket_sizes)
+    if treedef is not None:
+        admit, step = _on_leaves(admit, treedef), _on_leaves(step, treedef)
     # The step reads mask_bias and only updates the exit state: the state alone is donated.
-    step = jax.jit(functools.partial(_step, config, rule, dtype, bucket_sizes), donate_argnums=(1,))
-    return admit, step
+    return jax.jit(admit, donate_argnums=(1, 2)), jax.jit(step, donate_argnums=(1,))
 
 
 class Engine(Worker):
@@ -102,7 +113,7 @@ class Engine(Worker):
     callback gets (logits [K], exit_layer) the moment its row exits. `step()` runs on one thread
     at a time (`start()`: a worker thread); `submit`, `cancel`, `pending` and `stop` may be
     called from any thread. `on_step(rows, seconds)` is called after each step (metrics).
-    `schedule`: which group runs next (`scheduler.SCHEDULES`).
+    `schedule`, `admit_budget_s`: which group runs next (`scheduler.Scheduler`).
     """
 
     thread_name = "deebert-engine"
@@ -110,7 +121,8 @@ class Engine(Worker):
     def __init__(self, config: DeeBertConfig, params, lengths: Sequence[int], threshold: float,
                  rule: str = "entropy", *, pool_size: int = DEFAULT_POOL_SIZE,
                  bucket_sizes: Sequence[int] | None = None, dtype=jnp.float32,
-                 on_step: Callable[[int, float], None] | None = None, schedule: str = DEFAULT_SCHEDULE):
+                 on_step: Callable[[int, float], None] | None = None, schedule: str = DEFAULT_SCHEDULE,
+                 admit_budget_s: float = DEFAULT_ADMIT_BUDGET_S):
         check_threshold(threshold, rule)
         self.config, self.rule, self.lengths = config, rule, tuple(sorted(set(int(n) for n in lengths)))
         if max(self.lengths) > config.max_sequence_length:
@@ -120,8 +132,9 @@ class Engine(Worker):
         self.threshold = np.float32(threshold)
         self.dtype = jnp.dtype(dtype)
         self.on_step = on_step
-        self.scheduler = Scheduler(config.num_hidden_layers, self.lengths, self.pool_size, schedule)
+        self.scheduler = Scheduler(config.num_hidden_layers, self.lengths, self.pool_size, schedule, admit_budget_s)
         self.params = jax.device_put(layouts.unstack_params(params))
+        self._leaves, self._treedef = jax.tree_util.tree_flatten(self.params)
         self._rows: dict[int, tuple[Row, Callback]] = {}
         self._keys = itertools.count()
         super().__init__()
@@ -140,12 +153,17 @@ class Engine(Worker):
     def warm_up(self) -> float:
         """Compiles both programs for every length (a call on no rows) -> seconds taken."""
         start = time.perf_counter()
-        admit, step = _programs(self.config, self.rule, self.dtype, self.bucket_sizes)
+        admit, step = _programs(self.config, self.rule, self.dtype, self.bucket_sizes, self._treedef)
         for n in self.lengths:
             state, bias = self._pools[n]
             ids = np.zeros((ADMIT_ROWS, n), np.int32)
-            state, bias = admit(self.params, state, bias, np.full(ADMIT_ROWS, self.pool_size, np.int32), ids, ids, ids)
-            state, out = step(self.params, state, bias, self._rows_arg(()), np.int32(0), np.int32(0), self.threshold)
+            state, bias = admit(self._leaves, state, bias, np.full(ADMIT_ROWS, self.pool_size, np.int32), ids, ids, ids)
+            # Every layer and bucket size runs once (on free slots, which admitting resets): the
+            # first run of each costs ~15 ms more on the CPU, which the first requests would pay.
+            count = min(sum(self.bucket_sizes), self.pool_size)
+            for layer in range(self.config.num_hidden_layers):
+                state, out = step(self._leaves, state, bias, self._rows_arg(range(count)), np.int32(count),
+                                  np.int32(layer), self.threshold)
             jax.block_until_ready(out)
             self._pools[n] = (state, bias)
         self._programs = {n: (admit, step) for n in self.lengths}
@@ -209,7 +227,7 @@ class Engine(Worker):
                 slots[i] = slot
                 for k in arrays:
                     arrays[k][i] = getattr(row, k)
-            state, bias = admit(self.params, state, bias, slots, arrays["input_ids"], arrays["attention_mask"],
+            state, bias = admit(self._leaves, state, bias, slots, arrays["input_ids"], arrays["attention_mask"],
                                 arrays["token_type_ids"])
         state, bias, out = self._run(run, state, bias, plan)
         self._pools[plan.length] = (state, bias)
@@ -223,7 +241,7 @@ class Engine(Worker):
         return True
 
     def _run(self, program, state, bias, plan: Step):
-        state, out = program(self.params, state, bias, self._rows_arg(plan.slots), np.int32(len(plan.slots)),
+        state, out = program(self._leaves, state, bias, self._rows_arg(plan.slots), np.int32(len(plan.slots)),
                              np.int32(plan.layer), self.threshold)
         return state, bias, out
 

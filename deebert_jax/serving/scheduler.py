@@ -10,19 +10,19 @@ weights once and never copies them per row.
 Schedules (`SCHEDULES`; which group runs next, ties: the group holding the oldest row):
 
 - **arrivals** (the default): rows waiting for a slot are admitted by the next step (their
-  layer 1), then the deepest group. A new request never waits for the rows in flight, and
-  groups still form: the admitted rows land at layer 1 beside the rows already waiting there
-  and move on together. Rows deeper than 1 are not starved: they run whenever nobody new
-  waits, and admissions stop once the pool's slots are all taken (at most `pool_size` rows in
-  flight), so sustained overload turns back into deepest first.
+  layer 1), then the deepest group. A new request does not wait for the rows in flight, and
+  groups still form: the admitted rows land beside the rows already waiting at layer 2 and
+  move on together. Nobody starves: admissions wait while the oldest row in flight is older
+  than `admit_budget_s` (the rows in flight then go first, deepest first), and a full pool
+  admits nobody; so near capacity the order turns back into deepest first. Without the budget
+  (math.inf) the deep rows starve as load grows.
 - **deepest**: the deepest group first. Shortest-remaining-work first (with no exits, the
   order that minimises the mean time in the system), and new arrivals gather at layer 0 and
   start together as one big group; the price is that a new request waits until the rows in
   flight have exited or finished (up to L - 1 steps per pool).
-- **shallowest**: the shallowest group first (least attained service: the order that
-  minimises the mean time when most rows exit early): arrivals start at once and the shallow
-  groups catch up with the deeper ones and merge; the deep rows wait meanwhile (they run when
-  no shallower group is left, or when the pool's slots are all taken).
+- **shallowest**: the shallowest group first (least attained service): arrivals start at once
+  and the shallow groups catch up with the deeper ones and merge; the deep rows wait meanwhile
+  (they run when no shallower group is left), so its tail breaks down under load.
 
 `docs/serving.md` has the measured comparison. Row-by-row exits do not depend on the schedule
 (each row sees the same layers and exit rule whatever the order); the tests drive random
@@ -34,7 +34,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-from typing import Hashable, Sequence
+import math
+import time
+from typing import Callable, Hashable, Sequence
 
 from deebert_jax.core.errors import InputError
 
@@ -51,6 +53,7 @@ class Step:
 
 SCHEDULES = ("arrivals", "deepest", "shallowest")
 DEFAULT_SCHEDULE = "arrivals"
+DEFAULT_ADMIT_BUDGET_S = 0.05   # arrivals: admissions wait while the oldest row in flight is older
 
 
 def check_schedule(schedule: str) -> str:
@@ -63,13 +66,17 @@ class Scheduler:
     """Pools of `pool_size` slots, one per padded length in `lengths`, for a model of `num_layers`,
     run in the order `schedule` (one of `SCHEDULES`)."""
 
-    def __init__(self, num_layers: int, lengths: Sequence[int], pool_size: int, schedule: str = DEFAULT_SCHEDULE):
+    def __init__(self, num_layers: int, lengths: Sequence[int], pool_size: int, schedule: str = DEFAULT_SCHEDULE,
+                 admit_budget_s: float = DEFAULT_ADMIT_BUDGET_S, clock: Callable[[], float] = time.monotonic):
         if num_layers < 1 or pool_size < 1 or not lengths:
             raise InputError(f"num_layers={num_layers}, pool_size={pool_size}, lengths={lengths!r}: "
                              "need at least one layer, one slot and one length")
         check_schedule(schedule)
         self.num_layers, self.lengths, self.pool_size = num_layers, tuple(lengths), pool_size
-        self.schedule = schedule
+        if not admit_budget_s >= 0:
+            raise InputError(f"admit_budget_s={admit_budget_s}: must be >= 0 (math.inf: never wait)")
+        self.schedule, self.admit_budget_s, self._clock = schedule, float(admit_budget_s), clock
+        self._since: dict[int, float] = {}   # arrival -> when it was submitted
         self._order = itertools.count()   # arrival order, for ties and FIFO admission
         self._waiting = {n: collections.OrderedDict() for n in self.lengths}   # key -> arrival
         self._free = {n: list(range(pool_size - 1, -1, -1)) for n in self.lengths}  # pop() -> lowest
@@ -80,12 +87,16 @@ class Scheduler:
         """Queues a row (not yet embedded) for the pool of padded length `length`."""
         if length not in self._waiting:
             raise InputError(f"length {length} is not one of the pools' lengths {self.lengths}")
-        self._waiting[length][key] = next(self._order)
+        arrival = next(self._order)
+        self._waiting[length][key] = arrival
+        self._since[arrival] = self._clock()
 
     def cancel(self, key: Hashable) -> bool:
         """Drops a row that is still waiting (its client went away); False once it is admitted."""
         for waiting in self._waiting.values():
-            if waiting.pop(key, None) is not None:
+            arrival = waiting.pop(key, None)
+            if arrival is not None:
+                del self._since[arrival]
                 return True
         return False
 
@@ -124,6 +135,10 @@ class Scheduler:
         if not candidates:
             return None
         admissions = [c for c in candidates if c[0] == 0]
+        if self.schedule == "arrivals" and admissions and self.admit_budget_s < math.inf:
+            oldest = min((c[1] for c in candidates if c[0] > 0), default=None)
+            if oldest is not None and self._clock() - self._since[oldest] > self.admit_budget_s:
+                admissions = []   # the rows in flight are late: they go first (deepest first)
         if self.schedule == "shallowest" or (self.schedule == "arrivals" and admissions):
             layer, _, length = min(candidates)   # the shallowest, so admissions first
         else:
@@ -151,6 +166,7 @@ class Scheduler:
                 raise ValueError(f"slot {slot} of pool {step.length} is at layer {layer}, the step ran {step.layer}")
             if gone or layer + 1 >= self.num_layers:  # the last layer always exits
                 del self._slots[(step.length, slot)]
+                del self._since[arrival]
                 self._free[step.length].append(slot)
                 out.append((i, key))
             else:

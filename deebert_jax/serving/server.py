@@ -29,11 +29,11 @@ BACKLOG = 2048
 def build_service(model_dir: str, *, threshold: float | None = None, rule: str | None = None,
                   max_seq_length: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE, backend: str = "jax",
                   bucket_sizes: tuple[int, ...] | None = None, say: Callable[[str], None] = print,
-                  schedule: str | None = None) -> Service:
+                  schedule: str | None = None, admit_budget_s: float | None = None) -> Service:
     """The model, tokenizer, threshold (`predict.resolve_threshold`: given, else exit_policy.json,
     else full depth; `say` reports which) and engine; nothing compiled yet. `bucket_sizes`: the
     engine's (default `exit_aware.default_bucket_sizes()`); `schedule`: the JAX engine's
-    (`scheduler.SCHEDULES`, default `scheduler.DEFAULT_SCHEDULE`)."""
+    (`scheduler.SCHEDULES`, default `scheduler.DEFAULT_SCHEDULE`) and its `admit_budget_s`."""
     from deebert_jax.data import glue as data
     from deebert_jax.inference import predict
     from deebert_jax.weights.checkpoint import load_checkpoint
@@ -53,13 +53,15 @@ def build_service(model_dir: str, *, threshold: float | None = None, rule: str |
             "backend": backend}
     if backend == "jax":
         from deebert_jax.serving.engine import Engine
-        from deebert_jax.serving.scheduler import DEFAULT_SCHEDULE
+        from deebert_jax.serving.scheduler import DEFAULT_ADMIT_BUDGET_S, DEFAULT_SCHEDULE
         threshold, rule, note = predict.resolve_threshold(model_dir, threshold, rule, L, model=(config, params),
                                                           max_seq_length=max_seq_length)
         schedule = schedule or DEFAULT_SCHEDULE
-        engine = Engine(config, params, lengths, threshold, rule, bucket_sizes=bucket_sizes, schedule=schedule)
+        budget = DEFAULT_ADMIT_BUDGET_S if admit_budget_s is None else admit_budget_s
+        engine = Engine(config, params, lengths, threshold, rule, bucket_sizes=bucket_sizes, schedule=schedule,
+                        admit_budget_s=budget)
         info.update(rule=rule, threshold=threshold, schedule=schedule)
-        note += f"; schedule {schedule}"
+        note += f"; schedule {schedule}" + (f" (admission budget {budget * 1e3:g} ms)" if schedule == "arrivals" else "")
     else:
         from deebert_jax.bench.benchmarking import torch_twin
         from deebert_jax.serving.torch_engine import TorchEngine
