@@ -65,7 +65,7 @@ def _pieces(B: int, S: int, H: int = 384, I: int = 1536, heads: int = 12):
         (f"threefry bits for [{B}, {heads}, {S}, {S}], unrolled (cpu_rng)",
          lambda a, b, c: jex.random.threefry2x32_p.bind(a, b, c, c), (k1, k2, count)),
         (f"FFN-in kernel gradient [{H}, {I}], autodiff (x^T @ g)", kernel_grad(lambda x, w: x @ w), (x, w1, g)),
-        (f"FFN-in kernel gradient, matmul.dense_matmul", kernel_grad(dense_matmul), (x, w1, g)),
+        ("FFN-in kernel gradient, matmul.dense_matmul", kernel_grad(dense_matmul), (x, w1, g)),
         (f"dropout bits for a hidden state [{B}, {S}, {H}]", lambda k: jax.random.bernoulli(k, 0.9, (B, S, H)), (key,)),
         (f"exact GELU on [{B}, {S}, {I}]", lambda h: jax.nn.gelu(h, approximate=False), (h,)),
         ("layer norm", layer_norm, (x,)),
