@@ -88,16 +88,22 @@ CASES = [
 ]
 
 
+def _run_failing(cwd, module, args):
+    """`python -m module args` in `cwd` as a user runs it -> (process, its non-blank stderr lines),
+    asserting exit status 1 and no traceback."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+    env.pop("DEEBERT_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return proc, [line for line in proc.stderr.splitlines() if line.strip()]
+
+
 @pytest.mark.parametrize("module, args, message", CASES, ids=[f"{m}-{i}" for i, (m, _, _) in enumerate(CASES)])
 def test_bad_input_is_one_line_and_nothing_is_lost(user_tree, module, args, message):
     before = {name: _snapshot(user_tree / name) for name in ("user", "src", "bad_model")}
-    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-    env.pop("DEEBERT_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=user_tree, env=env, capture_output=True,
-                          text=True, timeout=300)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    proc, lines = _run_failing(user_tree, module, args)
     assert lines and lines[-1].startswith("error: "), proc.stderr[-2000:]
     assert re.search(message, lines[-1]), lines[-1]
     assert {name: _snapshot(user_tree / name) for name in before} == before
@@ -295,13 +301,7 @@ def test_probe_case_is_one_line_and_nothing_is_overwritten(probe_tree, case):
     module, *args, message = case
     before = _snapshot(probe_tree)
     entries = sorted(os.listdir(probe_tree))
-    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-    env.pop("DEEBERT_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=probe_tree, env=env, capture_output=True,
-                          text=True, timeout=300)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    proc, lines = _run_failing(probe_tree, module, args)
     assert lines and re.search(message, lines[-1]), proc.stderr[-2000:]
     # Nothing changed, nothing appeared anywhere below (no output, no hidden temporary file, no code run).
     assert _snapshot(probe_tree) == before
