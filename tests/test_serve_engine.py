@@ -201,7 +201,10 @@ def test_random_arrivals_give_exit_aware_predicts_exits(model, rule, schedule):
 def test_a_row_submitted_while_others_are_deep_starts_on_the_next_step(model):
     params, batch = model
     rows = rows_of(batch)
-    engine = Engine(CONFIG, params, LENGTHS, 0.0, "entropy", pool_size=16, bucket_sizes=BUCKETS)  # full depth
+    # Full depth; an admission budget no step here can exceed, so the outcome does not depend on how
+    # fast the machine runs the steps (the budget itself is tested on a fake clock).
+    engine = Engine(CONFIG, params, LENGTHS, 0.0, "entropy", pool_size=16, bucket_sizes=BUCKETS,
+                    admit_budget_s=3600.0)
     answers = []
     first = engine.submit(rows[:5], [lambda logits, layer: answers.append(layer)] * 5)
     while engine.scheduler.layer_of(first[0]) != CONFIG.num_hidden_layers - 1:
