@@ -391,9 +391,10 @@ def load_exit_policy(model_dir: str | os.PathLike, *, model: tuple | None = None
         if policy.get("num_layers", config.num_hidden_layers) != config.num_hidden_layers:
             raise InputError(f"{path}: calibrated on a {policy['num_layers']}-layer model, this one has "
                              f"{config.num_hidden_layers}; {again}")
-        if "model_fingerprint" in policy and policy["model_fingerprint"] != model_fingerprint(config, params):
+        here = model_fingerprint(config, params) if "model_fingerprint" in policy else None
+        if here is not None and policy["model_fingerprint"] != here:   # hashing every weight: once
             raise InputError(f"{path}: calibrated on other weights (model_fingerprint {policy['model_fingerprint']}, "
-                             f"these weights {model_fingerprint(config, params)}); {again}")
+                             f"these weights {here}); {again}")
     if task is not None and "task" in policy and _task_key(policy["task"]) != _task_key(task):
         raise InputError(f"{path}: calibrated for task {policy['task']}, not {task}; {again}")
     if max_seq_length is not None and policy.get("max_seq_length", max_seq_length) != max_seq_length:
