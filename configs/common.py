@@ -18,6 +18,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.calibration_max_drop = 1.0    # points of the task metric below ramp L
     c.calibration_confidence = 0.95 # the Learn-then-Test guarantee's level; 0: empirical, no guarantee
     c.calibration_rule = "entropy"
+    # Before that, one temperature per off-ramp can be fitted on the first `temperature_rows` of
+    # the held-out rows ("agreement": softmax(logits / T) predicts ramp L's class) and folded into
+    # the off-ramp classifiers of the model directory; the threshold is then chosen on the other
+    # held-out rows. Predictions are unchanged; exits are on one scale. "none": off.
+    c.ramp_temperature = "none"
+    c.temperature_rows = 1000
     # Model
     c.init_checkpoint = ""          # "" packaged MiniLM-L6; a PyTorch/HF or deebert-jax dir; "random"
     c.tokenizer = ""                # "" -> the init checkpoint's own tokenizer

@@ -78,6 +78,8 @@ def load_calibration_sets(args):
     from deebert_jax.inference.predict import resolve_max_seq_length
 
     config, params, task, tokenizer = load_model_for_task(args.checkpoint, args.task)
+    if args.calibration_split == "train-holdout":
+        calibration.check_clear_of_temperature_rows(args.checkpoint, args.calibration_size)
     # Default: the length the model was trained at (what its exit_policy.json is then checked at).
     args.max_seq_length, why = resolve_max_seq_length(args.max_seq_length, config, args.checkpoint, tokenizer,
                                                       fallback=DEV_MAX_SEQ_LENGTH)

@@ -2,12 +2,15 @@
 
     python -m train.calibration_draws --checkpoint DIR --task sst2 --max-drop 1.0 --confidence 0.95
         [--splits train-holdout,dev-half] [--pool-size 16000] [--draw-size 4000] [--draws 200]
+        [--ramp-temperature agreement --temperature-rows 1000]
         [--glue-dir D] [--max-seq-length S] [--seed 0] [--out FILE.json]
 
 train-holdout: each draw samples --draw-size rows from the last --pool-size training rows (rows
 the model must not have trained on: `config.calibration_holdout`, or a `train_limit` that stops
 before them) and reports the chosen threshold on dev. dev-half: each draw halves dev at random.
-Prints one summary line per split and writes every draw to --out.
+Prints one summary line per split and writes every draw to --out. With --ramp-temperature
+agreement (train-holdout only), the first --temperature-rows pool rows fit one temperature per
+off-ramp (as `config.ramp_temperature` does after training) and the draws come from the rest.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ def parse_args(argv):
                    help=f"comma-separated, of {', '.join(SPLITS)}")
     p.add_argument("--pool-size", type=positive_int, default=16000, help="train-holdout: the last N training rows")
     p.add_argument("--draw-size", type=positive_int, default=4000, help="train-holdout: rows per draw")
+    p.add_argument("--ramp-temperature", default="none", choices=["none", "agreement"],
+                   help="fit off-ramp temperatures on the first --temperature-rows pool rows (train-holdout)")
+    p.add_argument("--temperature-rows", type=positive_int, default=1000)
     p.add_argument("--draws", type=positive_int, default=200)
     p.add_argument("--seed", type=int, default=0)
     add_dev_data_flags(p)
@@ -47,6 +53,12 @@ def parse_args(argv):
     bad = [s for s in args.splits if s not in SPLITS]
     if bad or not args.splits:
         p.error(f"--splits {','.join(args.splits)}: expected a comma-separated list of {', '.join(SPLITS)}")
+    if args.ramp_temperature != "none":
+        if args.splits != ["train-holdout"]:
+            p.error("--ramp-temperature fits on training rows the draws do not use: pass --splits train-holdout")
+        if args.temperature_rows >= args.pool_size:
+            p.error(f"--temperature-rows {args.temperature_rows} leaves no pool rows to draw from "
+                    f"(--pool-size {args.pool_size})")
     return args
 
 
@@ -74,12 +86,19 @@ def main(argv=None) -> int:
     for split in args.splits:
         if split == "train-holdout":
             _, pool = data.load_train_and_holdout(task, args.pool_size, **common)
-            records = draws_lib.run_draws(task, split, (logits(pool), pool["labels"]), dev_set, draws=args.draws,
+            pool_set, reported, setting = (logits(pool), pool["labels"]), dev_set, {"pool_size": args.pool_size}
+            if args.ramp_temperature != "none":
+                pool_set, reported, temps = draws_lib.fit_temperatures_on_pool(pool_set, dev_set, args.temperature_rows)
+                setting["ramp_temperatures"] = {"fit": args.ramp_temperature, "rows": args.temperature_rows,
+                                                "temperatures": [round(float(t), 6) for t in temps]}
+                print("off-ramp temperatures fitted on the first", args.temperature_rows, "pool rows:",
+                      ", ".join(f"{t:.3g}" for t in temps))
+            pool_rows = pool_set[1].shape[0]
+            records = draws_lib.run_draws(task, split, pool_set, reported, draws=args.draws,
                                           draw_size=args.draw_size, max_drop=args.max_drop,
                                           confidence=args.confidence, rule=args.rule, seed=args.seed,
                                           thresholds=args.thresholds)
-            setting = {"pool_size": args.pool_size, "draw_size": min(args.draw_size, args.pool_size),
-                       "reported": f"dev, {data.num_examples(dev)} rows"}
+            setting.update({"draw_size": min(args.draw_size, pool_rows), "reported": f"dev, {data.num_examples(dev)} rows"})
         else:
             records = draws_lib.run_draws(task, split, dev_set, None, draws=args.draws, draw_size=None,
                                           max_drop=args.max_drop, confidence=args.confidence, rule=args.rule,

@@ -245,6 +245,23 @@ def calibration_sets(config, params, task: str, tokenizer=None, *, split: str = 
                            {"calibration_size": data.num_examples(tail), **model})
 
 
+def check_clear_of_temperature_rows(model_dir: str | os.PathLike, calibration_size: int) -> None:
+    """train-holdout calibration of a model whose off-ramp temperatures were fitted on held-out
+    rows (`training.json`): the last `calibration_size` training rows must not include them, or
+    the thresholds tested would depend on the calibration draw (an InputError says how many fit)."""
+    from deebert_jax.weights.checkpoint import TRAINING_FILE, ramp_temperature_record
+
+    record = ramp_temperature_record(model_dir)
+    if record is None:
+        return
+    clear = record["holdout"] - record["rows"]
+    if calibration_size > clear:
+        raise InputError(f"--calibration-size {calibration_size}: the off-ramp temperatures of {model_dir} were fitted "
+                         f"on the first {record['rows']} of the last {record['holdout']} training rows "
+                         f"({TRAINING_FILE}); calibrating on them would void the guarantee: use at most "
+                         f"--calibration-size {clear}")
+
+
 def make_policy(task: str, rule: str, max_drop: float, confidence: float | None, chosen: Mapping,
                 tested: Sequence[Mapping], reported: Mapping, calibration_split: str, num_layers: int,
                 **extra) -> dict:
@@ -419,6 +436,9 @@ def describe_policy(policy: Mapping) -> str:
         parts.append(f"calibrated on {policy['calibration_split']}" + (f" ({size} examples)" if size else ""))
     if policy.get("task"):
         parts.append(f"task {policy['task']}")
+    temps = policy.get("ramp_temperatures")
+    if isinstance(temps, dict) and temps.get("rows"):
+        parts.append(f"off-ramp temperatures fitted on {temps['rows']} other held-out rows")
     parts.append(f"chosen {policy['chosen_at']}" if policy.get("chosen_at") else "date not recorded")
     if "model_fingerprint" not in policy:
         parts.append("no model fingerprint (written before fingerprints; not checked against these weights)")

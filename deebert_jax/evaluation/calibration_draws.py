@@ -57,6 +57,21 @@ def run_draws(task: str, split: str, calibration_pool: tuple[np.ndarray, np.ndar
     return out
 
 
+def fit_temperatures_on_pool(pool: tuple[np.ndarray, np.ndarray], reported: tuple[np.ndarray, np.ndarray],
+                             rows: int) -> tuple[tuple, tuple, np.ndarray]:
+    """`config.ramp_temperature="agreement"` replayed on logits: off-ramp temperatures fitted on the
+    first `rows` of the pool ([L, P, K], [P]) -> (the other pool rows, `reported`, both scaled,
+    and the [L] temperatures). Draws then come from rows the fit never saw."""
+    from deebert_jax.evaluation import ramp_temperature
+
+    logits, labels = pool
+    if not 0 < rows < logits.shape[1]:
+        raise ValueError(f"temperature rows {rows}: expected 1 to {logits.shape[1] - 1} of the {logits.shape[1]}-row pool")
+    temps = ramp_temperature.fit_ramp_temperatures(logits[:, :rows])
+    scale = lambda x: ramp_temperature.scale_ramp_logits(x, temps)
+    return (scale(logits[:, rows:]), labels[rows:]), (scale(reported[0]), reported[1]), temps
+
+
 def summarize(records: Sequence[dict], max_drop: float) -> dict:
     """Mean, spread and tails of the reported saving and drop over the draws, the refusal rate,
     and how often the reported drop / disagreement broke the budget."""

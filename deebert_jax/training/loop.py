@@ -28,8 +28,8 @@ from deebert_jax.model import kernels as kernels_lib
 from deebert_jax.training.losses import LABELS
 from deebert_jax.training.steps import OptimizerSettings, init_train_state, pmapped_train_step
 from deebert_jax.training.run_config import (RUN_SPEC_FILE, calibration_budget, check_max_seq_length, check_run_spec,
-                                             compute_dtype, offramp_loss, stage_learning_rate, stage_steps,
-                                             validate_config)
+                                             compute_dtype, offramp_loss, ramp_temperature_rows, stage_learning_rate,
+                                             stage_steps, validate_config)
 from deebert_jax.core.runtime import MetricsLog, maybe_initialize_distributed, pmap_devices, replicate, \
     unreplicate, workdir_lock
 
@@ -58,8 +58,9 @@ class RunContext:
     holdout: dict | None = None  # training rows no stage sees, for the calibration (`config.calibration_holdout`)
 
 
-def _save_model(ctx: RunContext, directory: str, params: Params) -> None:
-    """A model directory others can use alone: checkpoint + `tokenizer/` (host 0 writes)."""
+def _save_model(ctx: RunContext, directory: str, params: Params, ramp_temperatures: dict | None = None) -> None:
+    """A model directory others can use alone: checkpoint + `tokenizer/` (host 0 writes);
+    `ramp_temperatures` (`FittedTemperatures.record`) goes into its training.json."""
     if jax.process_index() != 0:
         return
     names = data_lib.label_names(ctx.task)
@@ -70,7 +71,7 @@ def _save_model(ctx: RunContext, directory: str, params: Params) -> None:
         if len(names) == ctx.config.num_labels:  # so predictions say "positive", not "LABEL_1"
             write_label_names(tmp, names)
         if ctx.cfg is not None:   # predict and serve default --max-seq-length to the training length
-            write_training_info(tmp, int(ctx.cfg.max_seq_length))
+            write_training_info(tmp, int(ctx.cfg.max_seq_length), ramp_temperatures)
     # The tokenizer, labels and training length go in with the same atomic rename: a stage
     # directory is complete or absent.
     save_checkpoint(directory, ctx.config, params, write_extra=write_extra)
@@ -210,46 +211,83 @@ def train(cfg, *, on_step: Callable[[int, int], None] | None = None) -> dict:
                 evals[stage] = evaluate_stage(ctx, stage, ctx.params, total)
                 _save_model(ctx, stage_dir, ctx.params)
             if evals or not is_checkpoint_dir(model_dir):   # a finished run again leaves the user's model as it is
-                _save_model(ctx, model_dir, ctx.params)
-                if ctx.holdout is not None and 2 in stages:
-                    calibrated = calibrate_after_training(ctx, model_dir)
+                calibrate = ctx.holdout is not None and 2 in stages
+                fitted = fit_temperatures_after_training(ctx) if calibrate else None
+                _save_model(ctx, model_dir, fitted.params if fitted else ctx.params, fitted and fitted.record)
+                if calibrate:
+                    calibrated = calibrate_after_training(ctx, model_dir, fitted)
         finally:
             ctx.log.close()
     return {"workdir": workdir, "model": model_dir, "eval": evals, "calibration": calibrated}
 
 
-def calibrate_after_training(ctx: RunContext, model_dir: str) -> dict:
-    """Chooses the exit threshold on the held-out training rows, reports it on dev, and writes
-    `model_dir/exit_policy.json` (host 0). -> {"policy": the policy or None, "refused": reason or None}.
+@dataclasses.dataclass(frozen=True)
+class FittedTemperatures:
+    """Off-ramp temperatures fitted on the first `record["rows"]` held-out rows, and the params
+    with them folded into the off-ramp classifiers (what the model directory holds)."""
+    params: Params
+    record: dict   # {"temperatures": [L], "rows": N, "holdout": H, "fit": "agreement"}
+
+
+def fit_temperatures_after_training(ctx: RunContext) -> FittedTemperatures | None:
+    """`config.ramp_temperature`: fits one temperature per off-ramp on the first
+    `config.temperature_rows` held-out rows (`evaluation.ramp_temperature`); None when off."""
+    from deebert_jax.evaluation import ramp_temperature
+
+    rows = ramp_temperature_rows(ctx.cfg)
+    if not rows:
+        return None
+    fit_rows = {k: v[:rows] for k, v in ctx.holdout.items()}
+    logits = all_ramp_logits(ctx.config, ctx.params, fit_rows, int(ctx.cfg.eval_batch_size), devices=ctx.devices)
+    temperatures = ramp_temperature.fit_ramp_temperatures(logits)
+    record = {"fit": ctx.cfg.ramp_temperature, "temperatures": [round(float(t), 6) for t in temperatures],
+              "rows": rows, "holdout": data_lib.num_examples(ctx.holdout)}
+    # Rounded first, so training.json states exactly what the classifiers were divided by.
+    params = ramp_temperature.apply_ramp_temperatures(ctx.params, record["temperatures"])
+    log.info("off-ramp temperatures fitted on the first %d held-out rows: %s", rows,
+             ", ".join(f"{t:.3g}" for t in record["temperatures"]))
+    ctx.log.write({"event": "ramp_temperatures", **record}, {}, 0)
+    return FittedTemperatures(params, record)
+
+
+def calibrate_after_training(ctx: RunContext, model_dir: str, fitted: FittedTemperatures | None = None) -> dict:
+    """Chooses the exit threshold on the held-out training rows (those after the ones `fitted`
+    was fitted on), reports it on dev, and writes `model_dir/exit_policy.json` (host 0), for the
+    params the model directory holds. -> {"policy": the policy or None, "refused": reason or None}.
     A budget nothing meets is not an error: the model is written without a policy, and the
     reason is logged, recorded in metrics.jsonl and returned."""
     from deebert_jax.evaluation import calibration
 
     budget = calibration_budget(ctx.cfg)
     batch = int(ctx.cfg.eval_batch_size)
-    held = all_ramp_logits(ctx.config, ctx.params, ctx.holdout, batch, devices=ctx.devices)
-    dev = all_ramp_logits(ctx.config, ctx.params, ctx.dev, batch, devices=ctx.devices)
+    params = fitted.params if fitted else ctx.params
+    skip = fitted.record["rows"] if fitted else 0
+    rows = {k: v[skip:] for k, v in ctx.holdout.items()}
+    n = data_lib.num_examples(rows)
+    where = f"the last {n} held-out rows" if skip else f"the {n} held-out rows"
+    held = all_ramp_logits(ctx.config, params, rows, batch, devices=ctx.devices)
+    dev = all_ramp_logits(ctx.config, params, ctx.dev, batch, devices=ctx.devices)
     policy, refused = None, None
     try:
-        chosen, tested = calibration.choose_threshold(ctx.task, held, ctx.holdout["labels"], budget.max_drop,
+        chosen, tested = calibration.choose_threshold(ctx.task, held, rows["labels"], budget.max_drop,
                                                       budget.rule, budget.confidence)
     except calibration.CalibrationError as e:
         refused = str(e)
-        log.warning("calibration on the %d held-out rows: %s; %s has no exit_policy.json (train.predict runs "
-                    "it at full depth)", data_lib.num_examples(ctx.holdout), refused, model_dir)
+        log.warning("calibration on %s: %s; %s has no exit_policy.json (train.predict runs it at full depth)",
+                    where, refused, model_dir)
     else:
         reported = calibration.threshold_stats(ctx.task, dev, ctx.dev["labels"], chosen["threshold"], budget.rule)
+        extra = {"ramp_temperatures": fitted.record} if fitted else {}
         policy = calibration.make_policy(ctx.task, budget.rule, budget.max_drop, budget.confidence, chosen, tested,
                                          reported, "train-holdout", ctx.config.num_hidden_layers,
-                                         calibration_size=data_lib.num_examples(ctx.holdout),
-                                         max_seq_length=int(ctx.cfg.max_seq_length),
-                                         model_fingerprint=model_fingerprint(ctx.config, ctx.params))
+                                         calibration_size=n, max_seq_length=int(ctx.cfg.max_seq_length),
+                                         model_fingerprint=model_fingerprint(ctx.config, params), **extra)
         if jax.process_index() == 0:
             calibration.write_exit_policy(model_dir, policy)
-        log.info("calibration on the %d held-out rows: threshold %g, dev saving %.1f%%, dev drop %.2f points; "
-                 "wrote %s", data_lib.num_examples(ctx.holdout), policy["threshold"], 100 * reported["saving"],
-                 reported["drop"], os.path.join(model_dir, calibration.POLICY_FILE))
-    ctx.log.write({"event": "calibration", "holdout": data_lib.num_examples(ctx.holdout),
+        log.info("calibration on %s: threshold %g, dev saving %.1f%%, dev drop %.2f points; wrote %s", where,
+                 policy["threshold"], 100 * reported["saving"], reported["drop"],
+                 os.path.join(model_dir, calibration.POLICY_FILE))
+    ctx.log.write({"event": "calibration", "holdout": data_lib.num_examples(ctx.holdout), "calibration_rows": n,
                    "policy": policy, "refused": refused}, {}, 0)
     return {"policy": policy, "refused": refused}
 

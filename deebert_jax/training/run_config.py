@@ -97,6 +97,7 @@ def validate_config(cfg) -> tuple[int, ...]:
     compute_dtype(cfg)
     offramp_loss(cfg)
     calibration_budget(cfg)
+    ramp_temperature_rows(cfg)
     for field in ("weight_decay", "save_every_steps", "log_every_steps", "train_limit", "eval_limit",
                   "calibration_holdout"):
         _number(cfg, field, non_negative, "a number >= 0", 0)
@@ -148,6 +149,25 @@ def calibration_budget(cfg) -> CalibrationBudget:
     if rule not in EXIT_RULES:
         raise InputError(f"config.calibration_rule={rule!r}: expected one of {', '.join(sorted(EXIT_RULES))}")
     return CalibrationBudget(holdout, max_drop, confidence or None, rule)
+
+
+def ramp_temperature_rows(cfg) -> int:
+    """`config.ramp_temperature` ("none" when absent) -> how many of the first held-out rows fit
+    the off-ramp temperatures (0: none fitted); they must leave rows to calibrate on."""
+    from deebert_jax.evaluation.ramp_temperature import CHOICES
+
+    kind = cfg.get("ramp_temperature", "none")
+    if kind not in CHOICES:
+        raise InputError(f"config.ramp_temperature={kind!r}: expected one of {', '.join(CHOICES)}")
+    if kind == "none":
+        return 0
+    rows = int(_number(cfg, "temperature_rows", lambda x: x >= 1 and x == int(x), "an integer >= 1", 1000))
+    holdout = calibration_budget(cfg).holdout
+    if rows >= holdout:
+        raise InputError(f"config.ramp_temperature={kind!r} fits on the first config.temperature_rows={rows} of the "
+                         f"config.calibration_holdout={holdout} held-out rows and calibrates on the rest: hold out "
+                         f"more than {rows} rows")
+    return rows
 
 
 def check_max_seq_length(cfg, max_position_embeddings: int, limit_text: str = "the model's max_position_embeddings") -> None:

@@ -85,15 +85,21 @@ def write_label_names(directory: str | os.PathLike, names) -> str:
     return path
 
 
-def write_training_info(directory: str | os.PathLike, max_seq_length: int) -> str:
+def write_training_info(directory: str | os.PathLike, max_seq_length: int,
+                        ramp_temperatures: dict | None = None) -> str:
     """Writes `directory/training.json` ({"max_seq_length": S}, the length the model was trained
-    at) -> its path. Called from a `save_checkpoint` `write_extra`, it lands in the same rename;
+    at, and `ramp_temperatures` when the off-ramp classifiers were divided by fitted temperatures:
+    {"temperatures": [L], "rows": first N held-out rows that fitted them, "holdout": of how many})
+    -> its path. Called from a `save_checkpoint` `write_extra`, it lands in the same rename;
     `predict` and `serve` then default `--max-seq-length` to S."""
     if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, (int, np.integer)) or max_seq_length < 1:
         raise InputError(f"max_seq_length={max_seq_length!r} must be a positive integer")
     path = os.path.join(os.fspath(directory), TRAINING_FILE)
+    info = {"max_seq_length": int(max_seq_length)}
+    if ramp_temperatures is not None:
+        info["ramp_temperatures"] = ramp_temperatures
     with open(path, "w", encoding="utf-8") as f:
-        json.dump({"max_seq_length": int(max_seq_length)}, f, indent=2)
+        json.dump(info, f, indent=2)
     return path
 
 
@@ -110,6 +116,23 @@ def training_length(directory: str | os.PathLike) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise CheckpointError(f"{path}: max_seq_length={value!r} must be a positive integer")
     return value
+
+
+def ramp_temperature_record(directory: str | os.PathLike) -> dict | None:
+    """`training.json`'s `ramp_temperatures` (see `write_training_info`), or None when the
+    off-ramps of `directory`'s model were not rescaled."""
+    path = os.path.join(os.fspath(directory), TRAINING_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        record = read_json_object(path).get("ramp_temperatures")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    if record is not None and not (isinstance(record, dict) and ok(record.get("rows")) and ok(record.get("holdout"))):
+        raise CheckpointError(f"{path}: ramp_temperatures={json.dumps(record)} must be an object with integer "
+                              "'rows' and 'holdout'")
+    return record
 
 
 # What a leaf's shape says about a config field, checked first so the message names the field:
