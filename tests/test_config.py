@@ -69,13 +69,15 @@ def test_config_files_keep_their_values(name):
     # Fields added after the snapshot, at the value runs had before (DeeBERT's loss, no holdout).
     added_since = {"dtype": "float32", "offramp_loss": "labels", "distill_temperature": 2.0, "distill_weight": 0.5,
                    "calibration_holdout": 0, "calibration_max_drop": 1.0, "calibration_confidence": 0.95,
-                   "calibration_rule": "entropy"}
-    # Deliberate changes since: MiniLM's off-ramps are distilled from ramp L, and every GLUE budget
-    # holds out training rows to choose the exit threshold.
+                   "calibration_rule": "entropy", "ramp_temperature": "none", "temperature_rows": 1000}
+    # Deliberate changes since: MiniLM's off-ramps are distilled from ramp L, every GLUE budget
+    # holds out training rows to choose the exit threshold, and the 4000-row holdouts also fit
+    # off-ramp temperatures.
     minilm = {"offramp_loss": "distill", "distill_temperature": 1.0, "distill_weight": 0.5}
+    temperatures = {"calibration_holdout": 4000, "ramp_temperature": "agreement"}
     changed_since = {"glue_minilm": {**minilm, "calibration_holdout": 500},
-                     "demo": {**minilm, "calibration_holdout": 4000},
-                     "sst2_full": {**minilm, "calibration_holdout": 4000},
+                     "demo": {**minilm, **temperatures},
+                     "sst2_full": {**minilm, **temperatures},
                      "glue_bert_base": {"calibration_holdout": 500}}
     expected = {**added_since, **snapshot[name], **changed_since.get(name, {})}
     assert _config_json(name) == json.dumps(expected, sort_keys=True)

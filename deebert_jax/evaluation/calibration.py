@@ -68,10 +68,16 @@ def candidate_thresholds(rule: str, num_layers: int, num_labels: int) -> list[fl
     """A fixed grid, ordered from safe to aggressive, without the never-exit threshold (identical
     to the full model by construction): the original sweep (`evaluation.default_thresholds`),
     extended for K > 2 labels in steps of 0.1 towards the rule's extreme (entropy up to ln K,
-    max_prob down to 1/K). Fixed before any data is seen, as fixed-sequence testing requires."""
+    max_prob down to 1/K); entropy also every 0.01 below ln K. Fixed before any data is seen, as
+    fixed-sequence testing requires."""
     grid = default_thresholds(rule, num_layers)
     if rule == "entropy":
         grid += [round(t, 1) for t in np.arange(grid[-1] + 0.1, math.log(num_labels), 0.1)]
+        # Fixed-sequence testing stops at the first threshold it cannot certify, so extra grid
+        # points cost no confidence: entropy in steps of 0.01 (and four below 0.01), where the
+        # sweep's grid jumps 0.01 -> 0.05 -> 0.1, a range off-ramps with fitted temperatures use.
+        fine = [0.001, 0.0025, 0.005, 0.0075] + [round(0.01 * i, 2) for i in range(1, int(math.log(num_labels) / 0.01) + 1)]
+        grid = sorted(set(grid) | set(fine))
     elif rule == "max_prob":
         grid += [round(t, 1) for t in np.arange(grid[-1] - 0.1, 1 / num_labels, -0.1)]
     return [float(t) for t in grid[1:]]
