@@ -39,6 +39,10 @@ def test_demo_pipeline_on_tiny_config(tmp_path, monkeypatch):
     bench = json.load(open(tmp_path / "bench.json"))
     assert {(r["backend"], r["mode"]) for r in bench["rows"]} == {
         ("jax", "full"), ("jax", "early_exit"), ("torch", "full"), ("torch", "early_exit")}
+    # The threshold training chose is timed beside the configured ones.
+    chosen = json.load(open(tmp_path / "run.json"))["policy"]["threshold"]
+    timed = {r["threshold"] for r in bench["rows"] if r["mode"] == "early_exit"}
+    assert timed == {0.0, 0.7, chosen}
     for name in ("results.png", "bench.png", "train/model/deebert_config.json"):
         assert (tmp_path / name).exists(), name
 
@@ -56,7 +60,7 @@ def test_demo_pipeline_on_tiny_config(tmp_path, monkeypatch):
     kept = json.loads((tmp_path / "docs" / "results" / name / "run.json").read_text())
     assert kept["policy"]["calibration_split"] == "train-holdout"
     assert f"Final ramp (layer 2) dev accuracy: **{100 * final:.2f}**" in text
-    assert text.count("| jax | early_exit |") == 2  # thresholds 0 and 0.7
+    assert text.count("| jax | early_exit |") == len(timed)  # thresholds 0, 0.7 and the chosen one
     name = os.path.basename(str(tmp_path))
     for kind in ("tradeoff", "latency"):
         assert (tmp_path / "docs" / "results" / f"{name}_{kind}.png").exists()

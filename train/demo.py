@@ -105,9 +105,13 @@ def _demo(argv) -> int:
         str(cfg.max_seq_length), "--batch-size", str(cfg.eval_batch_size), "--mode", cfg.eval_mode,
         *glue, *eval_limit, "--out", results_path])
     bench_path = os.path.join(workdir, "bench.json")
+    from deebert_jax.evaluation.calibration import with_policy_threshold
+    # The threshold training chose (exit_policy.json) is timed too, as the sweep evaluates it.
+    bench_thresholds = ",".join(f"{t:g}" for t in with_policy_threshold(
+        [float(t) for t in str(cfg.bench_thresholds).split(",") if t.strip()], model))
     timings["benchmark"] = _run("benchmark: the same weights and sentences through JAX and eager PyTorch", [
         py, "-m", "train.benchmark", "--checkpoint", model, "--task", cfg.task, "--seq-len", str(cfg.max_seq_length),
-        "--batch-sizes", str(cfg.bench_batch_sizes), "--thresholds", str(cfg.bench_thresholds),
+        "--batch-sizes", str(cfg.bench_batch_sizes), "--thresholds", bench_thresholds,
         "--runs", str(cfg.bench_runs), *glue, "--no-progress", "--out", bench_path])
 
     from deebert_jax.evaluation.calibration import POLICY_FILE
