@@ -103,16 +103,23 @@ def write_training_info(directory: str | os.PathLike, max_seq_length: int,
     return path
 
 
+def _training_info(directory: str | os.PathLike, field: str):
+    """-> (training.json's path, its `field` or None); (None, None) when there is no such file."""
+    path = os.path.join(os.fspath(directory), TRAINING_FILE)
+    if not os.path.isfile(path):
+        return None, None
+    try:
+        return path, read_json_object(path).get(field)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def training_length(directory: str | os.PathLike) -> int | None:
     """The length `directory`'s model was trained at (`training.json`), or None when not recorded;
     a file that is not `{"max_seq_length": positive int}` is a `CheckpointError` naming it."""
-    path = os.path.join(os.fspath(directory), TRAINING_FILE)
-    if not os.path.isfile(path):
+    path, value = _training_info(directory, "max_seq_length")
+    if path is None:
         return None
-    try:
-        value = read_json_object(path).get("max_seq_length")
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise CheckpointError(f"{path}: max_seq_length={value!r} must be a positive integer")
     return value
@@ -121,13 +128,7 @@ def training_length(directory: str | os.PathLike) -> int | None:
 def ramp_temperature_record(directory: str | os.PathLike) -> dict | None:
     """`training.json`'s `ramp_temperatures` (see `write_training_info`), or None when the
     off-ramps of `directory`'s model were not rescaled."""
-    path = os.path.join(os.fspath(directory), TRAINING_FILE)
-    if not os.path.isfile(path):
-        return None
-    try:
-        record = read_json_object(path).get("ramp_temperatures")
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
+    path, record = _training_info(directory, "ramp_temperatures")
     ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1
     if record is not None and not (isinstance(record, dict) and ok(record.get("rows")) and ok(record.get("holdout"))):
         raise CheckpointError(f"{path}: ramp_temperatures={json.dumps(record)} must be an object with integer "
