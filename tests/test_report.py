@@ -69,6 +69,23 @@ def test_section_names_paths_relative_to_the_checkout(tmp_path, monkeypatch):
     assert "--out workdirs/demo/bench.json`" in text
 
 
+def test_section_names_the_fitted_off_ramp_temperatures(tmp_path, monkeypatch):
+    run, meta, results, bench = _run_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    plain = format_markdown_section(meta, results, bench, {"tradeoff": "t.png", "latency": "l.png"}, label="demo")
+    assert "temperatures" not in plain
+    meta["policy"] = {"rule": "entropy", "threshold": 0.1, "max_drop": 1.0, "confidence": 0.95,
+                      "calibration_split": "train-holdout", "calibration_size": 30,
+                      "reported": {"n": 4, "saving": 0.5, "metric": 0.75, "full_metric": 0.75, "drop": 0.0,
+                                   "disagreement": 0.0},
+                      "ramp_temperatures": {"fit": "agreement", "temperatures": [0.4471, 1.0], "rows": 10,
+                                            "holdout": 40}}
+    text = format_markdown_section(meta, results, bench, {"tradeoff": "t.png", "latency": "l.png"}, label="demo")
+    assert "off-ramps with fitted temperatures (demo)" in text
+    assert ("off-ramp temperatures fitted to agree with ramp L on the first 10 held-out rows (the threshold "
+            "chosen on the other 30): 0.447, 1.") in text
+
+
 def test_report_cli_writes_relative_commands(tmp_path, monkeypatch):
     from train.report import main
     run, *_ = _run_files(tmp_path)

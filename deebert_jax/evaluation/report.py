@@ -187,8 +187,10 @@ def format_markdown_section(meta: Mapping[str, Any], results: Mapping[str, Any],
     holdout = cfg.get("calibration_holdout", 0)
     trained_on = (f"first {limit} training examples" if limit else
                   f"training set but its last {holdout} rows" if holdout else "full training set")
+    temps = (meta.get("policy") or {}).get("ramp_temperatures")
     title = f"{task}: " + trained_on + \
-        f", {'mean-pooled' if pooling == 'mean' else 'first-token'} off-ramps" + (f" ({label})" if label else "")
+        f", {'mean-pooled' if pooling == 'mean' else 'first-token'} off-ramps" + \
+        (" with fitted temperatures" if temps else "") + (f" ({label})" if label else "")
     out = [f"## {title}", "",
            f"Command: `{relative_paths(meta['command'])}`  ",
            f"Data: {portable_paths(str(meta.get('data', '?')))}; training examples: "
@@ -199,7 +201,10 @@ def format_markdown_section(meta: Mapping[str, Any], results: Mapping[str, Any],
              f"batch {cfg.get('per_device_batch_size')} per device; seed {cfg.get('seed')}; "
              f"off-ramps read the {'mean of the real tokens' if pooling == 'mean' else 'first token'}"
              + (f" and learn ramp L's soft predictions (distillation, T {cfg.get('distill_temperature')}, "
-                f"w {cfg.get('distill_weight')})" if cfg.get("offramp_loss") == "distill" else "") + ".  ",
+                f"w {cfg.get('distill_weight')})" if cfg.get("offramp_loss") == "distill" else "")
+             + (f"; off-ramp temperatures fitted to agree with ramp L on the first {temps['rows']} held-out rows "
+                f"(the threshold chosen on the other {temps['holdout'] - temps['rows']}): "
+                + ", ".join(f"{t:.3g}" for t in temps["temperatures"]) if temps else "") + ".  ",
            "Steps: " + "; ".join(f"`{relative_paths(s)}`" for s in meta.get("steps", [])) + "  ",
            *([f"JSON behind every number here: [{pngs['json']}/]({pngs['json']}/) (run.json, results.json, "
               f"bench.json)."] if pngs.get("json") else []), "",
