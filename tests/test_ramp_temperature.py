@@ -92,12 +92,20 @@ def test_training_folds_the_temperatures_and_calibrates_on_the_other_held_out_ro
         calibration.check_clear_of_temperature_rows(result["model"], 65)
 
 
-def test_without_the_option_nothing_is_fitted(tmp_path):
-    result = training.train(_tiny(tmp_path / "w", calibration_holdout=16, calibration_confidence=0.0,
-                                  calibration_max_drop=100.0))
+def test_without_the_option_nothing_is_fitted_and_asking_later_is_refused(tmp_path):
+    cfg = dict(calibration_holdout=16, calibration_confidence=0.0, calibration_max_drop=100.0)
+    result = training.train(_tiny(tmp_path / "w", **cfg))
     assert "ramp_temperatures" not in json.loads(open(os.path.join(result["model"], TRAINING_FILE)).read())
     assert "ramp_temperatures" not in result["calibration"]["policy"]
     calibration.check_clear_of_temperature_rows(result["model"], 10 ** 6)   # nothing to collide with
+
+    # The finished run again, now asking for temperatures, would keep the model as it is: refused.
+    files = {p: (tmp_path / "w" / "model" / p).read_bytes() for p in ("training.json", "exit_policy.json")}
+    with pytest.raises(InputError, match=r"model was written with config.ramp_temperature='none', this run asks "
+                                         r"for 'agreement'.*move .*model away"):
+        training.train(_tiny(tmp_path / "w", ramp_temperature="agreement", temperature_rows=8, **cfg))
+    assert files == {p: (tmp_path / "w" / "model" / p).read_bytes() for p in files}
+    assert training.train(_tiny(tmp_path / "w", **cfg))["eval"] == {}   # the same config: nothing to do
 
 
 @pytest.mark.parametrize("overrides, message", [

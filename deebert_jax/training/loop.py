@@ -23,7 +23,7 @@ from deebert_jax.core.config import DeeBertConfig
 from deebert_jax.evaluation.sweep import all_ramp_logits, evaluate_ramps
 from deebert_jax.evaluation.metrics import metric_name
 from deebert_jax.weights.model_loading import load_initial_model, model_overrides
-from deebert_jax.core.errors import NonFiniteLossError
+from deebert_jax.core.errors import InputError, NonFiniteLossError
 from deebert_jax.model import kernels as kernels_lib
 from deebert_jax.training.losses import LABELS
 from deebert_jax.training.steps import OptimizerSettings, init_train_state, pmapped_train_step
@@ -210,6 +210,8 @@ def train(cfg, *, on_step: Callable[[int, int], None] | None = None) -> dict:
                                     int(cfg.per_device_batch_size) * jax.device_count())
                 evals[stage] = evaluate_stage(ctx, stage, ctx.params, total)
                 _save_model(ctx, stage_dir, ctx.params)
+            if not evals and is_checkpoint_dir(model_dir):
+                _check_model_temperatures(ctx, model_dir)
             if evals or not is_checkpoint_dir(model_dir):   # a finished run again leaves the user's model as it is
                 calibrate = ctx.holdout is not None and 2 in stages
                 fitted = fit_temperatures_after_training(ctx) if calibrate else None
@@ -248,6 +250,20 @@ def fit_temperatures_after_training(ctx: RunContext) -> FittedTemperatures | Non
              ", ".join(f"{t:.3g}" for t in record["temperatures"]))
     ctx.log.write({"event": "ramp_temperatures", **record}, {}, 0)
     return FittedTemperatures(params, record)
+
+
+def _check_model_temperatures(ctx: RunContext, model_dir: str) -> None:
+    """A finished run again keeps its model; asking it for other off-ramp temperatures than the
+    model was written with would do nothing, so it is refused (InputError) with what to do."""
+    from deebert_jax.weights.checkpoint import ramp_temperature_record
+
+    asked = (ctx.cfg.get("ramp_temperature", "none") if ctx.holdout is not None else "none")
+    record = ramp_temperature_record(model_dir)
+    written = record.get("fit", "agreement") if record else "none"
+    if asked != written:
+        raise InputError(f"{model_dir} was written with config.ramp_temperature={written!r}, this run asks for "
+                         f"{asked!r}, and a finished run keeps its model: move {model_dir} away to redo what follows "
+                         "training (the stages are reused), or use another workdir")
 
 
 def calibrate_after_training(ctx: RunContext, model_dir: str, fitted: FittedTemperatures | None = None) -> dict:
