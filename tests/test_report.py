@@ -73,7 +73,10 @@ def test_section_names_the_fitted_off_ramp_temperatures(tmp_path, monkeypatch):
     run, meta, results, bench = _run_files(tmp_path)
     monkeypatch.chdir(tmp_path)
     plain = format_markdown_section(meta, results, bench, {"tradeoff": "t.png", "latency": "l.png"}, label="demo")
-    assert "temperatures" not in plain
+    assert "temperatures" not in plain and "at commit" not in plain
+    meta["commit"] = "abc1234"
+    assert "--config.workdir=workdirs/demo` at commit `abc1234`" in format_markdown_section(
+        meta, results, bench, {"tradeoff": "t.png", "latency": "l.png"}, label="demo")
     meta["policy"] = {"rule": "entropy", "threshold": 0.1, "max_drop": 1.0, "confidence": 0.95,
                       "calibration_split": "train-holdout", "calibration_size": 30,
                       "reported": {"n": 4, "saving": 0.5, "metric": 0.75, "full_metric": 0.75, "drop": 0.0,

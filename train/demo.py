@@ -36,6 +36,18 @@ def _config_overrides(argv: list[str]) -> list[str]:
 COMMANDS: list[str] = []
 
 
+def source_commit() -> str | None:
+    """The checkout's commit (`git describe --always --dirty`: "-dirty" when files differ from it),
+    or None outside a git checkout, for run.json: a report names the code behind its numbers."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", "-C", root, "describe", "--always", "--dirty", "--abbrev=7"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def _run(step: str, cmd: list[str]) -> float:
     line = shlex.join(["python", *cmd[1:]] if cmd[0] == sys.executable else cmd)
     COMMANDS.append(line)
@@ -81,7 +93,7 @@ def _demo(argv) -> int:
     overrides = _config_overrides(argv if len(argv) > 1 else sys.argv)
     source = _glue_note(cfg)
     os.makedirs(workdir, exist_ok=True)
-    timings, started = {}, time.time()
+    timings, started, commit = {}, time.time(), source_commit()
 
     init = cfg.init_checkpoint
     if init != "random":
@@ -149,7 +161,8 @@ def _demo(argv) -> int:
     print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {time.time() - started:.0f}s")
     # What produced these files, for reports (train.report) that must not type numbers by hand.
     with open(os.path.join(workdir, "run.json"), "w") as f:
-        json.dump({"command": shlex.join(["python", "-m", "train.demo", *sys.argv[1:]]), "steps": COMMANDS,
+        json.dump({"command": shlex.join(["python", "-m", "train.demo", *sys.argv[1:]]), "commit": commit,
+                   "steps": COMMANDS,
                    "config": cfg.to_dict(), "data": source, "seconds": timings,
                    "results": results_path, "bench": bench_path, "model": model, "policy": policy},
                   f, indent=2, default=str)

@@ -192,7 +192,8 @@ def format_markdown_section(meta: Mapping[str, Any], results: Mapping[str, Any],
         f", {'mean-pooled' if pooling == 'mean' else 'first-token'} off-ramps" + \
         (" with fitted temperatures" if temps else "") + (f" ({label})" if label else "")
     out = [f"## {title}", "",
-           f"Command: `{relative_paths(meta['command'])}`  ",
+           f"Command: `{relative_paths(meta['command'])}`"
+           + (f" at commit `{meta['commit']}`" if meta.get("commit") else "") + "  ",
            f"Data: {portable_paths(str(meta.get('data', '?')))}; training examples: "
            + (f"first {limit}" if limit else f"all but the last {holdout}" if holdout else "all")
            + (f"; held out for the threshold: the last {holdout} training rows" if holdout else "")
