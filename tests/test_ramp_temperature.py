@@ -85,11 +85,16 @@ def test_training_folds_the_temperatures_and_calibrates_on_the_other_held_out_ro
     events = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     assert any(e.get("event") == "ramp_temperatures" and e["temperatures"] == record["temperatures"] for e in events)
 
-    # train.calibrate on train-holdout may not reach back into the rows that fitted them.
+    # train.calibrate (and train.calibration_draws) on train-holdout may not reach back into the
+    # rows that fitted them.
     calibration.check_clear_of_temperature_rows(result["model"], 64)
     with pytest.raises(InputError, match=r"--calibration-size 65: .* fitted on the first 32 of the last 96 training "
                                          r"rows .* use at most --calibration-size 64"):
         calibration.check_clear_of_temperature_rows(result["model"], 65)
+    from train.calibration_draws import main as draws
+    with pytest.raises(InputError, match=r"--pool-size 96: .* use at most --pool-size 64"):
+        draws(["--checkpoint", result["model"], "--task", "synthetic", "--max-drop", "1", "--splits", "train-holdout",
+               "--pool-size", "96"])
 
 
 def test_without_the_option_nothing_is_fitted_and_asking_later_is_refused(tmp_path):

@@ -70,11 +70,14 @@ def main(argv=None) -> int:
 
     from deebert_jax.core.fileutil import atomic_write_text
     from deebert_jax.data import glue as data
+    from deebert_jax.evaluation import calibration
     from deebert_jax.evaluation import calibration_draws as draws_lib
     from deebert_jax.evaluation import sweep
     from deebert_jax.weights.model_loading import load_model_for_task
 
     config, params, task, tokenizer = load_model_for_task(args.checkpoint, args.task)
+    if "train-holdout" in args.splits:   # a model's own fitting rows are not calibration rows
+        calibration.check_clear_of_temperature_rows(args.checkpoint, args.pool_size, "--pool-size")
     common = dict(glue_dir=args.glue_dir, tokenizer=tokenizer, max_seq_length=args.max_seq_length,
                   vocab_size=config.vocab_size)
     logits = lambda arrays: sweep.all_ramp_logits(config, params, arrays, args.batch_size, progress=True)

@@ -45,7 +45,9 @@ def source_commit() -> str | None:
                              capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
 
 
 def _run(step: str, cmd: list[str]) -> float:
@@ -119,8 +121,7 @@ def _demo(argv) -> int:
     bench_path = os.path.join(workdir, "bench.json")
     from deebert_jax.evaluation.calibration import with_policy_threshold
     # The threshold training chose (exit_policy.json) is timed too, as the sweep evaluates it.
-    bench_thresholds = ",".join(f"{t:g}" for t in with_policy_threshold(
-        [float(t) for t in str(cfg.bench_thresholds).split(",") if t.strip()], model))
+    bench_thresholds = ",".join(f"{t:g}" for t in with_policy_threshold(cli.floats(str(cfg.bench_thresholds)), model))
     timings["benchmark"] = _run("benchmark: the same weights and sentences through JAX and eager PyTorch", [
         py, "-m", "train.benchmark", "--checkpoint", model, "--task", cfg.task, "--seq-len", str(cfg.max_seq_length),
         "--batch-sizes", str(cfg.bench_batch_sizes), "--thresholds", bench_thresholds,

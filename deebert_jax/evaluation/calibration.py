@@ -251,10 +251,12 @@ def calibration_sets(config, params, task: str, tokenizer=None, *, split: str = 
                            {"calibration_size": data.num_examples(tail), **model})
 
 
-def check_clear_of_temperature_rows(model_dir: str | os.PathLike, calibration_size: int) -> None:
+def check_clear_of_temperature_rows(model_dir: str | os.PathLike, calibration_size: int,
+                                    flag: str = "--calibration-size") -> None:
     """train-holdout calibration of a model whose off-ramp temperatures were fitted on held-out
-    rows (`training.json`): the last `calibration_size` training rows must not include them, or
-    the thresholds tested would depend on the calibration draw (an InputError says how many fit)."""
+    rows (`training.json`): the last `calibration_size` training rows (`flag`) must not include
+    them, or the thresholds tested would depend on the calibration draw (an InputError says how
+    many fit)."""
     from deebert_jax.weights.checkpoint import TRAINING_FILE, ramp_temperature_record
 
     record = ramp_temperature_record(model_dir)
@@ -262,10 +264,10 @@ def check_clear_of_temperature_rows(model_dir: str | os.PathLike, calibration_si
         return
     clear = record["holdout"] - record["rows"]
     if calibration_size > clear:
-        raise InputError(f"--calibration-size {calibration_size}: the off-ramp temperatures of {model_dir} were fitted "
+        raise InputError(f"{flag} {calibration_size}: the off-ramp temperatures of {model_dir} were fitted "
                          f"on the first {record['rows']} of the last {record['holdout']} training rows "
                          f"({TRAINING_FILE}); calibrating on them would void the guarantee: use at most "
-                         f"--calibration-size {clear}")
+                         f"{flag} {clear}")
 
 
 def make_policy(task: str, rule: str, max_drop: float, confidence: float | None, chosen: Mapping,
