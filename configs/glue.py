@@ -7,6 +7,7 @@
   minilm        the packaged MiniLM-L6 (6 layers, width 384), its step sizes, mean-pooled off-ramps
                 distilled from ramp L
   bert_base     the paper's setting for bert-base (castorini/DeeBERT scripts)
+  bert_large    bert-large at bert_base's setting (for planning a TPU run: python -m train.plan)
   roberta_base  the paper's setting for roberta-base: as bert_base, 10 epochs per stage
 `budget` (default paper):
   paper      the model's epochs (3 + 3; roberta_base 10 + 10) at length 128 on the whole training set
@@ -49,6 +50,7 @@ MODELS = {
     # Needs bert-base weights: a hub id (online) or a local directory (config.json +
     # model.safetensors or pytorch_model.bin, with its tokenizer) via --config.init_checkpoint.
     "bert_base": dict(init_checkpoint="google-bert/bert-base-uncased"),
+    "bert_large": dict(init_checkpoint="google-bert/bert-large-uncased"),
     # The same scripts train RoBERTa for 10 epochs (BERT: 3), stage 2 as long as stage 1; the
     # rest as bert_base. Needs roberta-base weights with their BPE tokenizer (vocab.json +
     # merges.txt, or tokenizer.json): a hub id (online) or a local directory.

@@ -2,6 +2,7 @@
 
     python -m train.train --config configs/tiny.py
     python -m train.train --config configs/glue.py:model=minilm,budget=paper --config.task=SST-2 --config.workdir=DIR
+    python -m train.train --config configs/glue.py:model=bert_base --dry-run --topology v5e:2x4   # = train.plan
 
 Started again on the same workdir it resumes from the latest checkpoint. A bad config, bad data
 or a NaN loss ends with one line `error: ...` and exit status 1 (`--debug`: the traceback).
@@ -18,6 +19,9 @@ from train import cli
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:ARGS])",
                                           lock_config=True)
 _DEBUG = flags.DEFINE_bool("debug", False, "on an error, show the traceback instead of one line")
+_DRY_RUN = flags.DEFINE_bool("dry-run", False, "train nothing: compile the run for --topology, a Cloud TPU slice, "
+                             "and report what it needs (train.plan)")
+_PLAN = cli.define_plan_flags(define_debug=False)
 
 
 def _train(argv) -> int:
@@ -26,6 +30,10 @@ def _train(argv) -> int:
     cfg = _CONFIG.value
     if cfg is None:
         raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
+    if _DRY_RUN.value:
+        return cli.run_dry_run(cfg, _PLAN)
+    if _PLAN.topology:
+        raise app.UsageError("--topology plans a run without training: add --dry-run (or use train.plan)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
     from deebert_jax.core.process import setup_process

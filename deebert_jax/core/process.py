@@ -8,6 +8,8 @@ JAX lowering or logging filter. The command-line entry points call `setup_proces
 from __future__ import annotations
 
 import dataclasses
+import glob
+import importlib.util
 import logging
 import os
 import re
@@ -24,6 +26,7 @@ class ProcessSettings:
     threefry_unrolled: bool      # threefry's unrolled CPU lowering registered (`cpu.threefry`)
     threads: int | None          # XLA's CPU threads asked for (PJRT_NPROC), None: its default
     quiet_orbax: bool            # orbax's leftover noise after a failed read dropped
+    tpu_backend_skipped: bool = False   # libtpu installed, no TPU here: JAX runs on the CPU at once
 
 
 def setup_process(*, kernels: str = "cpu_tuned", keep_freed_memory: bool | None = None,
@@ -56,7 +59,36 @@ def setup_process(*, kernels: str = "cpu_tuned", keep_freed_memory: bool | None 
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if quiet_orbax:
         silence_closed_loop_noise()
-    return ProcessSettings(kept, unrolled, threads, quiet_orbax)
+    return ProcessSettings(kept, unrolled, threads, quiet_orbax, skip_absent_tpu())
+
+
+def tpu_chips_attached() -> int:
+    """TPU chips on this machine's PCI bus (Google's vendor id), counted as JAX counts them."""
+    count = 0
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(vendor, encoding="ascii") as f:
+                count += f.read().strip() == "0x1ae0"
+        except OSError:
+            continue
+    return count
+
+
+def skip_absent_tpu() -> bool:
+    """With libtpu installed (the `tpu` extra, for `train.plan`) JAX tries a TPU backend first and,
+    on a machine with no TPU, libtpu prints what it could not find on stderr before JAX falls
+    back. Where there is no TPU and no NVIDIA GPU, and nobody chose JAX's platforms, the CPU is
+    named as the platform instead: the same devices as before, nothing new on stderr. Compiling
+    for a TPU slice (`planning.chips`) loads libtpu on its own and is not affected."""
+    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+        return False
+    if tpu_chips_attached() or glob.glob("/dev/nvidia[0-9]*"):
+        return False
+    import jax
+    if jax.config.jax_platforms:
+        return False
+    jax.config.update("jax_platforms", "cpu")
+    return True
 
 
 def _is_closed_loop_noise(unraisable) -> bool:

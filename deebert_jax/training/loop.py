@@ -26,9 +26,10 @@ from deebert_jax.weights.model_loading import load_initial_model, model_override
 from deebert_jax.core.errors import InputError, NonFiniteLossError
 from deebert_jax.model import kernels as kernels_lib
 from deebert_jax.training.losses import LABELS
-from deebert_jax.training.steps import OptimizerSettings, init_train_state, pmapped_train_step
+from deebert_jax.training.steps import (OptimizerSettings, init_train_state, pmapped_train_step,
+                                         stage_optimizer_settings)
 from deebert_jax.training.run_config import (RUN_SPEC_FILE, calibration_budget, check_max_seq_length, check_run_spec,
-                                             compute_dtype, offramp_loss, ramp_temperature_rows, stage_learning_rate,
+                                             compute_dtype, offramp_loss, ramp_temperature_rows,
                                              stage_steps, validate_config)
 from deebert_jax.core.runtime import MetricsLog, maybe_initialize_distributed, pmap_devices, replicate, \
     unreplicate, workdir_lock
@@ -87,9 +88,7 @@ def stage_run_spec(ctx: RunContext, stage: int) -> tuple[OptimizerSettings, dict
     cfg, config = ctx.cfg, ctx.config
     global_batch = int(cfg.per_device_batch_size) * jax.device_count()
     total = stage_steps(cfg, stage, data_lib.num_examples(ctx.train), global_batch)
-    settings = OptimizerSettings(stage_learning_rate(cfg, stage), total,
-                                 int(round(float(cfg.get("warmup_ratio", 0.0)) * total)), float(cfg.weight_decay),
-                                 float(cfg.adam_b1), float(cfg.adam_b2), float(cfg.adam_eps), float(cfg.max_grad_norm))
+    settings = stage_optimizer_settings(cfg, stage, total)
     spec = {"optimizer": dataclasses.asdict(settings), "model": config.to_dict(), "seed": int(cfg.seed),
             "global_batch_size": global_batch, "task": ctx.task,
             "train_examples": data_lib.num_examples(ctx.train), "max_seq_length": int(cfg.max_seq_length),

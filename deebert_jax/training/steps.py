@@ -24,7 +24,7 @@ from deebert_jax.core.errors import InputError
 from deebert_jax.core.runtime import AXIS
 from deebert_jax.model.modeling import DeeBert
 from deebert_jax.training.losses import LABELS, OffRampLoss, off_ramp_loss, stage_loss  # noqa: F401 (public here)
-from deebert_jax.training.run_config import STAGES
+from deebert_jax.training.run_config import STAGES, stage_learning_rate
 
 Params = Any
 
@@ -110,6 +110,13 @@ class OptimizerSettings:
     def optimizer(self) -> optax.GradientTransformation:
         return make_optimizer(self.schedule(), weight_decay=self.weight_decay, b1=self.b1, b2=self.b2,
                               eps=self.eps, max_grad_norm=self.max_grad_norm)
+
+
+def stage_optimizer_settings(cfg, stage: int, total_steps: int) -> OptimizerSettings:
+    """A training config's optimizer for `stage` over `total_steps` (warmup a share of them)."""
+    return OptimizerSettings(stage_learning_rate(cfg, stage), total_steps,
+                             int(round(float(cfg.get("warmup_ratio", 0.0)) * total_steps)), float(cfg.weight_decay),
+                             float(cfg.adam_b1), float(cfg.adam_b2), float(cfg.adam_eps), float(cfg.max_grad_norm))
 
 
 # ----------------------------------------------------------------------------------------------
