@@ -115,6 +115,30 @@ def largest_batch(compile_at: Callable[[int], ProgramReport], hbm_bytes: int, st
     return BatchSearch(stage, low, probes, estimate)
 
 
+def _search_stages(cfg, shape, sl: Slice, reports: Sequence[ProgramReport], say) -> list[BatchSearch]:
+    """Both stages run at one per-chip batch: the search is made on the stage that needs the most
+    HBM at the configured batch (one that does not fit first), and the other stages are compiled
+    at the batch it finds; one that does not fit there is searched in turn."""
+    def need(r):
+        return (0, r.hbm["total"]) if r.fits else (1, r.needed_temporaries or float("inf"))
+
+    order = sorted(reports, key=need, reverse=True)
+    searches, largest = [], None
+    for r in order:
+        compile_at = functools.partial(_probe, cfg, shape, sl, r.stage)
+        known = {shape.per_chip_batch: r}
+        if largest is not None:
+            say(f"stage {r.stage}: compiling the per-chip batch of {largest} found for stage {order[0].stage}")
+            known[largest] = compile_at(largest)
+            if known[largest].fits:
+                searches.append(BatchSearch(r.stage, largest, [_probe_record(b, k) for b, k in sorted(known.items())]))
+                continue
+        search = largest_batch(compile_at, sl.chip.hbm_bytes, r.stage, known, say)
+        searches.append(search)
+        largest = search.largest if largest is None or search.largest is None else min(largest, search.largest)
+    return sorted(searches, key=lambda s: s.stage)
+
+
 def _stage_estimates(cfg, shape, sl: Slice, reports: Sequence[ProgramReport]) -> list[dict]:
     out = []
     for r in reports:
@@ -157,9 +181,7 @@ def make_plan(cfg, topology: str, *, groups: Sequence[str] = GROUPS, train_examp
     train_reports = [r for r in reports if r.stage is not None]
     searches = []
     if train_reports and (find_largest_batch or any(not r.fits for r in train_reports)):
-        for r in train_reports:
-            compile_at = functools.partial(_probe, cfg, shape, sl, r.stage)
-            searches.append(largest_batch(compile_at, sl.chip.hbm_bytes, r.stage, {shape.per_chip_batch: r}, say))
+        searches = _search_stages(cfg, shape, sl, train_reports, say)
     plan = {
         "topology": sl.topology, "chip": dataclasses.asdict(sl.chip), "chips": sl.chips, "hosts": sl.hosts,
         "chips_per_host": sl.chips_per_host,
@@ -171,6 +193,7 @@ def make_plan(cfg, topology: str, *, groups: Sequence[str] = GROUPS, train_examp
         "programs": [r.to_json() for r in reports],
         "training": _stage_estimates(cfg, shape, sl, train_reports),
         "largest_batch": [s.to_json() for s in searches],
+        "largest_per_chip_batch": min((s.largest for s in searches if s.largest), default=None) if searches else None,
         "estimates": "every time and rate is a roofline floor from the TPU compiler's analysis and the chip's "
                      "public peak FLOP/s and HBM bandwidth: an estimate, never a measurement",
     }

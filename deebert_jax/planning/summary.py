@@ -68,6 +68,8 @@ def format_plan(plan: dict) -> str:
                           for p in s["probes"])
         out.append(f"stage {s['stage']}: largest per-chip batch that fits: {s['largest'] or 'none'} "
                    f"(compiled {tried})")
+    if plan.get("largest_per_chip_batch"):
+        out.append(f"the run's largest per-chip batch (both stages): {plan['largest_per_chip_batch']}")
     if plan.get("refusal"):
         out += ["", f"refused: {plan['refusal']}"]
     return "\n".join(out)
