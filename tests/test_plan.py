@@ -154,10 +154,10 @@ def _fake_step(temporaries_at, usable=15.75 * 2**30, fixed=0.5 * 2**30):
 
 
 @pytest.mark.parametrize("configured", [8, 4000])
-@pytest.mark.parametrize("bend", [0.0, 0.15])
+@pytest.mark.parametrize("bend", [-0.1, 0.0, 0.15])
 def test_the_largest_batch_from_two_compiles_and_a_confirming_one(configured, bend):
-    """Temporaries linear in the batch (and, bent, growing faster than the line through two
-    probes): the largest batch that fits is found in a few compiles and never one that does not."""
+    """Temporaries linear in the batch (and, bent, growing faster or slower than the line through
+    two probes): the largest batch that fits is found in a few compiles, never one that does not."""
     per_row = 8 * 2**20
     temporaries = lambda b: 2**28 + per_row * b * (1 + bend * b / 2000)
     compile_at, calls = _fake_step(temporaries)

@@ -96,8 +96,11 @@ def largest_batch(compile_at: Callable[[int], ProgramReport], hbm_bytes: int, st
     room = usable - (fits.hbm["total"] - fits.hbm["temporaries"])
     estimate = None
     for _ in range(4):
-        high = min(b for b, r in seen.items() if b > low and _temporaries(r) is not None)
-        slope = (_temporaries(seen[high]) - _temporaries(seen[low])) / (high - low)
+        # The line through the fitting batch nearest the edge and its nearest other figure:
+        # above it when there is one, else below it.
+        figured = [b for b, r in seen.items() if b != low and _temporaries(r) is not None]
+        other = min((b for b in figured if b > low), default=None) or max(figured)
+        slope = (_temporaries(seen[other]) - _temporaries(seen[low])) / (other - low)
         if slope <= 0:
             return BatchSearch(stage, low, probes, estimate)
         target = int(low + (room - _temporaries(seen[low])) // slope)
