@@ -133,7 +133,7 @@ def test_power_table_matches_the_binomial_tail():
 
 
 def test_calibration_draws_repeat_the_choice_and_report_on_unseen_rows():
-    from deebert_jax.evaluation import calibration_draws
+    from research import calibration_draws
 
     rng = np.random.default_rng(0)
     L, K = 3, 2

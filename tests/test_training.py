@@ -365,7 +365,7 @@ def test_one_run_per_workdir(tmp_path):
 def test_cpu_speedups_leave_the_training_step_unchanged():
     """`cpu_rng` (same dropout bits) and `matmul` (kernel gradients as plain matmuls) against the
     step as JAX and Flax ship it: same loss bit for bit, parameters to float rounding."""
-    from deebert_jax.bench.train_step import jax_defaults
+    from benchmarks.train_step import jax_defaults
     from deebert_jax.core.process import setup_process
 
     config = tiny_config(num_hidden_layers=2)   # dropout on: the masks must be the same draws

@@ -13,8 +13,7 @@ import os
 import signal
 import socket
 import sys
-import tempfile
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import uvicorn
 
@@ -22,24 +21,35 @@ from deebert_jax.core.errors import InputError
 from deebert_jax.serving.app import DEFAULT_MAX_QUEUE, Service, create_app
 from deebert_jax.serving.requests import length_classes
 
+# `--backend`'s choices. "jax" is the product's engine; any other is handed in by the caller as an
+# engine factory (the serving benchmark's eager PyTorch baseline lives in benchmarks/, which the
+# installed package never imports; `python -m train.serve` in a checkout hands it in).
 BACKENDS = ("jax", "torch")
+# (config, params, lengths) -> (an engine behind `engine.Engine`'s interface, one line saying what it runs)
+EngineFactory = Callable[[Any, Any, tuple[int, ...]], tuple[Any, str]]
 BACKLOG = 2048
 
 
 def build_service(model_dir: str, *, threshold: float | None = None, rule: str | None = None,
                   max_seq_length: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE, backend: str = "jax",
                   bucket_sizes: tuple[int, ...] | None = None, say: Callable[[str], None] = print,
-                  schedule: str | None = None, admit_budget_s: float | None = None) -> Service:
+                  schedule: str | None = None, admit_budget_s: float | None = None,
+                  engine_factories: Mapping[str, EngineFactory] | None = None) -> Service:
     """The model, tokenizer, threshold (`predict.resolve_threshold`: given, else exit_policy.json,
     else full depth; `say` reports which) and engine; nothing compiled yet. `bucket_sizes`: the
     engine's (default `exit_aware.default_bucket_sizes()`); `schedule`: the JAX engine's
-    (`scheduler.SCHEDULES`, default `scheduler.DEFAULT_SCHEDULE`) and its `admit_budget_s`."""
+    (`scheduler.SCHEDULES`, default `scheduler.DEFAULT_SCHEDULE`) and its `admit_budget_s`;
+    `engine_factories`: the engine of each backend other than "jax" (`EngineFactory`)."""
     from deebert_jax.data import glue as data
     from deebert_jax.inference import predict
     from deebert_jax.weights.checkpoint import load_checkpoint
 
     if backend not in BACKENDS:
         raise InputError(f"backend {backend!r}; expected one of {BACKENDS}")
+    factory = (engine_factories or {}).get(backend)
+    if backend != "jax" and factory is None:
+        raise InputError(f"backend {backend!r} is the serving benchmark's baseline, which is not installed: run "
+                         f"`python -m train.serve --backend {backend}` from a checkout")
     if schedule is not None:
         from deebert_jax.serving.scheduler import check_schedule
         check_schedule(schedule)
@@ -63,11 +73,7 @@ def build_service(model_dir: str, *, threshold: float | None = None, rule: str |
         info.update(rule=rule, threshold=threshold, schedule=schedule)
         note += f"; schedule {schedule}" + (f" (admission budget {budget * 1e3:g} ms)" if schedule == "arrivals" else "")
     else:
-        from deebert_jax.bench.benchmarking import torch_twin
-        from deebert_jax.serving.torch_engine import TorchEngine
-        with tempfile.TemporaryDirectory() as tmp:
-            engine = TorchEngine(torch_twin(config, params, tmp), lengths)
-        note = "eager PyTorch, full depth, dynamic batching (no early exit)"
+        engine, note = factory(config, params, lengths)
         info.update(rule=None, threshold=None)
     say(f"model: {os.fspath(model_dir)} ({L} layers); {note}; max sequence length {max_seq_length}"
         + ("" if why == "given" else f" ({why})"))

@@ -23,8 +23,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from deebert_jax.bench import harness as bench_harness
-from deebert_jax.serving import loadgen
+from benchmarks import harness as bench_harness
+from benchmarks import loadgen
 
 MODES = ("full_depth", "early_exit", "torch")
 MODE_NAMES = {"full_depth": "JAX, full depth (threshold 0)", "early_exit": "JAX, early exit (policy threshold)",

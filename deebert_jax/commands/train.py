@@ -1,0 +1,60 @@
+"""Two-stage DeeBERT training.
+
+    python -m train.train --config configs/tiny.py
+    python -m train.train --config configs/glue.py:model=minilm,budget=paper --config.task=SST-2 --config.workdir=DIR
+
+Started again on the same workdir it resumes from the latest checkpoint. A bad config, bad data
+or a NaN loss ends with one line `error: ...` and exit status 1 (`--debug`: the traceback).
+"""
+
+import logging
+import sys
+from typing import NoReturn
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from deebert_jax.commands import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:ARGS])",
+                                          lock_config=True)
+_DEBUG = flags.DEFINE_bool("debug", False, "on an error, show the traceback instead of one line")
+
+
+def _train(argv) -> int:
+    if argv:
+        raise app.UsageError(f"unexpected arguments: {argv}")
+    cfg = _CONFIG.value
+    if cfg is None:
+        raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
+    from deebert_jax.core.process import setup_process
+    setup_process()   # process-wide settings, before JAX runs anything
+    from deebert_jax.training import loop as training
+
+    result = training.train(cfg)
+    for stage, record in result["eval"].items():
+        final = record["final"]
+        print(f"stage {stage}: dev {record['metric']} of the final ramp = {final[record['metric']]:.4f} "
+              f"({record['num_examples']} examples)")
+        for ramp in record.get("ramps", []):
+            print(f"  ramp {ramp['layer']}: {record['metric']} = {ramp[record['metric']]:.4f}")
+    print(f"model: {result['model']}")
+    return 0
+
+
+def main(argv):
+    # absl has parsed the flags (--debug among them); cli.run gives the one-line error convention.
+    return cli.run(_train, argv[1:] + ([cli.DEBUG_FLAG] if _DEBUG.value else []))
+
+
+def entry(argv=None) -> NoReturn:
+    """The command as the console script and `python -m` run it: flags from `argv` (default
+    sys.argv); absl's `app.run` exits the process with `main`'s status."""
+    app.run(lambda args: sys.exit(main(args)), argv=None if argv is None else [sys.argv[0], *argv],
+            flags_parser=cli.parse_absl_flags)
+
+
+if __name__ == "__main__":
+    entry()
