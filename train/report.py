@@ -1,4 +1,4 @@
-"""`python -m train.report` in a checkout: `benchmarks.commands.report` (not installed)."""
+"""`python -m train.report` in a checkout: `research.commands.report` (not installed)."""
 from train import stand_in
 
-stand_in(__name__, "benchmarks.commands.report")
+stand_in(__name__, "research.commands.report")

@@ -19,6 +19,7 @@ import sys
 
 from deebert_jax.commands import cli
 from deebert_jax.commands.cli import positive_int  # noqa: F401 (importable from here, as before)
+from deebert_jax.core.optional import check_installed
 
 
 def parse_thresholds(text: str) -> list[float]:
@@ -73,6 +74,7 @@ def _main(argv) -> int:
     parser.add_argument("--out", required=True, help="results JSON path; the PNG goes beside it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    check_installed(("matplotlib",), "plot", "deebert-evaluate's plot beside --out")   # before the work, not after
     from deebert_jax.core.process import setup_process
     setup_process()   # process-wide settings, before JAX runs anything
 

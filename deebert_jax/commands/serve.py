@@ -18,9 +18,13 @@ import functools
 import sys
 
 from deebert_jax.commands.cli import positive_int, run
+from deebert_jax.core.optional import check_installed
+
+SERVE_PACKAGES = ("starlette", "uvicorn", "prometheus_client")   # pyproject's `serve` extra
 
 
 def parse_args(argv):
+    check_installed(SERVE_PACKAGES, "serve", "deebert-serve")   # the flags' defaults come from the server's modules
     from deebert_jax.inference.early_exit import EXIT_RULES
     from deebert_jax.serving.app import DEFAULT_MAX_QUEUE
     from deebert_jax.serving.scheduler import DEFAULT_ADMIT_BUDGET_S, DEFAULT_SCHEDULE, SCHEDULES

@@ -15,6 +15,7 @@ import sys
 from typing import Iterator, Mapping, Sequence
 
 from deebert_jax.core.errors import DeeBertError
+from deebert_jax.core.optional import require
 
 import numpy as np
 
@@ -241,8 +242,7 @@ def _parse_tsv(path: str, spec: TaskSpec) -> tuple[list[tuple[str, ...]], np.nda
 
 
 def _read_hub(task: str, spec: TaskSpec, split: str) -> tuple[list[tuple[str, ...]], np.ndarray]:
-    import datasets
-
+    datasets = require("datasets", "hub", f"reading {task} from the datasets hub (no --glue-dir / GLUE_DIR)")
     hub_split = "train" if split == "train" else spec.hub_dev_split
     source = f"{HUB_DATASET}/{spec.hub_name}[{hub_split}]"
     ds = datasets.load_dataset(HUB_DATASET, spec.hub_name, split=hub_split)

