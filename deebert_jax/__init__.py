@@ -17,7 +17,7 @@ _PUBLIC = {
     "deebert_jax.core.config": ("ConfigError", "DeeBertConfig"),
     "deebert_jax.core.errors": ("DeeBertError", "NonFiniteLossError"),
     "deebert_jax.core.fileutil": ("OutputPathError",),
-    "deebert_jax.core.process": ("setup_process",),
+    "deebert_jax.cpu.process": ("setup_process",),
     "deebert_jax.data.glue": ("DataError", "eval_batches", "load_split", "load_tokenizer", "num_labels"),
     "deebert_jax.data.validation": ("check_model_inputs",),
     "deebert_jax.model.modeling": ("DeeBert", "init_params"),
@@ -55,7 +55,7 @@ if TYPE_CHECKING:   # for type checkers and IDEs: the same names, imported eager
     from deebert_jax.core.config import ConfigError, DeeBertConfig  # noqa: F401
     from deebert_jax.core.errors import DeeBertError, NonFiniteLossError  # noqa: F401
     from deebert_jax.core.fileutil import OutputPathError  # noqa: F401
-    from deebert_jax.core.process import setup_process  # noqa: F401
+    from deebert_jax.cpu.process import setup_process  # noqa: F401
     from deebert_jax.data.glue import DataError, eval_batches, load_split, load_tokenizer, num_labels  # noqa: F401
     from deebert_jax.data.validation import check_model_inputs  # noqa: F401
     from deebert_jax.evaluation.calibration import load_exit_policy  # noqa: F401

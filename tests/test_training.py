@@ -296,7 +296,7 @@ def test_model_directory_holds_its_tokenizer(tmp_path, minilm_dir):
     assert again("a pair", "of sentences")["input_ids"] == tokenizer("a pair", "of sentences")["input_ids"]
     assert sorted(os.listdir(tmp_path)) == ["model"]  # no temporary directories left behind
     # The task's label names travel with the model: predictions say "positive", not "LABEL_1".
-    from deebert_jax.inference.predict import label_names
+    from deebert_jax.inference.model_dir import label_names
     assert label_names(tmp_path / "model", config.num_labels) == ["negative", "positive"]
 
 
@@ -366,7 +366,7 @@ def test_cpu_speedups_leave_the_training_step_unchanged():
     """`cpu_rng` (same dropout bits) and `matmul` (kernel gradients as plain matmuls) against the
     step as JAX and Flax ship it: same loss bit for bit, parameters to float rounding."""
     from benchmarks.train_step import jax_defaults
-    from deebert_jax.core.process import setup_process
+    from deebert_jax.cpu.process import setup_process
 
     config = tiny_config(num_hidden_layers=2)   # dropout on: the masks must be the same draws
     params = model_loading.jitted_init_params(config, jax.random.PRNGKey(4))

@@ -98,7 +98,7 @@ def _main(argv: list[str]) -> int:
     precision = precision_lib.resolve(args.precision, args.dtype)
     import jax
 
-    from deebert_jax.core.process import setup_process
+    from deebert_jax.cpu.process import setup_process
     # Before JAX starts its backends (importing jax does not start them).
     setup_process(threads=args.threads, share_accelerator_memory=True)
     if args.device == "cpu":

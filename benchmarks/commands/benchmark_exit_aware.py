@@ -177,7 +177,7 @@ def main(argv=None) -> int:
 
 def _main(argv: list[str]) -> int:
     args = parse_args(argv)
-    from deebert_jax.core.process import setup_process
+    from deebert_jax.cpu.process import setup_process
     setup_process()   # process-wide settings, before JAX runs anything
     from deebert_jax.core.fileutil import check_output_file, check_outputs_apart
     from deebert_jax.weights.checkpoint import MODEL_DIR_FILES

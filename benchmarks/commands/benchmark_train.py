@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     from benchmarks import precision as precision_lib
     from benchmarks import train_step as step_benchmark
     from benchmarks.harness import load_average
-    from deebert_jax.core.process import setup_process
+    from deebert_jax.cpu.process import setup_process
     from deebert_jax.core.fileutil import atomic_write_text, check_output_file, check_outputs_apart
     from deebert_jax.weights.checkpoint import MODEL_DIR_FILES
     from deebert_jax.weights.model_loading import default_init_checkpoint

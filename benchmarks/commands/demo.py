@@ -87,7 +87,7 @@ def main(argv):
 
 
 def _demo(argv) -> int:
-    from deebert_jax.core.process import setup_process
+    from deebert_jax.cpu.process import setup_process
     setup_process()   # process-wide settings, before JAX runs anything
     cfg = _CONFIG.value
     py = sys.executable

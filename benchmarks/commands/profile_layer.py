@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seq-len", type=positive_int, default=128)
     p.add_argument("--runs", type=positive_int, default=10)
     args = p.parse_args(argv)
-    from deebert_jax.core.process import setup_process
+    from deebert_jax.cpu.process import setup_process
     setup_process()   # as every command: `bernoulli` below draws through the unrolled threefry lowering
     import jax
     from benchmarks.harness import load_average, time_calls

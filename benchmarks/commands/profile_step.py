@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
         p.error("--torch profiles PyTorch's (stage-1-like) step: no --stage 2 or --jax-defaults")
 
     from benchmarks.harness import load_average
-    from deebert_jax.core.process import setup_process
+    from deebert_jax.cpu.process import setup_process
     from deebert_jax.core.fileutil import atomic_write_text, check_output_file
 
     if args.out:

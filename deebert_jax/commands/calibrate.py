@@ -58,7 +58,7 @@ def check_length_and_outputs(args, outputs) -> None:
     """Before the work: no output is a file this command reads, and --max-seq-length fits the model."""
     from deebert_jax.core.fileutil import check_outputs_apart
     from deebert_jax.data import glue as data
-    from deebert_jax.inference.predict import resolve_max_seq_length
+    from deebert_jax.inference.model_dir import resolve_max_seq_length
     from deebert_jax.weights.checkpoint import MODEL_DIR_FILES, read_model_config
 
     task = data.canonical_task(args.task)
@@ -73,16 +73,14 @@ def check_length_and_outputs(args, outputs) -> None:
 def load_calibration_sets(args):
     """The flags of `add_calibration_data_flags` (+ --checkpoint, --task) -> (task, CalibrationSets)."""
     from deebert_jax.evaluation import calibration
-    from deebert_jax.weights.model_loading import load_model_for_task
+    from deebert_jax.inference.model_dir import open_model_dir
 
-    from deebert_jax.inference.predict import resolve_max_seq_length
-
-    config, params, task, tokenizer = load_model_for_task(args.checkpoint, args.task)
+    model = open_model_dir(args.checkpoint, task=args.task)
+    config, params, task, tokenizer = model.config, model.params, model.task, model.tokenizer
     if args.calibration_split == "train-holdout":
         calibration.check_clear_of_temperature_rows(args.checkpoint, args.calibration_size)
     # Default: the length the model was trained at (what its exit_policy.json is then checked at).
-    args.max_seq_length, why = resolve_max_seq_length(args.max_seq_length, config, args.checkpoint, tokenizer,
-                                                      fallback=DEV_MAX_SEQ_LENGTH)
+    args.max_seq_length, why = model.max_seq_length(args.max_seq_length, fallback=DEV_MAX_SEQ_LENGTH)
     if why != "given":
         print(f"max sequence length {args.max_seq_length}: {why}", file=sys.stderr)
     return task, calibration.calibration_sets(config, params, task, tokenizer, split=args.calibration_split,
@@ -94,7 +92,7 @@ def load_calibration_sets(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from deebert_jax.core.process import setup_process
+    from deebert_jax.cpu.process import setup_process
     setup_process()   # process-wide settings, before JAX runs anything
     from deebert_jax.evaluation import calibration
 

@@ -122,7 +122,7 @@ def add_dev_data_flags(parser: argparse.ArgumentParser, limit_help: str = "only 
                        default_length: int | None = DEV_MAX_SEQ_LENGTH) -> None:
     """--glue-dir, --max-seq-length and --limit, as every command that reads a GLUE dev set takes them.
     `default_length=None`: the command resolves the length from the model
-    (`predict.resolve_max_seq_length(..., fallback=DEV_MAX_SEQ_LENGTH)`)."""
+    (`ModelDir.max_seq_length(..., fallback=DEV_MAX_SEQ_LENGTH)`)."""
     parser.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"),
                         help="local GLUE folder (default $GLUE_DIR; without it the datasets hub)")
     help_length = (None if default_length is not None else

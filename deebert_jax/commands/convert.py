@@ -30,7 +30,7 @@ def _main(argv) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out even if it is not an earlier deebert-jax checkpoint")
     args = parser.parse_args(argv)
-    from deebert_jax.core.process import setup_process
+    from deebert_jax.cpu.process import setup_process
     setup_process()   # process-wide settings, before JAX runs anything
 
     from deebert_jax.weights.checkpoint import is_checkpoint_dir, save_checkpoint

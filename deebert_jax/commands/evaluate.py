@@ -75,16 +75,15 @@ def _main(argv) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     check_installed(("matplotlib",), "plot", "deebert-evaluate's plot beside --out")   # before the work, not after
-    from deebert_jax.core.process import setup_process
+    from deebert_jax.cpu.process import setup_process
     setup_process()   # process-wide settings, before JAX runs anything
 
     from deebert_jax.data import glue as data
     from deebert_jax.evaluation import sweep as evaluation
-    from deebert_jax.evaluation.calibration import with_policy_threshold
+    from deebert_jax.inference.exit_policy import with_policy_threshold
     from deebert_jax.core.fileutil import check_output_file, check_outputs_apart
-    from deebert_jax.inference.predict import resolve_max_seq_length
+    from deebert_jax.inference.model_dir import open_model_dir
     from deebert_jax.weights.checkpoint import MODEL_DIR_FILES
-    from deebert_jax.weights.model_loading import load_model_for_task
 
     # Before the evaluation, not after it: the JSON and its PNG are neither directories nor files it reads.
     png = os.path.splitext(args.out)[0] + ".png"
@@ -93,9 +92,9 @@ def _main(argv) -> int:
     check_outputs_apart({"--out": args.out, "--out's plot": png},
                         {"--checkpoint": args.checkpoint, **dev_file(args.task, args.glue_dir)},
                         reads={"--checkpoint": MODEL_DIR_FILES})
-    config, params, task, tokenizer = load_model_for_task(args.checkpoint, args.task)
-    args.max_seq_length, why = resolve_max_seq_length(args.max_seq_length, config, args.checkpoint, tokenizer,
-                                                      fallback=cli.DEV_MAX_SEQ_LENGTH)
+    model = open_model_dir(args.checkpoint, task=args.task)
+    config, params, task, tokenizer = model.config, model.params, model.task, model.tokenizer
+    args.max_seq_length, why = model.max_seq_length(args.max_seq_length, fallback=cli.DEV_MAX_SEQ_LENGTH)
     if why != "given":
         print(f"max sequence length {args.max_seq_length}: {why}", file=sys.stderr)
     # A calibrated threshold (train.calibrate) joins the default sweep, so its point is on the curve.

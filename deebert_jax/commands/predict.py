@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from typing import Mapping, Sequence
 
 from deebert_jax.commands.cli import positive_int, run
+from deebert_jax.core.fileutil import atomic_write_text
 
 
 def parse_args(argv):
@@ -50,12 +53,13 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from deebert_jax.core.process import setup_process
+    from deebert_jax.cpu.process import setup_process
     setup_process()   # process-wide settings, before JAX runs anything
     from deebert_jax.core.fileutil import check_output_file, check_outputs_apart
-    from deebert_jax.data import glue as data
+    from deebert_jax.data import text_inputs
     from deebert_jax.inference import predict
-    from deebert_jax.weights.checkpoint import MODEL_DIR_FILES, load_checkpoint
+    from deebert_jax.inference.model_dir import open_model_dir
+    from deebert_jax.weights.checkpoint import MODEL_DIR_FILES
 
     # Before anything is read: --out may be neither a directory nor what this command reads.
     if args.out:
@@ -63,31 +67,42 @@ def main(argv=None) -> int:
     check_outputs_apart({"--out": args.out}, {"--input": args.input, "--checkpoint": args.checkpoint},
                         reads={"--checkpoint": MODEL_DIR_FILES})
     if args.input:
-        examples = predict.read_inputs(args.input)
+        examples = text_inputs.read_inputs(args.input)
     else:
-        examples = [(predict.check_text(args.text, "--text"),
-                     None if args.text_pair is None else predict.check_text(args.text_pair, "--text-pair"))]
-    config, params = load_checkpoint(args.checkpoint)
-    tokenizer = data.load_tokenizer(args.checkpoint, config)
-    max_seq_length, why = predict.resolve_max_seq_length(args.max_seq_length, config, args.checkpoint, tokenizer)
-    threshold, rule, note = predict.resolve_threshold(args.checkpoint, args.threshold, args.rule,
-                                                      config.num_hidden_layers, model=(config, params),
-                                                      max_seq_length=max_seq_length)
+        examples = [(text_inputs.check_text(args.text, "--text"),
+                     None if args.text_pair is None else text_inputs.check_text(args.text_pair, "--text-pair"))]
+    model = open_model_dir(args.checkpoint)
+    config = model.config
+    max_seq_length, why = model.max_seq_length(args.max_seq_length)
+    threshold, rule, note = model.threshold(args.threshold, args.rule, max_seq_length=max_seq_length)
     print(note, file=sys.stderr)
     if why != "given":
         print(f"max sequence length {max_seq_length}: {why}", file=sys.stderr)
-    arrays, truncated = predict.encode(tokenizer, examples, max_seq_length, config.vocab_size)
-    probs, exit_layer, seconds = predict.predict_arrays(config, params, arrays, threshold, rule, args.batch_size,
+    arrays, truncated = predict.encode(model.tokenizer, examples, max_seq_length, config.vocab_size)
+    probs, exit_layer, seconds = predict.predict_arrays(config, model.params, arrays, threshold, rule, args.batch_size,
                                                         progress=bool(args.input) and not args.no_progress)
-    records = predict.format_predictions(examples, probs, exit_layer,
-                                         predict.label_names(args.checkpoint, config.num_labels), truncated)
+    records = predict.format_predictions(examples, probs, exit_layer, model.label_names, truncated)
     if args.out:
-        print(f"wrote {predict.write_jsonl(records, args.out)}", file=sys.stderr)
+        print(f"wrote {write_jsonl(records, args.out)}", file=sys.stderr)
     else:
         sys.stdout.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    print(predict.summary(exit_layer, config.num_hidden_layers, seconds, truncated, max_seq_length),
-          file=sys.stderr)
+    print(summary(exit_layer, config.num_hidden_layers, seconds, truncated, max_seq_length), file=sys.stderr)
     return 0
+
+
+def write_jsonl(records: Sequence[Mapping], path: str | os.PathLike) -> str:
+    """All records at once, atomically (nothing appears until every line is ready)."""
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def summary(exit_layer, num_layers: int, seconds: float, truncated, max_seq_length: int) -> str:
+    """The line on stderr after the predictions ([N] numpy exit layers and truncation flags)."""
+    n, mean_exit = len(exit_layer), float(exit_layer.mean())
+    return (f"{n} examples in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} examples/s, compilation included); "
+            f"mean exit layer {mean_exit:.2f} of {num_layers}, layer saving {1 - mean_exit / num_layers:.1%}; "
+            f"{int(truncated.sum())} truncated to {max_seq_length} tokens")
 
 
 def entry(argv=None) -> int:

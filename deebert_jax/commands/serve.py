@@ -57,7 +57,7 @@ def parse_args(argv):
 def main(argv=None, engine_factories=None) -> int:
     """`engine_factories`: `serving.server.build_service`'s, the engines of backends other than jax."""
     args = parse_args(argv)
-    from deebert_jax.core.process import setup_process
+    from deebert_jax.cpu.process import setup_process
     setup_process()   # process-wide settings, before JAX runs anything
     from deebert_jax.serving import server
 

@@ -29,7 +29,7 @@ def _train(argv) -> int:
         raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
-    from deebert_jax.core.process import setup_process
+    from deebert_jax.cpu.process import setup_process
     setup_process()   # process-wide settings, before JAX runs anything
     from deebert_jax.training import loop as training
 

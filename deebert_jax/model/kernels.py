@@ -18,15 +18,7 @@ from typing import Callable, Sequence
 
 import jax
 
-from deebert_jax.core.errors import InputError
-
-KERNELS = ("reference", "cpu_tuned")
-
-
-def check_kernels(kernels: str) -> str:
-    if kernels not in KERNELS:
-        raise InputError(f"kernels={kernels!r}: expected one of {', '.join(KERNELS)}")
-    return kernels
+from deebert_jax.core.config import KERNELS, check_kernels  # noqa: F401 (the seam's names, defined below the model)
 
 
 def for_devices(devices: Sequence[jax.Device] | None = None) -> str:

@@ -46,7 +46,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    from deebert_jax.core.process import setup_process
+    from deebert_jax.cpu.process import setup_process
     setup_process()   # process-wide settings, before JAX runs anything
     from research import rule_comparison
     from deebert_jax.core.fileutil import check_output_file

@@ -100,7 +100,7 @@ def _main(argv) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the table as Markdown here")
     args = p.parse_args(argv)
-    from deebert_jax.core.process import setup_process
+    from deebert_jax.cpu.process import setup_process
     setup_process()   # process-wide settings, before JAX runs anything
 
     from deebert_jax.core.fileutil import atomic_write_text, check_output_file, check_outputs_apart

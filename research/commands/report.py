@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not args.runs and not args.rules:
         p.error("give run directories, --rules FILE.json ..., or both")
-    from deebert_jax.core.process import setup_process
+    from deebert_jax.cpu.process import setup_process
     setup_process()   # process-wide settings, before JAX runs anything
 
     base = os.path.dirname(os.path.abspath(args.out))
