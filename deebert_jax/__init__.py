@@ -1,7 +1,7 @@
 """deebert-jax: DeeBERT (dynamic early exiting for BERT) in JAX/Flax.
 
 The library by layer (docs/architecture.md): `core`, `cpu`, `data`, `model`, `weights`,
-`inference`, `training`, `evaluation`, `bench`. The names below are its public API, importable
+`inference`, `training`, `evaluation`, `serving`, `commands`. The names below are its public API, importable
 from here; each is loaded on first use, so `import deebert_jax` defines names and changes nothing
 else (not even JAX's import runs). `setup_process` is the explicit opt-in to the process-wide
 settings the command-line entry points use.
@@ -31,7 +31,7 @@ _PUBLIC = {
     "deebert_jax.inference.exit_aware": ("exit_aware_predict",),
     "deebert_jax.training.loop": ("train",),
     "deebert_jax.training.steps": ("TrainState",),
-    "deebert_jax.evaluation.calibration": ("load_exit_policy",),
+    "deebert_jax.inference.exit_policy": ("load_exit_policy",),
 }
 _WHERE = {name: module for module, names in _PUBLIC.items() for name in names}
 
@@ -58,7 +58,7 @@ if TYPE_CHECKING:   # for type checkers and IDEs: the same names, imported eager
     from deebert_jax.cpu.process import setup_process  # noqa: F401
     from deebert_jax.data.glue import DataError, eval_batches, load_split, load_tokenizer, num_labels  # noqa: F401
     from deebert_jax.data.validation import check_model_inputs  # noqa: F401
-    from deebert_jax.evaluation.calibration import load_exit_policy  # noqa: F401
+    from deebert_jax.inference.exit_policy import load_exit_policy  # noqa: F401
     from deebert_jax.inference.early_exit import (ExitResult, ExitState, early_exit_predict,  # noqa: F401
                                                   early_exit_predict_pmap, record_exits, replicate_params)
     from deebert_jax.inference.exit_aware import exit_aware_predict  # noqa: F401
