@@ -78,14 +78,14 @@ def jax_steps(model_dir: str, batch: dict, with_jax_defaults: bool = False, name
     import jax
     import jax.numpy as jnp
 
-    from deebert_jax.data import glue as data
+    from deebert_jax.data import batching
     from deebert_jax.training import steps as train_steps
     from deebert_jax.core import runtime
     from deebert_jax.weights.convert import load_pytorch_checkpoint
 
     config, params = load_pytorch_checkpoint(model_dir, num_labels=2)
     devices = jax.local_devices()
-    sharded = data.shard(batch, len(devices))
+    sharded = batching.shard(batch, len(devices))
     key = runtime.replicate(jax.random.PRNGKey(0), devices)
     settings = train_steps.OptimizerSettings(2e-5, total_steps=1000, warmup_steps=100, weight_decay=0.01)
     from deebert_jax.model.kernels import for_devices

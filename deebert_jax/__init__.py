@@ -18,7 +18,8 @@ _PUBLIC = {
     "deebert_jax.core.errors": ("DeeBertError", "NonFiniteLossError"),
     "deebert_jax.core.fileutil": ("OutputPathError",),
     "deebert_jax.cpu.process": ("setup_process",),
-    "deebert_jax.data.glue": ("DataError", "eval_batches", "load_split", "load_tokenizer", "num_labels"),
+    "deebert_jax.data.glue": ("DataError", "load_split", "load_tokenizer", "num_labels"),
+    "deebert_jax.data.batching": ("eval_batches",),
     "deebert_jax.data.validation": ("check_model_inputs",),
     "deebert_jax.model.modeling": ("DeeBert", "init_params"),
     "deebert_jax.model.layouts": ("stack_params", "unstack_params"),
@@ -56,7 +57,8 @@ if TYPE_CHECKING:   # for type checkers and IDEs: the same names, imported eager
     from deebert_jax.core.errors import DeeBertError, NonFiniteLossError  # noqa: F401
     from deebert_jax.core.fileutil import OutputPathError  # noqa: F401
     from deebert_jax.cpu.process import setup_process  # noqa: F401
-    from deebert_jax.data.glue import DataError, eval_batches, load_split, load_tokenizer, num_labels  # noqa: F401
+    from deebert_jax.data.batching import eval_batches  # noqa: F401
+    from deebert_jax.data.glue import DataError, load_split, load_tokenizer, num_labels  # noqa: F401
     from deebert_jax.data.validation import check_model_inputs  # noqa: F401
     from deebert_jax.inference.exit_policy import load_exit_policy  # noqa: F401
     from deebert_jax.inference.early_exit import (ExitResult, ExitState, early_exit_predict,  # noqa: F401

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from deebert_jax.data.validation import check_model_inputs
 from deebert_jax.core.errors import InputError
 from deebert_jax.core.optional import require
+from deebert_jax.data import batching
 from deebert_jax.data import glue as data
 from deebert_jax.inference import early_exit
 from deebert_jax.evaluation import metrics
@@ -122,10 +123,10 @@ def ramp_logits_and_labels(config: DeeBertConfig, params, arrays: Mapping[str, n
     step = pmapped_logits_step(config, jnp.dtype(dtype), runtime.pmap_devices(devices))
     replicated = runtime.replicate(layouts.unstack_params(params), devices)
     outputs = []
-    for batch in tqdm(data.eval_batches(arrays, batch_size), desc="per-ramp", disable=not progress, leave=False,
+    for batch in tqdm(batching.eval_batches(arrays, batch_size), desc="per-ramp", disable=not progress, leave=False,
                       total=-(-data.num_examples(arrays) // batch_size)):
         valid = batch.pop("valid")
-        outputs.append((step(replicated, data.shard(batch, len(devices))), batch["labels"], valid))
+        outputs.append((step(replicated, batching.shard(batch, len(devices))), batch["labels"], valid))
     if not outputs:
         return np.zeros((config.num_hidden_layers, 0, config.num_labels), np.float32), np.zeros((0,), np.int32)
     # [D, L, b, K] per batch -> [rows, L, K], rows in batch order (device d holds rows d*b..d*b+b-1)
@@ -169,7 +170,7 @@ def exit_predictions(predict: Predictor, arrays: Mapping[str, np.ndarray], thres
                      progress_bar=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Early exit over the whole set -> (logits [N, K], exit_layer [N], layers_run per loop)."""
     results = []
-    for batch in data.eval_batches(arrays, batch_size):
+    for batch in batching.eval_batches(arrays, batch_size):
         results.append((predict(batch, threshold), batch["valid"]))   # dispatch all before reading any
         if progress_bar is not None:
             progress_bar.update(1)
@@ -202,7 +203,7 @@ def sweep_thresholds(predict: Predictor, task: str, num_layers: int, arrays: Map
                      thresholds: Sequence[float], batch_size: int, progress: bool = True) -> list[dict]:
     """One sweep point per threshold (see the module docstring); compiles before the clock starts."""
     batches = -(-data.num_examples(arrays) // batch_size)
-    first = next(data.eval_batches(arrays, batch_size))
+    first = next(batching.eval_batches(arrays, batch_size))
     jax.block_until_ready(predict(first, thresholds[0]))   # compile outside the timed region
     points = []
     with tqdm(total=batches * len(thresholds), desc="threshold sweep", disable=not progress) as bar:

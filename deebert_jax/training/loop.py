@@ -15,6 +15,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from deebert_jax.data import batching
 from deebert_jax.data import glue as data_lib
 from deebert_jax.weights.checkpoint import (TrainCheckpointManager, is_checkpoint_dir, load_checkpoint,
                                             model_fingerprint, save_checkpoint, write_label_names,
@@ -130,9 +131,9 @@ def run_stage(ctx: RunContext, stage: int, params: Params) -> Params:
     tick, tick_step = time.perf_counter(), start
     try:
         for step in range(start, total):
-            batch = data_lib.train_batch(ctx.train, global_batch, data_seed, step,
+            batch = batching.train_batch(ctx.train, global_batch, data_seed, step,
                                          jax.process_index(), jax.process_count())
-            state, metrics = p_step(state, data_lib.shard(batch, n_dev), dropout_key)
+            state, metrics = p_step(state, batching.shard(batch, n_dev), dropout_key)
             metrics = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
             done = step + 1
             if metrics["finite"] < 1.0 or not math.isfinite(metrics["loss"]):
@@ -331,7 +332,7 @@ def _prepare(cfg, workdir: str, task: str, stages: tuple[int, ...], on_step) -> 
                                                                    **common)
     dev_arrays = data_lib.load_split(task, "dev", limit=cfg.get("eval_limit", 0) or None, **common)
     if jax.process_count() > 1:
-        dev_arrays = data_lib.host_eval_rows(dev_arrays, jax.process_index(), jax.process_count())
+        dev_arrays = batching.host_eval_rows(dev_arrays, jax.process_index(), jax.process_count())
     log.info("task %s: train %s; dev %s%s", task, data_lib.describe(train_arrays), data_lib.describe(dev_arrays),
              f"; held out for calibration {data_lib.describe(holdout_arrays)}" if holdout_arrays else "")
     devices = jax.local_devices()

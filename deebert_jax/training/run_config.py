@@ -15,7 +15,7 @@ from typing import Mapping
 import jax
 
 from deebert_jax.core.errors import InputError
-from deebert_jax.data import glue as data_lib
+from deebert_jax.data import batching
 from deebert_jax.core.config import DeeBertConfig
 from deebert_jax.training.losses import OffRampLoss
 
@@ -49,7 +49,7 @@ def stage_steps(cfg, stage: int, n_train: int, global_batch: int) -> int:
     fixed = int(cfg.get("steps_per_stage", 0) or 0)
     if fixed > 0:
         return fixed
-    return max(1, int(math.ceil(_epochs(cfg, stage) * data_lib.steps_per_epoch(n_train, global_batch))))
+    return max(1, int(math.ceil(_epochs(cfg, stage) * batching.steps_per_epoch(n_train, global_batch))))
 
 
 def stage_learning_rate(cfg, stage: int) -> float:

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from deebert_jax.data import batching
 from deebert_jax.data import glue as data_lib
 from deebert_jax.weights.checkpoint import load_checkpoint
 from deebert_jax.model.modeling import DeeBert, attention_bias, mean_of_real_tokens
@@ -39,7 +40,7 @@ def layer_features(config, params, arrays, batch_size=128):
 
     first, mean = [], []
     n = data_lib.num_examples(arrays)
-    for batch in tqdm(data_lib.eval_batches(arrays, batch_size), total=-(-n // batch_size), desc="features"):
+    for batch in tqdm(batching.eval_batches(arrays, batch_size), total=-(-n // batch_size), desc="features"):
         f, m = run(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         keep = np.asarray(batch["valid"], bool)
         first.append(np.asarray(f)[:, keep])
