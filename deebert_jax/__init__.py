@@ -24,8 +24,9 @@ _PUBLIC = {
     "deebert_jax.model.modeling": ("DeeBert", "init_params"),
     "deebert_jax.model.layouts": ("stack_params", "unstack_params"),
     "deebert_jax.model.inference_step": ("layer_step",),
-    "deebert_jax.weights.convert": ("CheckpointError", "convert_pytorch_checkpoint", "export_pytorch_checkpoint",
+    "deebert_jax.weights.convert": ("convert_pytorch_checkpoint", "export_pytorch_checkpoint",
                                     "load_pytorch_checkpoint"),
+    "deebert_jax.weights.torch_files": ("CheckpointError",),
     "deebert_jax.weights.checkpoint": ("load_checkpoint", "save_checkpoint"),
     "deebert_jax.inference.early_exit": ("ExitResult", "ExitState", "early_exit_predict", "early_exit_predict_pmap",
                                          "record_exits", "replicate_params"),
@@ -70,5 +71,6 @@ if TYPE_CHECKING:   # for type checkers and IDEs: the same names, imported eager
     from deebert_jax.training.loop import train  # noqa: F401
     from deebert_jax.training.steps import TrainState  # noqa: F401
     from deebert_jax.weights.checkpoint import load_checkpoint, save_checkpoint  # noqa: F401
-    from deebert_jax.weights.convert import (CheckpointError, convert_pytorch_checkpoint,  # noqa: F401
-                                             export_pytorch_checkpoint, load_pytorch_checkpoint)
+    from deebert_jax.weights.convert import (convert_pytorch_checkpoint, export_pytorch_checkpoint,  # noqa: F401
+                                             load_pytorch_checkpoint)
+    from deebert_jax.weights.torch_files import CheckpointError  # noqa: F401

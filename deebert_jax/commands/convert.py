@@ -34,7 +34,8 @@ def _main(argv) -> int:
     setup_process()   # process-wide settings, before JAX runs anything
 
     from deebert_jax.weights.checkpoint import is_checkpoint_dir, save_checkpoint
-    from deebert_jax.weights.convert import convert_pytorch_checkpoint, resolve_model_dir
+    from deebert_jax.weights.convert import convert_pytorch_checkpoint
+    from deebert_jax.weights.torch_files import resolve_model_dir
     from deebert_jax.data.glue import has_tokenizer, load_tokenizer
     from deebert_jax.core.fileutil import check_output_path
 

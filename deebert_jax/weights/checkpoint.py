@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 from deebert_jax.core.errors import InputError
 from deebert_jax.core.config import ConfigError, DeeBertConfig, read_json_object
 from deebert_jax.data.glue import TOKENIZER_READ_FILES
-from deebert_jax.weights.convert import WEIGHT_FILES, CheckpointError
+from deebert_jax.weights.torch_files import WEIGHT_FILES, CheckpointError
 from deebert_jax.core.fileutil import atomic_directory
 
 CONFIG_FILE = "deebert_config.json"

@@ -41,7 +41,8 @@ def load_initial_model(cfg, labels: int) -> tuple[DeeBertConfig, Params, str | N
     directory; any directory `load_pytorch_checkpoint` accepts (or a hub id, when online);
     "" the packaged MiniLM-L6.
     """
-    from deebert_jax.weights.convert import load_pytorch_checkpoint, resolve_model_dir
+    from deebert_jax.weights.convert import load_pytorch_checkpoint
+    from deebert_jax.weights.torch_files import resolve_model_dir
 
     init = cfg.get("init_checkpoint", "") or ""
     if init == "random":

@@ -76,7 +76,7 @@ class TorchDeeBert(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, attn_implementation: str = "sdpa") -> "TorchDeeBert":
         """Loads a DeeBERT- or DeeRoBERTa-format directory (`config.json` + weights) strictly, in eval mode."""
-        from deebert_jax.weights.convert import CheckpointError, find_weights_file, read_state_dict
+        from deebert_jax.weights.torch_files import CheckpointError, find_weights_file, read_state_dict
         directory = os.fspath(directory)
         path = os.path.join(directory, "config.json")
         if not os.path.isfile(path):
