@@ -203,9 +203,7 @@ def _inputs(args, config, model_dir, spec):
     return arrays, f"{task} dev, {n} sentences, padded to {args.seq_len} (mean {real:.1f} real tokens)"
 
 
-def entry(argv=None) -> int:
-    """The command as the console script and `python -m` run it -> its exit status."""
-    return main(argv)
+entry = main   # the console script and `python -m`: `main` prints its own errors
 
 
 if __name__ == "__main__":

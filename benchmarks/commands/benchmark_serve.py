@@ -15,6 +15,7 @@ no errors. Writes JSON, a markdown table (.md) and a latency-against-load plot (
 
 from __future__ import annotations
 
+import functools
 import argparse
 import os
 import sys
@@ -94,9 +95,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def entry(argv=None) -> int:
-    """The command as the console script and `python -m` run it -> its exit status."""
-    return run(main, argv)
+entry = functools.partial(run, main)   # the console script and `python -m`: errors as one line
 
 
 if __name__ == "__main__":

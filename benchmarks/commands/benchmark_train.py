@@ -16,6 +16,7 @@ stage-1 step built as JAX ships it (`cpu_rng` and `matmul` undone), timed in the
 
 from __future__ import annotations
 
+import functools
 import argparse
 import json
 import sys
@@ -88,9 +89,7 @@ def _cli(argv: list[str]) -> int:
     return 0
 
 
-def entry(argv=None) -> int:
-    """The command as the console script and `python -m` run it -> its exit status."""
-    return run(_cli, argv)
+entry = functools.partial(run, _cli)   # the console script and `python -m`: errors as one line
 
 
 if __name__ == "__main__":

@@ -11,15 +11,15 @@ one line `error: ...` and exit status 1 (`--debug`: tracebacks, here and in ever
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
 import subprocess
 import sys
-from typing import NoReturn
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from deebert_jax.commands import cli
@@ -171,11 +171,8 @@ def _demo(argv) -> int:
     return 0
 
 
-def entry(argv=None) -> NoReturn:
-    """The command as the console script and `python -m` run it: flags from `argv` (default
-    sys.argv); absl's `app.run` exits the process with `main`'s status."""
-    app.run(lambda args: sys.exit(main(args)), argv=None if argv is None else [sys.argv[0], *argv],
-            flags_parser=cli.parse_absl_flags)
+# The console script and `python -m`: absl parses the flags and exits with `main`'s status.
+entry = functools.partial(cli.run_absl, main)
 
 
 if __name__ == "__main__":

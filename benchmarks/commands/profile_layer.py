@@ -8,6 +8,7 @@ warm-up calls. Prints one line per piece (milliseconds); `docs/performance.md` r
 
 from __future__ import annotations
 
+import functools
 import argparse
 import sys
 
@@ -92,9 +93,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def entry(argv=None) -> int:
-    """The command as the console script and `python -m` run it -> its exit status."""
-    return run(main, argv)
+entry = functools.partial(run, main)   # the console script and `python -m`: errors as one line
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ that is removed afterwards.
 
 from __future__ import annotations
 
+import functools
 import argparse
 import json
 import os
@@ -149,9 +150,7 @@ def _profile_torch(args, argv) -> int:
     return 0
 
 
-def entry(argv=None) -> int:
-    """The command as the console script and `python -m` run it -> its exit status."""
-    return run(main, argv)
+entry = functools.partial(run, main)   # the console script and `python -m`: errors as one line
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ calibration examples, and reports its drop and saving on examples disjoint from 
 
 from __future__ import annotations
 
+import functools
 import argparse
 import os
 import sys
@@ -148,9 +149,7 @@ def existing_policy_note(directory: str, filename: str) -> str:
             f"move it away to run at full depth")
 
 
-def entry(argv=None) -> int:
-    """The command as the console script and `python -m` run it -> its exit status."""
-    return run(main, argv)
+entry = functools.partial(run, main)   # the console script and `python -m`: errors as one line
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 DEBUG_FLAG = "--debug"
 
@@ -99,6 +99,14 @@ def parse_absl_flags(argv: list[str]) -> list[str]:
             text = text.split(": ", 1)[1] if text.split(":")[0].endswith(("Error", "Exception")) else text
         print(f"error: {one_line(ValueError(text))}", file=sys.stderr)
         sys.exit(1)
+
+
+def run_absl(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> NoReturn:
+    """An absl command (flags from `argv`, default sys.argv[1:]): `app.run` parses them with
+    `parse_absl_flags` and exits the process with `main`'s status."""
+    from absl import app
+    app.run(lambda args: sys.exit(main(args)), argv=None if argv is None else [sys.argv[0], *argv],
+            flags_parser=parse_absl_flags)
 
 
 def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:

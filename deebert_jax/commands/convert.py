@@ -60,9 +60,7 @@ def _main(argv) -> int:
     return 0
 
 
-def entry(argv=None) -> int:
-    """The command as the console script and `python -m` run it -> its exit status."""
-    return main(argv)
+entry = main   # the console script and `python -m`: `main` prints its own errors
 
 
 if __name__ == "__main__":

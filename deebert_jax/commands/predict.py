@@ -16,6 +16,7 @@ is written, and `--out` may not be `--input` or a file of DIR.
 
 from __future__ import annotations
 
+import functools
 import argparse
 import json
 import os
@@ -105,9 +106,7 @@ def summary(exit_layer, num_layers: int, seconds: float, truncated, max_seq_leng
             f"{int(truncated.sum())} truncated to {max_seq_length} tokens")
 
 
-def entry(argv=None) -> int:
-    """The command as the console script and `python -m` run it -> its exit status."""
-    return run(main, argv)
+entry = functools.partial(run, main)   # the console script and `python -m`: errors as one line
 
 
 if __name__ == "__main__":

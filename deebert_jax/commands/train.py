@@ -7,9 +7,8 @@ Started again on the same workdir it resumes from the latest checkpoint. A bad c
 or a NaN loss ends with one line `error: ...` and exit status 1 (`--debug`: the traceback).
 """
 
+import functools
 import logging
-import sys
-from typing import NoReturn
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -49,11 +48,8 @@ def main(argv):
     return cli.run(_train, argv[1:] + ([cli.DEBUG_FLAG] if _DEBUG.value else []))
 
 
-def entry(argv=None) -> NoReturn:
-    """The command as the console script and `python -m` run it: flags from `argv` (default
-    sys.argv); absl's `app.run` exits the process with `main`'s status."""
-    app.run(lambda args: sys.exit(main(args)), argv=None if argv is None else [sys.argv[0], *argv],
-            flags_parser=cli.parse_absl_flags)
+# The console script and `python -m`: absl parses the flags and exits with `main`'s status.
+entry = functools.partial(cli.run_absl, main)
 
 
 if __name__ == "__main__":

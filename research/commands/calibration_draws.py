@@ -15,6 +15,7 @@ off-ramp (as `config.ramp_temperature` does after training) and the draws come f
 
 from __future__ import annotations
 
+import functools
 import argparse
 import json
 import sys
@@ -120,9 +121,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def entry(argv=None) -> int:
-    """The command as the console script and `python -m` run it -> its exit status."""
-    return run(main, argv)
+entry = functools.partial(run, main)   # the console script and `python -m`: errors as one line
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ curve goes with it. Writes strict JSON (`--out`), and on request the Markdown ta
 
 from __future__ import annotations
 
+import functools
 import argparse
 import os
 import shlex
@@ -80,9 +81,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def entry(argv=None) -> int:
-    """The command as the console script and `python -m` run it -> its exit status."""
-    return run(main, argv)
+entry = functools.partial(run, main)   # the console script and `python -m`: errors as one line
 
 
 if __name__ == "__main__":

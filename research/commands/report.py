@@ -140,9 +140,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def entry(argv=None) -> int:
-    """The command as the console script and `python -m` run it -> its exit status."""
-    return main(argv)
+entry = main   # the console script and `python -m`: `main` prints its own errors
 
 
 if __name__ == "__main__":
