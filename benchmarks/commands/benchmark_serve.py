@@ -15,8 +15,8 @@ no errors. Writes JSON, a markdown table (.md) and a latency-against-load plot (
 
 from __future__ import annotations
 
-import functools
 import argparse
+import functools
 import os
 import sys
 import tempfile

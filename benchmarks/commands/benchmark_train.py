@@ -16,8 +16,8 @@ stage-1 step built as JAX ships it (`cpu_rng` and `matmul` undone), timed in the
 
 from __future__ import annotations
 
-import functools
 import argparse
+import functools
 import json
 import sys
 import tempfile

@@ -8,8 +8,8 @@ warm-up calls. Prints one line per piece (milliseconds); `docs/performance.md` r
 
 from __future__ import annotations
 
-import functools
 import argparse
+import functools
 import sys
 
 from deebert_jax.commands.cli import positive_int, run

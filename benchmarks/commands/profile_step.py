@@ -16,8 +16,8 @@ that is removed afterwards.
 
 from __future__ import annotations
 
-import functools
 import argparse
+import functools
 import json
 import os
 import shutil

@@ -16,8 +16,8 @@ is written, and `--out` may not be `--input` or a file of DIR.
 
 from __future__ import annotations
 
-import functools
 import argparse
+import functools
 import json
 import os
 import sys

@@ -15,8 +15,8 @@ off-ramp (as `config.ramp_temperature` does after training) and the draws come f
 
 from __future__ import annotations
 
-import functools
 import argparse
+import functools
 import json
 import sys
 

@@ -14,13 +14,13 @@ curve goes with it. Writes strict JSON (`--out`), and on request the Markdown ta
 
 from __future__ import annotations
 
-import functools
 import argparse
+import functools
 import os
 import shlex
 import sys
 
-from deebert_jax.commands.calibrate import add_calibration_data_flags, check_length_and_outputs, load_calibration_sets
+from deebert_jax.commands.calibration_data import add_calibration_data_flags, check_length_and_outputs, load_calibration_sets
 from deebert_jax.core.errors import InputError
 from deebert_jax.commands.cli import confidence_level, floats, run
 
