@@ -37,6 +37,7 @@ from deebert_jax.core import runtime
 from deebert_jax.core.config import DeeBertConfig
 from deebert_jax.core.fileutil import atomic_write_text
 from deebert_jax.inference.early_exit import ExitResult
+from deebert_jax.inference.exit_aware import exit_aware_predict
 
 # The original DeeBERT scripts' entropy sweep.
 ENTROPY_THRESHOLDS = (0.0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -76,7 +77,6 @@ def make_predictor(config: DeeBertConfig, params, rule: str = "entropy", mode: s
         return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
 
     if mode == "exit_aware":
-        from deebert_jax.inference.exit_aware import exit_aware_predict
         device_params = jax.device_put(params, devices[0])
         return lambda batch, t: exit_aware_predict(config, device_params, *inputs(batch), t, rule, dtype=dtype,
                                                    validate_inputs=validate_inputs)

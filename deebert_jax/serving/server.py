@@ -20,6 +20,7 @@ import uvicorn
 from deebert_jax.core.errors import InputError
 from deebert_jax.serving.app import DEFAULT_MAX_QUEUE, Service, create_app
 from deebert_jax.serving.requests import length_classes
+from deebert_jax.serving.scheduler import DEFAULT_ADMIT_BUDGET_S, DEFAULT_SCHEDULE, check_schedule
 
 # `--backend`'s choices. "jax" is the product's engine; any other is handed in by the caller as an
 # engine factory (the serving benchmark's eager PyTorch baseline lives in benchmarks/, which the
@@ -50,7 +51,6 @@ def build_service(model_dir: str, *, threshold: float | None = None, rule: str |
         raise InputError(f"backend {backend!r} is the serving benchmark's baseline, which is not installed: run "
                          f"`python -m train.serve --backend {backend}` from a checkout")
     if schedule is not None:
-        from deebert_jax.serving.scheduler import check_schedule
         check_schedule(schedule)
     model = open_model_dir(model_dir)
     config, params = model.config, model.params
@@ -61,8 +61,7 @@ def build_service(model_dir: str, *, threshold: float | None = None, rule: str |
     info = {"model": os.path.basename(os.path.normpath(model_dir)), "layers": L, "lengths": list(lengths),
             "backend": backend}
     if backend == "jax":
-        from deebert_jax.serving.engine import Engine
-        from deebert_jax.serving.scheduler import DEFAULT_ADMIT_BUDGET_S, DEFAULT_SCHEDULE
+        from deebert_jax.serving.engine import Engine   # JAX: after setup_process, as above
         threshold, rule, note = model.threshold(threshold, rule, max_seq_length=max_seq_length)
         schedule = schedule or DEFAULT_SCHEDULE
         budget = DEFAULT_ADMIT_BUDGET_S if admit_budget_s is None else admit_budget_s

@@ -33,6 +33,8 @@ from deebert_jax.training.run_config import (RUN_SPEC_FILE, calibration_budget, 
                                              stage_steps, validate_config)
 from deebert_jax.core.runtime import MetricsLog, maybe_initialize_distributed, pmap_devices, replicate, \
     unreplicate, workdir_lock
+from deebert_jax.evaluation import calibration, ramp_temperature
+from deebert_jax.weights.checkpoint import ramp_temperature_record
 
 
 Params = Any
@@ -235,7 +237,6 @@ class FittedTemperatures:
 def fit_temperatures_after_training(ctx: RunContext) -> FittedTemperatures | None:
     """`config.ramp_temperature`: fits one temperature per off-ramp on the first
     `config.temperature_rows` held-out rows (`evaluation.ramp_temperature`); None when off."""
-    from deebert_jax.evaluation import ramp_temperature
 
     rows = ramp_temperature_rows(ctx.cfg)
     if not rows:
@@ -256,7 +257,6 @@ def fit_temperatures_after_training(ctx: RunContext) -> FittedTemperatures | Non
 def _check_model_temperatures(ctx: RunContext, model_dir: str) -> None:
     """A finished run again keeps its model; asking it for other off-ramp temperatures than the
     model was written with would do nothing, so it is refused (InputError) with what to do."""
-    from deebert_jax.weights.checkpoint import ramp_temperature_record
 
     asked = (ctx.cfg.get("ramp_temperature", "none") if ctx.holdout is not None else "none")
     record = ramp_temperature_record(model_dir)
@@ -273,7 +273,6 @@ def calibrate_after_training(ctx: RunContext, model_dir: str, fitted: FittedTemp
     params the model directory holds. -> {"policy": the policy or None, "refused": reason or None}.
     A budget nothing meets is not an error: the model is written without a policy, and the
     reason is logged, recorded in metrics.jsonl and returned."""
-    from deebert_jax.evaluation import calibration
 
     budget = calibration_budget(ctx.cfg)
     batch = int(ctx.cfg.eval_batch_size)
