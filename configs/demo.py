@@ -4,7 +4,7 @@ latency, in about 20 minutes on 2 CPU cores (`configs/glue.py:model=minilm,budge
     python -m train.demo --config configs/demo.py [--config.train_limit=0 ...]
 """
 
-from configs import glue
+from deebert_jax.configs import glue
 
 
 def get_config():

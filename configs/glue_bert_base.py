@@ -1,12 +1,5 @@
-"""The paper's setting for bert-base (`configs/glue.py:model=bert_base,budget=paper`): lr 2e-5,
-batch 8 per device, 3 epochs per stage, length 128, no warmup, no weight decay, clipping at 1.0.
+"""`configs/glue_bert_base.py` in a checkout: the training config installed with the package
+(`deebert_jax/configs/glue_bert_base.py`), so both paths name the same values."""
 
-Needs bert-base weights: --config.init_checkpoint=/path/to/bert-base-uncased (config.json +
-model.safetensors or pytorch_model.bin, with its tokenizer).
-"""
-
-from configs import glue
-
-
-def get_config():
-    return glue.get_config("model=bert_base,budget=paper")
+from deebert_jax.configs.glue_bert_base import *  # noqa: F401,F403
+from deebert_jax.configs.glue_bert_base import get_config  # noqa: F401

@@ -1,11 +1,5 @@
-"""The packaged MiniLM-L6 fine-tuned on one GLUE task, then its off-ramps: the paper's recipe
-with the step sizes a 6-layer, 384-wide model prefers (`configs/glue.py:model=minilm,budget=paper`).
+"""`configs/glue_minilm.py` in a checkout: the training config installed with the package
+(`deebert_jax/configs/glue_minilm.py`), so both paths name the same values."""
 
-    python -m train.train --config configs/glue_minilm.py --config.task=SST-2 --config.workdir=workdirs/sst2
-"""
-
-from configs import glue
-
-
-def get_config():
-    return glue.get_config("model=minilm,budget=paper")
+from deebert_jax.configs.glue_minilm import *  # noqa: F401,F403
+from deebert_jax.configs.glue_minilm import get_config  # noqa: F401

@@ -1,12 +1,5 @@
-"""The paper's setting for roberta-base (`configs/glue.py:model=roberta_base,budget=paper`): lr 2e-5,
-batch 8 per device, 10 epochs per stage, length 128, no warmup, no weight decay, clipping at 1.0.
+"""`configs/glue_roberta_base.py` in a checkout: the training config installed with the package
+(`deebert_jax/configs/glue_roberta_base.py`), so both paths name the same values."""
 
-Needs roberta-base weights: --config.init_checkpoint=/path/to/roberta-base (config.json +
-model.safetensors or pytorch_model.bin, with its tokenizer: vocab.json + merges.txt or tokenizer.json).
-"""
-
-from configs import glue
-
-
-def get_config():
-    return glue.get_config("model=roberta_base,budget=paper")
+from deebert_jax.configs.glue_roberta_base import *  # noqa: F401,F403
+from deebert_jax.configs.glue_roberta_base import get_config  # noqa: F401

@@ -4,7 +4,7 @@
     python -m train.demo --config configs/sst2_full.py --config.workdir=workdirs/results/sst2
 """
 
-from configs import glue
+from deebert_jax.configs import glue
 
 
 def get_config():

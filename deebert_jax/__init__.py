@@ -1,7 +1,7 @@
 """deebert-jax: DeeBERT (dynamic early exiting for BERT) in JAX/Flax.
 
 The library by layer (docs/architecture.md): `core`, `cpu`, `data`, `model`, `weights`,
-`inference`, `training`, `evaluation`, `bench`. The names below are its public API, importable
+`inference`, `training`, `evaluation`, `serving`, `commands`. The names below are its public API, importable
 from here; each is loaded on first use, so `import deebert_jax` defines names and changes nothing
 else (not even JAX's import runs). `setup_process` is the explicit opt-in to the process-wide
 settings the command-line entry points use.
@@ -17,21 +17,23 @@ _PUBLIC = {
     "deebert_jax.core.config": ("ConfigError", "DeeBertConfig"),
     "deebert_jax.core.errors": ("DeeBertError", "NonFiniteLossError"),
     "deebert_jax.core.fileutil": ("OutputPathError",),
-    "deebert_jax.core.process": ("setup_process",),
-    "deebert_jax.data.glue": ("DataError", "eval_batches", "load_split", "load_tokenizer", "num_labels"),
+    "deebert_jax.cpu.process": ("setup_process",),
+    "deebert_jax.data.glue": ("DataError", "load_split", "load_tokenizer", "num_labels"),
+    "deebert_jax.data.batching": ("eval_batches",),
     "deebert_jax.data.validation": ("check_model_inputs",),
     "deebert_jax.model.modeling": ("DeeBert", "init_params"),
     "deebert_jax.model.layouts": ("stack_params", "unstack_params"),
     "deebert_jax.model.inference_step": ("layer_step",),
-    "deebert_jax.weights.convert": ("CheckpointError", "convert_pytorch_checkpoint", "export_pytorch_checkpoint",
+    "deebert_jax.weights.convert": ("convert_pytorch_checkpoint", "export_pytorch_checkpoint",
                                     "load_pytorch_checkpoint"),
+    "deebert_jax.weights.torch_files": ("CheckpointError",),
     "deebert_jax.weights.checkpoint": ("load_checkpoint", "save_checkpoint"),
     "deebert_jax.inference.early_exit": ("ExitResult", "ExitState", "early_exit_predict", "early_exit_predict_pmap",
                                          "record_exits", "replicate_params"),
     "deebert_jax.inference.exit_aware": ("exit_aware_predict",),
     "deebert_jax.training.loop": ("train",),
     "deebert_jax.training.steps": ("TrainState",),
-    "deebert_jax.evaluation.calibration": ("load_exit_policy",),
+    "deebert_jax.inference.exit_policy": ("load_exit_policy",),
 }
 _WHERE = {name: module for module, names in _PUBLIC.items() for name in names}
 
@@ -55,10 +57,11 @@ if TYPE_CHECKING:   # for type checkers and IDEs: the same names, imported eager
     from deebert_jax.core.config import ConfigError, DeeBertConfig  # noqa: F401
     from deebert_jax.core.errors import DeeBertError, NonFiniteLossError  # noqa: F401
     from deebert_jax.core.fileutil import OutputPathError  # noqa: F401
-    from deebert_jax.core.process import setup_process  # noqa: F401
-    from deebert_jax.data.glue import DataError, eval_batches, load_split, load_tokenizer, num_labels  # noqa: F401
+    from deebert_jax.cpu.process import setup_process  # noqa: F401
+    from deebert_jax.data.batching import eval_batches  # noqa: F401
+    from deebert_jax.data.glue import DataError, load_split, load_tokenizer, num_labels  # noqa: F401
     from deebert_jax.data.validation import check_model_inputs  # noqa: F401
-    from deebert_jax.evaluation.calibration import load_exit_policy  # noqa: F401
+    from deebert_jax.inference.exit_policy import load_exit_policy  # noqa: F401
     from deebert_jax.inference.early_exit import (ExitResult, ExitState, early_exit_predict,  # noqa: F401
                                                   early_exit_predict_pmap, record_exits, replicate_params)
     from deebert_jax.inference.exit_aware import exit_aware_predict  # noqa: F401
@@ -68,5 +71,6 @@ if TYPE_CHECKING:   # for type checkers and IDEs: the same names, imported eager
     from deebert_jax.training.loop import train  # noqa: F401
     from deebert_jax.training.steps import TrainState  # noqa: F401
     from deebert_jax.weights.checkpoint import load_checkpoint, save_checkpoint  # noqa: F401
-    from deebert_jax.weights.convert import (CheckpointError, convert_pytorch_checkpoint,  # noqa: F401
-                                             export_pytorch_checkpoint, load_pytorch_checkpoint)
+    from deebert_jax.weights.convert import (convert_pytorch_checkpoint, export_pytorch_checkpoint,  # noqa: F401
+                                             load_pytorch_checkpoint)
+    from deebert_jax.weights.torch_files import CheckpointError  # noqa: F401

@@ -16,7 +16,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # What every command does first (tests run library code in-process, as the commands do).
-from deebert_jax.core.process import setup_process  # noqa: E402
+from deebert_jax.cpu.process import setup_process  # noqa: E402
 
 setup_process()
 

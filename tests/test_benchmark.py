@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from deebert_jax.bench import benchmarking as bm
-from deebert_jax.bench import harness
-from deebert_jax.bench import report as bench_report
+from benchmarks import benchmarking as bm
+from benchmarks import harness
+from benchmarks import report as bench_report
 from deebert_jax.model import inference_step, modeling
 from deebert_jax.core.config import tiny_config
 
@@ -58,7 +58,7 @@ def test_cli_writes_valid_json_table_and_plot(tiny_run):
 
 
 def test_precision_names_and_the_older_dtype_flag():
-    from deebert_jax.bench.precision import Precision, PrecisionError, resolve
+    from benchmarks.precision import Precision, PrecisionError, resolve
     assert resolve(None) == Precision("fp32") and resolve(None, "bfloat16") == Precision("bf16")
     assert resolve("tf32", "float32").dtype == "float32" and resolve("bf16").dtype == "bfloat16"
     assert (Precision("tf32").jax_matmul_precision, Precision("tf32").torch_matmul_precision) == ("tensorfloat32", "high")
@@ -319,7 +319,7 @@ def _step_result(**changes):
 
 
 def test_benchmark_train_schema_names_the_key_at_fault():
-    from deebert_jax.bench import train_step as step_benchmark
+    from benchmarks import train_step as step_benchmark
     step_benchmark.validate(_step_result())
     assert "precision bf16 on both sides" in step_benchmark.table(_step_result())
     for key in ("precision", "torch_device"):
@@ -334,7 +334,7 @@ def test_benchmark_train_schema_names_the_key_at_fault():
 
 @pytest.mark.slow   # about 25 s: `pytest -m slow`
 def test_benchmark_train_records_its_precision_and_device(tmp_path):
-    from deebert_jax.bench import train_step as step_benchmark
+    from benchmarks import train_step as step_benchmark
     from train.benchmark_train import main
     out = tmp_path / "bt.json"
     result = main(["--random-model", "tiny", "--precision", "tf32", "--batch-size", "8", "--seq-len", "16",

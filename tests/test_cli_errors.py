@@ -125,8 +125,8 @@ def test_every_user_facing_error_is_a_deebert_error_and_only_those_are_one_line(
     import pytest
 
     import deebert_jax
-    from deebert_jax.bench.harness import BenchmarkError
-    from deebert_jax.bench.precision import PrecisionError
+    from benchmarks.harness import BenchmarkError
+    from benchmarks.precision import PrecisionError
     from deebert_jax.core.errors import InputError
     from deebert_jax.evaluation.calibration import CalibrationError
     from deebert_jax.weights.checkpoint import DamagedCheckpointError

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from deebert_jax.data import batching
 from deebert_jax.data import glue as data
 
 
@@ -124,7 +125,7 @@ def test_eval_batches_count_every_example_once(n, batch):
     arrays = data.load_split("synthetic", "dev", vocab_size=30, max_seq_length=6, limit=n)
     arrays["labels"] = np.arange(n, dtype=np.int32)  # label = example index, to track each one
     seen = []
-    for b in data.eval_batches(arrays, batch):
+    for b in batching.eval_batches(arrays, batch):
         assert all(b[k].shape[0] == batch for k in (*data.ARRAY_KEYS, "valid"))
         assert (b["attention_mask"][~b["valid"]] == 0).all()
         seen.extend(b["labels"][b["valid"]].tolist())
@@ -133,19 +134,19 @@ def test_eval_batches_count_every_example_once(n, batch):
 
 def test_train_batches_resume_and_host_shards():
     arrays = data.load_split("synthetic", "train", vocab_size=30, max_seq_length=6, limit=40)
-    per_epoch = data.steps_per_epoch(40, 16)
+    per_epoch = batching.steps_per_epoch(40, 16)
     assert per_epoch == 2
-    epoch0 = [data.train_batch(arrays, 16, seed=1, step=s)["input_ids"] for s in range(2)]
-    again = data.train_batch(arrays, 16, seed=1, step=1)["input_ids"]
+    epoch0 = [batching.train_batch(arrays, 16, seed=1, step=s)["input_ids"] for s in range(2)]
+    again = batching.train_batch(arrays, 16, seed=1, step=1)["input_ids"]
     np.testing.assert_array_equal(epoch0[1], again)
-    next_epoch = data.train_batch(arrays, 16, seed=1, step=2)["input_ids"]
+    next_epoch = batching.train_batch(arrays, 16, seed=1, step=2)["input_ids"]
     assert not np.array_equal(next_epoch, epoch0[0])  # reshuffled each epoch
-    hosts = [data.train_batch(arrays, 16, seed=1, step=1, process_index=i, process_count=2) for i in range(2)]
+    hosts = [batching.train_batch(arrays, 16, seed=1, step=1, process_index=i, process_count=2) for i in range(2)]
     np.testing.assert_array_equal(np.concatenate([h["input_ids"] for h in hosts]), epoch0[1])
-    sharded = data.shard(hosts[0], 4)
+    sharded = batching.shard(hosts[0], 4)
     assert sharded["input_ids"].shape == (4, 2, 6) and sharded["labels"].shape == (4, 2)
     with pytest.raises(data.DataError, match="fewer than one global batch"):
-        data.train_batch(arrays, 64, seed=1, step=0)
+        batching.train_batch(arrays, 64, seed=1, step=0)
 
 
 def test_load_tokenizer_prefers_tokenizer_subdir(tmp_path, tokenizer):
@@ -181,9 +182,9 @@ def test_host_eval_rows_cover_the_split_once():
     arrays["labels"] = np.arange(11, dtype=np.int32)
     seen, batches = [], set()
     for host in range(3):
-        part = data.host_eval_rows(arrays, host, 3)
+        part = batching.host_eval_rows(arrays, host, 3)
         assert part["input_ids"].shape == (4, 6)  # every host the same number of rows
-        host_batches = list(data.eval_batches(part, 3))
+        host_batches = list(batching.eval_batches(part, 3))
         batches.add(len(host_batches))
         for b in host_batches:
             seen.extend(b["labels"][b["valid"]].tolist())

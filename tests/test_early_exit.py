@@ -275,3 +275,12 @@ def test_pmap_matches_single_device_and_each_device_stops_on_its_own(params):
     out = ee.early_exit_predict_pmap(CONFIG, params, ids, mask, types, 0.0, devices=two)
     np.testing.assert_array_equal(np.asarray(out.layers_run), [0, L])
     np.testing.assert_array_equal(np.asarray(out.exit_layer), [0, 0, L, L])
+
+
+def test_the_full_depth_threshold_is_the_first_of_every_sweep():
+    from deebert_jax.evaluation.sweep import default_thresholds
+    from deebert_jax.inference.early_exit import EXIT_RULES, full_depth_threshold
+
+    for rule in EXIT_RULES:
+        for layers in (2, 6, 12):
+            assert full_depth_threshold(rule, layers) == default_thresholds(rule, layers)[0]

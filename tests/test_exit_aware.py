@@ -13,7 +13,7 @@ from deebert_jax.inference.early_exit import early_exit_predict, entropy
 from deebert_jax.inference.exit_aware import exit_aware_predict, padded_pool_size
 from deebert_jax.model.modeling import init_params
 from deebert_jax.model.inference_step import forward
-from train.exit_aware_alternatives import exit_aware_predict_with
+from benchmarks.exit_aware_alternatives import exit_aware_predict_with
 
 CONFIG = tiny_config(num_hidden_layers=4, num_labels=3)
 SEQ = 12

@@ -108,7 +108,7 @@ PROBE = """
 import resource
 import jax, jax.numpy as jnp
 from deebert_jax.cpu import memory as cpu_memory
-from deebert_jax.core.process import setup_process
+from deebert_jax.cpu.process import setup_process
 setup_process()                           # first thing, as every command's main() calls it
 a, b = jnp.ones((8192, 64), jnp.float32), jnp.ones((64, 8192), jnp.float32)
 f = jax.jit(lambda a, b: jnp.sum(jnp.sin(a @ b)))      # a 256 MB temporary, the product

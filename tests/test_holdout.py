@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from deebert_jax.data import batching
 from deebert_jax.data import glue as data
 from deebert_jax.evaluation import calibration
 from deebert_jax.training import loop as training
@@ -85,13 +86,13 @@ def test_holdout_rows_never_reach_a_training_batch_and_choose_the_policy(tmp_pat
     assert len(held_rows) > holdout // 2   # the check below could not pass by accident
 
     seen = []
-    batch_fn = data.train_batch
+    batch_fn = batching.train_batch
 
     def spy(arrays, *args, **kwargs):
         batch = batch_fn(arrays, *args, **kwargs)
         seen.extend(row.tobytes() for row in batch["input_ids"])
         return batch
-    monkeypatch.setattr(data, "train_batch", spy)
+    monkeypatch.setattr(batching, "train_batch", spy)
     result = training.train(cfg)
 
     assert len(seen) == 2 * 4 * cfg.per_device_batch_size * jax.device_count()   # every batch of both stages

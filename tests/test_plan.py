@@ -204,7 +204,7 @@ def test_train_dry_run_writes_the_plan_and_trains_nothing(tmp_path):
 def test_ordinary_commands_stay_quiet_with_libtpu_installed():
     """No TPU here: setup_process names the CPU, so JAX never loads libtpu for an ordinary command."""
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
-    code = ("from deebert_jax.core.process import setup_process; s = setup_process(); import jax; "
+    code = ("from deebert_jax.cpu.process import setup_process; s = setup_process(); import jax; "
             "print(s.tpu_backend_skipped, jax.devices()[0].platform)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

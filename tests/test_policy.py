@@ -9,7 +9,7 @@ import pytest
 from conftest import calibration_config
 
 from deebert_jax.evaluation import calibration
-from deebert_jax.inference import predict
+from deebert_jax.inference import model_dir as model_dir_lib
 from deebert_jax.weights.checkpoint import load_checkpoint, model_fingerprint
 from train import calibrate as calibrate_cli
 from train import predict as predict_cli
@@ -59,7 +59,7 @@ def test_policy_records_what_it_was_calibrated_on_and_loading_checks_it(model_di
         calibration.load_exit_policy(model_dir, model=(config.replace(num_hidden_layers=2), params))
 
     # train.predict and the server say which policy they use (resolve_threshold's note) ...
-    _, _, note = predict.resolve_threshold(model_dir, None, None, 3, model=(config, params), max_seq_length=SEQ)
+    _, _, note = model_dir_lib.resolve_threshold(model_dir, None, None, 3, model=(config, params), max_seq_length=SEQ)
     assert (f"threshold {policy['threshold']:g} from " in note and "budget 30 points of accuracy at confidence 0.9" in note
             and "calibrated on dev-half (50 examples)" in note and f"chosen {policy['chosen_at']}" in note)
     # ... and train.predict refuses one left behind by other weights, in one line, before any work.
@@ -77,7 +77,7 @@ def test_policy_records_what_it_was_calibrated_on_and_loading_checks_it(model_di
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "calibrated on other weights (model_fingerprint 0123456789abcdef" in err
     # A given threshold does not read the policy at all.
-    assert predict.resolve_threshold(copied, 0.2, None, 3, model=(config, params))[:2] == (0.2, "entropy")
+    assert model_dir_lib.resolve_threshold(copied, 0.2, None, 3, model=(config, params))[:2] == (0.2, "entropy")
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -96,7 +96,7 @@ def test_policy_fields_are_type_checked(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
         calibration.load_exit_policy(tmp_path)
     with pytest.raises(ValueError, match=message):
-        predict.resolve_threshold(tmp_path, None, None, 3)
+        model_dir_lib.resolve_threshold(tmp_path, None, None, 3)
 
 
 def test_a_refused_calibration_leaves_the_old_policy_byte_for_byte_and_says_so(model_dir, capsys):
@@ -133,7 +133,7 @@ def test_power_table_matches_the_binomial_tail():
 
 
 def test_calibration_draws_repeat_the_choice_and_report_on_unseen_rows():
-    from deebert_jax.evaluation import calibration_draws
+    from research import calibration_draws
 
     rng = np.random.default_rng(0)
     L, K = 3, 2
@@ -161,8 +161,8 @@ def test_calibration_draws_repeat_the_choice_and_report_on_unseen_rows():
 
 def test_a_model_without_training_json_defaults_to_its_policys_length(model_dir):
     config, _ = load_checkpoint(model_dir)
-    assert predict.resolve_max_seq_length(None, config, model_dir)[0] == config.max_sequence_length
+    assert model_dir_lib.resolve_max_seq_length(None, config, model_dir)[0] == config.max_sequence_length
     calibration.write_exit_policy(model_dir, {"rule": "entropy", "threshold": 0.3, "max_seq_length": SEQ})
-    length, why = predict.resolve_max_seq_length(None, config, model_dir)
+    length, why = model_dir_lib.resolve_max_seq_length(None, config, model_dir)
     assert (length, why) == (SEQ, "the length its exit policy was calibrated at (exit_policy.json)")
-    assert predict.resolve_max_seq_length(32, config, model_dir) == (32, "given")
+    assert model_dir_lib.resolve_max_seq_length(32, config, model_dir) == (32, "given")

@@ -13,7 +13,7 @@ env, hook = dict(os.environ), sys.unraisablehook
 asyncio_filters = list(logging.getLogger("asyncio").filters)
 import deebert_jax, train.train, train.predict, train.benchmark, train.benchmark_train, train.calibrate
 from deebert_jax import *      # every public name, and with them every layer of the library
-from deebert_jax.bench import benchmarking, train_step
+from benchmarks import benchmarking, train_step
 from deebert_jax.cpu import memory, threefry
 from deebert_jax.model import kernels
 from deebert_jax.training import steps

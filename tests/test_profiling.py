@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from deebert_jax.bench import profiling
+from benchmarks import profiling
 
 HLO = """HloModule jit_step
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from deebert_jax.core.errors import InputError
-from deebert_jax.evaluation import calibration, calibration_draws, ramp_temperature
+from deebert_jax.evaluation import calibration, ramp_temperature
+from research import calibration_draws
 from deebert_jax.evaluation.sweep import all_ramp_logits
 from deebert_jax.training import loop as training
 from deebert_jax.training import run_config

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from deebert_jax.core.process import silence_closed_loop_noise
+from deebert_jax.cpu.process import silence_closed_loop_noise
 from deebert_jax.weights.checkpoint import DamagedCheckpointError, TrainCheckpointManager, load_checkpoint, save_checkpoint
 from deebert_jax.core.config import ConfigError, DeeBertConfig, tiny_config
 from deebert_jax.weights.convert import export_pytorch_checkpoint, load_pytorch_checkpoint
@@ -557,7 +557,7 @@ def test_texts_are_cut_before_tokenising_and_truncated_says_so(text, truncated):
 
 def test_max_seq_length_defaults_and_bounds(tmp_path, params):
     from deebert_jax.core.errors import InputError
-    from deebert_jax.inference.predict import resolve_max_seq_length
+    from deebert_jax.inference.model_dir import resolve_max_seq_length
     from deebert_jax.weights.checkpoint import write_training_info
 
     tok = word_tokenizer(model_max_length=512)
@@ -584,7 +584,7 @@ def test_max_seq_length_defaults_and_bounds(tmp_path, params):
     ("in.jsonl", '{"text": "good movie"}\n{"text": "bad"}\n'),
 ])
 def test_a_byte_order_mark_is_not_part_of_the_first_text(tmp_path, name, body):
-    from deebert_jax.inference.predict import read_inputs
+    from deebert_jax.data.text_inputs import read_inputs
 
     (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + body.encode())
     assert read_inputs(tmp_path / name) == [("good movie", None), ("bad", None)]
@@ -592,7 +592,7 @@ def test_a_byte_order_mark_is_not_part_of_the_first_text(tmp_path, name, body):
 
 def test_input_naming_a_directory_says_so(tmp_path):
     from deebert_jax.data.glue import DataError
-    from deebert_jax.inference.predict import read_inputs
+    from deebert_jax.data.text_inputs import read_inputs
 
     with pytest.raises(DataError, match=f"^{tmp_path}: is a directory; expected a .txt, .tsv, .jsonl file of texts$"):
         read_inputs(tmp_path)

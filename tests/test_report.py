@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from deebert_jax.evaluation.report import format_markdown_section, portable_paths, relative_paths
+from benchmarks.results import format_markdown_section, portable_paths, relative_paths
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -106,7 +106,7 @@ def _comparison_file(root):
     command records absolute paths."""
     import numpy as np
 
-    from deebert_jax.evaluation import rule_comparison
+    from research import rule_comparison
 
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 3, (3, 60, 2)).astype(np.float32)

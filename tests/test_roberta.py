@@ -362,7 +362,7 @@ def test_training_on_a_roberta_checkpoint(saved, tmp_path):
 
 def test_benchmark_twin_of_a_roberta_model(deeroberta, tmp_path):
     """What `train.benchmark` times on the PyTorch side: the exported DeeRoBERTa, strictly loaded."""
-    from deebert_jax.bench import benchmarking as bm
+    from benchmarks import benchmarking as bm
     directory, _ = deeroberta
     config, params = load_pytorch_checkpoint(directory)
     twin = bm.torch_twin(config, params, str(tmp_path / "torch"))

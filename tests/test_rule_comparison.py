@@ -1,4 +1,4 @@
-"""`train.compare_rules` and `deebert_jax.evaluation.rule_comparison`: numpy logits built to a purpose, and a
+"""`train.compare_rules` and `research.rule_comparison`: numpy logits built to a purpose, and a
 tiny random checkpoint on the synthetic task."""
 
 import json
@@ -11,7 +11,7 @@ from conftest import calibration_config
 from deebert_jax.evaluation import calibration
 from deebert_jax.data import glue as data
 from deebert_jax.evaluation import sweep as evaluation
-from deebert_jax.evaluation import rule_comparison
+from research import rule_comparison
 from train import compare_rules as compare_cli
 from train.cli import run
 

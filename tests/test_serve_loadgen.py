@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from deebert_jax.serving import bench, loadgen
-from deebert_jax.serving.loadgen import Outcome
+from benchmarks import serving as bench, loadgen
+from benchmarks.loadgen import Outcome
 
 
 def test_poisson_arrivals_are_open_loop_at_the_rate_and_bounded():

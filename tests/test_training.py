@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from configs import tiny as tiny_cfg
+from deebert_jax.data import batching
 from deebert_jax.data import glue as data
 from deebert_jax.core import runtime
 from deebert_jax.training import loop as training
@@ -29,7 +30,7 @@ SEQ = 16
 
 def _batches(n_steps, global_batch, vocab=100):
     arrays = data.load_split("synthetic", "train", vocab_size=vocab, max_seq_length=SEQ, limit=global_batch * n_steps)
-    return [data.train_batch(arrays, global_batch, seed=0, step=i) for i in range(n_steps)]
+    return [batching.train_batch(arrays, global_batch, seed=0, step=i) for i in range(n_steps)]
 
 
 def _run_steps(config, params, stage, batches, devices, settings, dtype="float32"):
@@ -37,7 +38,7 @@ def _run_steps(config, params, stage, batches, devices, settings, dtype="float32
     state = runtime.replicate(train_steps.init_train_state(params, tx, stage, config.num_hidden_layers), devices)
     key = runtime.replicate(jax.random.PRNGKey(0), devices)
     for batch in batches:
-        state, metrics = p_step(state, data.shard(batch, len(devices)), key)
+        state, metrics = p_step(state, batching.shard(batch, len(devices)), key)
     return runtime.unreplicate(state.params), runtime.unreplicate(metrics)
 
 
@@ -239,7 +240,7 @@ def test_metrics_log_drops_what_a_resume_logs_again(tmp_path):
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
-    real_batch = data.train_batch
+    real_batch = batching.train_batch
 
     def poisoned(arrays, global_batch_size, seed, step, *args):
         batch = real_batch(arrays, global_batch_size, seed, step, *args)
@@ -247,7 +248,7 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
             batch["input_ids"] = np.full_like(batch["input_ids"], 10_000)
         return batch
 
-    monkeypatch.setattr(training.data_lib, "train_batch", poisoned)
+    monkeypatch.setattr(training.batching, "train_batch", poisoned)
     work = tmp_path / "nan"
     with pytest.raises(errors.NonFiniteLossError, match=r"stage 1, step 3: loss is nan") as err:
         training.train(_tiny(work, stages="1"))
@@ -296,7 +297,7 @@ def test_model_directory_holds_its_tokenizer(tmp_path, minilm_dir):
     assert again("a pair", "of sentences")["input_ids"] == tokenizer("a pair", "of sentences")["input_ids"]
     assert sorted(os.listdir(tmp_path)) == ["model"]  # no temporary directories left behind
     # The task's label names travel with the model: predictions say "positive", not "LABEL_1".
-    from deebert_jax.inference.predict import label_names
+    from deebert_jax.inference.model_dir import label_names
     assert label_names(tmp_path / "model", config.num_labels) == ["negative", "positive"]
 
 
@@ -365,8 +366,8 @@ def test_one_run_per_workdir(tmp_path):
 def test_cpu_speedups_leave_the_training_step_unchanged():
     """`cpu_rng` (same dropout bits) and `matmul` (kernel gradients as plain matmuls) against the
     step as JAX and Flax ship it: same loss bit for bit, parameters to float rounding."""
-    from deebert_jax.bench.train_step import jax_defaults
-    from deebert_jax.core.process import setup_process
+    from benchmarks.train_step import jax_defaults
+    from deebert_jax.cpu.process import setup_process
 
     config = tiny_config(num_hidden_layers=2)   # dropout on: the masks must be the same draws
     params = model_loading.jitted_init_params(config, jax.random.PRNGKey(4))
@@ -382,7 +383,7 @@ def test_cpu_speedups_leave_the_training_step_unchanged():
         key = runtime.replicate(jax.random.PRNGKey(0), devices)
         losses = []
         for batch in batches:
-            state, metrics = step(state, data.shard(batch, 1), key)
+            state, metrics = step(state, batching.shard(batch, 1), key)
             losses.append(float(runtime.unreplicate(metrics)["loss"]))
         return runtime.unreplicate(state.params), losses
 

@@ -1,69 +1,11 @@
-"""Serve a deebert-jax classifier over HTTP with continuous exit-aware batching.
-
-    python -m train.serve --checkpoint DIR [--host 127.0.0.1] [--port 8080] [--threshold X]
-        [--rule entropy|max_prob|patience] [--max-seq-length N] [--max-queue N]
-        [--schedule arrivals|deepest|shallowest] [--admit-budget-ms 50]
-
-POST /predict {"inputs": "text" | ["t1", ...] | [["text", "pair"], ...]} answers, per input, the
-record `train.predict` writes; GET /health, GET /metrics (Prometheus). Without `--threshold`:
-DIR/exit_policy.json, else the full depth. Prints one `ready: URL` line once every program is
-compiled; SIGTERM / SIGINT answers everything in flight and exits 0. `--backend torch` serves
-the eager PyTorch twin at full depth (the benchmark's baseline).
-"""
-
-from __future__ import annotations
-
-import argparse
-import sys
-
-from train.cli import positive_int, run
+"""`python -m train.serve` in a checkout: `deebert_jax.commands.serve` (installed as `deebert-serve`),
+plus `--backend torch`, the serving benchmark's eager PyTorch baseline, which is not installed."""
+from train import stand_in
 
 
-def parse_args(argv):
-    from deebert_jax.inference.early_exit import EXIT_RULES
-    from deebert_jax.serving.app import DEFAULT_MAX_QUEUE
-    from deebert_jax.serving.scheduler import DEFAULT_ADMIT_BUDGET_S, DEFAULT_SCHEDULE, SCHEDULES
-    from deebert_jax.serving.server import BACKENDS
-
-    parser = argparse.ArgumentParser(prog="python -m train.serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="deebert-jax model directory with its tokenizer/")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="default: DIR/exit_policy.json, else the full depth")
-    parser.add_argument("--rule", default=None, choices=sorted(EXIT_RULES),
-                        help="default: the exit policy's rule, else entropy")
-    parser.add_argument("--max-seq-length", type=positive_int, default=None,
-                        help="longer inputs are truncated; default: the length the model was trained at, else the "
-                             "longest its positions cover (at most the tokenizer's model_max_length)")
-    parser.add_argument("--max-queue", type=positive_int, default=DEFAULT_MAX_QUEUE,
-                        help="rows accepted and not yet answered; past it, 503 with Retry-After")
-    parser.add_argument("--backend", default="jax", choices=BACKENDS,
-                        help="torch: eager PyTorch at full depth with dynamic batching (a baseline)")
-    parser.add_argument("--schedule", default=DEFAULT_SCHEDULE, choices=SCHEDULES,
-                        help="which group of rows runs next (docs/serving.md): arrivals (new rows start at "
-                             "once, then the deepest group), deepest (the old order) or shallowest")
-    parser.add_argument("--admit-budget-ms", type=float, default=DEFAULT_ADMIT_BUDGET_S * 1e3,
-                        help="arrivals: new rows wait while the oldest row in flight is older than this "
-                             "(inf: never wait)")
-    return parser.parse_args(argv)
+def _torch_engine(config, params, lengths):
+    from benchmarks.torch_engine import build_engine   # torch loads only for --backend torch
+    return build_engine(config, params, lengths)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from deebert_jax.core.process import setup_process
-    setup_process()   # process-wide settings, before JAX runs anything
-    from deebert_jax.serving import server
-
-    say = server.flush_print
-    service = server.build_service(args.checkpoint, threshold=args.threshold, rule=args.rule,
-                                   max_seq_length=args.max_seq_length, max_queue=args.max_queue,
-                                   backend=args.backend, say=say, schedule=args.schedule,
-                                   admit_budget_s=args.admit_budget_ms / 1e3)
-    sock = server.bind(args.host, args.port)
-    say(f"listening on http://{args.host}:{args.port}; compiling before taking requests")
-    return server.serve(service, sock, say)
-
-
-if __name__ == "__main__":
-    sys.exit(run(main))
+stand_in(__name__, "deebert_jax.commands.serve", engine_factories={"torch": _torch_engine})

@@ -8,7 +8,7 @@ import numbers
 import os
 from typing import Any, Mapping
 
-from deebert_jax.core.errors import DeeBertError
+from deebert_jax.core.errors import DeeBertError, InputError
 
 # Hugging Face activation names -> how our Flax layer computes them.
 SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish", "tanh")
@@ -27,6 +27,17 @@ MAX_PARAMETERS = 2 ** 31 - 1
 
 class ConfigError(DeeBertError, ValueError):
     """A configuration we cannot run faithfully."""
+
+
+# The kernel choices (`model.kernels`, the backend seam). The names live here, below the model and
+# `cpu.process`, because setting up a process checks them before any model code loads.
+KERNELS = ("reference", "cpu_tuned")
+
+
+def check_kernels(kernels: str) -> str:
+    if kernels not in KERNELS:
+        raise InputError(f"kernels={kernels!r}: expected one of {', '.join(KERNELS)}")
+    return kernels
 
 
 @dataclasses.dataclass(frozen=True)

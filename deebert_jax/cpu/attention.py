@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from deebert_jax.model.attention import _dropout, _forward_values, _heads
+from deebert_jax.core.attention_values import dropout, forward_values, heads
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -26,12 +26,12 @@ def attention(q, k, v, mask_bias, keep, rate):
     """q [B, Sq, h, d], k and v [B, S, h, d], mask_bias [B, S] additive, keep [B, h, Sq, S] bool (the
     dropout mask of the attention probabilities; None: no dropout), rate (its dropout rate)
     -> context [B, Sq, h, d] in q's dtype."""
-    return _forward_values(q, k, v, mask_bias, keep, rate)[0]
+    return forward_values(q, k, v, mask_bias, keep, rate)[0]
 
 
 def _fwd(q, k, v, mask_bias, keep, rate):
-    context, (probs, kt, vh) = _forward_values(q, k, v, mask_bias, keep, rate)
-    qt = lax.optimization_barrier(_heads(q, (0, 2, 3, 1)))   # [B, h, d, Sq], for dK^T = q^T @ dS
+    context, (probs, kt, vh) = forward_values(q, k, v, mask_bias, keep, rate)
+    qt = lax.optimization_barrier(heads(q, (0, 2, 3, 1)))   # [B, h, d, Sq], for dK^T = q^T @ dS
     return context, (probs, keep, qt, kt, vh, mask_bias)
 
 
@@ -39,12 +39,12 @@ def _bwd(rate, residuals, g):
     probs, keep, qt, kt, vh, mask_bias = residuals
     dt = g.dtype
     batched = lambda lhs, rhs, contract: lax.dot_general(lhs, rhs, (((3,), (contract,)), ((0, 1), (0, 1))))
-    d_out = _heads(g, (0, 2, 1, 3))                                      # [B, h, Sq, d]
-    d_out_t = lax.optimization_barrier(_heads(g, (0, 2, 3, 1)))          # [B, h, d, Sq]
-    dropped = _dropout(probs, keep, rate).astype(dt)
+    d_out = heads(g, (0, 2, 1, 3))                                      # [B, h, Sq, d]
+    d_out_t = lax.optimization_barrier(heads(g, (0, 2, 3, 1)))          # [B, h, d, Sq]
+    dropped = dropout(probs, keep, rate).astype(dt)
     d_vt = batched(d_out_t, dropped, 2)                                  # dV^T = dO^T @ P: [B, h, d, S]
     d_dropped = batched(d_out, vh, 3).astype(jnp.float32)                # dO @ V^T: [B, h, Sq, S]
-    d_probs = _dropout(d_dropped, keep, rate)
+    d_probs = dropout(d_dropped, keep, rate)
     d_scores = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))  # softmax's VJP
     d_mask_bias = jnp.sum(d_scores, axis=(1, 2)).astype(mask_bias.dtype)
     d_qk = (d_scores / jnp.sqrt(qt.shape[2]).astype(jnp.float32)).astype(dt)

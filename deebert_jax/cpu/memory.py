@@ -17,7 +17,7 @@ import sys
 # mallopt(3) parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _applied = False
-# "0": never, not even when called (`core.process.setup_process` calls it for every command).
+# "0": never, not even when called (`cpu.process.setup_process` calls it for every command).
 ENV = "DEEBERT_KEEP_FREED_MEMORY"
 
 

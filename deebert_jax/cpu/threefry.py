@@ -9,7 +9,7 @@ docs/performance.md). JAX's other platforms use the unrolled form, which XLA fus
 kernel; registering that form for the CPU gives bit-for-bit the same numbers (checked against
 the rolled form in tests/test_cpu_rng.py), so masks, losses and resumed runs do not change.
 
-`core.process.setup_process(kernels="cpu_tuned")` registers it, once per process (every command
+`cpu.process.setup_process(kernels="cpu_tuned")` registers it, once per process (every command
 does; a library user opts in); it does nothing (returns False) if this JAX version no longer
 exposes the pieces it needs. `register_threefry_lowering(unrolled=False)` puts JAX's own lowering
 back (`train.benchmark_train --jax-defaults` times both).

@@ -22,26 +22,23 @@ Two ways to choose, both over thresholds ordered from safe (never exit early) to
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
-import json
 import math
-import os
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from deebert_jax.core.errors import DeeBertError, InputError
-from deebert_jax.data import glue as data
-from deebert_jax.evaluation import sweep as evaluation
 from deebert_jax.evaluation import metrics
-from deebert_jax.inference.early_exit import EXIT_RULES, check_threshold, exits_from_ramp_logits
+from deebert_jax.evaluation.binomial import binomial_cdf, binomial_upper_bound, certifiable_disagreements, \
+    calibration_size_needed, format_power_table  # noqa: F401 (format_power_table: importable here, as before)
+from deebert_jax.evaluation.calibration_sets import CALIBRATION_SPLITS, CalibrationSets, calibration_sets, \
+    check_clear_of_temperature_rows, split_indices  # noqa: F401 (importable here, as before)
 from deebert_jax.evaluation.sweep import default_thresholds
-from deebert_jax.core.fileutil import atomic_write_text
-
-POLICY_FILE = "exit_policy.json"
-POLICY_FORMAT = 1
-CALIBRATION_SPLITS = ("dev-half", "train-holdout")
+from deebert_jax.inference.early_exit import check_threshold, exits_from_ramp_logits
+# The policy file is read and written in one place; its names stay importable here, as before.
+from deebert_jax.inference.exit_policy import POLICY_FILE, POLICY_FORMAT, describe_policy, load_exit_policy, \
+    with_policy_threshold, write_exit_policy  # noqa: F401
 
 
 class CalibrationError(DeeBertError, ValueError):
@@ -81,40 +78,6 @@ def candidate_thresholds(rule: str, num_layers: int, num_labels: int) -> list[fl
     elif rule == "max_prob":
         grid += [round(t, 1) for t in np.arange(grid[-1] - 0.1, 1 / num_labels, -0.1)]
     return [float(t) for t in grid[1:]]
-
-
-# ----------------------------------------------------------------------------------------------
-# Binomial tail (no scipy)
-
-def binomial_cdf(k: int, n: int, p: float) -> float:
-    """P(Binomial(n, p) <= k), summed in log space: log C(n, i) from math.lgamma, the terms with numpy."""
-    if k < 0:
-        return 0.0
-    if k >= n or p <= 0.0:
-        return 1.0
-    if p >= 1.0:
-        return 0.0
-    i = np.arange(k + 1, dtype=np.float64)
-    # log C(n, i) = log C(n, k) + sum_{j=i}^{k-1} log((j + 1) / (n - j)): suffix sums, one lgamma triple
-    steps = np.log((i[:-1] + 1) / (n - i[:-1]))
-    log_choose = (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-                  + np.append(np.cumsum(steps[::-1])[::-1], 0.0))
-    log_pmf = log_choose + i * math.log(p) + (n - i) * math.log1p(-p)
-    top = log_pmf.max()
-    return float(min(1.0, math.exp(top) * np.exp(log_pmf - top).sum()))
-
-
-def binomial_upper_bound(k: int, n: int, confidence: float) -> float:
-    """Clopper-Pearson one-sided upper confidence bound on a rate after k events in n trials:
-    the largest p with P(Binomial(n, p) <= k) >= 1 - confidence (bisection, to 1e-10)."""
-    if n <= 0 or k >= n:
-        return 1.0
-    delta = 1.0 - confidence
-    lo, hi = k / n, 1.0
-    while hi - lo > 1e-10:
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if binomial_cdf(k, n, mid) >= delta else (lo, mid)
-    return hi
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,84 +155,6 @@ def _refusal(max_drop, confidence, n, tested) -> str:
             f"examples (best: {found})")
 
 
-def split_indices(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A fixed seeded halving of n examples -> (calibration rows, reported rows), each sorted;
-    the calibration half gets the odd one out."""
-    order = np.random.default_rng(seed).permutation(n)
-    half = (n + 1) // 2
-    return np.sort(order[:half]), np.sort(order[half:])
-
-
-@dataclasses.dataclass(frozen=True)
-class CalibrationSets:
-    """Every ramp's logits on the calibration and the reported examples, computed once.
-
-    calibration, reported: ([L, n, K] float32 logits, [n] labels). split: one of
-    CALIBRATION_SPLITS. extra: what the policy records about the split ({"seed"} for dev-half,
-    {"calibration_size"} for train-holdout) and the model (`model_fingerprint`, `max_seq_length`). rows: for dev-half, the (calibration, reported) dev
-    row indices, disjoint and sorted; None for train-holdout (the two come from different splits).
-    """
-    calibration: tuple[np.ndarray, np.ndarray]
-    reported: tuple[np.ndarray, np.ndarray]
-    split: str
-    extra: dict
-    rows: tuple[np.ndarray, np.ndarray] | None = None
-
-
-def calibration_sets(config, params, task: str, tokenizer=None, *, split: str = "dev-half", seed: int = 0,
-                     calibration_size: int = 1000, glue_dir: str | os.PathLike | None = None,
-                     max_seq_length: int = 128, limit: int | None = None, batch_size: int = 32,
-                     progress: bool = False) -> CalibrationSets:
-    """The examples a threshold is chosen on and the ones it is reported on, as all-ramp logits.
-
-    dev-half: a seeded half of dev (`split_indices`, `limit` first rows) calibrates, the other
-    half is reported. train-holdout: the last `calibration_size` train rows calibrate, dev is
-    reported (sound only when training did not see those rows).
-    """
-    if split not in CALIBRATION_SPLITS:
-        raise InputError(f"unknown calibration split {split!r}; expected one of {list(CALIBRATION_SPLITS)}")
-    from deebert_jax.weights.checkpoint import model_fingerprint
-
-    common = dict(glue_dir=glue_dir, tokenizer=tokenizer, max_seq_length=max_seq_length,
-                  vocab_size=config.vocab_size)
-    # What the policy was calibrated on, so that loading it can refuse other weights or lengths.
-    model = {"model_fingerprint": model_fingerprint(config, params), "max_seq_length": int(max_seq_length)}
-    dev = data.load_split(task, "dev", limit=limit, **common)
-    logits = lambda arrays: evaluation.all_ramp_logits(config, params, arrays, batch_size, progress=progress)
-    if split == "dev-half":
-        n = data.num_examples(dev)
-        if n < 2:
-            raise InputError(f"{task} dev: {n} example(s); the dev-half split needs at least 2")
-        dev_logits = logits(dev)
-        cal_rows, rep_rows = split_indices(n, seed)
-        return CalibrationSets((dev_logits[:, cal_rows], dev["labels"][cal_rows]),
-                               (dev_logits[:, rep_rows], dev["labels"][rep_rows]),
-                               split, {"seed": seed, **model}, (cal_rows, rep_rows))
-    train = data.load_split(task, "train", **common)
-    tail = {k: v[-calibration_size:] for k, v in train.items()}
-    return CalibrationSets((logits(tail), tail["labels"]), (logits(dev), dev["labels"]), split,
-                           {"calibration_size": data.num_examples(tail), **model})
-
-
-def check_clear_of_temperature_rows(model_dir: str | os.PathLike, calibration_size: int,
-                                    flag: str = "--calibration-size") -> None:
-    """train-holdout calibration of a model whose off-ramp temperatures were fitted on held-out
-    rows (`training.json`): the last `calibration_size` training rows (`flag`) must not include
-    them, or the thresholds tested would depend on the calibration draw (an InputError says how
-    many fit)."""
-    from deebert_jax.weights.checkpoint import TRAINING_FILE, ramp_temperature_record
-
-    record = ramp_temperature_record(model_dir)
-    if record is None:
-        return
-    clear = record["holdout"] - record["rows"]
-    if calibration_size > clear:
-        raise InputError(f"{flag} {calibration_size}: the off-ramp temperatures of {model_dir} were fitted "
-                         f"on the first {record['rows']} of the last {record['holdout']} training rows "
-                         f"({TRAINING_FILE}); calibrating on them would void the guarantee: use at most "
-                         f"{flag} {clear}")
-
-
 def make_policy(task: str, rule: str, max_drop: float, confidence: float | None, chosen: Mapping,
                 tested: Sequence[Mapping], reported: Mapping, calibration_split: str, num_layers: int,
                 **extra) -> dict:
@@ -328,142 +213,6 @@ def guarantee_scope(confidence: float | None, split: str, task: str, calibration
     return lines
 
 
-def calibration_size_needed(disagreements: int, max_drop: float, confidence: float, limit: int = 10 ** 7) -> int | None:
-    """The fewest calibration examples with which a threshold showing `disagreements` of them is
-    certified (exact binomial p-value <= 1 - confidence at rate max_drop / 100): the power of the
-    test. None past `limit`."""
-    alpha, delta = max_drop / 100.0, 1.0 - confidence
-    if alpha <= 0:
-        return None
-    lo, hi = disagreements + 1, disagreements + 1
-    while binomial_cdf(disagreements, hi, alpha) > delta:
-        lo, hi = hi, hi * 2
-        if hi > limit:
-            return None
-    while lo < hi:   # binomial_cdf(k, n, alpha) falls as n grows
-        mid = (lo + hi) // 2
-        lo, hi = (mid + 1, hi) if binomial_cdf(disagreements, mid, alpha) > delta else (lo, mid)
-    return lo
-
-
-def format_power_table(max_drop: float, confidence: float, disagreements: Sequence[int] = (0, 1, 2, 5, 10, 20, 50)
-                       ) -> str:
-    """Markdown: for each k, the calibration size that certifies a threshold with k disagreements."""
-    lines = [f"| disagreements k | calibration examples needed (budget {max_drop:g} points, confidence "
-             f"{confidence:g}) | k / n |", "|---|---|---|"]
-    for k in disagreements:
-        n = calibration_size_needed(k, max_drop, confidence)
-        lines.append(f"| {k} | {n if n else '-'} | {k / n:.2%} |" if n else f"| {k} | - | - |")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# The policy file
-
-def write_exit_policy(model_dir: str | os.PathLike, policy: Mapping, filename: str = POLICY_FILE) -> str:
-    """Writes `model_dir/filename` atomically; touches nothing else in the directory."""
-    if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"{os.fspath(model_dir)}: no such directory")
-    return atomic_write_text(os.path.join(os.fspath(model_dir), filename), json.dumps(policy, indent=2) + "\n")
-
-
-# Field -> (what it must be, test); checked like config.json's fields.
-_POLICY_FIELDS = {
-    "format": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-    "rule": (f"one of {', '.join(sorted(EXIT_RULES))}", lambda v: isinstance(v, str) and v in EXIT_RULES),
-    "threshold": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
-    "max_drop": ("a number >= 0", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
-    "confidence": ("null or a number in (0, 1)",
-                   lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1)),
-    "num_layers": ("an integer >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
-    "max_seq_length": ("an integer >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
-    "task": ("a string", lambda v: isinstance(v, str)),
-    "calibration_split": ("a string", lambda v: isinstance(v, str)),
-    "model_fingerprint": ("a string", lambda v: isinstance(v, str)),
-    "chosen_at": ("a string", lambda v: isinstance(v, str)),
-}
-_POLICY_REQUIRED = ("rule", "threshold")
-
-
-def load_exit_policy(model_dir: str | os.PathLike, *, model: tuple | None = None, max_seq_length: int | None = None,
-                     task: str | None = None) -> dict | None:
-    """`model_dir/exit_policy.json` as a dict, None when absent. A file that is not a JSON object
-    with a valid rule and threshold, whose fields have the wrong types, or that was calibrated on
-    something else than what is asked (`model`: the (config, params) it will run with, compared
-    by `model_fingerprint` and layer count; `max_seq_length`; `task`) is an InputError naming it."""
-    path = os.path.join(os.fspath(model_dir), POLICY_FILE)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            policy = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(policy, dict) or any(k not in policy for k in _POLICY_REQUIRED):
-        raise InputError(f"{path}: expected an object with 'rule' (one of {sorted(EXIT_RULES)}) and 'threshold'")
-    for field, (expected, ok) in _POLICY_FIELDS.items():
-        if field in policy and not ok(policy[field]):
-            raise InputError(f"{path}: \"{field}\" is {json.dumps(policy[field])}, expected {expected}")
-    try:
-        check_threshold(policy["threshold"], policy["rule"])
-    except (TypeError, ValueError) as e:
-        raise InputError(f"{path}: {e}") from e
-    again = "choose a threshold for this one with python -m train.calibrate, or move the file away"
-    if model is not None:
-        from deebert_jax.weights.checkpoint import model_fingerprint
-
-        config, params = model
-        if policy.get("num_layers", config.num_hidden_layers) != config.num_hidden_layers:
-            raise InputError(f"{path}: calibrated on a {policy['num_layers']}-layer model, this one has "
-                             f"{config.num_hidden_layers}; {again}")
-        here = model_fingerprint(config, params) if "model_fingerprint" in policy else None
-        if here is not None and policy["model_fingerprint"] != here:   # hashing every weight: once
-            raise InputError(f"{path}: calibrated on other weights (model_fingerprint {policy['model_fingerprint']}, "
-                             f"these weights {here}); {again}")
-    if task is not None and "task" in policy and _task_key(policy["task"]) != _task_key(task):
-        raise InputError(f"{path}: calibrated for task {policy['task']}, not {task}; {again}")
-    if max_seq_length is not None and policy.get("max_seq_length", max_seq_length) != max_seq_length:
-        raise InputError(f"{path}: calibrated at max_seq_length {policy['max_seq_length']}, this run uses "
-                         f"{max_seq_length}: pass --max-seq-length {policy['max_seq_length']}, or calibrate again "
-                         f"at {max_seq_length}")
-    return policy
-
-
-def _task_key(task: str) -> str:
-    return task.lower().replace("-", "")
-
-
-def describe_policy(policy: Mapping) -> str:
-    """One line: how the policy's threshold was chosen (budget, confidence, split, when)."""
-    level = (f"at confidence {policy['confidence']:g}" if policy.get("confidence") is not None
-             else "empirical, no guarantee")
-    parts = [f"budget {policy['max_drop']:g} points of {policy.get('metric_name', 'the metric')} {level}"
-             if "max_drop" in policy else "budget not recorded"]
-    if policy.get("calibration_split"):
-        size = policy.get("calibration_size") or (policy.get("calibration") or {}).get("n")
-        parts.append(f"calibrated on {policy['calibration_split']}" + (f" ({size} examples)" if size else ""))
-    if policy.get("task"):
-        parts.append(f"task {policy['task']}")
-    temps = policy.get("ramp_temperatures")
-    if isinstance(temps, dict) and temps.get("rows"):
-        parts.append(f"off-ramp temperatures fitted on {temps['rows']} other held-out rows")
-    parts.append(f"chosen {policy['chosen_at']}" if policy.get("chosen_at") else "date not recorded")
-    if "model_fingerprint" not in policy:
-        parts.append("no model fingerprint (written before fingerprints; not checked against these weights)")
-    return ", ".join(parts)
-
-
-def with_policy_threshold(thresholds: Sequence[float], model_dir: str | os.PathLike | None,
-                          rule: str = "entropy") -> list[float]:
-    """A sweep (sorted safe to aggressive: entropy ascending, the other rules descending) plus the
-    threshold of `model_dir/exit_policy.json` when that policy is for `rule`; else as given."""
-    out = [float(t) for t in thresholds]
-    policy = load_exit_policy(model_dir) if model_dir else None
-    if policy is None or policy["rule"] != rule or float(policy["threshold"]) in out:
-        return out
-    return sorted(out + [float(policy["threshold"])], reverse=rule != "entropy")
-
-
 def format_summary(policy: Mapping) -> str:
     """A one-screen summary: the tested thresholds, the choice, and the reported split."""
     conf = policy["confidence"]
@@ -497,13 +246,3 @@ def format_summary(policy: Mapping) -> str:
     return "\n".join(lines)
 
 
-def certifiable_disagreements(n: int, max_drop: float, confidence: float) -> int | None:
-    """The most disagreements among n calibration examples with which a threshold still passes;
-    None when even 0 does not."""
-    alpha, delta = max_drop / 100.0, 1.0 - confidence
-    if alpha <= 0 or binomial_cdf(0, n, alpha) > delta:
-        return None
-    k = 0
-    while k + 1 < n and binomial_cdf(k + 1, n, alpha) <= delta:
-        k += 1
-    return k

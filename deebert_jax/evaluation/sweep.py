@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 
 from deebert_jax.data.validation import check_model_inputs
 from deebert_jax.core.errors import InputError
+from deebert_jax.core.optional import require
+from deebert_jax.data import batching
 from deebert_jax.data import glue as data
 from deebert_jax.inference import early_exit
 from deebert_jax.evaluation import metrics
@@ -35,6 +37,7 @@ from deebert_jax.core import runtime
 from deebert_jax.core.config import DeeBertConfig
 from deebert_jax.core.fileutil import atomic_write_text
 from deebert_jax.inference.early_exit import ExitResult
+from deebert_jax.inference.exit_aware import exit_aware_predict
 
 # The original DeeBERT scripts' entropy sweep.
 ENTROPY_THRESHOLDS = (0.0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -74,7 +77,6 @@ def make_predictor(config: DeeBertConfig, params, rule: str = "entropy", mode: s
         return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
 
     if mode == "exit_aware":
-        from deebert_jax.inference.exit_aware import exit_aware_predict
         device_params = jax.device_put(params, devices[0])
         return lambda batch, t: exit_aware_predict(config, device_params, *inputs(batch), t, rule, dtype=dtype,
                                                    validate_inputs=validate_inputs)
@@ -121,10 +123,10 @@ def ramp_logits_and_labels(config: DeeBertConfig, params, arrays: Mapping[str, n
     step = pmapped_logits_step(config, jnp.dtype(dtype), runtime.pmap_devices(devices))
     replicated = runtime.replicate(layouts.unstack_params(params), devices)
     outputs = []
-    for batch in tqdm(data.eval_batches(arrays, batch_size), desc="per-ramp", disable=not progress, leave=False,
+    for batch in tqdm(batching.eval_batches(arrays, batch_size), desc="per-ramp", disable=not progress, leave=False,
                       total=-(-data.num_examples(arrays) // batch_size)):
         valid = batch.pop("valid")
-        outputs.append((step(replicated, data.shard(batch, len(devices))), batch["labels"], valid))
+        outputs.append((step(replicated, batching.shard(batch, len(devices))), batch["labels"], valid))
     if not outputs:
         return np.zeros((config.num_hidden_layers, 0, config.num_labels), np.float32), np.zeros((0,), np.int32)
     # [D, L, b, K] per batch -> [rows, L, K], rows in batch order (device d holds rows d*b..d*b+b-1)
@@ -168,7 +170,7 @@ def exit_predictions(predict: Predictor, arrays: Mapping[str, np.ndarray], thres
                      progress_bar=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Early exit over the whole set -> (logits [N, K], exit_layer [N], layers_run per loop)."""
     results = []
-    for batch in data.eval_batches(arrays, batch_size):
+    for batch in batching.eval_batches(arrays, batch_size):
         results.append((predict(batch, threshold), batch["valid"]))   # dispatch all before reading any
         if progress_bar is not None:
             progress_bar.update(1)
@@ -201,7 +203,7 @@ def sweep_thresholds(predict: Predictor, task: str, num_layers: int, arrays: Map
                      thresholds: Sequence[float], batch_size: int, progress: bool = True) -> list[dict]:
     """One sweep point per threshold (see the module docstring); compiles before the clock starts."""
     batches = -(-data.num_examples(arrays) // batch_size)
-    first = next(data.eval_batches(arrays, batch_size))
+    first = next(batching.eval_batches(arrays, batch_size))
     jax.block_until_ready(predict(first, thresholds[0]))   # compile outside the timed region
     points = []
     with tqdm(total=batches * len(thresholds), desc="threshold sweep", disable=not progress) as bar:
@@ -279,7 +281,8 @@ def format_table(results: Mapping) -> str:
 
 def plot_results(results: Mapping, path: str | os.PathLike) -> str:
     """PNG: metric against layer saving over the sweep; each ramp's metric against its layer."""
-    import matplotlib
+    # Plotting is the only use of matplotlib (the `plot` extra), so it loads here.
+    matplotlib = require("matplotlib", "plot", "the evaluation's plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -92,6 +92,14 @@ EXIT_RULES: dict[str, ExitRule] = {
 }
 
 
+def full_depth_threshold(rule: str, num_layers: int) -> float:
+    """The threshold at which `rule` never exits early (every row runs all `num_layers` layers):
+    entropy 0, max_prob 1, patience L-1; the first of every sweep (`sweep.default_thresholds`)."""
+    if rule not in EXIT_RULES:
+        raise InputError(f"unknown exit rule {rule!r}; expected one of {sorted(EXIT_RULES)}")
+    return {"entropy": 0.0, "max_prob": 1.0, "patience": float(num_layers - 1)}[rule]
+
+
 def check_threshold(threshold, rule: str = "entropy") -> None:
     """Raises ValueError for an unknown rule or a NaN / out-of-range concrete threshold."""
     if rule not in EXIT_RULES:

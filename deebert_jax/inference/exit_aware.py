@@ -43,6 +43,9 @@ from deebert_jax.data.validation import is_tracer
 CPU_BUCKET_SIZES = (8, 2)
 ACCELERATOR_BUCKET_SIZES = (64, 16)
 DEFAULT_POOL_SIZE = 1024
+# `exit_aware_predict(scheduler=...)` has one value, "device" (the whole loop runs on the device);
+# the argument stays so callers that pass it keep working. The two alternatives measured against
+# it are benchmark-only (benchmarks/exit_aware_alternatives.py, docs/exit_aware.md).
 SCHEDULERS = ("device",)
 
 
@@ -153,7 +156,7 @@ def _validate(bucket_sizes, pool_size, scheduler):
         raise InputError(f"pool_size={pool_size!r} must be a positive integer")
     if scheduler not in SCHEDULERS:
         raise InputError(f"scheduler={scheduler!r}; expected one of {SCHEDULERS} (the measured alternatives "
-                         "'host' and 'refill' are benchmark-only: train/exit_aware_alternatives.py)")
+                         "'host' and 'refill' are benchmark-only: benchmarks/exit_aware_alternatives.py)")
 
 
 def exit_aware_predict(config: DeeBertConfig, params, input_ids, attention_mask, token_type_ids, threshold,
@@ -171,6 +174,7 @@ def exit_aware_predict(config: DeeBertConfig, params, input_ids, attention_mask,
     `default_bucket_sizes` for where the params live). Larger pools waste less on bucket padding and hold [pool, S, H]
     activations in memory. `threshold` is traced: one compiled program serves every threshold.
     `attention_impl`: self-attention's core (`attention.ATTENTION_IMPLS`; "default" unless asked).
+    `scheduler`: "device", the only value (kept for callers that pass it; `SCHEDULERS`).
     """
     if bucket_sizes is None:
         bucket_sizes = default_bucket_sizes(_platform_of(params))

@@ -12,41 +12,18 @@ For inference only, `fused_attention` runs `jax.nn.dot_product_attention` instea
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
-from jax import lax
 
+from deebert_jax.core import attention_values as values
 from deebert_jax.core.errors import InputError
-
-
-def _heads(t, order):
-    """[B, S, h, d] -> its heads in `order` ((0, 2, 1, 3): [B, h, S, d]; (0, 2, 3, 1): [B, h, d, S])."""
-    return jnp.transpose(t, order)
-
-
-def _forward_values(q, k, v, mask_bias, keep, rate):
-    qh, kt, vh = _heads(q, (0, 2, 1, 3)), _heads(k, (0, 2, 3, 1)), _heads(v, (0, 2, 1, 3))
-    scores = (qh @ kt).astype(jnp.float32) / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
-    scores = scores + mask_bias[:, None, None, :].astype(jnp.float32)
-    probs = jax.nn.softmax(scores, axis=-1)
-    dropped = _dropout(probs, keep, rate)
-    context = jnp.transpose(dropped.astype(q.dtype) @ vh, (0, 2, 1, 3))
-    return context, (probs, kt, vh)
-
-
-def _dropout(x, keep, rate):
-    # As `nn.Dropout` applies it (same select, same scaling), so the forward is bit for bit its.
-    if keep is None:
-        return x
-    return lax.select(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
 def attention_autodiff(q, k, v, mask_bias, keep, rate):
     """q [B, Sq, h, d], k and v [B, S, h, d], mask_bias [B, S] additive, keep [B, h, Sq, S] bool (the
     dropout mask of the attention probabilities; None: no dropout), rate (its dropout rate)
     -> context [B, Sq, h, d] in q's dtype. Differentiated by autodiff ("reference" kernels)."""
-    return _forward_values(q, k, v, mask_bias, keep, rate)[0]
+    return values.forward_values(q, k, v, mask_bias, keep, rate)[0]
 
 
 def first_query_attention(q, hidden, key_kernel, key_bias, value_kernel, value_bias, mask_bias, keep, rate):
@@ -70,7 +47,7 @@ def first_query_attention(q, hidden, key_kernel, key_bias, value_kernel, value_b
     scores = scores + jnp.einsum("bhd,hd->bh", q1, key_bias.astype(dt).reshape(h, d))[..., None]
     scores = scores.astype(jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
     probs = jax.nn.softmax(scores + mask_bias[:, None, :].astype(jnp.float32), axis=-1)
-    dropped = _dropout(probs[:, :, None], keep, rate)[:, :, 0].astype(dt)  # [B, h, S]
+    dropped = values.dropout(probs[:, :, None], keep, rate)[:, :, 0].astype(dt)  # [B, h, S]
     context = jnp.einsum("bhH,Hhd->bhd", jnp.einsum("bhs,bsH->bhH", dropped, x), wv)
     context = context + jnp.sum(dropped, axis=-1)[..., None] * value_bias.astype(dt).reshape(h, d)
     return context[:, None]

@@ -18,15 +18,10 @@ from typing import Callable, Sequence
 
 import jax
 
-from deebert_jax.core.errors import InputError
-
-KERNELS = ("reference", "cpu_tuned")
-
-
-def check_kernels(kernels: str) -> str:
-    if kernels not in KERNELS:
-        raise InputError(f"kernels={kernels!r}: expected one of {', '.join(KERNELS)}")
-    return kernels
+from deebert_jax.core.config import KERNELS, check_kernels  # noqa: F401 (the seam's names, defined below the model)
+from deebert_jax.cpu.matmul import dense_dot_general as cpu_dot_general
+from deebert_jax.cpu.attention import attention
+from deebert_jax.model.attention import attention_autodiff
 
 
 def for_devices(devices: Sequence[jax.Device] | None = None) -> str:
@@ -38,7 +33,6 @@ def for_devices(devices: Sequence[jax.Device] | None = None) -> str:
 def dense_dot_general(kernels: str) -> Callable | None:
     """`nn.Dense(dot_general=...)` for the encoder's dense layers (None: Flax's own)."""
     if check_kernels(kernels) == "cpu_tuned":
-        from deebert_jax.cpu.matmul import dense_dot_general as cpu_dot_general
         return cpu_dot_general
     return None
 
@@ -46,9 +40,7 @@ def dense_dot_general(kernels: str) -> Callable | None:
 def attention_core(kernels: str) -> Callable:
     """Self-attention's core `(q, k, v, mask_bias, keep, rate) -> context` (same forward either way)."""
     if check_kernels(kernels) == "cpu_tuned":
-        from deebert_jax.cpu.attention import attention
         return attention
-    from deebert_jax.model.attention import attention_autodiff
     return attention_autodiff
 
 

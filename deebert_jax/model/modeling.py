@@ -26,26 +26,13 @@ import jax
 import jax.numpy as jnp
 
 from deebert_jax.core.errors import InputError
-from deebert_jax.model import attention as attention_lib
 from deebert_jax.model import kernels as kernels_lib
 from deebert_jax.core.config import DeeBertConfig
-from deebert_jax.cpu.fusion import computed_once, stored_derivative
+from deebert_jax.model.layer import Layer, activation, dense, layer_norm, mean_of_real_tokens  # noqa: F401 (Layer, activation: importable here, as before)
 from deebert_jax.model.layouts import static_index
+from deebert_jax.model.training_graph import training_layers
 
 Params = Any
-
-def activation(name: str):
-    return {
-        "gelu": functools.partial(jax.nn.gelu, approximate=False),
-        "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-        "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-        "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
-        "relu": jax.nn.relu,
-        "silu": jax.nn.silu,
-        "swish": jax.nn.silu,
-        "tanh": jnp.tanh,
-    }[name]
-
 
 def attention_bias(attention_mask: jax.Array, dtype=jnp.float32) -> jax.Array:
     """[B, S] 0/1 mask -> [B, S] additive bias: 0 on real keys, the dtype's minimum on padding.
@@ -53,21 +40,6 @@ def attention_bias(attention_mask: jax.Array, dtype=jnp.float32) -> jax.Array:
     Same convention as Hugging Face BERT, so padded keys get exactly zero attention weight.
     """
     return jnp.where(attention_mask.astype(bool), 0.0, jnp.finfo(dtype).min).astype(dtype)
-
-
-def _dense(config: DeeBertConfig, features: int, name: str, dtype, kernels: str = "reference",
-           encoder: bool = True) -> nn.Dense:
-    # The encoder's dense layers take the kernels' dot_general (`cpu.matmul`: kernel gradients as
-    # plain matmuls). The ramps' small heads keep lax's: they run under `nn.vmap`, where a custom
-    # VJP rejects NumPy parameters, and their gradients cost next to nothing.
-    dot_general = kernels_lib.dense_dot_general(kernels) if encoder else None
-    return nn.Dense(features, dtype=dtype, name=name, dot_general=dot_general,
-                    kernel_init=nn.initializers.normal(config.initializer_range))
-
-
-def _layer_norm(config: DeeBertConfig, name: str) -> nn.LayerNorm:
-    # LayerNorm in float32 whatever the compute dtype: bf16 statistics cost accuracy for nothing.
-    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=jnp.float32, name=name)
 
 
 def position_ids(config: DeeBertConfig, input_ids) -> jax.Array:
@@ -99,114 +71,9 @@ class Embeddings(nn.Module):
         x = (embed(c.vocab_size, name="word_embeddings")(input_ids)
              + embed(c.type_vocab_size, name="token_type_embeddings")(token_type_ids)
              + embed(c.max_position_embeddings, name="position_embeddings")(positions))
-        x = _layer_norm(c, "LayerNorm")(x)
+        x = layer_norm(c, "LayerNorm")(x)
         x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
         return x.astype(self.dtype)
-
-
-class _DropoutMask(nn.Module):
-    """The keep mask `nn.Dropout(rate)` would draw for an input of `shape` (bool); with `rows`, its
-    first `rows` along axis -2 (positions, or query rows of attention probabilities)."""
-
-    rate: float
-    draw: int = 1   # which of the scope's `make_rng("dropout")` keys (`Layer.dropout_key_draw`)
-    computed_once: bool = False   # `fusion.computed_once` (the tuned training layout)
-
-    @nn.compact
-    def __call__(self, shape, rows: int | None = None):
-        for _ in range(self.draw - 1):
-            self.make_rng("dropout")
-        keep = jax.random.bernoulli(self.make_rng("dropout"), p=1.0 - self.rate, shape=shape)
-        if rows is not None and rows < shape[-2]:
-            # Drawn whole and sliced: a smaller draw gives other bits. Threefry's bits are a function
-            # of each element's index, so XLA computes only the rows kept.
-            keep = keep[..., :rows, :]
-        return computed_once(keep) if self.computed_once else keep
-
-
-class Layer(nn.Module):
-    """One post-LayerNorm BERT encoder layer."""
-
-    config: DeeBertConfig
-    dtype: Any = jnp.float32
-    deterministic: bool = True
-    # Only position 0 as queries: all the ramps read, so the last layer needs no more. Output
-    # [B, 1, H]; parameters are the same. With dropout on, its masks are row 0 of the full layer's.
-    first_token_only: bool = False
-    # Self-attention's core (`attention.ATTENTION_IMPLS`): "default" as always, or, for inference,
-    # `jax.nn.dot_product_attention` ("dot_product_attention", "cudnn"); same parameters.
-    attention_impl: str = "default"
-    # Which `make_rng` of each dropout's scope gives its key. Under `nn.scan` it is the second:
-    # flax.core.axes_scan traces the body twice (its loop-invariant check) and the scopes' rng
-    # counters outlive the first trace. `training_graph.training_layers`, running layers outside a scan, says 2.
-    dropout_key_draw: int = 1
-    # `model.kernels`: "reference" (Flax's graph) or "cpu_tuned".
-    kernels: str = "reference"
-
-    @nn.compact
-    def __call__(self, hidden, mask_bias):
-        """hidden [B, S, H], mask_bias [B, S] additive -> [B, S, H] ([B, 1, H] if first_token_only)."""
-        c, dt = self.config, self.dtype
-        B, S, H = hidden.shape
-        queries = hidden[:, :1] if self.first_token_only else hidden
-        # Heads as [B, heads, S, head_dim] and keys as [B, heads, head_dim, S]: batch dimensions
-        # leading and each operand laid out for a plain batched matmul. XLA's CPU backend ran the
-        # equivalent einsums 3-4x slower (same values, bit for bit; docs/performance.md).
-        # (`attention.attention` lays them out; its backward keeps those layouts.)
-        heads = lambda t: t.reshape(B, t.shape[1], c.num_attention_heads, c.head_dim)
-        q = heads(_dense(c, H, "query", dt, self.kernels)(queries))
-        rate = c.attention_probs_dropout_prob
-        keep = None
-        if not self.deterministic and rate > 0.0 and self.attention_impl == "default":
-            # nn.Dropout's own draw (same scope name, same key, same bits); applied in `attention`.
-            keep = _DropoutMask(rate, self.dropout_key_draw, kernels_lib.tuned_training_layout(self.kernels),
-                                name="Dropout_0")(
-                (B, c.num_attention_heads, S, S), rows=queries.shape[1])
-        if self.first_token_only and self.attention_impl == "default" and not self.is_initializing():
-            # One query: the key and value projections folded into it, not applied to all S rows.
-            p = self.variables["params"]
-            context = attention_lib.first_query_attention(
-                q, hidden, p["key"]["kernel"], p["key"]["bias"], p["value"]["kernel"], p["value"]["bias"],
-                mask_bias, keep, rate).reshape(queries.shape)
-            return self._after_attention(context, queries, S)
-        k = heads(_dense(c, H, "key", dt, self.kernels)(hidden))
-        v = heads(_dense(c, H, "value", dt, self.kernels)(hidden))
-        if self.attention_impl != "default":
-            attention_lib.check_attention_impl(self.attention_impl, dt, dropout=not self.deterministic and rate > 0.0)
-            context = attention_lib.fused_attention(q, k, v, mask_bias, self.attention_impl).reshape(queries.shape)
-        else:
-            core = kernels_lib.attention_core(self.kernels)
-            context = core(q, k, v, mask_bias, keep, rate).reshape(queries.shape)
-        return self._after_attention(context, queries, S)
-
-    def _after_attention(self, context, queries, S):
-        """context [B, S', H] (S' = queries' positions) -> the layer's output [B, S', H]."""
-        c, dt = self.config, self.dtype
-        H = c.hidden_size
-        tuned = kernels_lib.tuned_training_layout(self.kernels)
-        attn = _dense(c, H, "attention_output", dt, self.kernels)(context)
-        attn = self._dropout(attn, c.hidden_dropout_prob, "Dropout_1", S)
-        attn = _layer_norm(c, "attention_LayerNorm")(attn + queries).astype(dt)
-        act = activation(c.hidden_act)
-        if tuned and not self.deterministic:
-            act = stored_derivative(act)
-        ff = act(_dense(c, c.intermediate_size, "intermediate", dt, self.kernels)(attn))
-        ff = _dense(c, H, "output", dt, self.kernels)(ff)
-        ff = self._dropout(ff, c.hidden_dropout_prob, "Dropout_2", S)
-        return _layer_norm(c, "output_LayerNorm")(ff + attn).astype(dt)
-
-    def _dropout(self, x, rate, name, positions):
-        """`nn.Dropout(rate, name=name)`'s output, bit for bit (same key, same select), the mask
-        drawn once (`fusion.computed_once`). x [B, S', H]: the mask is rows 0..S'-1 of the one
-        drawn for all `positions`, so a first-token-only layer drops what the full layer drops."""
-        tuned = kernels_lib.tuned_training_layout(self.kernels)
-        if not tuned and x.shape[-2] == positions and self.dropout_key_draw == 1:
-            return nn.Dropout(rate, name=name)(x, deterministic=self.deterministic)
-        if self.deterministic or rate == 0.0:
-            return x
-        keep = _DropoutMask(rate, self.dropout_key_draw, tuned, name=name)(
-            (*x.shape[:-2], positions, x.shape[-1]), rows=x.shape[-2])
-        return jax.lax.select(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
 class Ramp(nn.Module):
@@ -224,9 +91,9 @@ class Ramp(nn.Module):
     def __call__(self, features, deterministic: bool = True):
         """features [B, H] (`ramp_input`) -> logits [B, K] (float32)."""
         c = self.config
-        pooled = jnp.tanh(_dense(c, c.hidden_size, "pooler", self.dtype, encoder=False)(features))
+        pooled = jnp.tanh(dense(c, c.hidden_size, "pooler", self.dtype, encoder=False)(features))
         pooled = nn.Dropout(c.hidden_dropout_prob)(pooled, deterministic=deterministic)
-        return _dense(c, c.num_labels, "classifier", self.dtype, encoder=False)(pooled).astype(jnp.float32)
+        return dense(c, c.num_labels, "classifier", self.dtype, encoder=False)(pooled).astype(jnp.float32)
 
 
 class DeeBert(nn.Module):
@@ -268,7 +135,6 @@ class DeeBert(nn.Module):
         # stack below creates the parameters, serves eval and returns every layer's output.
         if train and not output_hidden_states and not self.is_initializing() and self.attention_impl == "default":
             rngs = self.scope.rngs   # make_rng("dropout") falls back on "params", as Flax does
-            from deebert_jax.model.training_graph import training_layers   # it builds `Layer`s
             features = training_layers(c, self.dtype, self.get_variable("params", "layers"),
                                         rngs.get("dropout", rngs.get("params")), hidden, mask_bias,
                                         c.num_hidden_layers - 1 if off_ramps_only else c.num_hidden_layers,
@@ -312,16 +178,6 @@ class DeeBert(nn.Module):
         if off_ramps_only:
             return logits[:-1]
         return (logits, per_layer) if output_hidden_states else logits
-
-
-def mean_of_real_tokens(hidden, mask_bias) -> jax.Array:
-    """hidden [..., S, H], additive mask_bias [..., S] -> [..., H], the mean over non-padding tokens.
-
-    Summed in float32; an all-padding row gives zeros, not NaNs.
-    """
-    real = (mask_bias == 0).astype(jnp.float32)[..., None]
-    total = jnp.sum(hidden.astype(jnp.float32) * real, axis=-2)
-    return (total / jnp.maximum(jnp.sum(real, axis=-2), 1.0)).astype(hidden.dtype)
 
 
 def ramp_input(config: DeeBertConfig, hidden, mask_bias, layer) -> jax.Array:

@@ -12,7 +12,7 @@ from flax.core.scope import LazyRng
 from deebert_jax.core.errors import InputError
 from deebert_jax.core.config import DeeBertConfig
 from deebert_jax.model import kernels as kernels_lib
-from deebert_jax.model.modeling import Layer, mean_of_real_tokens
+from deebert_jax.model.layer import Layer, mean_of_real_tokens
 
 Params = Any
 

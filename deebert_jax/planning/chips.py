@@ -15,7 +15,7 @@ import os
 import re
 
 from deebert_jax.core.errors import InputError
-from deebert_jax.core.process import tpu_chips_attached
+from deebert_jax.cpu.process import tpu_chips_attached
 
 GiB = 1024 ** 3
 

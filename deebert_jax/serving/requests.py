@@ -16,7 +16,8 @@ import numpy as np
 
 from deebert_jax.core.errors import DeeBertError
 from deebert_jax.data.glue import DataError
-from deebert_jax.inference.predict import Example, check_text, encode
+from deebert_jax.data.text_inputs import Example, check_text
+from deebert_jax.inference.predict import encode
 
 MAX_INPUTS = 64               # texts in one request
 MAX_BODY_BYTES = 1 << 20      # 1 MiB: an SST-2 sentence is ~100 bytes

@@ -13,49 +13,56 @@ import os
 import signal
 import socket
 import sys
-import tempfile
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import uvicorn
 
 from deebert_jax.core.errors import InputError
 from deebert_jax.serving.app import DEFAULT_MAX_QUEUE, Service, create_app
 from deebert_jax.serving.requests import length_classes
+from deebert_jax.serving.scheduler import DEFAULT_ADMIT_BUDGET_S, DEFAULT_SCHEDULE, check_schedule
 
+# `--backend`'s choices. "jax" is the product's engine; any other is handed in by the caller as an
+# engine factory (the serving benchmark's eager PyTorch baseline lives in benchmarks/, which the
+# installed package never imports; `python -m train.serve` in a checkout hands it in).
 BACKENDS = ("jax", "torch")
+# (config, params, lengths) -> (an engine behind `engine.Engine`'s interface, one line saying what it runs)
+EngineFactory = Callable[[Any, Any, tuple[int, ...]], tuple[Any, str]]
 BACKLOG = 2048
 
 
 def build_service(model_dir: str, *, threshold: float | None = None, rule: str | None = None,
                   max_seq_length: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE, backend: str = "jax",
                   bucket_sizes: tuple[int, ...] | None = None, say: Callable[[str], None] = print,
-                  schedule: str | None = None, admit_budget_s: float | None = None) -> Service:
-    """The model, tokenizer, threshold (`predict.resolve_threshold`: given, else exit_policy.json,
+                  schedule: str | None = None, admit_budget_s: float | None = None,
+                  engine_factories: Mapping[str, EngineFactory] | None = None) -> Service:
+    """The model directory (`model_dir.open_model_dir`), the threshold (`ModelDir.threshold`: given, else exit_policy.json,
     else full depth; `say` reports which) and engine; nothing compiled yet. `bucket_sizes`: the
     engine's (default `exit_aware.default_bucket_sizes()`); `schedule`: the JAX engine's
-    (`scheduler.SCHEDULES`, default `scheduler.DEFAULT_SCHEDULE`) and its `admit_budget_s`."""
-    from deebert_jax.data import glue as data
-    from deebert_jax.inference import predict
-    from deebert_jax.weights.checkpoint import load_checkpoint
+    (`scheduler.SCHEDULES`, default `scheduler.DEFAULT_SCHEDULE`) and its `admit_budget_s`;
+    `engine_factories`: the engine of each backend other than "jax" (`EngineFactory`)."""
+    # JAX loads here, not at import: `deebert-serve` reads BACKENDS from this module before `setup_process`.
+    from deebert_jax.inference.model_dir import open_model_dir
 
     if backend not in BACKENDS:
         raise InputError(f"backend {backend!r}; expected one of {BACKENDS}")
+    factory = (engine_factories or {}).get(backend)
+    if backend != "jax" and factory is None:
+        raise InputError(f"backend {backend!r} is the serving benchmark's baseline, which is not installed: run "
+                         f"`python -m train.serve --backend {backend}` from a checkout")
     if schedule is not None:
-        from deebert_jax.serving.scheduler import check_schedule
         check_schedule(schedule)
-    config, params = load_checkpoint(model_dir)
-    tokenizer = data.load_tokenizer(model_dir, config)
+    model = open_model_dir(model_dir)
+    config, params = model.config, model.params
     # None: the length the model was trained at, else its longest input; a longer one is refused here.
-    max_seq_length, why = predict.resolve_max_seq_length(max_seq_length, config, model_dir, tokenizer)
+    max_seq_length, why = model.max_seq_length(max_seq_length)
     lengths = length_classes(max_seq_length)
     L = config.num_hidden_layers
     info = {"model": os.path.basename(os.path.normpath(model_dir)), "layers": L, "lengths": list(lengths),
             "backend": backend}
     if backend == "jax":
-        from deebert_jax.serving.engine import Engine
-        from deebert_jax.serving.scheduler import DEFAULT_ADMIT_BUDGET_S, DEFAULT_SCHEDULE
-        threshold, rule, note = predict.resolve_threshold(model_dir, threshold, rule, L, model=(config, params),
-                                                          max_seq_length=max_seq_length)
+        from deebert_jax.serving.engine import Engine   # JAX: after setup_process, as above
+        threshold, rule, note = model.threshold(threshold, rule, max_seq_length=max_seq_length)
         schedule = schedule or DEFAULT_SCHEDULE
         budget = DEFAULT_ADMIT_BUDGET_S if admit_budget_s is None else admit_budget_s
         engine = Engine(config, params, lengths, threshold, rule, bucket_sizes=bucket_sizes, schedule=schedule,
@@ -63,16 +70,12 @@ def build_service(model_dir: str, *, threshold: float | None = None, rule: str |
         info.update(rule=rule, threshold=threshold, schedule=schedule)
         note += f"; schedule {schedule}" + (f" (admission budget {budget * 1e3:g} ms)" if schedule == "arrivals" else "")
     else:
-        from deebert_jax.bench.benchmarking import torch_twin
-        from deebert_jax.serving.torch_engine import TorchEngine
-        with tempfile.TemporaryDirectory() as tmp:
-            engine = TorchEngine(torch_twin(config, params, tmp), lengths)
-        note = "eager PyTorch, full depth, dynamic batching (no early exit)"
+        engine, note = factory(config, params, lengths)
         info.update(rule=None, threshold=None)
     say(f"model: {os.fspath(model_dir)} ({L} layers); {note}; max sequence length {max_seq_length}"
         + ("" if why == "given" else f" ({why})"))
-    names = predict.label_names(model_dir, config.num_labels)
-    return Service(engine, tokenizer, lengths, names, L, vocab_size=config.vocab_size, max_queue=max_queue, info=info)
+    return Service(engine, model.tokenizer, lengths, model.label_names, L, vocab_size=config.vocab_size,
+                   max_queue=max_queue, info=info)
 
 
 def bind(host: str, port: int) -> socket.socket:

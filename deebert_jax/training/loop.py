@@ -15,6 +15,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from deebert_jax.data import batching
 from deebert_jax.data import glue as data_lib
 from deebert_jax.weights.checkpoint import (TrainCheckpointManager, is_checkpoint_dir, load_checkpoint,
                                             model_fingerprint, save_checkpoint, write_label_names,
@@ -33,6 +34,8 @@ from deebert_jax.training.run_config import (RUN_SPEC_FILE, calibration_budget, 
                                              stage_steps, validate_config)
 from deebert_jax.core.runtime import MetricsLog, maybe_initialize_distributed, pmap_devices, replicate, \
     unreplicate, workdir_lock
+from deebert_jax.evaluation import calibration, ramp_temperature
+from deebert_jax.weights.checkpoint import ramp_temperature_record
 
 
 Params = Any
@@ -129,9 +132,9 @@ def run_stage(ctx: RunContext, stage: int, params: Params) -> Params:
     tick, tick_step = time.perf_counter(), start
     try:
         for step in range(start, total):
-            batch = data_lib.train_batch(ctx.train, global_batch, data_seed, step,
+            batch = batching.train_batch(ctx.train, global_batch, data_seed, step,
                                          jax.process_index(), jax.process_count())
-            state, metrics = p_step(state, data_lib.shard(batch, n_dev), dropout_key)
+            state, metrics = p_step(state, batching.shard(batch, n_dev), dropout_key)
             metrics = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
             done = step + 1
             if metrics["finite"] < 1.0 or not math.isfinite(metrics["loss"]):
@@ -233,7 +236,6 @@ class FittedTemperatures:
 def fit_temperatures_after_training(ctx: RunContext) -> FittedTemperatures | None:
     """`config.ramp_temperature`: fits one temperature per off-ramp on the first
     `config.temperature_rows` held-out rows (`evaluation.ramp_temperature`); None when off."""
-    from deebert_jax.evaluation import ramp_temperature
 
     rows = ramp_temperature_rows(ctx.cfg)
     if not rows:
@@ -254,7 +256,6 @@ def fit_temperatures_after_training(ctx: RunContext) -> FittedTemperatures | Non
 def _check_model_temperatures(ctx: RunContext, model_dir: str) -> None:
     """A finished run again keeps its model; asking it for other off-ramp temperatures than the
     model was written with would do nothing, so it is refused (InputError) with what to do."""
-    from deebert_jax.weights.checkpoint import ramp_temperature_record
 
     asked = (ctx.cfg.get("ramp_temperature", "none") if ctx.holdout is not None else "none")
     record = ramp_temperature_record(model_dir)
@@ -271,7 +272,6 @@ def calibrate_after_training(ctx: RunContext, model_dir: str, fitted: FittedTemp
     params the model directory holds. -> {"policy": the policy or None, "refused": reason or None}.
     A budget nothing meets is not an error: the model is written without a policy, and the
     reason is logged, recorded in metrics.jsonl and returned."""
-    from deebert_jax.evaluation import calibration
 
     budget = calibration_budget(ctx.cfg)
     batch = int(ctx.cfg.eval_batch_size)
@@ -330,7 +330,7 @@ def _prepare(cfg, workdir: str, task: str, stages: tuple[int, ...], on_step) -> 
                                                                    **common)
     dev_arrays = data_lib.load_split(task, "dev", limit=cfg.get("eval_limit", 0) or None, **common)
     if jax.process_count() > 1:
-        dev_arrays = data_lib.host_eval_rows(dev_arrays, jax.process_index(), jax.process_count())
+        dev_arrays = batching.host_eval_rows(dev_arrays, jax.process_index(), jax.process_count())
     log.info("task %s: train %s; dev %s%s", task, data_lib.describe(train_arrays), data_lib.describe(dev_arrays),
              f"; held out for calibration {data_lib.describe(holdout_arrays)}" if holdout_arrays else "")
     devices = jax.local_devices()

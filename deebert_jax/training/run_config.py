@@ -15,9 +15,11 @@ from typing import Mapping
 import jax
 
 from deebert_jax.core.errors import InputError
-from deebert_jax.data import glue as data_lib
+from deebert_jax.data import batching
 from deebert_jax.core.config import DeeBertConfig
 from deebert_jax.training.losses import OffRampLoss
+from deebert_jax.inference.early_exit import EXIT_RULES
+from deebert_jax.evaluation.ramp_temperature import CHOICES
 
 STAGES = (1, 2)
 RUN_SPEC_FILE = "run_spec.json"
@@ -49,7 +51,7 @@ def stage_steps(cfg, stage: int, n_train: int, global_batch: int) -> int:
     fixed = int(cfg.get("steps_per_stage", 0) or 0)
     if fixed > 0:
         return fixed
-    return max(1, int(math.ceil(_epochs(cfg, stage) * data_lib.steps_per_epoch(n_train, global_batch))))
+    return max(1, int(math.ceil(_epochs(cfg, stage) * batching.steps_per_epoch(n_train, global_batch))))
 
 
 def stage_learning_rate(cfg, stage: int) -> float:
@@ -139,8 +141,6 @@ class CalibrationBudget:
 
 def calibration_budget(cfg) -> CalibrationBudget:
     """`config.calibration_*` (holdout 0: no calibration after training)."""
-    from deebert_jax.inference.early_exit import EXIT_RULES
-
     holdout = int(_number(cfg, "calibration_holdout", lambda x: x >= 0 and x == int(x), "an integer >= 0", 0))
     max_drop = _number(cfg, "calibration_max_drop", lambda x: x >= 0, "a number of points >= 0", 1.0)
     confidence = _number(cfg, "calibration_confidence", lambda x: 0 <= x < 1, "a number in [0, 1) (0: no guarantee)",
@@ -154,8 +154,6 @@ def calibration_budget(cfg) -> CalibrationBudget:
 def ramp_temperature_rows(cfg) -> int:
     """`config.ramp_temperature` ("none" when absent) -> how many of the first held-out rows fit
     the off-ramp temperatures (0: none fitted); they must leave rows to calibrate on."""
-    from deebert_jax.evaluation.ramp_temperature import CHOICES
-
     kind = cfg.get("ramp_temperature", "none")
     if kind not in CHOICES:
         raise InputError(f"config.ramp_temperature={kind!r}: expected one of {', '.join(CHOICES)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -15,8 +16,9 @@ import orbax.checkpoint as ocp
 from deebert_jax.core.errors import InputError
 from deebert_jax.core.config import ConfigError, DeeBertConfig, read_json_object
 from deebert_jax.data.glue import TOKENIZER_READ_FILES
-from deebert_jax.weights.convert import WEIGHT_FILES, CheckpointError
+from deebert_jax.weights.torch_files import WEIGHT_FILES, CheckpointError
 from deebert_jax.core.fileutil import atomic_directory
+from deebert_jax.model.modeling import init_params
 
 CONFIG_FILE = "deebert_config.json"
 PARAMS_DIR = "params"
@@ -152,10 +154,6 @@ _SHAPE_FIELDS = (
 def check_params_match(config: DeeBertConfig, params: Any, source: str) -> None:
     """A `CheckpointError` naming `source` and the config field when `params` do not have the
     shapes `config` implies (more layers, another vocabulary, width or label count...)."""
-    import functools
-
-    from deebert_jax.model.modeling import init_params
-
     saved = _leaf_shapes(params)
     for leaf, axis, field, what in _SHAPE_FIELDS:
         shape = saved.get(leaf)

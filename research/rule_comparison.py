@@ -34,7 +34,7 @@ from deebert_jax.evaluation import metrics
 from deebert_jax.inference.early_exit import EXIT_RULES
 from deebert_jax.evaluation.sweep import default_thresholds
 from deebert_jax.core.fileutil import atomic_write_bytes, atomic_write_text
-from deebert_jax.evaluation.report import relative_paths
+from benchmarks.results import relative_paths
 
 FORMAT = 1
 DEFAULT_RULES = ("entropy", "max_prob", "patience")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import tempfile
 import time
 from typing import Callable, Sequence
 
@@ -102,3 +103,12 @@ class TorchEngine(Worker):
     def _take_all(self) -> list[Callable]:
         failed, self._waiting = [callback for _, callback in self._waiting.values()], collections.OrderedDict()
         return failed
+
+
+def build_engine(config, params, lengths: Sequence[int]) -> tuple[TorchEngine, str]:
+    """`serving.server.EngineFactory` for `--backend torch`: the same weights as an eager PyTorch
+    DeeBERT (exported and strictly loaded) -> (engine, what it runs)."""
+    from benchmarks.benchmarking import torch_twin   # JAX and torch load only when this backend is asked for
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = TorchEngine(torch_twin(config, params, tmp), lengths)
+    return engine, "eager PyTorch, full depth, dynamic batching (no early exit)"

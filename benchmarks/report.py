@@ -16,8 +16,8 @@ from typing import Any, Mapping
 
 from deebert_jax.model.attention import ATTENTION_IMPLS
 from deebert_jax.core.fileutil import atomic_write_text
-from deebert_jax.bench.harness import BACKENDS, BenchmarkError
-from deebert_jax.bench.precision import PRECISIONS
+from benchmarks.harness import BACKENDS, BenchmarkError
+from benchmarks.precision import PRECISIONS
 
 ROW_KEYS = ("backend", "mode", "batch_size", "seq_len", "threshold", "median_ms", "p90_ms",
             "mean_exit_layer", "compile_s")

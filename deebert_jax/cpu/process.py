@@ -16,7 +16,9 @@ import re
 import sys
 import traceback
 
+from deebert_jax.core.config import check_kernels
 from deebert_jax.core.errors import InputError
+from deebert_jax.cpu import memory, threefry   # both load nothing heavy (JAX comes inside their calls)
 
 @dataclasses.dataclass(frozen=True)
 class ProcessSettings:
@@ -44,9 +46,6 @@ def setup_process(*, kernels: str = "cpu_tuned", keep_freed_memory: bool | None 
       PyTorch fits beside it (XLA_PYTHON_CLIENT_PREALLOCATE=false unless set).
     quiet_orbax: drop the tracebacks a failed orbax read leaves behind (`silence_closed_loop_noise`).
     """
-    from deebert_jax.cpu import memory, threefry
-    from deebert_jax.model.kernels import check_kernels
-
     check_kernels(kernels)
     # DEEBERT_KEEP_FREED_MEMORY=0 in the environment wins (`cpu.memory.keep_freed_memory`).
     kept = memory.keep_freed_memory() if keep_freed_memory is not False else memory.applied()

@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from deebert_jax.bench.harness import (BACKENDS, BenchmarkError, Cell, Timing, batch_rows, check_input_pool, run_cells,
+from benchmarks.harness import (BACKENDS, BenchmarkError, Cell, Timing, batch_rows, check_input_pool, run_cells,
                                       sync_torch, typical_mean_ms)
 
 MODES = ("full", "early_exit")

@@ -1,1 +1,0 @@
-"""Benchmarks and profiling: JAX against eager PyTorch, latency and training steps."""

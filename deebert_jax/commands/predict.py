@@ -1,0 +1,113 @@
+"""Classify text with a deebert-jax model, exiting early (exit-aware batching).
+
+    python -m train.predict --checkpoint DIR (--text "..." [--text-pair "..."] | --input FILE)
+        [--threshold X] [--rule entropy] [--batch-size N] [--max-seq-length S] [--out preds.jsonl]
+
+FILE is `.txt` (one text a line), `.tsv` (one or two text columns; a header naming `text` /
+`sentence` / `sentence1` / `text_a` and optionally `text_pair` / `sentence2` / `text_b` columns
+is allowed) or `.jsonl` (`{"text": ..., "text_pair": ...}`). Writes one JSON line per example
+(label, label_id, probabilities, exit_layer, truncated) to `--out`, else to stdout; notes and
+the summary go to stderr. Without `--threshold`: DIR/exit_policy.json (`train.calibrate`), else
+the full depth. Without `--max-seq-length`: the length the model was trained at (DIR/training.json),
+else the longest its positions cover; a longer one is refused. A text the model cannot see whole
+is `"truncated": true`. An empty or malformed line is an error naming the file and line; nothing
+is written, and `--out` may not be `--input` or a file of DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+from typing import Mapping, Sequence
+
+from deebert_jax.commands.cli import positive_int, run
+from deebert_jax.core.fileutil import atomic_write_text
+
+
+def parse_args(argv):
+    from deebert_jax.inference.early_exit import EXIT_RULES
+
+    parser = argparse.ArgumentParser(prog="python -m train.predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="deebert-jax model directory with its tokenizer/")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="one text to classify")
+    source.add_argument("--input", help="a .txt, .tsv or .jsonl file of texts")
+    parser.add_argument("--text-pair", help="the second text of a pair (with --text)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="default: DIR/exit_policy.json, else the full depth")
+    parser.add_argument("--rule", default=None, choices=sorted(EXIT_RULES),
+                        help="default: the exit policy's rule, else entropy")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="rows per exit-aware pool")
+    parser.add_argument("--max-seq-length", type=positive_int, default=None,
+                        help="longer inputs are truncated; default: the length the model was trained at, "
+                             "else the longest its positions cover (and at most the tokenizer's model_max_length)")
+    parser.add_argument("--out", default=None, help="predictions JSONL (default: stdout)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.text_pair is not None and args.text is None:
+        parser.error("--text-pair needs --text")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from deebert_jax.cpu.process import setup_process
+    setup_process()   # process-wide settings, before JAX runs anything
+    from deebert_jax.core.fileutil import check_output_file, check_outputs_apart
+    from deebert_jax.data import text_inputs
+    from deebert_jax.inference import predict
+    from deebert_jax.inference.model_dir import open_model_dir
+    from deebert_jax.weights.checkpoint import MODEL_DIR_FILES
+
+    # Before anything is read: --out may be neither a directory nor what this command reads.
+    if args.out:
+        check_output_file(args.out)
+    check_outputs_apart({"--out": args.out}, {"--input": args.input, "--checkpoint": args.checkpoint},
+                        reads={"--checkpoint": MODEL_DIR_FILES})
+    if args.input:
+        examples = text_inputs.read_inputs(args.input)
+    else:
+        examples = [(text_inputs.check_text(args.text, "--text"),
+                     None if args.text_pair is None else text_inputs.check_text(args.text_pair, "--text-pair"))]
+    model = open_model_dir(args.checkpoint)
+    config = model.config
+    max_seq_length, why = model.max_seq_length(args.max_seq_length)
+    threshold, rule, note = model.threshold(args.threshold, args.rule, max_seq_length=max_seq_length)
+    print(note, file=sys.stderr)
+    if why != "given":
+        print(f"max sequence length {max_seq_length}: {why}", file=sys.stderr)
+    arrays, truncated = predict.encode(model.tokenizer, examples, max_seq_length, config.vocab_size)
+    probs, exit_layer, seconds = predict.predict_arrays(config, model.params, arrays, threshold, rule, args.batch_size,
+                                                        progress=bool(args.input) and not args.no_progress)
+    records = predict.format_predictions(examples, probs, exit_layer, model.label_names, truncated)
+    if args.out:
+        print(f"wrote {write_jsonl(records, args.out)}", file=sys.stderr)
+    else:
+        sys.stdout.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    print(summary(exit_layer, config.num_hidden_layers, seconds, truncated, max_seq_length), file=sys.stderr)
+    return 0
+
+
+def write_jsonl(records: Sequence[Mapping], path: str | os.PathLike) -> str:
+    """All records at once, atomically (nothing appears until every line is ready)."""
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def summary(exit_layer, num_layers: int, seconds: float, truncated, max_seq_length: int) -> str:
+    """The line on stderr after the predictions ([N] numpy exit layers and truncation flags)."""
+    n, mean_exit = len(exit_layer), float(exit_layer.mean())
+    return (f"{n} examples in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} examples/s, compilation included); "
+            f"mean exit layer {mean_exit:.2f} of {num_layers}, layer saving {1 - mean_exit / num_layers:.1%}; "
+            f"{int(truncated.sum())} truncated to {max_seq_length} tokens")
+
+
+entry = functools.partial(run, main)   # the console script and `python -m`: errors as one line
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

@@ -1,0 +1,127 @@
+"""The user's own text, as `deebert-predict --input FILE` and the server take it.
+
+Input files, by extension (every line one example; an empty or malformed line is a `DataError`
+naming the file and line, so nothing half-read is used):
+- `.txt`: one text per line.
+- `.tsv`: tab-separated. If the first line names a text column (`text`, `sentence`, `sentence1`
+  or `text_a`, case-insensitive) it is a header: that column is the text, a column named
+  `text_pair`, `sentence2` or `text_b` the optional second text, and other columns (labels, ids)
+  are ignored. Otherwise there is no header and every line holds one text, or two (a pair), the
+  same number on every line.
+- `.jsonl`: one object per line, `{"text": "...", "text_pair": "..."}` (`text_pair` optional or
+  null; other keys ignored).
+"""
+
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+from deebert_jax.core.errors import InputError
+from deebert_jax.data.glue import DataError
+
+Example = tuple[str, "str | None"]   # (text, text_pair or None)
+INPUT_FORMATS = (".txt", ".tsv", ".jsonl")
+FIRST_COLUMNS = ("text", "sentence", "sentence1", "text_a")
+SECOND_COLUMNS = ("text_pair", "sentence2", "text_b")
+
+
+def _lines(path: str):
+    # utf-8-sig: a byte-order mark (an editor may write one) is not part of the first text.
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        for number, line in enumerate(f, 1):
+            yield number, line.rstrip("\r\n")
+
+
+def check_text(value, where: str) -> str:
+    """`value` if it is a non-blank string, else a DataError '<where> is empty' (or not a string)."""
+    if isinstance(value, str) and value.strip():
+        return value
+    if value is None or isinstance(value, str):
+        raise DataError(f"{where} is empty")
+    raise DataError(f"{where} must be a string, got {type(value).__name__}")
+
+
+def _text(path: str, number: int, value, what: str) -> str:
+    return check_text(value, f"{path}: line {number}: {what}")
+
+
+def _read_txt(path: str) -> list[Example]:
+    return [(_text(path, n, line, "the line"), None) for n, line in _lines(path)]
+
+
+def _tsv_header(fields: Sequence[str]) -> tuple[int, int | None] | None:
+    names = [f.strip().lower() for f in fields]
+    first = [i for i, name in enumerate(names) if name in FIRST_COLUMNS]
+    second = [i for i, name in enumerate(names) if name in SECOND_COLUMNS]
+    if not first:
+        return None
+    if len(first) > 1 or len(second) > 1:
+        raise InputError(f"header names several text columns {fields}")
+    return first[0], (second[0] if second else None)
+
+
+def _read_tsv(path: str) -> list[Example]:
+    examples, columns, width = [], None, None
+    for n, line in _lines(path):
+        fields = line.split("\t")
+        if n == 1:
+            try:
+                columns = _tsv_header(fields)
+            except ValueError as e:
+                raise DataError(f"{path}: line 1: {e}") from None
+            if columns is not None:
+                continue
+        if columns is None:
+            width = width or len(fields)
+            if len(fields) not in (1, 2) or len(fields) != width:
+                raise DataError(f"{path}: line {n}: {len(fields)} tab-separated columns; expected "
+                                f"{width if width in (1, 2) else '1 or 2'} (or a header naming {FIRST_COLUMNS[:2]})")
+            first, second = 0, (1 if width == 2 else None)
+        else:
+            first, second = columns
+            needed = max(first, second or 0) + 1
+            if len(fields) < needed:
+                raise DataError(f"{path}: line {n}: {len(fields)} columns, the header needs {needed}")
+        pair = None if second is None else _text(path, n, fields[second], "the second text")
+        examples.append((_text(path, n, fields[first], "the text"), pair))
+    return examples
+
+
+def _read_jsonl(path: str) -> list[Example]:
+    examples = []
+    for n, line in _lines(path):
+        if not line.strip():
+            raise DataError(f"{path}: line {n}: empty line")
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or "text" not in record:
+            raise DataError(f"{path}: line {n}: expected an object with a \"text\" key")
+        pair = record.get("text_pair")
+        examples.append((_text(path, n, record["text"], '"text"'),
+                         None if pair is None else _text(path, n, pair, '"text_pair"')))
+    return examples
+
+
+def read_inputs(path: str | os.PathLike) -> list[Example]:
+    """A `.txt`, `.tsv` or `.jsonl` file (see the module docstring) -> [(text, text_pair or None)]."""
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    readers = {".txt": _read_txt, ".tsv": _read_tsv, ".jsonl": _read_jsonl}
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory; expected a {', '.join(INPUT_FORMATS)} file of texts")
+    if ext not in readers:
+        raise DataError(f"{path}: unknown input format {ext or '(no extension)'!r}; expected one of {INPUT_FORMATS}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such input file")
+    try:
+        examples = readers[ext](path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not examples:
+        raise DataError(f"{path}: no examples (empty file)")
+    return examples

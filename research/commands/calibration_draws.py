@@ -1,0 +1,128 @@
+"""Repeat a calibration over many random draws and report what its threshold gives on unseen rows.
+
+    python -m train.calibration_draws --checkpoint DIR --task sst2 --max-drop 1.0 --confidence 0.95
+        [--splits train-holdout,dev-half] [--pool-size 16000] [--draw-size 4000] [--draws 200]
+        [--ramp-temperature agreement --temperature-rows 1000]
+        [--glue-dir D] [--max-seq-length S] [--seed 0] [--out FILE.json]
+
+train-holdout: each draw samples --draw-size rows from the last --pool-size training rows (rows
+the model must not have trained on: `config.calibration_holdout`, or a `train_limit` that stops
+before them) and reports the chosen threshold on dev. dev-half: each draw halves dev at random.
+Prints one summary line per split and writes every draw to --out. With --ramp-temperature
+agreement (train-holdout only), the first --temperature-rows pool rows fit one temperature per
+off-ramp (as `config.ramp_temperature` does after training) and the draws come from the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+
+from deebert_jax.commands.cli import add_dev_data_flags, confidence_level, floats, number, positive_int, run
+
+_max_drop = number(lambda v: 0 <= v < float("inf"), "must be a number of points >= 0")
+
+
+def parse_args(argv):
+    from research.calibration_draws import SPLITS
+    from deebert_jax.inference.early_exit import EXIT_RULES
+
+    p = argparse.ArgumentParser(prog="python -m train.calibration_draws", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="deebert-jax model directory")
+    p.add_argument("--task", required=True)
+    p.add_argument("--max-drop", type=_max_drop, required=True)
+    p.add_argument("--confidence", type=confidence_level, default=None)
+    p.add_argument("--rule", default="entropy", choices=sorted(EXIT_RULES))
+    p.add_argument("--thresholds", type=floats, default=None,
+                   help="the grid to test, safe to aggressive (default: train.calibrate's)")
+    p.add_argument("--splits", default="train-holdout,dev-half",
+                   type=lambda v: [s for s in v.split(",") if s],
+                   help=f"comma-separated, of {', '.join(SPLITS)}")
+    p.add_argument("--pool-size", type=positive_int, default=16000, help="train-holdout: the last N training rows")
+    p.add_argument("--draw-size", type=positive_int, default=4000, help="train-holdout: rows per draw")
+    p.add_argument("--ramp-temperature", default="none", choices=["none", "agreement"],
+                   help="fit off-ramp temperatures on the first --temperature-rows pool rows (train-holdout)")
+    p.add_argument("--temperature-rows", type=positive_int, default=1000)
+    p.add_argument("--draws", type=positive_int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    add_dev_data_flags(p)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--out", default=None, help="JSON with every draw and the summaries")
+    args = p.parse_args(argv)
+    bad = [s for s in args.splits if s not in SPLITS]
+    if bad or not args.splits:
+        p.error(f"--splits {','.join(args.splits)}: expected a comma-separated list of {', '.join(SPLITS)}")
+    if args.ramp_temperature != "none":
+        if args.splits != ["train-holdout"]:
+            p.error("--ramp-temperature fits on training rows the draws do not use: pass --splits train-holdout")
+        if args.temperature_rows >= args.pool_size:
+            p.error(f"--temperature-rows {args.temperature_rows} leaves no pool rows to draw from "
+                    f"(--pool-size {args.pool_size})")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from deebert_jax.cpu.process import setup_process
+    setup_process()
+    import os
+
+    from deebert_jax.core.fileutil import atomic_write_text
+    from deebert_jax.data import glue as data
+    from deebert_jax.evaluation import calibration
+    from research import calibration_draws as draws_lib
+    from deebert_jax.evaluation import sweep
+    from deebert_jax.weights.model_loading import load_model_for_task
+
+    config, params, task, tokenizer = load_model_for_task(args.checkpoint, args.task)
+    if "train-holdout" in args.splits:   # a model's own fitting rows are not calibration rows
+        calibration.check_clear_of_temperature_rows(args.checkpoint, args.pool_size, "--pool-size")
+    common = dict(glue_dir=args.glue_dir, tokenizer=tokenizer, max_seq_length=args.max_seq_length,
+                  vocab_size=config.vocab_size)
+    logits = lambda arrays: sweep.all_ramp_logits(config, params, arrays, args.batch_size, progress=True)
+    dev = data.load_split(task, "dev", limit=args.limit, **common)
+    dev_set = (logits(dev), dev["labels"])
+    result = {"command": " ".join(["python", "-m", "train.calibration_draws", *(argv or sys.argv[1:])]),
+              "task": task, "max_drop": args.max_drop, "confidence": args.confidence, "rule": args.rule,
+              "max_seq_length": args.max_seq_length, "thresholds": args.thresholds, "splits": {}}
+    for split in args.splits:
+        if split == "train-holdout":
+            _, pool = data.load_train_and_holdout(task, args.pool_size, **common)
+            pool_set, reported, setting = (logits(pool), pool["labels"]), dev_set, {"pool_size": args.pool_size}
+            if args.ramp_temperature != "none":
+                pool_set, reported, temps = draws_lib.fit_temperatures_on_pool(pool_set, dev_set, args.temperature_rows)
+                setting["ramp_temperatures"] = {"fit": args.ramp_temperature, "rows": args.temperature_rows,
+                                                "temperatures": [round(float(t), 6) for t in temps]}
+                print("off-ramp temperatures fitted on the first", args.temperature_rows, "pool rows:",
+                      ", ".join(f"{t:.3g}" for t in temps))
+            pool_rows = pool_set[1].shape[0]
+            records = draws_lib.run_draws(task, split, pool_set, reported, draws=args.draws,
+                                          draw_size=args.draw_size, max_drop=args.max_drop,
+                                          confidence=args.confidence, rule=args.rule, seed=args.seed,
+                                          thresholds=args.thresholds)
+            setting.update({"draw_size": min(args.draw_size, pool_rows), "reported": f"dev, {data.num_examples(dev)} rows"})
+        else:
+            records = draws_lib.run_draws(task, split, dev_set, None, draws=args.draws, draw_size=None,
+                                          max_drop=args.max_drop, confidence=args.confidence, rule=args.rule,
+                                          seed=args.seed, thresholds=args.thresholds)
+            n = data.num_examples(dev)
+            setting = {"draw_size": (n + 1) // 2, "reported": f"the other half of dev, {n // 2} rows"}
+        summary = draws_lib.summarize(records, args.max_drop)
+        result["splits"][split] = {**setting, "summary": summary, "draws": records}
+        print(draws_lib.format_summary(summary, f"{split} ({setting['draw_size']} calibration rows, "
+                                                f"reported on {setting['reported']})"))
+    if args.out:
+        path = os.path.abspath(args.out)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+entry = functools.partial(run, main)   # the console script and `python -m`: errors as one line
+
+
+if __name__ == "__main__":
+    sys.exit(entry())
