@@ -201,6 +201,15 @@ def test_train_dry_run_writes_the_plan_and_trains_nothing(tmp_path):
     assert not workdir.exists()
 
 
+def test_a_plan_without_a_slice_is_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "train.plan", "--config", str(REPO / "configs/tiny.py")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == ["error: --topology is required, e.g. --topology v5e:2x4 (a Cloud TPU "
+                                                "slice to plan for)"]
+
+
 def test_ordinary_commands_stay_quiet_with_libtpu_installed():
     """No TPU here: setup_process names the CPU, so JAX never loads libtpu for an ordinary command."""
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from deebert_jax.core.errors import InputError
+
 class PlanFlags:
     """The dry-run flags `train.plan` and `train.train --dry-run` share (absl)."""
 
@@ -44,7 +46,7 @@ def define_plan_flags(topology_required: bool = False, define_debug: bool = True
 def run_dry_run(cfg, flags: PlanFlags) -> int:
     """The dry run both commands make: compile for `--topology`, print the table (and write `--out`)."""
     if not flags.topology:
-        raise ValueError("--topology is required, e.g. --topology v5e:2x4")
+        raise InputError("--topology is required, e.g. --topology v5e:2x4 (a Cloud TPU slice to plan for)")
     from deebert_jax.cpu.process import setup_process
     # The programs are the TPU's ("reference" kernels): no CPU lowering is registered.
     setup_process(kernels="reference")
