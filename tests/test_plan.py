@@ -19,7 +19,7 @@ pytest.importorskip("libtpu", reason="libtpu (the tpu extra) is not installed")
 
 from configs import tiny  # noqa: E402
 from deebert_jax.core.errors import InputError  # noqa: E402
-from deebert_jax.planning import analytic, chips, costs, plan as plan_lib, programs, report  # noqa: E402
+from deebert_jax.planning import chips, costs, plan as plan_lib, programs, report  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +113,6 @@ def test_loops_count_their_trips():
     one = 2 * 4 * 8 * 8
     assert costs.jaxpr_costs(jaxpr, lambda path: 3).matmul_flops == (5 + 3) * one
     assert costs.jaxpr_costs(jaxpr, loops_once=True).matmul_flops == 2 * one
-    assert analytic.layer_flops(tiny_config := programs.model_config(_tiny(), 2)[0], 16) > \
-        analytic.layer_flops(tiny_config, 16, first_token_only=True)
 
 
 def test_collectives_read_from_hlo():

@@ -4,31 +4,33 @@ from __future__ import annotations
 
 import sys
 
+from absl import flags as absl_flags
+from ml_collections import config_flags
+
 from deebert_jax.core.errors import InputError
+
 
 class PlanFlags:
     """The dry-run flags `train.plan` and `train.train --dry-run` share (absl)."""
 
     def __init__(self, topology_required: bool, define_debug: bool):
-        from absl import flags
-        self._flags = flags.FLAGS
-        flags.DEFINE_string("topology", None, "the Cloud TPU slice, as libtpu names it: v5e:2x4, v4:2x2x4, v6e:2x4, "
+        self._flags = absl_flags.FLAGS
+        absl_flags.DEFINE_string("topology", None, "the Cloud TPU slice, as libtpu names it: v5e:2x4, v4:2x2x4, v6e:2x4, "
                             "v5p:2x2x1" + ("" if topology_required else " (with --dry-run)"))
-        flags.DEFINE_string("out", None, "also write the plan as JSON here")
-        flags.DEFINE_list("programs", ["train", "predict", "serve"], "which programs: train (the stages' steps), "
+        absl_flags.DEFINE_string("out", None, "also write the plan as JSON here")
+        absl_flags.DEFINE_list("programs", ["train", "predict", "serve"], "which programs: train (the stages' steps), "
                           "predict (eval forward, early_exit_predict, exit_aware_predict), serve (the engine's)")
-        flags.DEFINE_integer("train-examples", None, "training rows before the held-out ones (default: the task's "
+        absl_flags.DEFINE_integer("train-examples", None, "training rows before the held-out ones (default: the task's "
                              "public train split, less config.calibration_holdout, at most config.train_limit)",
                              lower_bound=1)
-        flags.DEFINE_integer("global-batch-size", None, "split over the slice's chips (default: "
+        absl_flags.DEFINE_integer("global-batch-size", None, "split over the slice's chips (default: "
                              "config.per_device_batch_size per chip)", lower_bound=1)
-        flags.DEFINE_bool("largest-batch", False, "also find the largest per-chip batch that fits (two compiles "
+        absl_flags.DEFINE_bool("largest-batch", False, "also find the largest per-chip batch that fits (two compiles "
                           "and a confirming one per stage; done anyway when a step does not fit)")
-        flags.DEFINE_integer("serve-max-seq-length", None, "the serving programs' longest padded length "
+        absl_flags.DEFINE_integer("serve-max-seq-length", None, "the serving programs' longest padded length "
                              "(default config.max_seq_length)", lower_bound=1)
         if define_debug:
-            flags.DEFINE_bool("debug", False, "on an error, show the traceback instead of one line")
-        self.topology_required = topology_required
+            absl_flags.DEFINE_bool("debug", False, "on an error, show the traceback instead of one line")
 
     def __getattr__(self, name):
         return self._flags[name.replace("_", "-") if name.replace("_", "-") in self._flags else name].value
@@ -50,7 +52,7 @@ def run_dry_run(cfg, flags: PlanFlags) -> int:
     from deebert_jax.cpu.process import setup_process
     # The programs are the TPU's ("reference" kernels): no CPU lowering is registered.
     setup_process(kernels="reference")
-    from deebert_jax.planning.plan import PlanRefusal, dry_run
+    from deebert_jax.planning.plan import PlanRefusal, dry_run   # imports JAX: after setup_process
 
     say = lambda text: print(text, file=sys.stderr, flush=True)
     try:
@@ -66,9 +68,5 @@ def run_dry_run(cfg, flags: PlanFlags) -> int:
 
 def _config_path() -> str | None:
     """The file `--config` names (its `:ARGS` cut off)."""
-    for i, arg in enumerate(sys.argv):
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1].split(":", 1)[0]
-        if arg == "--config" and i + 1 < len(sys.argv):
-            return sys.argv[i + 1].split(":", 1)[0]
-    return None
+    name = config_flags.get_config_filename(absl_flags.FLAGS["config"])
+    return name.split(":", 1)[0] if name else None

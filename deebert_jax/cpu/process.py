@@ -73,13 +73,17 @@ def tpu_chips_attached() -> int:
     return count
 
 
+def libtpu_installed() -> bool:
+    return importlib.util.find_spec("libtpu") is not None
+
+
 def skip_absent_tpu() -> bool:
     """With libtpu installed (the `tpu` extra, for `train.plan`) JAX tries a TPU backend first and,
     on a machine with no TPU, libtpu prints what it could not find on stderr before JAX falls
     back. Where there is no TPU and no NVIDIA GPU, and nobody chose JAX's platforms, the CPU is
     named as the platform instead: the same devices as before, nothing new on stderr. Compiling
     for a TPU slice (`planning.chips`) loads libtpu on its own and is not affected."""
-    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+    if os.environ.get("JAX_PLATFORMS") or not libtpu_installed():
         return False
     if tpu_chips_attached() or glob.glob("/dev/nvidia[0-9]*"):
         return False

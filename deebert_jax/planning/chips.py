@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import os
 import re
 
 from deebert_jax.core.errors import InputError
-from deebert_jax.cpu.process import tpu_chips_attached
+from deebert_jax.cpu.process import libtpu_installed, tpu_chips_attached
 
 GiB = 1024 ** 3
 
@@ -79,10 +78,6 @@ def parse_topology(topology: str) -> tuple[ChipSpec, str]:
     if generation not in CHIPS:
         raise InputError(f"--topology={topology!r}: no figures for TPU {generation} (known: {', '.join(CHIPS)})")
     return CHIPS[generation], f"{_LIBTPU_NAME.get(generation, generation)}:{shape}"
-
-
-def libtpu_installed() -> bool:
-    return importlib.util.find_spec("libtpu") is not None
 
 
 @contextlib.contextmanager

@@ -5,8 +5,7 @@ layers are a `scan` reads as about one layer. This walks the program's jaxpr ins
 loop says how often it runs: a `scan` its length; a `while_loop` whose end depends on the data
 (the early-exit loops) as often as the caller says (`dynamic_trips`, e.g. full depth). A `cond`
 / `switch` counts its costliest branch. Matmul FLOPs (`dot_general`, 2 per multiply-add) are
-counted exactly; every other arithmetic op as one FLOP per output element; bytes as every
-primitive's inputs and outputs, unfused (a ratio's worth, not HBM traffic: `scale` uses it).
+counted exactly; every other arithmetic op as one FLOP per output element.
 """
 
 from __future__ import annotations
@@ -34,30 +33,20 @@ _CALLED = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 class Costs:
     matmul_flops: float = 0.0
     other_flops: float = 0.0
-    unfused_bytes: float = 0.0
 
     @property
     def flops(self) -> float:
         return self.matmul_flops + self.other_flops
 
     def __add__(self, other: "Costs") -> "Costs":
-        return Costs(self.matmul_flops + other.matmul_flops, self.other_flops + other.other_flops,
-                     self.unfused_bytes + other.unfused_bytes)
+        return Costs(self.matmul_flops + other.matmul_flops, self.other_flops + other.other_flops)
 
     def times(self, n: float) -> "Costs":
-        return Costs(self.matmul_flops * n, self.other_flops * n, self.unfused_bytes * n)
+        return Costs(self.matmul_flops * n, self.other_flops * n)
 
 
 def _size(aval) -> int:
     return int(math.prod(getattr(aval, "shape", ())))
-
-
-def _bytes(aval) -> int:
-    dtype = getattr(aval, "dtype", None)
-    try:
-        return _size(aval) * (dtype.itemsize if dtype is not None else 0)
-    except (AttributeError, TypeError):   # key arrays and tokens
-        return 0
 
 
 def _open(jaxpr):
@@ -100,24 +89,13 @@ def jaxpr_costs(jaxpr, dynamic_trips: DynamicTrips = lambda path: 1, *, loops_on
         elif any(k in params for k in _CALLED):
             inner = next(params[k] for k in _CALLED if k in params)
             total += jaxpr_costs(inner, dynamic_trips, loops_once=loops_once, _path=_path)
-        else:
-            moved = sum(_bytes(v.aval) for v in eqn.invars if hasattr(v, "aval")) + \
-                sum(_bytes(v.aval) for v in eqn.outvars)
-            if name == "dot_general":
-                total += Costs(matmul_flops=_dot_flops(eqn), unfused_bytes=moved)
-            elif name in _NO_FLOPS:
-                total += Costs(unfused_bytes=moved)
-            else:
-                work = max([_size(v.aval) for v in eqn.outvars] + [_size(v.aval) for v in eqn.invars
-                                                                   if hasattr(v, "aval") and name.startswith("reduce")])
-                total += Costs(other_flops=float(work), unfused_bytes=moved)
+        elif name == "dot_general":
+            total += Costs(matmul_flops=_dot_flops(eqn))
+        elif name not in _NO_FLOPS:
+            work = max([_size(v.aval) for v in eqn.outvars] + [_size(v.aval) for v in eqn.invars
+                                                               if hasattr(v, "aval") and name.startswith("reduce")])
+            total += Costs(other_flops=float(work))
     return total
-
-
-def program_costs(fn, *args, dynamic_trips: DynamicTrips = lambda path: 1, **kwargs) -> tuple[Costs, Costs]:
-    """`fn(*args, **kwargs)` traced on abstract args -> (costs with trip counts, loops once)."""
-    closed = jax.make_jaxpr(fn)(*args, **kwargs)
-    return jaxpr_costs(closed, dynamic_trips), jaxpr_costs(closed, loops_once=True)
 
 
 def scale(xla_figure: float, counted: float, once: float) -> float:

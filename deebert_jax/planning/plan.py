@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import os
 from typing import Callable, Sequence
 
+import jax
+
 from deebert_jax.core.errors import InputError
+from deebert_jax.core.fileutil import atomic_write_text, check_output_file, check_outputs_apart
+from deebert_jax.model.modeling import init_params
 from deebert_jax.planning import programs as programs_lib
 from deebert_jax.planning.chips import Slice, slice_devices
 from deebert_jax.planning.report import ProgramReport, compile_program
+from deebert_jax.planning.summary import format_plan
 from deebert_jax.training import run_config
 
 GROUPS = ("train", "predict", "serve")
@@ -209,8 +216,6 @@ def make_plan(cfg, topology: str, *, groups: Sequence[str] = GROUPS, train_examp
 
 
 def _parameter_count(config) -> int:
-    import jax
-    from deebert_jax.model.modeling import init_params
     shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
     return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)))
 
@@ -241,12 +246,6 @@ def dry_run(cfg, topology: str, *, out: str | None = None, config_path: str | No
             say: Callable[[str], None] = lambda s: None, **options) -> tuple[dict, str]:
     """`make_plan`, with the JSON written to `out` (checked before any compile; the plan is
     written when refused too) -> (plan, its table). A refusal is raised after the writing."""
-    import json
-    import os
-
-    from deebert_jax.core.fileutil import atomic_write_text, check_output_file, check_outputs_apart
-    from deebert_jax.planning.summary import format_plan
-
     if out is not None:
         out = check_output_file(out)
         init = cfg.get("init_checkpoint", "") or None

@@ -11,7 +11,6 @@ engine's programs. Here the same functions are handed abstract arguments
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from typing import Any, Callable
 
@@ -36,7 +35,7 @@ from deebert_jax.training import run_config
 from deebert_jax.training.losses import LABELS
 from deebert_jax.training.steps import OptimizerSettings, init_train_state, make_train_step, stage_optimizer_settings
 from deebert_jax.weights.checkpoint import is_checkpoint_dir, read_model_config
-from deebert_jax.weights.model_loading import default_init_checkpoint, model_overrides
+from deebert_jax.weights.model_loading import default_init_checkpoint, model_overrides, random_model_config
 
 # The public architectures of the hub models the configs name, for planning a run whose weights
 # are not on this machine (only their shapes matter to a compiler).
@@ -68,8 +67,7 @@ def model_config(cfg, num_labels: int) -> tuple[DeeBertConfig, str]:
     init = cfg.get("init_checkpoint", "") or ""
     overrides = model_overrides(cfg)
     if init == "random":
-        fields = {k: v for k, v in dict(cfg.get("model", {}) or {}).items() if v != ""}
-        return DeeBertConfig(**{**fields, "num_labels": num_labels}), "config.model (random init)"
+        return random_model_config(cfg, num_labels), "config.model (random init)"
     path = os.path.expanduser(init or default_init_checkpoint())
     if is_checkpoint_dir(path):
         config = read_model_config(path)

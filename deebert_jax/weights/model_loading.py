@@ -37,6 +37,12 @@ def model_overrides(cfg) -> dict:
     return {k: v for k, v in dict(cfg.get("model", {}) or {}).items() if k in OVERRIDABLE_FIELDS and v != ""}
 
 
+def random_model_config(cfg, labels: int) -> DeeBertConfig:
+    """The config of `init_checkpoint="random"`: `cfg.model`'s DeeBertConfig fields."""
+    fields = {k: v for k, v in dict(cfg.get("model", {}) or {}).items() if v != ""}
+    return DeeBertConfig(**{**fields, "num_labels": labels})
+
+
 def load_initial_model(cfg, labels: int) -> tuple[DeeBertConfig, Params, str | None]:
     """-> (config, params, where its tokenizer is, or None) from `cfg.init_checkpoint`.
 
@@ -47,9 +53,7 @@ def load_initial_model(cfg, labels: int) -> tuple[DeeBertConfig, Params, str | N
 
     init = cfg.get("init_checkpoint", "") or ""
     if init == "random":
-        fields = {k: v for k, v in dict(cfg.get("model", {}) or {}).items() if v != ""}
-        fields["num_labels"] = labels
-        config = DeeBertConfig(**fields)
+        config = random_model_config(cfg, labels)
         return config, jitted_init_params(config, jax.random.PRNGKey(cfg.seed)), None
     init = os.path.expanduser(init or default_init_checkpoint())
     path = os.path.abspath(resolve_model_dir(init)) if not os.path.isdir(init) else os.path.abspath(init)
