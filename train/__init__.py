@@ -19,6 +19,5 @@ def stand_in(name: str, target: str, **entry_kwargs) -> None:
     monkeypatching reach the code that runs."""
     module = importlib.import_module(target)
     if name == "__main__":
-        sys.modules[name].__doc__ = module.__doc__   # absl's --help prints the main module's docstring
         sys.exit(module.entry(**entry_kwargs))
     sys.modules[name] = module

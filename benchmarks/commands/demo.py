@@ -11,6 +11,7 @@ one line `error: ...` and exit status 1 (`--debug`: tracebacks, here and in ever
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
@@ -19,19 +20,16 @@ import subprocess
 import sys
 import time
 
-from absl import flags
-from ml_collections import config_flags
-
 from deebert_jax.commands import cli
-
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py",
-                                          "demo/training config file (configs/*.py[:ARGS])", lock_config=False)
-_DEBUG = flags.DEFINE_bool("debug", False, "on an error, show the traceback instead of one line (each step too)")
+from deebert_jax.commands.config_file import add_config_argument, parse_args_with_config
 
 
-def _config_overrides(argv: list[str]) -> list[str]:
-    """The user's --config.FIELD=VALUE flags, passed on to train.train unchanged."""
-    return [a for a in argv if a.startswith("--config.")]
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train.demo", description=__doc__.split("\n\n")[0])
+    add_config_argument(parser, default="configs/demo.py", help="demo/training config file (configs/*.py[:ARGS])")
+    parser.add_argument(cli.DEBUG_FLAG, action="store_true",
+                        help="on an error, show the traceback instead of one line (each step too)")
+    return parse_args_with_config(parser, argv, lock_config=False)
 
 
 COMMANDS: list[str] = []
@@ -79,21 +77,19 @@ def _glue_note(cfg) -> str:
     return "GLUE from the datasets hub (nyu-mll/glue)"
 
 
-def main(argv):
-    # absl has parsed the flags (--debug among them); cli.run gives the one-line error convention.
-    if _DEBUG.value:
-        os.environ["DEEBERT_DEBUG"] = "1"   # read by cli.run here and by every step's command
-    return cli.run(_demo, argv)
+def main(argv=None) -> int:
+    if cli.debug_requested():
+        os.environ["DEEBERT_DEBUG"] = "1"   # read by every step's command
+    return _demo(parse_args(argv))
 
 
-def _demo(argv) -> int:
+def _demo(args: argparse.Namespace) -> int:
     from deebert_jax.cpu.process import setup_process
     setup_process()   # process-wide settings, before JAX runs anything
-    cfg = _CONFIG.value
+    cfg = args.config
     py = sys.executable
     workdir = os.path.abspath(cfg.workdir)
-    config_file = config_flags.get_config_filename(flags.FLAGS["config"])
-    overrides = _config_overrides(argv if len(argv) > 1 else sys.argv)
+    config_file, overrides = args.config_file, args.config_overrides
     source = _glue_note(cfg)
     os.makedirs(workdir, exist_ok=True)
     timings, started, commit = {}, time.time(), source_commit()
@@ -171,9 +167,8 @@ def _demo(argv) -> int:
     return 0
 
 
-# The console script and `python -m`: absl parses the flags and exits with `main`'s status.
-entry = functools.partial(cli.run_absl, main)
+entry = functools.partial(cli.run, main)   # `python -m train.demo`: errors as one line
 
 
 if __name__ == "__main__":
-    entry()
+    sys.exit(entry())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, NoReturn, Sequence
+from typing import Callable, Sequence
 
 DEBUG_FLAG = "--debug"
 
@@ -78,35 +78,6 @@ def one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
         text = f"{e.filename}: {text}"
     return " | ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
-def parse_absl_flags(argv: list[str]) -> list[str]:
-    """`app.run(main, flags_parser=parse_absl_flags)`: a bad flag, config file or `--config.FIELD`
-    (absl, ml_collections `config_flags`) -> one line `error: ...` and exit 1, as `run` does."""
-    from absl import flags
-    try:
-        return flags.FLAGS(argv)
-    except (flags.Error, OSError, AttributeError, KeyError, TypeError, ValueError) as e:
-        if debug_requested(argv[1:]):
-            raise
-        text = str(e).strip()
-        if isinstance(e, (AttributeError, KeyError)):   # config_flags: an override of a field the config lacks
-            text = f"the config has no field {text.strip(chr(34) + chr(39))!r} (--config.FIELD=VALUE)"
-        elif "Traceback" in text or isinstance(e, OSError):
-            # config_flags folds a config file's traceback (or the paths it tried) into the message;
-            # its last line says what is wrong.
-            text = text.splitlines()[-1].strip()
-            text = text.split(": ", 1)[1] if text.split(":")[0].endswith(("Error", "Exception")) else text
-        print(f"error: {one_line(ValueError(text))}", file=sys.stderr)
-        sys.exit(1)
-
-
-def run_absl(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> NoReturn:
-    """An absl command (flags from `argv`, default sys.argv[1:]): `app.run` parses them with
-    `parse_absl_flags` and exits the process with `main`'s status."""
-    from absl import app
-    app.run(lambda args: sys.exit(main(args)), argv=None if argv is None else [sys.argv[0], *argv],
-            flags_parser=parse_absl_flags)
 
 
 def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:

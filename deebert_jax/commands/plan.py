@@ -10,34 +10,34 @@ line `error: ...` naming the config field and what would fit, after the table (e
 Times are estimates (roofline floors from the compiler's analysis), never measurements.
 """
 
-import functools
+from __future__ import annotations
 
-from absl import app
-from ml_collections import config_flags
+import argparse
+import functools
+import sys
 
 from deebert_jax.commands import cli
-from deebert_jax.commands.plan_flags import define_plan_flags, run_dry_run
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:ARGS])",
-                                          lock_config=True)
-_PLAN = define_plan_flags(topology_required=True, define_debug=True)
+from deebert_jax.commands.config_file import add_config_argument, parse_args_with_config
+from deebert_jax.commands.plan_flags import add_plan_flags, run_dry_run
 
 
-def _plan(argv) -> int:
-    if argv:
-        raise app.UsageError(f"unexpected arguments: {argv}")
-    if _CONFIG.value is None:
-        raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
-    return run_dry_run(_CONFIG.value, _PLAN)
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__.split("\n\n")[0])
+    add_config_argument(parser, help="training config file (configs/*.py[:ARGS])")
+    add_plan_flags(parser, topology_required=True)
+    parser.add_argument(cli.DEBUG_FLAG, action="store_true", help="on an error, show the traceback instead of one line")
+    args = parse_args_with_config(parser, argv)
+    if args.config is None:
+        parser.error("--config is required, e.g. --config configs/tiny.py")
+    return args
 
 
-def main(argv):
-    return cli.run(_plan, argv[1:] + ([cli.DEBUG_FLAG] if _PLAN.debug else []))
+def main(argv=None) -> int:
+    return run_dry_run(parse_args(argv))
 
 
-# The console script and `python -m`: absl parses the flags and exits with `main`'s status.
-entry = functools.partial(cli.run_absl, main)
+entry = functools.partial(cli.run, main)   # the console script and `python -m`: errors as one line
 
 
 if __name__ == "__main__":
-    entry()
+    sys.exit(entry())

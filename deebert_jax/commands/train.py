@@ -8,40 +8,45 @@ Started again on the same workdir it resumes from the latest checkpoint. A bad c
 or a NaN loss ends with one line `error: ...` and exit status 1 (`--debug`: the traceback).
 """
 
+from __future__ import annotations
+
+import argparse
 import functools
 import logging
-
-from absl import app, flags
-from ml_collections import config_flags
+import sys
 
 from deebert_jax.commands import cli
-from deebert_jax.commands.plan_flags import define_plan_flags, run_dry_run
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:ARGS])",
-                                          lock_config=True)
-_DEBUG = flags.DEFINE_bool("debug", False, "on an error, show the traceback instead of one line")
-_DRY_RUN = flags.DEFINE_bool("dry-run", False, "train nothing: compile the run for --topology, a Cloud TPU slice, "
-                             "and report what it needs (train.plan)")
-_PLAN = define_plan_flags(define_debug=False)
+from deebert_jax.commands.config_file import add_config_argument, parse_args_with_config
+from deebert_jax.commands.plan_flags import add_plan_flags, run_dry_run
 
 
-def _train(argv) -> int:
-    if argv:
-        raise app.UsageError(f"unexpected arguments: {argv}")
-    cfg = _CONFIG.value
-    if cfg is None:
-        raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
-    if _DRY_RUN.value:
-        return run_dry_run(cfg, _PLAN)
-    if _PLAN.topology:
-        raise app.UsageError("--topology plans a run without training: add --dry-run (or use train.plan)")
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train.train", description=__doc__.split("\n\n")[0])
+    add_config_argument(parser, help="training config file (configs/*.py[:ARGS])")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="train nothing: compile the run for --topology, a Cloud TPU slice, and report what it "
+                             "needs (train.plan)")
+    add_plan_flags(parser)
+    parser.add_argument(cli.DEBUG_FLAG, action="store_true", help="on an error, show the traceback instead of one line")
+    args = parse_args_with_config(parser, argv)
+    if args.config is None:
+        parser.error("--config is required, e.g. --config configs/tiny.py")
+    if args.topology and not args.dry_run:
+        parser.error("--topology plans a run without training: add --dry-run (or use train.plan)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.dry_run:
+        return run_dry_run(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
     from deebert_jax.cpu.process import setup_process
     setup_process()   # process-wide settings, before JAX runs anything
     from deebert_jax.training import loop as training
 
-    result = training.train(cfg)
+    result = training.train(args.config)
     for stage, record in result["eval"].items():
         final = record["final"]
         print(f"stage {stage}: dev {record['metric']} of the final ramp = {final[record['metric']]:.4f} "
@@ -52,14 +57,8 @@ def _train(argv) -> int:
     return 0
 
 
-def main(argv):
-    # absl has parsed the flags (--debug among them); cli.run gives the one-line error convention.
-    return cli.run(_train, argv[1:] + ([cli.DEBUG_FLAG] if _DEBUG.value else []))
-
-
-# The console script and `python -m`: absl parses the flags and exits with `main`'s status.
-entry = functools.partial(cli.run_absl, main)
+entry = functools.partial(cli.run, main)   # the console script and `python -m`: errors as one line
 
 
 if __name__ == "__main__":
-    entry()
+    sys.exit(entry())
