@@ -13,6 +13,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from deebert_jax.core.errors import DeeBertError
+
 DEBUG_FLAG = "--debug"
 
 
@@ -68,7 +70,6 @@ def without_debug_flag(argv: Sequence[str]) -> list[str]:
 
 
 def _is_project_error(e: BaseException) -> bool:
-    from deebert_jax.core.errors import DeeBertError
     return isinstance(e, (DeeBertError, OSError))
 
 
