@@ -58,6 +58,9 @@ def setup_process(*, kernels: str = "cpu_tuned", keep_freed_memory: bool | None 
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if quiet_orbax:
         silence_closed_loop_noise()
+    # The tokenizers need no PyTorch; without it, importing transformers advises installing it: a
+    # stray line on every command of a plain `pip install deebert-jax` (set it empty to see the advice).
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     return ProcessSettings(kept, unrolled, threads, quiet_orbax, skip_absent_tpu())
 
 
