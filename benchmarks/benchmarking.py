@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from benchmarks.harness import (BACKENDS, BenchmarkError, Cell, Timing, batch_rows, check_input_pool, run_cells,
+from benchmarks.harness import (BACKENDS, DEFAULT_BACKENDS, BenchmarkError, Cell, Timing, batch_rows, check_input_pool, run_cells,
                                       sync_torch, typical_mean_ms)
 
 MODES = ("full", "early_exit")
@@ -93,6 +93,15 @@ def _torch_cells(model, batches, thresholds, device) -> list[Cell]:
     return cells
 
 
+def _onnx_cells(onnx_session, batches, device) -> list[Cell]:
+    def full_call(r):
+        onnx_session.run(None, batches[r])
+
+    cell = Cell("onnxruntime", "full", int(batches[0]["input_ids"].shape[0]), None, full_call, device)
+    cell.call_lengths = [int(b["input_ids"].shape[1]) for b in batches]
+    return [cell]
+
+
 @dataclasses.dataclass
 class BenchmarkSpec:
     batch_sizes: Sequence[int] = (1, 32)
@@ -102,7 +111,7 @@ class BenchmarkSpec:
     rule: str = "entropy"
     schedule: str = "interleaved"
     dtype: str = "float32"
-    backends: Sequence[str] = BACKENDS
+    backends: Sequence[str] = DEFAULT_BACKENDS
     # JAX params as served: "unstacked" (`layouts.unstack_params`, once, before timing) or the
     # stacked training layout.
     layout: str = "unstacked"
@@ -131,6 +140,8 @@ class BenchmarkSpec:
             raise BenchmarkError(f"dtype={self.dtype!r}: expected 'float32' or 'bfloat16'")
         if self.layout not in ("unstacked", "stacked"):
             raise BenchmarkError(f"layout={self.layout!r}: expected 'unstacked' or 'stacked'")
+        if "onnxruntime" in self.backends and self.dtype != "float32":
+            raise BenchmarkError(f"dtype={self.dtype!r}: the onnxruntime baseline runs float32 only")
         if self.rule != "entropy" and "torch" in self.backends:
             raise BenchmarkError(f"rule={self.rule!r}: the PyTorch reference implements only 'entropy'")
         if self.attention != "default":   # the backend is asked only then (it starts JAX's backends)
@@ -141,7 +152,7 @@ class BenchmarkSpec:
 
 
 def run_benchmark(config, params, arrays: Mapping[str, np.ndarray], spec: BenchmarkSpec, *,
-                  torch_model=None, torch_device: str = "cpu", show_progress: bool = True,
+                  torch_model=None, torch_device: str = "cpu", onnx_session=None, show_progress: bool = True,
                   on_batch_size_done: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Times every cell of `spec` on `arrays` (the input pool) -> rows (see the module docstring).
 
@@ -159,6 +170,8 @@ def run_benchmark(config, params, arrays: Mapping[str, np.ndarray], spec: Benchm
     check_model_inputs(config, arrays["input_ids"], arrays["attention_mask"], arrays["token_type_ids"])
     if "torch" in spec.backends and torch_model is None:
         raise BenchmarkError("torch backend requested but no torch model given")
+    if "onnxruntime" in spec.backends and onnx_session is None:
+        raise BenchmarkError("onnxruntime backend requested but no ONNX Runtime session given")
     jax_dtype = jnp.bfloat16 if spec.dtype == "bfloat16" else jnp.float32
     stacked = jax.device_put(layouts.stack_params(params)) if spec.ablation else None
     if spec.layout == "unstacked":
@@ -168,7 +181,8 @@ def run_benchmark(config, params, arrays: Mapping[str, np.ndarray], spec: Benchm
     seq_len = int(arrays["input_ids"].shape[1])
     L = config.num_hidden_layers
     rows: list[dict] = []
-    per_batch_size = len(spec.backends) * (1 + len(spec.thresholds)) + (2 if spec.ablation and "jax" in spec.backends else 0)
+    per_batch_size = len(set(spec.backends) - {"onnxruntime"}) * (1 + len(spec.thresholds))
+    per_batch_size += (1 if "onnxruntime" in spec.backends else 0) + (2 if spec.ablation and "jax" in spec.backends else 0)
     per_batch_size += len(spec.thresholds) if spec.exit_aware and "jax" in spec.backends else 0
     total = per_batch_size * len(spec.batch_sizes) * spec.runs
     progress = tqdm(total=total, desc="benchmark", unit="call", disable=not show_progress)
@@ -187,9 +201,17 @@ def run_benchmark(config, params, arrays: Mapping[str, np.ndarray], spec: Benchm
             tbatches = [{k: torch.from_numpy(np.ascontiguousarray(arrays[k][rows_])).long().to(torch_device)
                          for k in ("input_ids", "attention_mask", "token_type_ids")} for rows_ in index]
             cells += _torch_cells(torch_model, tbatches, spec.thresholds, torch_device)
+        if "onnxruntime" in spec.backends:
+            from benchmarks.onnx_engine import own_length   # each batch at its own length, as users run it
+            cells += _onnx_cells(onnx_session, [own_length({k: arrays[k][rows_] for k in arrays}) for rows_ in index],
+                                 "cpu")
         run_cells(cells, spec.runs, spec.warmup, spec.schedule, progress)
         valid = [arrays["attention_mask"][rows_].sum(-1) > 0 for rows_ in index]
         done = _rows_for(cells, valid, seq_len, L)
+        for row in done:
+            if row["backend"] == "onnxruntime":
+                lengths = [c.call_lengths for c in cells if c.backend == "onnxruntime"][0]
+                row["run_at"] = f"each batch's own length (mean {np.mean(lengths):.1f} of {seq_len} tokens)"
         rows += done
         compiles = ", ".join(f"{r['mode']} {r['compile_s']:.1f} s" for r in done
                              if r["backend"] == "jax" and r["compile_s"] is not None and r["threshold"] in (None, spec.thresholds[0]))

@@ -22,7 +22,8 @@ from deebert_jax.core.errors import DeeBertError
 
 import numpy as np
 
-BACKENDS = ("jax", "torch")
+BACKENDS = ("jax", "torch", "onnxruntime")
+DEFAULT_BACKENDS = ("jax", "torch")
 
 
 class BenchmarkError(DeeBertError, ValueError):
@@ -64,7 +65,7 @@ def cpu_model() -> str:
 def versions() -> dict[str, str]:
     import importlib.metadata as md
     out = {"python": platform.python_version()}
-    for name in ("jax", "jaxlib", "flax", "numpy", "torch", "transformers"):
+    for name in ("jax", "jaxlib", "flax", "numpy", "torch", "transformers", "onnxruntime"):
         with contextlib.suppress(md.PackageNotFoundError):
             out[name] = md.version(name)
     return out

@@ -49,7 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="older spelling: float32 = --precision fp32, bfloat16 = --precision bf16")
     p.add_argument("--schedule", choices=("interleaved", "blocked"), default="interleaved")
-    p.add_argument("--backends", default="jax,torch", help="comma-separated subset of jax,torch")
+    p.add_argument("--backends", default="jax,torch",
+                   help="comma-separated subset of jax,torch,onnxruntime (ONNX Runtime: the eager twin exported to "
+                        "ONNX, full depth, each batch at its own length, on the CPU)")
     p.add_argument("--layout", choices=("unstacked", "stacked"), default="unstacked",
                    help="JAX params as served: unstacked per layer (layouts.unstack_params) or stacked")
     p.add_argument("--probe-size", type=int, default=None,
@@ -112,6 +114,9 @@ def _main(argv: list[str]) -> int:
     precision_record = precision_lib.apply(precision)   # before anything is traced or loaded
     from deebert_jax.evaluation.calibration import with_policy_threshold
     thresholds = args.thresholds or with_policy_threshold(bm.DEFAULT_THRESHOLDS, args.checkpoint, bm.BenchmarkSpec.rule)
+    from deebert_jax.inference.exit_policy import load_exit_policy
+    policy = load_exit_policy(args.checkpoint) if args.checkpoint else None
+    policy_threshold = float(policy["threshold"]) if policy and policy["rule"] == bm.BenchmarkSpec.rule else None
     spec = bm.BenchmarkSpec(batch_sizes=args.batch_sizes, thresholds=thresholds, runs=args.runs,
                             warmup=args.warmup, schedule=args.schedule, dtype=precision.dtype, layout=args.layout,
                             ablation=args.ablation, exit_aware=args.exit_aware, attention=args.attention,
@@ -140,14 +145,20 @@ def _main(argv: list[str]) -> int:
           f"matmul GFLOP/s: {env['matmul_gflops']}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="deebert-bench-") as tmp:
         torch_model = None
-        if "torch" in spec.backends:
+        onnx_session = None
+        if "torch" in spec.backends or "onnxruntime" in spec.backends:
             torch_model = bm.torch_twin(config, params, os.path.join(tmp, "torch"), torch_device, precision.dtype)
+        if "onnxruntime" in spec.backends:
+            from benchmarks.onnx_engine import onnx_twin
+            onnx_session = onnx_twin(torch_model, os.path.join(tmp, "onnx"), int(arrays["input_ids"].shape[1]),
+                                     args.threads, {k: v[:8] for k, v in arrays.items()})
+            torch_model = torch_model.to(torch_device)
         def result_of(rows, incomplete=None):
             # Paths under the checkout are recorded relative to it, so results read the same on any machine.
             result = {**env, "model": model_name, "inputs": inputs, "runs": spec.runs, "warmup": spec.warmup,
                       "schedule": spec.schedule, "dtype": spec.dtype, "precision": precision.name,
                       "precision_settings": precision_record, "rule": spec.rule, "jax_params_layout": spec.layout,
-                      "attention": spec.attention,
+                      "attention": spec.attention, "policy_threshold": policy_threshold,
                       "command": command_line("train.benchmark", argv),
                       "load_average_after": harness.load_average(), "rows": rows}
             if incomplete:
@@ -163,7 +174,8 @@ def _main(argv: list[str]) -> int:
                                                  f"{', '.join(map(str, spec.batch_sizes))} timed so far"), args.out)
 
         rows = bm.run_benchmark(config, params, arrays, spec, torch_model=torch_model,
-                                torch_device=torch_device, show_progress=not args.no_progress,
+                                torch_device=torch_device, onnx_session=onnx_session,
+                                show_progress=not args.no_progress,
                                 on_batch_size_done=save_so_far)
     result = result_of(rows)
     paths = bench_report.write_outputs(result, args.out)
