@@ -13,6 +13,7 @@ from typing import Mapping
 import numpy as np
 
 from benchmarks.harness import BenchmarkError
+from benchmarks.torch_engine import DynamicBatchingEngine
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OPSET = 17
@@ -90,3 +91,31 @@ def check_agreement(torch_model, ort_session, example: Mapping[str, np.ndarray])
         raise BenchmarkError(f"the ONNX export's logits differ from the PyTorch twin's by {gap:.2e} "
                              f"(> {AGREEMENT_ATOL:g}): not the same model")
     return gap
+
+
+class OnnxEngine(DynamicBatchingEngine):
+    thread_name = "onnxruntime-engine"
+
+
+def build_engine(config, params, lengths, threads: int | None = None):
+    """`serving.server.EngineFactory` for `--backend onnxruntime`: the eager twin of the same
+    weights exported to ONNX (checked against it), in the same dynamic-batching engine as
+    `--backend torch` -> (engine, what it runs)."""
+    import tempfile
+    from benchmarks.benchmarking import torch_twin
+    from benchmarks.harness import available_cpus
+    threads = threads or available_cpus()
+    longest = max(lengths)
+    with tempfile.TemporaryDirectory() as tmp:
+        twin = torch_twin(config, params, os.path.join(tmp, "torch"))
+        rng = np.random.default_rng(0)
+        example = {"input_ids": rng.integers(0, config.vocab_size, size=(2, longest)),
+                   "attention_mask": np.ones((2, longest), np.int64), "token_type_ids": np.zeros((2, longest), np.int64)}
+        ort_session = onnx_twin(twin, os.path.join(tmp, "onnx"), longest, threads, example)
+    engine = OnnxEngine(lambda arrays: ort_session.run(None, arrays)[0], config.num_hidden_layers, lengths)
+    return engine, f"ONNX Runtime {_version()}, full depth, dynamic batching (no early exit), {threads} threads"
+
+
+def _version() -> str:
+    import onnxruntime as ort
+    return ort.__version__

@@ -99,7 +99,7 @@ def format_summary(results: Mapping[str, Any], bench: Mapping[str, Any] | None =
         lines.append(f"{r['threshold']:>9g}  {r['metric']:>8.4f}  {100 * r['metric_change']:>+7.2f}  "
                      f"{r['layer_saving']:>7.1%}  {r['mean_exit_layer']:>10.2f}  {ms(r['jax_ms'])}  "
                      f"{ms(r['torch_ms'])}  {pct(r['jax_wall_saving']):>15}")
-    full = [(b, _bench_row(bench, b, "full", batch_size)) for b in ("jax", "torch")]
+    full = [(b, _bench_row(bench, b, "full", batch_size)) for b in ("jax", "torch", "onnxruntime")]
     if any(row for _, row in full):
         lines.append("full-depth forward: " + ", ".join(
             f"{b} {row['median_ms']:.2f} ms" for b, row in full if row))

@@ -4,8 +4,8 @@ open-loop Poisson sweep of offered rates against each, capacity under a p99 SLO,
 
 Modes: `full_depth` (the same server at threshold 0: a standard dynamic-batching server),
 `early_exit` (the model directory's exit policy), `torch` (eager PyTorch at full depth with
-dynamic batching). All three servers start first (each idle while another is measured); then
-each offered rate runs every mode in turn, so that drifts in other load on a shared machine land
+dynamic batching), `onnxruntime` (the same twin exported to ONNX Runtime, likewise). All servers
+start first (each idle while another is measured); then each offered rate runs every mode in turn, so that drifts in other load on a shared machine land
 on all modes alike. After the sweep, one more point at 60% of the full-depth capacity is run for
 the full-depth and early-exit servers (the median-latency target's load).
 """
@@ -26,9 +26,11 @@ import numpy as np
 from benchmarks import harness as bench_harness
 from benchmarks import loadgen
 
-MODES = ("full_depth", "early_exit", "torch")
+MODES = ("full_depth", "early_exit", "torch", "onnxruntime")
 MODE_NAMES = {"full_depth": "JAX, full depth (threshold 0)", "early_exit": "JAX, early exit (policy threshold)",
-              "torch": "eager PyTorch, full depth"}
+              "torch": "eager PyTorch, full depth", "onnxruntime": "ONNX Runtime, full depth"}
+BASELINES = ("torch", "onnxruntime")   # engines without early exit: `train.serve --backend NAME`
+ORT_CAPACITY_TARGET = 1.5   # early exit's capacity against an ONNX Runtime server at full depth
 READY_TIMEOUT_S = 600
 HOST = "127.0.0.1"   # the benchmark never talks to anything else
 
@@ -38,9 +40,9 @@ def server_args(mode: str, model_dir: str, max_seq_length: int, schedule: str | 
     args = ["--checkpoint", model_dir, "--host", HOST, "--port", "0", "--max-seq-length", str(max_seq_length)]
     if mode == "full_depth":
         args += ["--threshold", "0", "--rule", "entropy"]
-    elif mode == "torch":
-        args += ["--backend", "torch"]
-    if schedule and mode != "torch":
+    elif mode in BASELINES:
+        args += ["--backend", mode]
+    if schedule and mode not in BASELINES:
         args += ["--schedule", schedule]
     return args
 
@@ -136,7 +138,8 @@ def run(model_dir: str, texts: Sequence[str], labels, *, server_command: Sequenc
     say(f"early exit: {note}")
     references = {"early_exit": reference_answers(model_dir, texts, threshold, rule, max_seq_length),
                   "full_depth": reference_answers(model_dir, texts, 0.0, "entropy", max_seq_length)}
-    references["torch"] = references["full_depth"]
+    for baseline in BASELINES:
+        references[baseline] = references["full_depth"]
     result = {"environment": bench_harness.environment(bench_harness.available_cpus(), "cpu"),
               "model": label, "layers": L, "threshold": threshold, "schedule": schedule,
               "rule": rule, "threshold_note": note, "max_seq_length": max_seq_length, "texts": len(texts),
@@ -216,6 +219,9 @@ def targets(result: dict) -> dict:
                                                "ideal": round(ideal, 3), "target": round(0.85 * ideal, 3)}
         if cap.get("torch") and cap.get("early_exit"):
             out["early_exit_vs_torch"] = {"ratio": round(cap["early_exit"] / cap["torch"], 3), "target": 3.0}
+        if cap.get("onnxruntime") and cap.get("early_exit"):
+            out["early_exit_vs_onnxruntime"] = {"ratio": round(cap["early_exit"] / cap["onnxruntime"], 3),
+                                                "target": ORT_CAPACITY_TARGET}
         rate = _sixty_percent_rate(result)
         if rate and "full_depth" in modes:
             a, b = _row_at(ee["rows"], rate), _row_at(modes["full_depth"]["rows"], rate)
@@ -265,6 +271,10 @@ def markdown(result: dict, command: str) -> str:
         x = t["early_exit_vs_torch"]
         lines.append(f"- early exit / eager PyTorch capacity: {x['ratio']}x (target >= 3x: "
                      f"{'met' if x['ratio'] >= 3 else 'missed'})")
+    if "early_exit_vs_onnxruntime" in t:
+        x = t["early_exit_vs_onnxruntime"]
+        lines.append(f"- early exit / ONNX Runtime capacity: {x['ratio']}x (target >= {x['target']:g}x: "
+                     f"{'met' if x['ratio'] >= x['target'] else 'missed'})")
     if "median_at_60_percent" in t:
         x = t["median_at_60_percent"]
         lines.append(f"- median latency at {x['rate_rps']:g} req/s (60% of the full-depth capacity): early exit "

@@ -1,5 +1,6 @@
-"""The baseline a user would otherwise deploy: eager PyTorch (`torch_reference.TorchDeeBert`) at
-full depth with plain dynamic batching, behind the same interface as `engine.Engine`.
+"""The baselines a user would otherwise deploy, at full depth with plain dynamic batching, behind
+the same interface as `engine.Engine`: eager PyTorch (`torch_reference.TorchDeeBert`), and the
+same twin exported to ONNX Runtime (`onnx_engine.build_engine`).
 
 The worker takes every waiting row (up to `max_batch`, oldest first), pads them to the longest
 one's padded length and runs the full forward; every row answers at layer L.
@@ -21,15 +22,19 @@ from deebert_jax.serving.worker import Worker
 DEFAULT_MAX_BATCH = 32
 
 
-class TorchEngine(Worker):
-    """`submit(rows, callbacks)`; callbacks get (logits [K], L), or (None, 0) if the engine failed."""
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
-    thread_name = "torch-engine"
 
-    def __init__(self, model, lengths: Sequence[int], *, max_batch: int = DEFAULT_MAX_BATCH,
-                 on_step: Callable[[int, float], None] | None = None):
-        self.model, self.lengths, self.max_batch = model, tuple(sorted(lengths)), int(max_batch)
-        self.num_layers = model.num_layers
+class DynamicBatchingEngine(Worker):
+    """`submit(rows, callbacks)`; callbacks get (logits [K], L), or (None, 0) if the engine failed.
+    `forward(arrays)`: int64 [B, S] input_ids, attention_mask, token_type_ids -> [B, K] logits."""
+
+    thread_name = "batching-engine"
+
+    def __init__(self, forward: Callable[[dict], np.ndarray], num_layers: int, lengths: Sequence[int], *,
+                 max_batch: int = DEFAULT_MAX_BATCH, on_step: Callable[[int, float], None] | None = None):
+        self.forward, self.lengths, self.max_batch = forward, tuple(sorted(lengths)), int(max_batch)
+        self.num_layers = num_layers
         self.on_step = on_step
         self._waiting: collections.OrderedDict[int, tuple[Row, Callable]] = collections.OrderedDict()
         self._keys = itertools.count()
@@ -37,16 +42,12 @@ class TorchEngine(Worker):
         self._running = 0
 
     def _forward(self, rows: Sequence[Row]) -> np.ndarray:
-        import torch
         width = max(r.length for r in rows)
-        arrays = {k: np.zeros((len(rows), width), np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+        arrays = {k: np.zeros((len(rows), width), np.int64) for k in INPUTS}
         for i, r in enumerate(rows):
             for k in arrays:
                 arrays[k][i, :r.length] = getattr(r, k)
-        with torch.inference_mode():
-            logits = self.model.full_forward(*(torch.from_numpy(arrays[k]) for k in
-                                               ("input_ids", "attention_mask", "token_type_ids")))
-        return logits.float().numpy()
+        return self.forward(arrays)
 
     def warm_up(self) -> float:
         """One forward per length at batch 1 and `max_batch` (allocator and kernels) -> seconds."""
@@ -103,6 +104,22 @@ class TorchEngine(Worker):
     def _take_all(self) -> list[Callable]:
         failed, self._waiting = [callback for _, callback in self._waiting.values()], collections.OrderedDict()
         return failed
+
+
+class TorchEngine(DynamicBatchingEngine):
+    """Eager PyTorch: `model` a `TorchDeeBert`."""
+
+    thread_name = "torch-engine"
+
+    def __init__(self, model, lengths: Sequence[int], **kwargs):
+        self.model = model
+        super().__init__(self._torch_forward, model.num_layers, lengths, **kwargs)
+
+    def _torch_forward(self, arrays: dict) -> np.ndarray:
+        import torch
+        with torch.inference_mode():
+            logits = self.model.full_forward(*(torch.from_numpy(arrays[k]) for k in INPUTS))
+        return logits.float().numpy()
 
 
 def build_engine(config, params, lengths: Sequence[int]) -> tuple[TorchEngine, str]:

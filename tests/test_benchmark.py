@@ -46,7 +46,8 @@ def test_cli_writes_valid_json_table_and_plot(tiny_run):
                       for m, t in [("full", None), ("early_exit", 0.0), ("early_exit", 0.7)]}
                      | {("jax", m, bs, t) for bs in (1, 2) for m, t in [("full_stacked", None),
                                                                          ("early_exit_stacked", 0.0),
-                                                                         ("exit_aware", 0.0), ("exit_aware", 0.7)]})
+                                                                         ("exit_aware", 0.0), ("exit_aware", 0.7)]}
+                     | {("onnxruntime", "full", bs, None) for bs in (1, 2)})   # on the CPU at fp32 by default
     assert all(r["seq_len"] == 16 and r["runs"] == 3 for r in result["rows"])
     assert result["inputs"].startswith("synthetic dev")
     assert {t["target"] for t in result["targets"]} >= {"P1", "P2", "P6"}

@@ -38,7 +38,8 @@ def test_demo_pipeline_on_tiny_config(tmp_path, monkeypatch):
     assert results["sweep"][-1]["mean_exit_layer"] == 1.0  # 0.7 > ln 2: everything leaves at layer 1
     bench = json.load(open(tmp_path / "bench.json"))
     assert {(r["backend"], r["mode"]) for r in bench["rows"]} == {
-        ("jax", "full"), ("jax", "early_exit"), ("torch", "full"), ("torch", "early_exit")}
+        ("jax", "full"), ("jax", "early_exit"), ("torch", "full"), ("torch", "early_exit"), ("onnxruntime", "full")}
+    assert "onnxruntime" in summary.split("full-depth forward:")[1].splitlines()[0]
     # The threshold training chose is timed beside the configured ones.
     run = json.load(open(tmp_path / "run.json"))
     chosen = run["policy"]["threshold"]

@@ -60,3 +60,30 @@ def test_targets_against_onnxruntime():
 def test_onnxruntime_runs_float32_only():
     with pytest.raises(BenchmarkError, match="float32 only"):
         bm.BenchmarkSpec(backends=("jax", "onnxruntime"), dtype="bfloat16").check()
+
+
+def test_the_serving_baselines_answer_as_the_twin():
+    """`train.serve --backend onnxruntime` and `--backend torch`: the same logits, every row at
+    layer L, rows of different lengths batched together."""
+    import jax
+    import torch
+    from benchmarks import torch_engine
+    from deebert_jax.core.config import tiny_config
+    from deebert_jax.model import modeling
+    from deebert_jax.serving.requests import Row
+    config = tiny_config(num_hidden_layers=2)
+    params = modeling.init_params(config, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(1)
+    rows = [Row(rng.integers(5, config.vocab_size, size=n).astype(np.int32), np.ones(n, np.int32),
+                np.zeros(n, np.int32), False) for n in (3, 9, 16)]
+    answers = {}
+    for name, build in [("onnxruntime", onnx_engine.build_engine), ("torch", torch_engine.build_engine)]:
+        engine, note = build(config, params, (8, 16))
+        got = []
+        engine.submit(rows, [lambda logits, layer: got.append((logits, layer))] * len(rows))
+        while engine.step():
+            pass
+        assert len(got) == 3 and all(layer == 2 for _, layer in got), note
+        answers[name] = np.stack([logits for logits, _ in got])
+    assert "ONNX Runtime" in onnx_engine.build_engine(config, params, (8,))[1]
+    np.testing.assert_allclose(answers["onnxruntime"], answers["torch"], atol=onnx_engine.AGREEMENT_ATOL)

@@ -46,11 +46,13 @@ def test_targets_compare_capacities_and_the_median_at_sixty_percent():
     result = {"layers": 6, "modes": {
         "full_depth": {"capacity_rps": 100, "rows": rows((100, 50, 200, 6.0), (60.0, 40, 100, 6.0))},
         "early_exit": {"capacity_rps": 150, "rows": rows((150, 40, 240, 4.0), (60.0, 20, 60, 4.0))},
-        "torch": {"capacity_rps": 40, "rows": rows((40, 100, 240, 6.0))}}}
+        "torch": {"capacity_rps": 40, "rows": rows((40, 100, 240, 6.0))},
+        "onnxruntime": {"capacity_rps": 75, "rows": rows((75, 60, 240, 6.0))}}}
     t = bench.targets(result)
     assert t["layer_saving"] == pytest.approx(1 / 3, abs=1e-4)
     assert t["early_exit_vs_full_depth"] == {"ratio": 1.5, "ideal": 1.5, "target": 1.275}
     assert t["early_exit_vs_torch"]["ratio"] == 3.75
+    assert t["early_exit_vs_onnxruntime"] == {"ratio": 2.0, "target": 1.5}
     assert t["median_at_60_percent"]["ratio"] == 0.5 and t["median_at_60_percent"]["rate_rps"] == 60.0
 
 
@@ -98,3 +100,5 @@ def test_the_report_names_no_model_path_outside_the_checkout(tmp_path):
     assert bench.name_model(f"--out {outside}-2/x", str(outside), "M") == f"--out {outside}-2/x"
     assert bench.server_args("early_exit", "m", 64, "deepest")[-2:] == ["--schedule", "deepest"]
     assert "--schedule" not in bench.server_args("torch", "m", 64, "deepest")
+    onnx = bench.server_args("onnxruntime", "m", 64, "deepest")
+    assert onnx[-2:] == ["--backend", "onnxruntime"] and "--schedule" not in onnx

@@ -1,5 +1,6 @@
 """`python -m train.serve` in a checkout: `deebert_jax.commands.serve` (installed as `deebert-serve`),
-plus `--backend torch`, the serving benchmark's eager PyTorch baseline, which is not installed."""
+plus `--backend torch` and `--backend onnxruntime`, the serving benchmark's baselines, which are
+not installed."""
 from train import stand_in
 
 
@@ -8,4 +9,10 @@ def _torch_engine(config, params, lengths):
     return build_engine(config, params, lengths)
 
 
-stand_in(__name__, "deebert_jax.commands.serve", engine_factories={"torch": _torch_engine})
+def _onnx_engine(config, params, lengths):
+    from benchmarks.onnx_engine import build_engine   # torch and onnxruntime load only for this backend
+    return build_engine(config, params, lengths)
+
+
+stand_in(__name__, "deebert_jax.commands.serve", engine_factories={"torch": _torch_engine,
+                                                                    "onnxruntime": _onnx_engine})

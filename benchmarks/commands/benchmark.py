@@ -1,4 +1,4 @@
-"""Latency of the same weights and inputs through JAX/XLA and eager PyTorch.
+"""Latency of the same weights and inputs through JAX/XLA, eager PyTorch and ONNX Runtime.
 
     python -m train.benchmark (--checkpoint DIR | --pytorch DIR | --random-model bert-base)
         [--task T] [--batch-sizes 1,32] [--thresholds 0,0.1,0.5] [--runs N] --out bench.json
@@ -49,9 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="older spelling: float32 = --precision fp32, bfloat16 = --precision bf16")
     p.add_argument("--schedule", choices=("interleaved", "blocked"), default="interleaved")
-    p.add_argument("--backends", default="jax,torch",
+    p.add_argument("--backends", default=None,
                    help="comma-separated subset of jax,torch,onnxruntime (ONNX Runtime: the eager twin exported to "
-                        "ONNX, full depth, each batch at its own length, on the CPU)")
+                        "ONNX, full depth, each batch at its own length, on the CPU, float32); default: all three "
+                        "on the CPU at fp32, else jax,torch")
     p.add_argument("--layout", choices=("unstacked", "stacked"), default="unstacked",
                    help="JAX params as served: unstacked per layer (layouts.unstack_params) or stacked")
     p.add_argument("--probe-size", type=int, default=None,
@@ -120,7 +121,7 @@ def _main(argv: list[str]) -> int:
     spec = bm.BenchmarkSpec(batch_sizes=args.batch_sizes, thresholds=thresholds, runs=args.runs,
                             warmup=args.warmup, schedule=args.schedule, dtype=precision.dtype, layout=args.layout,
                             ablation=args.ablation, exit_aware=args.exit_aware, attention=args.attention,
-                            backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()))
+                            backends=_backends(args, precision))
     spec.check()
     if args.checkpoint:
         config, params = load_checkpoint(args.checkpoint)
@@ -182,6 +183,14 @@ def _main(argv: list[str]) -> int:
     print(bench_report.markdown(result))
     print("wrote " + ", ".join(paths.values()), file=sys.stderr)
     return 0
+
+
+def _backends(args, precision) -> tuple[str, ...]:
+    """--backends, or its default: ONNX Runtime beside JAX and torch where it runs as they do (the CPU, float32)."""
+    if args.backends is not None:
+        return tuple(b.strip() for b in args.backends.split(",") if b.strip())
+    on_cpu_fp32 = args.device == "cpu" and precision.dtype == "float32"
+    return ("jax", "torch", "onnxruntime") if on_cpu_fp32 else ("jax", "torch")
 
 
 def _dev_file(args) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
     python -m train.benchmark_serve --checkpoint DIR [--glue-dir DIR] [--rates 10,25,50,...]
         [--duration 10] [--max-requests 3000] [--slo-ms 250] [--max-seq-length 64]
-        [--modes full_depth,early_exit,torch] [--out docs/bench/serve.json]
+        [--modes full_depth,early_exit,torch,onnxruntime] [--out docs/bench/serve.json]
     python -m train.benchmark_serve --quick      # a tiny random model, a few seconds per mode
 
 Starts `python -m train.serve` on 127.0.0.1 once per mode (early exit at DIR/exit_policy.json's
@@ -36,7 +36,8 @@ def parse_args(argv):
     p.add_argument("--max-requests", type=positive_int, default=3000, help="requests per rate, at most")
     p.add_argument("--slo-ms", type=float, default=250.0, help="p99 latency bound for the capacity")
     p.add_argument("--max-seq-length", type=positive_int, default=64)
-    p.add_argument("--modes", default=",".join(["full_depth", "early_exit", "torch"]))
+    p.add_argument("--modes", default=",".join(["full_depth", "early_exit", "torch", "onnxruntime"]),
+                   help="servers to sweep: full_depth, early_exit (JAX), torch, onnxruntime (the baselines)")
     p.add_argument("--out", default="workdirs/serve_bench.json")
     p.add_argument("--quick", action="store_true", help="a tiny random model and two short rates (a smoke run)")
     p.add_argument("--schedule", default=None, help="the JAX servers' schedule (train.serve --schedule; "

@@ -119,7 +119,7 @@ def _demo(args: argparse.Namespace) -> int:
     from deebert_jax.evaluation.calibration import with_policy_threshold
     # The threshold training chose (exit_policy.json) is timed too, as the sweep evaluates it.
     bench_thresholds = ",".join(f"{t:g}" for t in with_policy_threshold(cli.floats(str(cfg.bench_thresholds)), model))
-    timings["benchmark"] = _run("benchmark: the same weights and sentences through JAX and eager PyTorch", [
+    timings["benchmark"] = _run("benchmark: the same weights and sentences through JAX, eager PyTorch and ONNX Runtime", [
         py, "-m", "train.benchmark", "--checkpoint", model, "--task", cfg.task, "--seq-len", str(cfg.max_seq_length),
         "--batch-sizes", str(cfg.bench_batch_sizes), "--thresholds", bench_thresholds,
         "--runs", str(cfg.bench_runs), *glue, "--no-progress", "--out", bench_path])

@@ -44,7 +44,8 @@ def parse_args(argv):
     parser.add_argument("--max-queue", type=positive_int, default=DEFAULT_MAX_QUEUE,
                         help="rows accepted and not yet answered; past it, 503 with Retry-After")
     parser.add_argument("--backend", default="jax", choices=BACKENDS,
-                        help="torch: eager PyTorch at full depth with dynamic batching (a baseline)")
+                        help="torch: eager PyTorch at full depth with dynamic batching; onnxruntime: the same "
+                             "weights through ONNX Runtime (baselines, from a checkout)")
     parser.add_argument("--schedule", default=DEFAULT_SCHEDULE, choices=SCHEDULES,
                         help="which group of rows runs next (docs/serving.md): arrivals (new rows start at "
                              "once, then the deepest group), deepest (the old order) or shallowest")

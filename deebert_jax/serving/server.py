@@ -23,9 +23,10 @@ from deebert_jax.serving.requests import length_classes
 from deebert_jax.serving.scheduler import DEFAULT_ADMIT_BUDGET_S, DEFAULT_SCHEDULE, check_schedule
 
 # `--backend`'s choices. "jax" is the product's engine; any other is handed in by the caller as an
-# engine factory (the serving benchmark's eager PyTorch baseline lives in benchmarks/, which the
-# installed package never imports; `python -m train.serve` in a checkout hands it in).
-BACKENDS = ("jax", "torch")
+# engine factory (the serving benchmark's baselines, eager PyTorch and ONNX Runtime, live in
+# benchmarks/, which the installed package never imports; `python -m train.serve` in a checkout
+# hands them in).
+BACKENDS = ("jax", "torch", "onnxruntime")
 # (config, params, lengths) -> (an engine behind `engine.Engine`'s interface, one line saying what it runs)
 EngineFactory = Callable[[Any, Any, tuple[int, ...]], tuple[Any, str]]
 BACKLOG = 2048
