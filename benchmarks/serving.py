@@ -5,8 +5,8 @@ open-loop Poisson sweep of offered rates against each, capacity under a p99 SLO,
 Modes: `full_depth` (the same server at threshold 0: a standard dynamic-batching server),
 `early_exit` (the model directory's exit policy), `torch` (eager PyTorch at full depth with
 dynamic batching), `onnxruntime` (the same twin exported to ONNX Runtime, likewise). All servers
-start first (each idle while another is measured); then each offered rate runs every mode in turn, so that drifts in other load on a shared machine land
-on all modes alike. After the sweep, one more point at 60% of the full-depth capacity is run for
+start first (each idle while another is measured); then each offered rate runs every mode in turn,
+so that drifts in other load on a shared machine land on all modes alike. After the sweep, one more point at 60% of the full-depth capacity is run for
 the full-depth and early-exit servers (the median-latency target's load).
 """
 
