@@ -61,10 +61,10 @@ def test_demo_pipeline_on_tiny_config(tmp_path, monkeypatch):
     assert "## synthetic: first 512 training examples, first-token off-ramps" in text
     assert "Held-out choice: entropy threshold" in text and "Same-set sweep" in text
     name = os.path.basename(str(tmp_path))
-    kept = json.loads((tmp_path / "docs" / "results" / name / "run.json").read_text())
+    kept = json.loads((tmp_path / "research" / "results" / name / "run.json").read_text())
     assert kept["policy"]["calibration_split"] == "train-holdout"
     assert f"Final ramp (layer 2) dev accuracy: **{100 * final:.2f}**" in text
     assert text.count("| jax | early_exit |") == len(timed)  # thresholds 0, 0.7 and the chosen one
     name = os.path.basename(str(tmp_path))
     for kind in ("tradeoff", "latency"):
-        assert (tmp_path / "docs" / "results" / f"{name}_{kind}.png").exists()
+        assert (tmp_path / "research" / "results" / f"{name}_{kind}.png").exists()

@@ -37,6 +37,9 @@ def test_the_wheel_installs_the_library_alone(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith((".dist-info", ".data"))}
     assert top == {"deebert_jax"}, top
+    # Measured results stay in the checkout (benchmarks/results/, research/results/, docs/tpu/).
+    data = [n for n in names if n.startswith("deebert_jax/") and n.endswith((".json", ".png", ".md"))]
+    assert data == [], data
     for command in COMMANDS:
         assert f"deebert_jax/commands/{command}.py" in names
     # The training configs travel with it, so `deebert-train --config` has files to name.

@@ -2,7 +2,7 @@
 
     python -m train.benchmark_serve --checkpoint DIR [--glue-dir DIR] [--rates 10,25,50,...]
         [--duration 10] [--max-requests 3000] [--slo-ms 250] [--max-seq-length 64]
-        [--modes full_depth,early_exit,torch,onnxruntime] [--out docs/bench/serve.json]
+        [--modes full_depth,early_exit,torch,onnxruntime] [--out benchmarks/results/serve.json]
     python -m train.benchmark_serve --quick      # a tiny random model, a few seconds per mode
 
 Starts `python -m train.serve` on 127.0.0.1 once per mode (early exit at DIR/exit_policy.json's

@@ -3,7 +3,7 @@
     python -m train.profile_layer [--batch-size 32] [--seq-len 128] [--runs 10]
 
 MiniLM-L6's shapes (width 384, 12 heads, FFN 1536), float32, jitted, medians of --runs after two
-warm-up calls. Prints one line per piece (milliseconds); `docs/performance.md` reads them.
+warm-up calls. Prints one line per piece (milliseconds).
 """
 
 from __future__ import annotations

@@ -4,12 +4,12 @@ Forward it is `lax.dot_general` as `nn.Dense` calls it. Backward, autodiff asks 
 gradient as `x^T @ g` with both operands contracted over their leading (token) dimension. XLA's
 CPU backend hands only matmuls contracting the left operand's last dimension to its fast
 library kernels; the transposed form went to a generic loop that ran a MiniLM-L6 training step's
-weight gradients at about half the forward matmuls' rate (`docs/performance.md`). Here `x^T` is
-materialized once (an optimization barrier stops XLA folding the transpose back into the
-matmul), so the kernel gradient is a plain matmul; where the output gradient g is the narrower
-operand (the FFN's output layer: g [tokens, 384] against x [tokens, 1536]), g^T is transposed
-instead and the small [n_out, n_in] product transposed back. Values agree with autodiff's to float
-rounding (tests/test_matmul.py).
+weight gradients at about half the forward matmuls' rate (`git log -p --
+docs/performance-history.md`). Here `x^T` is materialized once (an optimization barrier stops XLA
+folding the transpose back into the matmul), so the kernel gradient is a plain matmul; where the
+output gradient g is the narrower operand (the FFN's output layer: g [tokens, 384] against x
+[tokens, 1536]), g^T is transposed instead and the small [n_out, n_in] product transposed back.
+Values agree with autodiff's to float rounding (tests/test_matmul.py).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 A MiniLM-L6 training step (batch 32, length 128) allocates about 1.3 GB of temporaries. glibc's
 malloc hands blocks that large out as fresh `mmap`s and returns them on free, so every step paid
 some 300,000 page faults (0.7 s of system time a step on the 2-core dev box) and first-touch costs
-in the kernels themselves (docs/performance.md). With one arena, no `mmap` for large blocks and no
-trimming, the heap keeps its peak and the next step reuses it: no page faults after the first step.
+in the kernels themselves (`git log -p -- docs/performance-history.md`). With one arena, no `mmap`
+for large blocks and no trimming, the heap keeps its peak and the next step reuses it: no page
+faults after the first step.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ JAX lowers `threefry2x32` on the CPU as a `fori_loop` over its five key injectio
 compile times short. XLA then cannot fuse across the loop: every iteration writes both uint32
 words of the whole counter array to memory and reads them back. A MiniLM-L6 training step at
 batch 32, length 128 draws 6 x 32 x 12 x 128 x 128 attention-dropout bits, and the rolled loop made
-those draws about a seventh of the step's CPU time (`python -m train.profile_layer` and
-docs/performance.md). JAX's other platforms use the unrolled form, which XLA fuses into one
-kernel; registering that form for the CPU gives bit-for-bit the same numbers (checked against
+those draws about a seventh of the step's CPU time (`python -m train.profile_layer`; `git log -p --
+docs/performance-history.md`). JAX's other platforms use the unrolled form, which XLA fuses into
+one kernel; registering that form for the CPU gives bit-for-bit the same numbers (checked against
 the rolled form in tests/test_cpu_rng.py), so masks, losses and resumed runs do not change.
 
 `cpu.process.setup_process(kernels="cpu_tuned")` registers it, once per process (every command

@@ -92,7 +92,7 @@ def forward(config: DeeBertConfig, params: Params, input_ids, attention_mask, to
     serving layout (`layouts.unstack_params`) take the inference path: a loop over `layer_step` (the same step as the
     early-exit loops, each layer's weights read in place), the last layer computed for the first
     token only, which is all the ramps read. Both agree to float32 rounding
-    (`docs/performance.md`). Inputs are checked (`validation.check_model_inputs`); under a
+    (`tests/test_layouts.py`). Inputs are checked (`validation.check_model_inputs`); under a
     caller's `jit` only their shapes and dtypes can be. `attention_impl`: self-attention's core
     (`attention.ATTENTION_IMPLS`; "default" unless asked).
     """

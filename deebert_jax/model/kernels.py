@@ -2,9 +2,10 @@
 
 "reference": the graph as JAX and Flax build it (autodiff throughout, a rolled `nn.scan` over the
   layers, `nn.Dropout` as it is). Right on every backend.
-"cpu_tuned": the pieces in `deebert_jax.cpu`, chosen by CPU profiles (docs/performance.md): dense
-  kernel gradients and attention's backward as plain matmuls, dropout masks and the activation's
-  derivative computed once, layers unrolled in training. Same values and dropout bits; gradients
+"cpu_tuned": the pieces in `deebert_jax.cpu`, chosen by CPU profiles (`python -m train.profile_step`;
+  the figures: `git log -p -- docs/performance-history.md`): dense kernel gradients and attention's
+  backward as plain matmuls, dropout masks and the activation's derivative computed once, layers
+  unrolled in training. Same values and dropout bits; gradients
   agree to float rounding (tests/test_fusion.py, tests/test_training.py).
 
 Only gradients and the training graph differ: an eval-mode forward is the same program under

@@ -96,7 +96,8 @@ class Layer(nn.Module):
         queries = hidden[:, :1] if self.first_token_only else hidden
         # Heads as [B, heads, S, head_dim] and keys as [B, heads, head_dim, S]: batch dimensions
         # leading and each operand laid out for a plain batched matmul. XLA's CPU backend ran the
-        # equivalent einsums 3-4x slower (same values, bit for bit; docs/performance.md).
+        # equivalent einsums 3-4x slower (same values, bit for bit; the figures:
+        # `git log -p -- docs/performance-history.md`).
         # (`attention.attention` lays them out; its backward keeps those layouts.)
         heads = lambda t: t.reshape(B, t.shape[1], c.num_attention_heads, c.head_dim)
         q = heads(dense(c, H, "query", dt, self.kernels)(queries))

@@ -1,7 +1,7 @@
 """Can an off-ramp read the class from layer l? First token against the mean of the tokens.
 
     python -m train.probe_ramps --checkpoint workdirs/demo/train/stage1 --task sst2 --limit 4000 \
-        --max-seq-length 64 --out docs/results/probe_sst2.md
+        --max-seq-length 64 --out research/results/probe_sst2.md
 
 Caches every layer's first-token and mean-of-tokens vectors of a (stage-1) model on `--limit`
 training and all dev examples, then trains one ramp (dense + tanh, classifier; AdamW, linear

@@ -4,10 +4,10 @@
         [--rules workdirs/rules/sst2.json workdirs/rules/mrpc.json ...]
 
 Every number in the file is read from those JSON files; each section names the command that
-produced it. Plots are copied to docs/results/, and the run's JSON files (run.json with the
-exit policy, results.json, bench.json) to docs/results/NAME/, so every number has its file. `--rules` adds a section "Exit rules side by side"
+produced it. Plots are copied to research/results/, and the run's JSON files (run.json with the
+exit policy, results.json, bench.json) to research/results/NAME/, so every number has its file. `--rules` adds a section "Exit rules side by side"
 from `train.compare_rules` JSON files: per task, its table, its plot (drawn again from the JSON,
-into docs/results/) and its command.
+into research/results/) and its command.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.report", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="*", help="run directories written by python -m train.demo")
     p.add_argument("--out", default="RESULTS.md")
-    p.add_argument("--plots", default="docs/results", help="where the PNGs are copied (relative to --out's folder)")
+    p.add_argument("--plots", default="research/results", help="where the PNGs are copied (relative to --out's folder)")
     p.add_argument("--preamble", default=None, help="a Markdown file to put first (context, what was tried)")
     p.add_argument("--rules", nargs="+", default=[], metavar="FILE.json",
                    help="train.compare_rules outputs: a section comparing the exit rules, one block per file")
