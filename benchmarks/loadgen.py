@@ -154,3 +154,46 @@ def capacity(rows: Sequence[dict], slo_p99_ms: float) -> float | None:
     """The highest offered rate whose p99 is within the SLO with no errors (None if none is)."""
     good = [r["offered_rps"] for r in rows if r["errors"] == 0 and r["p99_ms"] <= slo_p99_ms]
     return max(good) if good else None
+
+
+def _passes(row: dict, slo_p99_ms: float) -> bool:
+    return row["errors"] == 0 and row["p99_ms"] <= slo_p99_ms
+
+
+def interpolated_capacity(rows: Sequence[dict], slo_p99_ms: float) -> float | None:
+    """Between the grid's capacity and the next offered rate that fails, the rate at which p99
+    reaches the SLO, linearly interpolated (a failure by errors counts as p99 past any bound);
+    the grid capacity itself when no higher rate was measured or it failed at once."""
+    grid = capacity(rows, slo_p99_ms)
+    if grid is None:
+        return None
+    at = next(r for r in rows if r["offered_rps"] == grid and _passes(r, slo_p99_ms))
+    above = sorted((r for r in rows if r["offered_rps"] > grid), key=lambda r: r["offered_rps"])
+    if not above or above[0]["errors"] or not math.isfinite(above[0]["p99_ms"]):
+        return float(grid)
+    nxt = above[0]
+    rise = nxt["p99_ms"] - at["p99_ms"]
+    if rise <= 0:
+        return float(grid)
+    share = (slo_p99_ms - at["p99_ms"]) / rise
+    return round(grid + share * (nxt["offered_rps"] - grid), 2)
+
+
+def saturation(rows: Sequence[dict]) -> float | None:
+    """The most answers per second achieved at any offered rate (the server's throughput ceiling)."""
+    return max((r["achieved_rps"] for r in rows), default=None)
+
+
+def capacity_over_repeats(rows: Sequence[dict], slo_p99_ms: float) -> dict:
+    """Each repeat of the sweep (rows' `repeat`, 0 if absent) on its own -> the median, lowest
+    and highest of its grid capacity, interpolated capacity and saturation throughput."""
+    repeats = sorted({r.get("repeat", 0) for r in rows})
+    per = [[r for r in rows if r.get("repeat", 0) == k] for k in repeats]
+    out = {"repeats": len(repeats)}
+    for name, of in [("capacity_rps", lambda rs: capacity(rs, slo_p99_ms)),
+                     ("interpolated_capacity_rps", lambda rs: interpolated_capacity(rs, slo_p99_ms)),
+                     ("saturation_rps", saturation)]:
+        values = [v for v in (of(rs) for rs in per) if v is not None]
+        out[name] = ({"median": float(np.median(values)), "min": min(values), "max": max(values), "each": values}
+                     if values else None)
+    return out

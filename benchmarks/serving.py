@@ -17,6 +17,7 @@ import json
 import os
 import re
 import signal
+import resource
 import subprocess
 import time
 from typing import Callable, Sequence
@@ -80,11 +81,21 @@ def measure(port: int, texts: Sequence[str], labels, reference, rate: float, *, 
             max_requests: int, seed: int, first_index: int) -> dict:
     """One `loadgen.open_loop` run at `rate` -> its summary row (with the load average before it)."""
     load = bench_harness.load_average()
+    cpu, wall = _cpu_seconds(), time.perf_counter()
     outcomes = asyncio.run(loadgen.open_loop(HOST, port, texts, rate, duration_s, max_requests=max_requests,
                                              seed=seed, first_index=first_index))
+    cpu, wall = _cpu_seconds() - cpu, time.perf_counter() - wall
     row = loadgen.summarize(outcomes, rate, duration_s, labels, reference)
     row["load_average_before"] = load
+    # The load generator shares the machine with the server: what it used of it, in cores.
+    row["loadgen_cpu_s"], row["loadgen_cores"] = round(cpu, 3), round(cpu / wall, 3) if wall > 0 else None
     return row
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process (the load generator) so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def model_label(model_dir: str, root: str | None = None) -> str:
@@ -125,9 +136,11 @@ def reference_answers(model_dir: str, texts: Sequence[str], threshold: float, ru
 def run(model_dir: str, texts: Sequence[str], labels, *, server_command: Sequence[str], env: dict,
         rates: Sequence[float], duration_s: float, max_requests: int, slo_ms: float, max_seq_length: int,
         modes: Sequence[str] = MODES, seed: int = 0, say: Callable[[str], None] = print,
-        schedule: str | None = None, label: str | None = None) -> dict:
+        schedule: str | None = None, label: str | None = None, repeats: int = 1) -> dict:
     """The whole benchmark -> the result dict (`write_outputs` writes it). `schedule`: the JAX
-    servers' (None: their default); `label`: how the result names `model_dir` (`model_label`)."""
+    servers' (None: their default); `label`: how the result names `model_dir` (`model_label`);
+    `repeats`: each rate measured that many times (every mode in turn each time), so that each
+    capacity comes with its spread."""
     from deebert_jax.inference.model_dir import resolve_threshold
     from deebert_jax.weights.checkpoint import load_checkpoint
     config, _ = load_checkpoint(model_dir)
@@ -144,7 +157,7 @@ def run(model_dir: str, texts: Sequence[str], labels, *, server_command: Sequenc
               "model": label, "layers": L, "threshold": threshold, "schedule": schedule,
               "rule": rule, "threshold_note": note, "max_seq_length": max_seq_length, "texts": len(texts),
               "rates": list(rates), "duration_s": duration_s, "max_requests": max_requests, "slo_p99_ms": slo_ms,
-              "modes": {}}
+              "repeats": repeats, "modes": {}}
     servers = {}
     try:
         for mode in modes:  # all up first, then each rate runs every mode in turn (interleaved)
@@ -154,11 +167,12 @@ def run(model_dir: str, texts: Sequence[str], labels, *, server_command: Sequenc
         rows = {mode: [] for mode in modes}
         bad = {mode: 0 for mode in modes}
 
-        def one(mode, rate, k):
+        def one(mode, rate, k, repeat=0):
             row = measure(servers[mode][1], texts, labels, references[mode], rate, duration_s=duration_s,
-                          max_requests=max_requests, seed=seed + k, first_index=k * 997)
+                          max_requests=max_requests, seed=seed + k + 1000 * repeat, first_index=k * 997)
+            row["repeat"] = repeat
             rows[mode].append(row)
-            say(f"  {mode} {rate:g} req/s: achieved {row['achieved_rps']:g}, p50 {row['p50_ms']:g} ms, "
+            say(f"  {mode} {rate:g} req/s{f' (repeat {repeat + 1} of {repeats})' if repeats > 1 else ''}: achieved {row['achieved_rps']:g}, p50 {row['p50_ms']:g} ms, "
                 f"p99 {row['p99_ms']:g} ms, errors {row['errors']}, mean exit {row['mean_exit_layer']}, "
                 f"accuracy {row['accuracy']}")
             time.sleep(1.0)  # let the queue empty
@@ -170,9 +184,13 @@ def run(model_dir: str, texts: Sequence[str], labels, *, server_command: Sequenc
             if not live:
                 break
             say(f"== {rate:g} req/s")
-            for mode in live:
-                bad[mode] = bad[mode] + 1 if _far_past(one(mode, rate, k), slo_ms) else 0
-        full_capacity = loadgen.capacity(rows.get("full_depth", []), slo_ms)
+            far = {mode: True for mode in live}
+            for repeat in range(repeats):
+                for mode in live:
+                    far[mode] &= _far_past(one(mode, rate, k, repeat), slo_ms)
+            for mode in live:   # far past the SLO on every repeat
+                bad[mode] = bad[mode] + 1 if far[mode] else 0
+        full_capacity = _median_capacity(rows.get("full_depth", []), slo_ms)
         if full_capacity and {"full_depth", "early_exit"} <= set(modes):
             extra = round(0.6 * full_capacity, 1)
             say(f"== 60% of the full-depth capacity: {extra:g} req/s")
@@ -184,12 +202,21 @@ def run(model_dir: str, texts: Sequence[str], labels, *, server_command: Sequenc
         result["modes"][mode] = {"name": MODE_NAMES[mode],
                                  "server_lines": [name_model(line, model_dir, label) for line in servers[mode][2]],
                                  "exit_status": status[mode], "rows": rows[mode],
-                                 "capacity_rps": loadgen.capacity(rows[mode], slo_ms)}
+                                 "capacity_rps": _median_capacity([r for r in rows[mode] if r["offered_rps"] in rates],
+                                                                  slo_ms),
+                                 "capacity": loadgen.capacity_over_repeats(
+                                     [r for r in rows[mode] if r["offered_rps"] in rates], slo_ms)}
         say(f"{MODE_NAMES[mode]}: capacity (p99 <= {slo_ms:g} ms, no errors) {result['modes'][mode]['capacity_rps']} "
             f"req/s; server exit status {status[mode]}")
     result["load_average_after"] = bench_harness.load_average()
     result["targets"] = targets(result)
     return result
+
+
+def _median_capacity(rows: Sequence[dict], slo_ms: float) -> float | None:
+    """The grid capacity, its median over the sweep's repeats (one repeat: the capacity itself)."""
+    over = loadgen.capacity_over_repeats(rows, slo_ms)["capacity_rps"]
+    return None if over is None else over["median"]
 
 
 def _sixty_percent_rate(result: dict) -> float | None:
@@ -247,8 +274,8 @@ def markdown(result: dict, command: str) -> str:
              f"{env['device']}; threads: {env['threads']}; load average before: {env['load_average_before']}, "
              f"after: {result.get('load_average_after')}.", "",
              "| offered req/s | mode | achieved req/s | p50 ms | p90 ms | p99 ms | errors | mean exit layer | "
-             "accuracy | same as train.predict | load avg (1 min) before |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "accuracy | same as train.predict | load avg (1 min) before | load generator's cores |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     # By offered rate, the modes side by side (a mode's rows stop where it saturated; the 60% point
     # is measured last but belongs with its rate).
     modes = list(result["modes"])
@@ -258,11 +285,18 @@ def markdown(result: dict, command: str) -> str:
         load = r.get("load_average_before")
         lines.append(f"| {r['offered_rps']:g} | {result['modes'][mode]['name']} | {r['achieved_rps']:g} | "
                      f"{r['p50_ms']:g} | {r['p90_ms']:g} | {r['p99_ms']:g} | {r['errors']} | {r['mean_exit_layer']} | "
-                     f"{r['accuracy']} | {r.get('same_as_predict')} | {load[0] if load else ''} |")
+                     f"{r['accuracy']} | {r.get('same_as_predict')} | {load[0] if load else ''} | "
+                     f"{r.get('loadgen_cores', '')} |")
     lines.append("")
     t = result["targets"]
     caps = ", ".join(f"{result['modes'][m]['name']}: {c} req/s" for m, c in t["capacity_rps"].items())
-    lines.append(f"Capacity (highest offered rate with p99 <= {result['slo_p99_ms']:g} ms and no errors): {caps}.")
+    lines.append(f"Capacity (highest offered rate with p99 <= {result['slo_p99_ms']:g} ms and no errors"
+                 + (f"; the median of {result['repeats']} repeats of the sweep" if result.get("repeats", 1) > 1 else "")
+                 + f"): {caps}.")
+    spread = [_capacity_line(m["name"], m["capacity"]) for m in result["modes"].values() if m.get("capacity")]
+    if spread:
+        lines += ["", "| mode | capacity req/s (min-max) | interpolated req/s (min-max) | saturation req/s (min-max) |",
+                  "|---|---|---|---|", *spread, ""]
     if "early_exit_vs_full_depth" in t:
         x = t["early_exit_vs_full_depth"]
         lines.append(f"- early exit / full depth capacity: {x['ratio']}x (layer saving {t['layer_saving']:.1%}; "
@@ -284,6 +318,15 @@ def markdown(result: dict, command: str) -> str:
         lines.append(f"- answers identical to train.predict's (label and exit layer), worst rate: "
                      f"{t['early_exit_same_as_predict']['min']:.2%}")
     return "\n".join(lines) + "\n"
+
+
+def _capacity_line(name: str, capacity: dict) -> str:
+    def cell(stat):
+        if not stat:
+            return "-"
+        return f"{stat['median']:g} ({stat['min']:g}-{stat['max']:g})" if stat["min"] != stat["max"] else f"{stat['median']:g}"
+    return (f"| {name} | {cell(capacity['capacity_rps'])} | {cell(capacity['interpolated_capacity_rps'])} | "
+            f"{cell(capacity['saturation_rps'])} |")
 
 
 def plot(result: dict, path: str) -> str:

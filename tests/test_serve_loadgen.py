@@ -102,3 +102,19 @@ def test_the_report_names_no_model_path_outside_the_checkout(tmp_path):
     assert "--schedule" not in bench.server_args("torch", "m", 64, "deepest")
     onnx = bench.server_args("onnxruntime", "m", 64, "deepest")
     assert onnx[-2:] == ["--backend", "onnxruntime"] and "--schedule" not in onnx
+
+
+def test_capacity_over_repeats_gives_its_spread_interpolation_and_saturation():
+    def row(rate, p99, achieved, repeat, errors=0):
+        return {"offered_rps": rate, "p99_ms": p99, "achieved_rps": achieved, "errors": errors, "repeat": repeat}
+    rows = [row(10, 50, 10, 0), row(20, 150, 20, 0), row(30, 350, 27, 0),
+            row(10, 60, 10, 1), row(20, 300, 19, 1), row(30, 900, 25, 1, errors=2),
+            row(10, 40, 10, 2), row(20, 200, 20, 2), row(30, 240, 29, 2)]
+    assert loadgen.interpolated_capacity(rows[:3], 250) == 25.0   # p99 150 -> 350 crosses 250 halfway
+    assert loadgen.interpolated_capacity(rows[3:6], 250) == round(10 + (250 - 60) / (300 - 60) * 10, 2)
+    assert loadgen.interpolated_capacity(rows[6:], 250) == 30.0   # nothing measured above
+    over = loadgen.capacity_over_repeats(rows, 250)
+    assert over["repeats"] == 3
+    assert over["capacity_rps"] == {"median": 20.0, "min": 10, "max": 30, "each": [20, 10, 30]}
+    assert over["saturation_rps"]["each"] == [27, 25, 29]
+    assert loadgen.capacity_over_repeats(rows[:3], 250)["capacity_rps"]["median"] == 20.0   # no `repeat`: one

@@ -38,6 +38,9 @@ def parse_args(argv):
     p.add_argument("--max-seq-length", type=positive_int, default=64)
     p.add_argument("--modes", default=",".join(["full_depth", "early_exit", "torch", "onnxruntime"]),
                    help="servers to sweep: full_depth, early_exit (JAX), torch, onnxruntime (the baselines)")
+    p.add_argument("--repeats", type=positive_int, default=3,
+                   help="times each rate is measured (every mode in turn each time): each capacity comes with its "
+                        "spread; the reported capacity is the median (--quick: 1)")
     p.add_argument("--out", default="workdirs/serve_bench.json")
     p.add_argument("--quick", action="store_true", help="a tiny random model and two short rates (a smoke run)")
     p.add_argument("--schedule", default=None, help="the JAX servers' schedule (train.serve --schedule; "
@@ -70,12 +73,13 @@ def main(argv=None) -> int:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
                PYTHONUNBUFFERED="1")
-    options = dict(rates=args.rates, duration_s=args.duration, max_requests=args.max_requests)
+    options = dict(rates=args.rates, duration_s=args.duration, max_requests=args.max_requests, repeats=args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:
             model_dir = os.path.join(tmp, "tiny")
             texts, labels = bench.tiny_model(model_dir)
-            options = dict(rates=QUICK["rates"], duration_s=QUICK["duration"], max_requests=QUICK["max_requests"])
+            options = dict(rates=QUICK["rates"], duration_s=QUICK["duration"], max_requests=QUICK["max_requests"],
+                           repeats=1)
         else:
             if not args.glue_dir:
                 raise InputError("--glue-dir (or $GLUE_DIR) is needed for the SST-2 dev sentences")
