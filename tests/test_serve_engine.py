@@ -229,3 +229,56 @@ def test_warm_up_compiles_everything_a_request_runs(model):
     assert min(compiled) >= len(LENGTHS)
     drive(engine, rows_of(batch), seed=1)
     assert (admit._cache_size(), step._cache_size()) == compiled
+
+
+def test_shadow_rows_change_no_answer_and_report_the_full_depth_label(model):
+    """Every row shadowed: the answers are the unshadowed engine's, each row's full-depth label is
+    reported once beside the label it was answered with, and the shadow lane waits for answers."""
+    params, batch = model
+    threshold = safe_thresholds(entropy(forward(CONFIG, params, *batch)), np.random.default_rng(5), 1, (0.3, 0.6))[0]
+    rows = rows_of(batch)
+    plain = drive(Engine(CONFIG, params, LENGTHS, threshold, "entropy", pool_size=16, bucket_sizes=BUCKETS), rows, 4)
+    reports = []
+    engine = Engine(CONFIG, params, LENGTHS, threshold, "entropy", pool_size=16, bucket_sizes=BUCKETS,
+                    shadow_share=1.0, on_shadow=lambda *r: reports.append(r))
+    shadowed = drive(engine, rows, 4)
+    for i in range(N):
+        assert shadowed[i][1] == plain[i][1]
+        np.testing.assert_array_equal(shadowed[i][0], plain[i][0])
+    assert len(reports) == N and engine.shadow_backlog() == 0
+    full = np.argmax(np.asarray(forward(CONFIG, params, *batch))[-1], -1)   # the final ramp
+    answered = {i: int(np.argmax(plain[i][0])) for i in range(N)}
+    # Each report is (answered label, full-depth label, exit layer); rows are anonymous to the lane,
+    # so compare the multisets.
+    assert sorted(reports) == sorted((answered[i], int(full[i]), plain[i][1]) for i in range(N))
+    assert any(exit_layer < CONFIG.num_hidden_layers for _, _, exit_layer in reports)
+
+
+def test_the_shadow_share_is_drawn_with_its_seed(model):
+    params, batch = model
+    rows = rows_of(batch)
+    drawn = []
+    for seed in (0, 0, 1):
+        engine = Engine(CONFIG, params, LENGTHS, 0.3, "entropy", pool_size=16, bucket_sizes=BUCKETS,
+                        shadow_share=0.3, shadow_seed=seed)
+        engine.submit(rows, [lambda *a: None] * len(rows))
+        drawn.append(sorted(engine._shadowed))
+    assert drawn[0] == drawn[1] != drawn[2] and 0 < len(drawn[0]) < len(rows)
+    with pytest.raises(ValueError, match="shadow_share=1.5"):
+        Engine(CONFIG, params, LENGTHS, 0.3, "entropy", pool_size=16, bucket_sizes=BUCKETS, shadow_share=1.5)
+
+
+def test_the_shadow_lane_runs_only_when_no_answer_waits_for_a_step(model):
+    params, batch = model
+    rows = rows_of(batch)
+    engine = Engine(CONFIG, params, LENGTHS, 10.0, "entropy", pool_size=16, bucket_sizes=BUCKETS,
+                    shadow_share=1.0, admit_budget_s=3600.0)   # threshold 10: every row exits at layer 1
+    engine.submit(rows[:1], [lambda *a: None])
+    engine.step()
+    assert engine.shadow_backlog() == 1   # answered at layer 1; its copy waits for the lane
+    (late,) = engine.submit(rows[1:2], [lambda *a: None])
+    engine.step()
+    assert engine.shadow_backlog() == 2 and engine._shadow.running() == 0   # the new row's step ran first
+    while engine.step():
+        pass
+    assert engine.shadow_backlog() == 0 and late not in engine._shadowed

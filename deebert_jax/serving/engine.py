@@ -17,6 +17,13 @@ So the compiled set is fixed (2 programs per length), and what a row computes is
 `exit_aware_predict` computes for it: the same embedding, layer steps and exit update.
 `Engine.step()` runs one scheduler step and calls each exited row's callback at once;
 `Engine.start()` runs steps on a worker thread until `stop()` (which first answers every row).
+
+Shadow rows (`shadow_share`): that share of rows, drawn at random with a seed, is answered the
+moment it exits, as every row is; then a copy runs again to the last layer in a shadow lane (its
+own pools of the same shapes, so the same compiled programs, at the rule's full-depth threshold),
+and `on_shadow(answered label, full-depth label, exit layer)` compares the two. The lane runs only
+when no answer is waiting for a step, and is dropped on `stop()`: shadow work delays an answer by
+at most the one step in progress, and never changes one.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from deebert_jax.inference import exit_aware
 from deebert_jax.model import layouts
 from deebert_jax.model import inference_step
 from deebert_jax.core.config import DeeBertConfig
-from deebert_jax.inference.early_exit import ExitState, check_threshold
+from deebert_jax.inference.early_exit import ExitState, check_threshold, full_depth_threshold
 from deebert_jax.serving.requests import Row
 from deebert_jax.serving.scheduler import DEFAULT_ADMIT_BUDGET_S, DEFAULT_SCHEDULE, Scheduler, Step
 from deebert_jax.serving.worker import Worker
@@ -48,6 +55,10 @@ ADMIT_ROWS = 8           # rows embedded per admit call (more: several calls)
 # takes twice as long (once, before the server is ready).
 CPU_BUCKET_SIZES = (8, 4, 2, 1)
 DEFAULT_POOL_SIZE = 256  # slots per padded length: rows in flight (activations: P x S x H floats)
+# Shadow copies waiting for the lane at most; past it a drawn row is not shadowed (counted in
+# `shadow_skipped`): under sustained load the lane, which runs only when the server is idle, would
+# otherwise grow without bound.
+SHADOW_BACKLOG = 1024
 
 # (logits [K] float32, exit_layer 1-based) -> None, called on the engine's thread; (None, 0) if
 # the engine failed and the row will never be answered.
@@ -122,8 +133,11 @@ class Engine(Worker):
                  rule: str = "entropy", *, pool_size: int = DEFAULT_POOL_SIZE,
                  bucket_sizes: Sequence[int] | None = None, dtype=jnp.float32,
                  on_step: Callable[[int, float], None] | None = None, schedule: str = DEFAULT_SCHEDULE,
-                 admit_budget_s: float = DEFAULT_ADMIT_BUDGET_S):
+                 admit_budget_s: float = DEFAULT_ADMIT_BUDGET_S, shadow_share: float = 0.0, shadow_seed: int = 0,
+                 on_shadow: Callable[[int, int, int], None] | None = None):
         check_threshold(threshold, rule)
+        if not 0.0 <= shadow_share <= 1.0:
+            raise InputError(f"shadow_share={shadow_share!r}: expected a share in [0, 1]")
         self.config, self.rule, self.lengths = config, rule, tuple(sorted(set(int(n) for n in lengths)))
         if max(self.lengths) > config.max_sequence_length:
             raise InputError(f"length {max(self.lengths)} is longer than the model's {config.sequence_limit}")
@@ -140,6 +154,16 @@ class Engine(Worker):
         super().__init__()
         self._pools = {n: self._empty_pool(n) for n in self.lengths}
         self._programs: dict[int, tuple] = {}
+        # The shadow lane: same pool shapes (the same compiled programs), full depth, deepest first.
+        self.shadow_share, self.on_shadow = float(shadow_share), on_shadow
+        self._shadow_rng = np.random.default_rng(shadow_seed)
+        self._full_depth = np.float32(full_depth_threshold(rule, config.num_hidden_layers))
+        self._shadowed: set[int] = set()   # keys of rows drawn for shadowing, not yet answered
+        self._shadow_rows: dict[int, tuple[Row, int, int]] = {}   # lane key -> row, answered label, exit layer
+        self.shadow_skipped = 0
+        if self.shadow_share > 0:
+            self._shadow = Scheduler(config.num_hidden_layers, self.lengths, self.pool_size, "deepest")
+            self._shadow_pools = {n: self._empty_pool(n) for n in self.lengths}
 
     # -- programs ----------------------------------------------------------------------------
     def _empty_pool(self, length: int):
@@ -188,6 +212,8 @@ class Engine(Worker):
                 self._rows[key] = (row, callback)
                 self.scheduler.submit(key, row.length)
                 keys.append(key)
+                if self.shadow_share > 0 and self._shadow_rng.random() < self.shadow_share:
+                    self._shadowed.add(key)
             self._cond.notify()
         return keys
 
@@ -198,6 +224,7 @@ class Engine(Worker):
             for key in keys:
                 if self.scheduler.cancel(key):
                     self._rows.pop(key, None)
+                    self._shadowed.discard(key)
                     dropped += 1
         return dropped
 
@@ -207,17 +234,67 @@ class Engine(Worker):
 
     # -- running -----------------------------------------------------------------------------
     def step(self) -> bool:
-        """Runs the next scheduled step (False when there is none); exited rows' callbacks run here."""
+        """Runs the next scheduled step (False when there is none); exited rows' callbacks run here.
+        With no answer waiting for a step, a step of the shadow lane runs instead."""
         with self._cond:
             plan = self.scheduler.next_step()
             admitted = [(slot, self._rows[key][0]) for key, slot in plan.admit] if plan else []
         if plan is None:
-            return False
+            return self._shadow_step()
         if not self._programs:
             self.warm_up()
         start = time.perf_counter()
+        done, exit_layer, logits = self._run_plan(plan, admitted, self._pools, self.threshold)
+        with self._cond:
+            answers = [(key, self._rows.pop(key), i) for i, key in self.scheduler.complete(plan, done.tolist())]
+            shadowed = [(key, row, i) for key, (row, _), i in answers if key in self._shadowed]
+        if self.on_step is not None:
+            self.on_step(len(plan.slots), time.perf_counter() - start)
+        for _, (_, callback), i in answers:
+            callback(logits[i], int(exit_layer[i]))
+        for key, row, i in shadowed:
+            self._to_shadow_lane(key, row, int(np.argmax(logits[i])), int(exit_layer[i]))
+        return True
+
+    def _to_shadow_lane(self, key: int, row: Row, label: int, exit_layer: int) -> None:
+        self._shadowed.discard(key)
+        if exit_layer >= self.config.num_hidden_layers:   # answered at full depth: nothing to redo
+            if self.on_shadow is not None:
+                self.on_shadow(label, label, exit_layer)
+            return
+        with self._cond:
+            if len(self._shadow_rows) >= SHADOW_BACKLOG:
+                self.shadow_skipped += 1
+                return
+            lane_key = next(self._keys)
+            self._shadow_rows[lane_key] = (row, label, exit_layer)
+            self._shadow.submit(lane_key, row.length)
+
+    def _shadow_step(self) -> bool:
+        """One step of the shadow lane (False when it has none): rows that reach the last layer
+        report their full-depth label beside the one they were answered with."""
+        if self.shadow_share <= 0:
+            return False
+        with self._cond:
+            plan = self._shadow.next_step() if not self._stopping else None
+            admitted = [(slot, self._shadow_rows[key][0]) for key, slot in plan.admit] if plan else []
+        if plan is None:
+            return False
+        if not self._programs:
+            self.warm_up()
+        done, _, logits = self._run_plan(plan, admitted, self._shadow_pools, self._full_depth)
+        with self._cond:
+            finished = [(self._shadow_rows.pop(key), i) for i, key in self._shadow.complete(plan, done.tolist())]
+        for (_, label, exit_layer), i in finished:
+            if self.on_shadow is not None:
+                self.on_shadow(label, int(np.argmax(logits[i])), exit_layer)
+        return True
+
+    def _run_plan(self, plan: Step, admitted, pools, threshold):
+        """Admits `admitted` [(slot, row)] into `pools[plan.length]`, runs the step at `threshold`
+        -> (done, exit_layer, logits) of `plan.slots`, as numpy."""
         admit, run = self._programs[plan.length]
-        state, bias = self._pools[plan.length]
+        state, bias = pools[plan.length]
         for lo in range(0, len(admitted), ADMIT_ROWS):
             chunk = admitted[lo:lo + ADMIT_ROWS]
             slots = np.full(ADMIT_ROWS, self.pool_size, np.int32)
@@ -229,25 +306,20 @@ class Engine(Worker):
                     arrays[k][i] = getattr(row, k)
             state, bias = admit(self._leaves, state, bias, slots, arrays["input_ids"], arrays["attention_mask"],
                                 arrays["token_type_ids"])
-        state, bias, out = self._run(run, state, bias, plan)
-        self._pools[plan.length] = (state, bias)
-        done, exit_layer, logits = (np.asarray(x)[:len(plan.slots)] for x in out)
-        with self._cond:
-            answers = [(self._rows.pop(key)[1], i) for i, key in self.scheduler.complete(plan, done.tolist())]
-        if self.on_step is not None:
-            self.on_step(len(plan.slots), time.perf_counter() - start)
-        for callback, i in answers:
-            callback(logits[i], int(exit_layer[i]))
-        return True
+        state, out = run(self._leaves, state, bias, self._rows_arg(plan.slots), np.int32(len(plan.slots)),
+                         np.int32(plan.layer), threshold)
+        pools[plan.length] = (state, bias)
+        return tuple(np.asarray(x)[:len(plan.slots)] for x in out)
 
-    def _run(self, program, state, bias, plan: Step):
-        state, out = program(self._leaves, state, bias, self._rows_arg(plan.slots), np.int32(len(plan.slots)),
-                             np.int32(plan.layer), self.threshold)
-        return state, bias, out
+    def shadow_backlog(self) -> int:
+        """Shadow copies waiting for or running in the lane."""
+        return len(self._shadow_rows)
 
     def _has_work(self) -> bool:
-        return self.scheduler.has_work()
+        # The shadow lane keeps the worker busy only while it is not stopping: it is dropped then.
+        return self.scheduler.has_work() or (self.shadow_share > 0 and not self._stopping and self._shadow.has_work())
 
     def _take_all(self) -> list[Callback]:
         failed, self._rows = [callback for _, callback in self._rows.values()], {}
+        self._shadowed, self._shadow_rows = set(), {}
         return failed
