@@ -311,6 +311,12 @@ class Engine(Worker):
         pools[plan.length] = (state, bias)
         return tuple(np.asarray(x)[:len(plan.slots)] for x in out)
 
+    def set_threshold(self, threshold: float) -> None:
+        """The threshold of every later step (`drift.DriftCheck`'s full-depth and safer actions)."""
+        check_threshold(threshold, self.rule)
+        with self._cond:
+            self.threshold = np.float32(threshold)
+
     def shadow_backlog(self) -> int:
         """Shadow copies waiting for or running in the lane."""
         return len(self._shadow_rows)
