@@ -58,7 +58,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from deebert_jax.cpu.process import setup_process
     setup_process()   # process-wide settings, before JAX runs anything
+    from deebert_jax.core.fileutil import check_outputs, with_siblings
     from deebert_jax.data import glue as data
+    from deebert_jax.weights.checkpoint import MODEL_DIR_FILES
     from benchmarks import results as report
     from benchmarks import serving as bench
 
@@ -66,6 +68,11 @@ def main(argv=None) -> int:
     unknown = sorted(set(modes) - set(bench.MODES))
     if unknown:
         raise InputError(f"--modes: unknown {unknown}; expected some of {list(bench.MODES)}")
+    # Before any server starts: the JSON, its .md and .png are neither directories nor files read here.
+    dev = data.glue_file("sst2", "dev", args.glue_dir) if args.glue_dir and not args.quick else None
+    check_outputs(with_siblings("--out", args.out, table=".md", plot=".png"),
+                  {"--checkpoint": None if args.quick else args.checkpoint, "--glue-dir (dev)": dev},
+                  reads={"--checkpoint": MODEL_DIR_FILES})
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
                PYTHONUNBUFFERED="1")

@@ -56,16 +56,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from deebert_jax.cpu.process import setup_process
     setup_process()   # process-wide settings, before JAX runs anything
-    from deebert_jax.core.fileutil import check_output_file, check_outputs_apart
+    from deebert_jax.core.fileutil import check_outputs
     from deebert_jax.data import text_inputs
     from deebert_jax.inference import predict
     from deebert_jax.inference.model_dir import open_model_dir
     from deebert_jax.weights.checkpoint import MODEL_DIR_FILES
 
     # Before anything is read: --out may be neither a directory nor what this command reads.
-    if args.out:
-        check_output_file(args.out)
-    check_outputs_apart({"--out": args.out}, {"--input": args.input, "--checkpoint": args.checkpoint},
+    check_outputs({"--out": args.out}, {"--input": args.input, "--checkpoint": args.checkpoint},
                         reads={"--checkpoint": MODEL_DIR_FILES})
     if args.input:
         examples = text_inputs.read_inputs(args.input)

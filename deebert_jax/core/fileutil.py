@@ -154,6 +154,9 @@ def check_outputs_apart(outputs: Mapping[str, str | os.PathLike | None],
             if same_path(out, source):
                 raise OutputPathError(f"{os.fspath(out)}: {out_flag} names the same file as {in_flag} "
                                       f"{os.fspath(source)}; write the output somewhere else")
+            if _inside(_real(source), _real(out)):
+                raise OutputPathError(f"{os.fspath(out)}: {out_flag} would replace {in_flag} {os.fspath(source)}, "
+                                      "which is inside it; write the output somewhere else")
             if not os.path.isdir(source):
                 continue
             for name in reads.get(in_flag, ()):
@@ -161,6 +164,35 @@ def check_outputs_apart(outputs: Mapping[str, str | os.PathLike | None],
                 if same_path(out, inner) or _inside(_real(out), _real(inner)):
                     raise OutputPathError(f"{os.fspath(out)}: {out_flag} would overwrite {name} of {in_flag} "
                                           f"{os.fspath(source)}; write the output somewhere else")
+
+
+def with_siblings(flag: str, path: str | os.PathLike | None, **suffixes: str) -> dict[str, str | None]:
+    """`--out` and the files a command derives from it: `with_siblings("--out", "b.json",
+    table=".md", plot=".png")` -> {"--out": "b.json", "--out's table": "b.md", "--out's plot": "b.png"}."""
+    if path is None:
+        return {flag: None}
+    stem = os.path.splitext(os.fspath(path))[0]
+    return {flag: os.fspath(path), **{f"{flag}'s {kind}": stem + suffix for kind, suffix in suffixes.items()}}
+
+
+def check_outputs(outputs: Mapping[str, str | os.PathLike | None],
+                  inputs: Mapping[str, str | os.PathLike | None] | None = None,
+                  reads: Mapping[str, Iterable[str]] | None = None, *,
+                  directories: Mapping[str, str | os.PathLike | None] | None = None) -> dict[str, str]:
+    """The one output check every command makes, before any work (before a model is loaded):
+    each output file (`with_siblings` for the .md / .png written beside one) may be written
+    (`check_output_file`), no two outputs are one file, and none is an input or a file an input
+    directory holds (`check_outputs_apart`); `directories`, output directories a step replaces,
+    are checked apart from the inputs too (neither one of them, inside one's read files, nor
+    containing one). -> {flag: absolute path} of the output files given."""
+    given = {flag: check_output_file(path) for flag, path in outputs.items() if path is not None and os.fspath(path) != ""}
+    flags = list(given)
+    for i, a in enumerate(flags):
+        for b in flags[i + 1:]:
+            if same_path(given[a], given[b]) or given[a] == given[b]:
+                raise OutputPathError(f"{os.fspath(outputs[a])}: {a} and {b} name the same file; give each its own path")
+    check_outputs_apart({**{flag: outputs[flag] for flag in given}, **(directories or {})}, inputs or {}, reads)
+    return given
 
 
 def check_output_path(path: str | os.PathLike, *, sources: Iterable[str | os.PathLike] = (),

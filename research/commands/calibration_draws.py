@@ -69,13 +69,20 @@ def main(argv=None) -> int:
     setup_process()
     import os
 
-    from deebert_jax.core.fileutil import atomic_write_text
+    from deebert_jax.core.fileutil import atomic_write_text, check_outputs
+    from deebert_jax.weights.checkpoint import MODEL_DIR_FILES
     from deebert_jax.data import glue as data
     from deebert_jax.evaluation import calibration
     from research import calibration_draws as draws_lib
     from deebert_jax.evaluation import sweep
     from deebert_jax.weights.model_loading import load_model_for_task
 
+    # Before the model is read: --out is neither a directory nor a file this command reads.
+    task = data.canonical_task(args.task)
+    read = {f"--glue-dir ({split})": data.glue_file(task, split, args.glue_dir)
+            for split in ("train", "dev") if args.glue_dir and data.TASKS[task] is not None}
+    check_outputs({"--out": args.out}, {"--checkpoint": args.checkpoint, **read},
+                  reads={"--checkpoint": MODEL_DIR_FILES})
     config, params, task, tokenizer = load_model_for_task(args.checkpoint, args.task)
     if "train-holdout" in args.splits:   # a model's own fitting rows are not calibration rows
         calibration.check_clear_of_temperature_rows(args.checkpoint, args.pool_size, "--pool-size")
