@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from typing import Callable, Iterable, Mapping
 
@@ -104,6 +105,26 @@ def _link_unnamed(fd: int, parent: str, name: str) -> str:
     finally:
         os.close(parent_fd)
     raise FileExistsError(f"{parent}: no free temporary name for {name}")
+
+
+def open_own_file(path: str | os.PathLike, flags: int, mode: int = 0o644) -> int:
+    """`os.open(path, flags | O_NOFOLLOW)` for a file we write in place (a lock, an appended log)
+    -> its descriptor. Refused in one line: a symlink (a write would land on the file it points at),
+    a hard link to another name, or anything but a regular file."""
+    path = os.fspath(path)
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if os.path.islink(path):
+            raise OutputPathError(f"{path}: is a symbolic link (to {os.readlink(path)}); refusing to write "
+                                  "through it: remove it, or choose another directory") from None
+        raise e
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+        os.close(fd)
+        what = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"a hard link ({st.st_nlink} names)"
+        raise OutputPathError(f"{path}: is {what}; refusing to write into it: remove it, or choose another directory")
+    return fd
 
 
 def check_output_file(path: str | os.PathLike) -> str:
