@@ -48,6 +48,11 @@ def load_calibration_sets(args):
     config, params, task, tokenizer = model.config, model.params, model.task, model.tokenizer
     if args.calibration_split == "train-holdout":
         calibration.check_clear_of_temperature_rows(args.checkpoint, args.calibration_size)
+        from deebert_jax.weights.checkpoint import TRAINING_FILE, training_rows
+        if training_rows(args.checkpoint) is None and task != "synthetic":
+            print(f"warning: {args.checkpoint}/{TRAINING_FILE} does not say which rows the model was trained on; "
+                  f"train-holdout assumes the last {args.calibration_size} training rows were not among them",
+                  file=sys.stderr)
     # Default: the length the model was trained at (what its exit_policy.json is then checked at).
     args.max_seq_length, why = model.max_seq_length(args.max_seq_length, fallback=DEV_MAX_SEQ_LENGTH)
     if why != "given":
@@ -56,4 +61,4 @@ def load_calibration_sets(args):
                                               seed=args.seed, calibration_size=args.calibration_size,
                                               glue_dir=args.glue_dir, max_seq_length=args.max_seq_length,
                                               limit=args.limit, batch_size=args.batch_size,
-                                              progress=not args.no_progress)
+                                              progress=not args.no_progress, model_dir=args.checkpoint)

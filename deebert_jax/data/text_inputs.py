@@ -6,8 +6,9 @@ naming the file and line, so nothing half-read is used):
 - `.tsv`: tab-separated. If the first line names a text column (`text`, `sentence`, `sentence1`
   or `text_a`, case-insensitive) it is a header: that column is the text, a column named
   `text_pair`, `sentence2` or `text_b` the optional second text, and other columns (labels, ids)
-  are ignored. Otherwise there is no header and every line holds one text, or two (a pair), the
-  same number on every line.
+  are ignored. A first line naming no text column but a label or id column (`label`, `id`, ...)
+  is refused, naming the columns expected. Otherwise there is no header and every line holds one
+  text, or two (a pair), the same number on every line.
 - `.jsonl`: one object per line, `{"text": "...", "text_pair": "..."}` (`text_pair` optional or
   null; other keys ignored).
 """
@@ -26,6 +27,10 @@ Example = tuple[str, "str | None"]   # (text, text_pair or None)
 INPUT_FORMATS = (".txt", ".tsv", ".jsonl")
 FIRST_COLUMNS = ("text", "sentence", "sentence1", "text_a")
 SECOND_COLUMNS = ("text_pair", "sentence2", "text_b")
+# Names a header gives columns that are not text: a first line holding one is a header, and
+# without a text column it is refused (else it would be read as an example, labels as texts).
+OTHER_COLUMNS = ("label", "labels", "gold_label", "id", "idx", "index", "guid", "score", "class", "target",
+                 "category", "sentiment", "rating", "y")
 
 
 def _lines(path: str):
@@ -57,6 +62,10 @@ def _tsv_header(fields: Sequence[str]) -> tuple[int, int | None] | None:
     first = [i for i, name in enumerate(names) if name in FIRST_COLUMNS]
     second = [i for i, name in enumerate(names) if name in SECOND_COLUMNS]
     if not first:
+        if any(name in OTHER_COLUMNS for name in names):
+            raise InputError(f"the header {fields} names no text column: name the text column one of "
+                             f"{', '.join(FIRST_COLUMNS)} (and a second text {', '.join(SECOND_COLUMNS)}); "
+                             "other columns are ignored")
         return None
     if len(first) > 1 or len(second) > 1:
         raise InputError(f"header names several text columns {fields}")

@@ -88,11 +88,11 @@ def write_label_names(directory: str | os.PathLike, names) -> str:
 
 
 def write_training_info(directory: str | os.PathLike, max_seq_length: int,
-                        ramp_temperatures: dict | None = None) -> str:
+                        ramp_temperatures: dict | None = None, train_rows: int | None = None) -> str:
     """Writes `directory/training.json` ({"max_seq_length": S}, the length the model was trained
     at, and `ramp_temperatures` when the off-ramp classifiers were divided by fitted temperatures:
-    {"temperatures": [L], "rows": first N held-out rows that fitted them, "holdout": of how many})
-    -> its path. Called from a `save_checkpoint` `write_extra`, it lands in the same rename;
+    {"temperatures": [L], "rows": first N held-out rows that fitted them, "holdout": of how many},
+    and `train_rows`: training used the first N rows of the task's train split) -> its path. Called from a `save_checkpoint` `write_extra`, it lands in the same rename;
     `predict` and `serve` then default `--max-seq-length` to S."""
     if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, (int, np.integer)) or max_seq_length < 1:
         raise InputError(f"max_seq_length={max_seq_length!r} must be a positive integer")
@@ -100,6 +100,8 @@ def write_training_info(directory: str | os.PathLike, max_seq_length: int,
     info = {"max_seq_length": int(max_seq_length)}
     if ramp_temperatures is not None:
         info["ramp_temperatures"] = ramp_temperatures
+    if train_rows is not None:
+        info["train_rows"] = int(train_rows)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
     return path
@@ -124,6 +126,17 @@ def training_length(directory: str | os.PathLike) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise CheckpointError(f"{path}: max_seq_length={value!r} must be a positive integer")
+    return value
+
+
+def training_rows(directory: str | os.PathLike) -> int | None:
+    """How many rows, from the start of the train split, `directory`'s model was trained on
+    (`training.json`'s `train_rows`), or None when not recorded (a model trained before it was)."""
+    path, value = _training_info(directory, "train_rows")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CheckpointError(f"{path}: train_rows={value!r} must be a non-negative integer")
     return value
 
 

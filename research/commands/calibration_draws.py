@@ -96,7 +96,9 @@ def main(argv=None) -> int:
               "max_seq_length": args.max_seq_length, "thresholds": args.thresholds, "splits": {}}
     for split in args.splits:
         if split == "train-holdout":
-            _, pool = data.load_train_and_holdout(task, args.pool_size, **common)
+            train = data.load_split(task, "train", **common)   # the pool: its last rows, none trained on
+            calibration.check_untrained_tail(args.checkpoint, task, args.pool_size, data.num_examples(train), "--pool-size")
+            pool = {k: v[-args.pool_size:] for k, v in train.items()}
             pool_set, reported, setting = (logits(pool), pool["labels"]), dev_set, {"pool_size": args.pool_size}
             if args.ramp_temperature != "none":
                 pool_set, reported, temps = draws_lib.fit_temperatures_on_pool(pool_set, dev_set, args.temperature_rows)
