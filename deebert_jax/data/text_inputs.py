@@ -40,12 +40,47 @@ def _lines(path: str):
             yield number, line.rstrip("\r\n")
 
 
+class HugeNumber(int):
+    """A JSON integer too long to convert (`loads_json`): kept as its digit count, so that the
+    field holding it is named instead of the parser failing on the whole document."""
+
+    def __new__(cls, digits: int):
+        obj = super().__new__(cls, 0)
+        obj.digits = digits
+        return obj
+
+
+MAX_INT_DIGITS = 100   # longer JSON integers are not numbers a text field could hold
+
+
+def _parse_int(text: str) -> int:
+    return HugeNumber(len(text.lstrip("-"))) if len(text) > MAX_INT_DIGITS else int(text)
+
+
+def loads_json(text: str | bytes):
+    """`json.loads` for what a user or client sends: an integer of any length is no error (it
+    becomes a `HugeNumber`, refused where a text is expected); nesting deeper than the parser's
+    recursion limit is a ValueError, not a RecursionError."""
+    try:
+        return json.loads(text, parse_int=_parse_int)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def check_text(value, where: str) -> str:
-    """`value` if it is a non-blank string, else a DataError '<where> is empty' (or not a string)."""
+    """`value` if it is a non-blank string of valid Unicode, else a DataError naming `where`
+    ('<where> is empty', not a string, or holding a lone surrogate no tokenizer can encode)."""
     if isinstance(value, str) and value.strip():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"{where} is not valid Unicode: a lone surrogate U+{ord(value[e.start]):04X} at "
+                            f"character {e.start}") from None
         return value
     if value is None or isinstance(value, str):
         raise DataError(f"{where} is empty")
+    if isinstance(value, HugeNumber):
+        raise DataError(f"{where} must be a string, got a {value.digits}-digit number")
     raise DataError(f"{where} must be a string, got {type(value).__name__}")
 
 
@@ -105,9 +140,11 @@ def _read_jsonl(path: str) -> list[Example]:
         if not line.strip():
             raise DataError(f"{path}: line {n}: empty line")
         try:
-            record = json.loads(line)
+            record = loads_json(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+        except ValueError as e:
+            raise DataError(f"{path}: line {n}: not valid JSON ({e})") from None
         if not isinstance(record, dict) or "text" not in record:
             raise DataError(f"{path}: line {n}: expected an object with a \"text\" key")
         pair = record.get("text_pair")
