@@ -4,7 +4,9 @@ directory we did not write is never replaced unless the caller says so."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -26,28 +28,75 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+@contextlib.contextmanager
+def storage_errors(path: str | os.PathLike, what: str = "writing"):
+    """Inside: an OS error met while writing `path` (a full disk, a quota, a read-only file
+    system) becomes an OSError naming `path`, so a command says it in one line: one raised with
+    no file name, or a storage library's error that is one underneath (orbax / tensorstore raise
+    ValueError("RESOURCE_EXHAUSTED: ... [os_error_code='28']")). The library's own log records
+    of such an error (orbax logs each failed background write, with its traceback) are dropped
+    meanwhile: the one line says it."""
+    quiet = _OsErrorLogFilter()
+    loggers = [logging.getLogger(name) for name in ("absl", "orbax")]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, f"{e.strerror or e} ({what})", os.fspath(path)) from None
+    except (ValueError, RuntimeError) as e:
+        match = _OS_ERROR_CODE.search(str(e))
+        if match is None:
+            raise
+        code = int(match.group(1))
+        raise OSError(code, f"{os.strerror(code)} ({what})", os.fspath(path)) from None
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
+
+
+class _OsErrorLogFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info and record.exc_info[1] else "")
+        return _OS_ERROR_CODE.search(text) is None
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> str:
     """Writes `text` to `path` through a temporary file in the same folder and one rename, so a
     reader sees the old file or the whole new one; nothing else in the folder changes. The file's
     mode follows the umask, as a plain `open` would give."""
-    return _atomic_write(path, text, "w", "utf-8")
+    return _atomic_write(path, lambda f: f.write(text), "w", "utf-8")
+
+
+def atomic_write_lines(path: str | os.PathLike, lines: Iterable[str]) -> str:
+    """`atomic_write_text` of `lines` as they come (a generator: memory does not grow with the
+    file); if the iterable raises, nothing replaces `path` and no temporary file is left. (A
+    hidden named temporary file, not an unnamed one: the lines cannot be written twice, should
+    the unnamed file fail to get a name after them.)"""
+    return _atomic_write(path, lambda f: f.writelines(lines), "w", "utf-8", replayable=False)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
     """`atomic_write_text` for bytes (e.g. a PNG rendered in memory)."""
-    return _atomic_write(path, data, "wb", None)
+    return _atomic_write(path, lambda f: f.write(data), "wb", None)
 
 
-def _atomic_write(path, content, mode: str, encoding: str | None) -> str:
+def _atomic_write(path, write: Callable, mode: str, encoding: str | None, replayable: bool = True) -> str:
     path = os.path.abspath(os.fspath(path))
     if os.path.isdir(path):   # before anything is created: no temporary file to clean up
         raise OutputPathError(f"{path}: is a directory; name a file to write")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    try:
-        _write_and_rename(path, content, mode, encoding, unnamed=_can_write_unnamed())
-    except _NoLink:   # a file system without O_TMPFILE links: a named temporary file instead
-        _write_and_rename(path, content, mode, encoding, unnamed=False)
+    with storage_errors(path):
+        try:
+            _write_and_rename(path, write, mode, encoding, unnamed=replayable and _can_write_unnamed())
+        except _NoLink:   # a file system without O_TMPFILE links: a named temporary file instead
+            _write_and_rename(path, write, mode, encoding, unnamed=False)
     return path
 
 
@@ -59,8 +108,8 @@ def _can_write_unnamed() -> bool:
     return hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")   # the link goes through /proc
 
 
-def _write_and_rename(path: str, content, mode: str, encoding: str | None, unnamed: bool) -> None:
-    """`content` into a temporary file beside `path`, then one rename. `unnamed`: the file has no
+def _write_and_rename(path: str, write: Callable, mode: str, encoding: str | None, unnamed: bool) -> None:
+    """`write(file)` into a temporary file beside `path`, then one rename. `unnamed`: the file has no
     name until it is complete (Linux O_TMPFILE), so a process killed while writing leaves nothing
     behind (only one killed between the link and the rename could); else a hidden `mkstemp` file."""
     parent, name = os.path.split(path)
@@ -75,7 +124,7 @@ def _write_and_rename(path: str, content, mode: str, encoding: str | None, unnam
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=parent)
     try:
         with os.fdopen(fd, mode, encoding=encoding) as f:
-            f.write(content)
+            write(f)
             f.flush()
             os.fchmod(f.fileno(), 0o666 & ~_umask())
             if tmp is None:

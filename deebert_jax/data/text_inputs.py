@@ -16,9 +16,11 @@ naming the file and line, so nothing half-read is used):
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
-from typing import Sequence
+import re
+from typing import Iterator, Sequence
 
 from deebert_jax.core.errors import InputError
 from deebert_jax.data.glue import DataError
@@ -33,11 +35,33 @@ OTHER_COLUMNS = ("label", "labels", "gold_label", "id", "idx", "index", "guid", 
                  "category", "sentiment", "rating", "y")
 
 
-def _lines(path: str):
-    # utf-8-sig: a byte-order mark (an editor may write one) is not part of the first text.
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        for number, line in enumerate(f, 1):
-            yield number, line.rstrip("\r\n")
+_LONE_CR = re.compile("\r(?!\n)")
+
+
+def _lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, line without its end) one at a time: memory does not grow with the file.
+
+    Lines end at \n, \r\n or a lone \r (as a text-mode file with newline="" splits them); a
+    byte-order mark (an editor may write one) is not part of the first text; bytes that are not
+    UTF-8 are a DataError naming the line and the byte within it."""
+    number = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            if number == 0 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+                if not raw:   # the mark alone: an empty file
+                    continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: line {number + 1}: not UTF-8 text ({e.reason} at byte {e.start + 1} "
+                                "of the line)") from None
+            parts = _LONE_CR.split(text) if "\r" in text else [text]
+            if len(parts) > 1 and parts[-1] == "":   # the line ended with a lone \r
+                parts.pop()
+            for part in parts:
+                number += 1
+                yield number, part.rstrip("\r\n")
 
 
 class HugeNumber(int):
@@ -88,8 +112,9 @@ def _text(path: str, number: int, value, what: str) -> str:
     return check_text(value, f"{path}: line {number}: {what}")
 
 
-def _read_txt(path: str) -> list[Example]:
-    return [(_text(path, n, line, "the line"), None) for n, line in _lines(path)]
+def _read_txt(path: str) -> Iterator[Example]:
+    for n, line in _lines(path):
+        yield _text(path, n, line, "the line"), None
 
 
 def _tsv_header(fields: Sequence[str]) -> tuple[int, int | None] | None:
@@ -107,8 +132,8 @@ def _tsv_header(fields: Sequence[str]) -> tuple[int, int | None] | None:
     return first[0], (second[0] if second else None)
 
 
-def _read_tsv(path: str) -> list[Example]:
-    examples, columns, width = [], None, None
+def _read_tsv(path: str) -> Iterator[Example]:
+    columns, width = None, None
     for n, line in _lines(path):
         fields = line.split("\t")
         if n == 1:
@@ -130,12 +155,10 @@ def _read_tsv(path: str) -> list[Example]:
             if len(fields) < needed:
                 raise DataError(f"{path}: line {n}: {len(fields)} columns, the header needs {needed}")
         pair = None if second is None else _text(path, n, fields[second], "the second text")
-        examples.append((_text(path, n, fields[first], "the text"), pair))
-    return examples
+        yield _text(path, n, fields[first], "the text"), pair
 
 
-def _read_jsonl(path: str) -> list[Example]:
-    examples = []
+def _read_jsonl(path: str) -> Iterator[Example]:
     for n, line in _lines(path):
         if not line.strip():
             raise DataError(f"{path}: line {n}: empty line")
@@ -148,13 +171,19 @@ def _read_jsonl(path: str) -> list[Example]:
         if not isinstance(record, dict) or "text" not in record:
             raise DataError(f"{path}: line {n}: expected an object with a \"text\" key")
         pair = record.get("text_pair")
-        examples.append((_text(path, n, record["text"], '"text"'),
-                         None if pair is None else _text(path, n, pair, '"text_pair"')))
-    return examples
+        yield (_text(path, n, record["text"], '"text"'),
+               None if pair is None else _text(path, n, pair, '"text_pair"'))
 
 
 def read_inputs(path: str | os.PathLike) -> list[Example]:
     """A `.txt`, `.tsv` or `.jsonl` file (see the module docstring) -> [(text, text_pair or None)]."""
+    return list(iter_inputs(path))
+
+
+def iter_inputs(path: str | os.PathLike) -> Iterator[Example]:
+    """`read_inputs` one example at a time (memory does not grow with the file); the file is
+    checked (a directory, an unknown extension, a missing file) before the first one is yielded,
+    and a file with no examples is a DataError once it is read through."""
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
     readers = {".txt": _read_txt, ".tsv": _read_tsv, ".jsonl": _read_jsonl}
@@ -164,10 +193,13 @@ def read_inputs(path: str | os.PathLike) -> list[Example]:
         raise DataError(f"{path}: unknown input format {ext or '(no extension)'!r}; expected one of {INPUT_FORMATS}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such input file")
-    try:
-        examples = readers[ext](path)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not examples:
+    return _non_empty(readers[ext](path), path)
+
+
+def _non_empty(examples: Iterator[Example], path: str) -> Iterator[Example]:
+    any_example = False
+    for example in examples:
+        any_example = True
+        yield example
+    if not any_example:
         raise DataError(f"{path}: no examples (empty file)")
-    return examples
