@@ -35,7 +35,9 @@ def parse_args(argv):
     p.add_argument("--duration", type=float, default=10.0, help="seconds of arrivals per rate")
     p.add_argument("--max-requests", type=positive_int, default=3000, help="requests per rate, at most")
     p.add_argument("--slo-ms", type=float, default=250.0, help="p99 latency bound for the capacity")
-    p.add_argument("--max-seq-length", type=positive_int, default=64)
+    p.add_argument("--max-seq-length", type=positive_int, default=None,
+                   help="default: the length the model was trained at (training.json), else the longest its "
+                        "positions cover; --quick: 64")
     p.add_argument("--modes", default=",".join(["full_depth", "early_exit", "torch"]))
     p.add_argument("--out", default="workdirs/serve_bench.json")
     p.add_argument("--quick", action="store_true", help="a tiny random model and two short rates (a smoke run)")
@@ -73,6 +75,16 @@ def main(argv=None) -> int:
     check_outputs(with_siblings("--out", args.out, table=".md", plot=".png"),
                   {"--checkpoint": None if args.quick else args.checkpoint, "--glue-dir (dev)": dev},
                   reads={"--checkpoint": MODEL_DIR_FILES})
+    if not args.quick:   # the servers' length, resolved and checked before any of them starts
+        from deebert_jax.inference.model_dir import resolve_max_seq_length
+        from deebert_jax.weights.checkpoint import read_model_config
+        config = read_model_config(args.checkpoint)
+        args.max_seq_length, why = resolve_max_seq_length(args.max_seq_length, config, args.checkpoint,
+                                                          data.load_tokenizer(args.checkpoint, config))
+        if why != "given":
+            print(f"max sequence length {args.max_seq_length}: {why}", flush=True)
+    elif args.max_seq_length is None:
+        args.max_seq_length = 64
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
                PYTHONUNBUFFERED="1")

@@ -13,7 +13,7 @@ from typing import Any, Iterator, Mapping
 import jax
 
 from deebert_jax.core.errors import InputError
-from deebert_jax.core.fileutil import atomic_write_text, open_own_file
+from deebert_jax.core.fileutil import atomic_write_text, open_own_file, storage_errors
 import numpy as np
 
 AXIS = "batch"   # the pmap axis name of the training and evaluation steps
@@ -140,7 +140,7 @@ class MetricsLog:
         if not self.active:
             return
         fd = open_own_file(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)   # not through a link
-        with os.fdopen(fd, "a", encoding="utf-8") as f:
+        with storage_errors(self.path), os.fdopen(fd, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
         for name, value in (scalars or {}).items():
             self._tb.add_scalar(name, float(value), step)

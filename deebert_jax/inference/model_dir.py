@@ -83,6 +83,7 @@ def resolve_max_seq_length(requested: int | None, config: DeeBertConfig, model_d
     special tokens.
     """
     limit = config.max_sequence_length
+    named = flag   # what a length too short is blamed on: the flag, or the file the default came from
     tokenizer_limit = getattr(tokenizer, "model_max_length", None)
     if not isinstance(tokenizer_limit, int) or tokenizer_limit > 1_000_000:   # transformers' "no limit" sentinel
         tokenizer_limit = None
@@ -93,6 +94,8 @@ def resolve_max_seq_length(requested: int | None, config: DeeBertConfig, model_d
         said = ("the length the model was trained at" if source == TRAINING_FILE
                 else "the length its exit policy was calibrated at")
         length, why = ((trained, f"{said} ({source})") if trained else (limit, f"the model's {config.sequence_limit}"))
+        if trained:
+            named = f"{os.path.join(os.fspath(model_dir), source)}: max_seq_length="
         if not trained and fallback is not None and fallback < limit:
             length, why = int(fallback), f"the default, within the model's {config.sequence_limit}"
         if length > limit:
@@ -110,7 +113,8 @@ def resolve_max_seq_length(requested: int | None, config: DeeBertConfig, model_d
         try:
             check_room_for_text(tokenizer, length)
         except DataError as e:
-            raise InputError(f"{flag} {length} is too short: {str(e).split(': ', 1)[-1]}") from None
+            sep = "" if named.endswith("=") else " "
+            raise InputError(f"{named}{sep}{length} is too short: {str(e).split(': ', 1)[-1]}") from None
     return length, why
 
 

@@ -7,6 +7,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import time
 from typing import Any, Callable, Iterable
 
 import jax
@@ -17,7 +19,7 @@ from deebert_jax.core.errors import InputError
 from deebert_jax.core.config import ConfigError, DeeBertConfig, read_json_object
 from deebert_jax.data.glue import TOKENIZER_READ_FILES
 from deebert_jax.weights.torch_files import WEIGHT_FILES, CheckpointError
-from deebert_jax.core.fileutil import atomic_directory
+from deebert_jax.core.fileutil import atomic_directory, storage_errors
 from deebert_jax.model.modeling import init_params
 
 CONFIG_FILE = "deebert_config.json"
@@ -55,16 +57,38 @@ def save_checkpoint(directory: str | os.PathLike, config: DeeBertConfig, params:
     """
     directory = os.path.abspath(os.fspath(directory))
     params = jax.tree_util.tree_map(np.asarray, jax.device_get(params))
-    with atomic_directory(directory, is_ours=is_checkpoint_dir, overwrite=overwrite, sources=sources) as tmp:
-        # Only the calling host writes (multi-host training calls this from process 0 alone).
-        with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as ckptr:
-            ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
-            ckptr.wait_until_finished()
-        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-        if write_extra is not None:
-            write_extra(tmp)
+    made = []
+    try:
+        with storage_errors(directory, "writing the model; nothing was replaced"), \
+                atomic_directory(directory, is_ours=is_checkpoint_dir, overwrite=overwrite, sources=sources) as tmp:
+            made.append(tmp)
+            # Only the calling host writes (multi-host training calls this from process 0 alone).
+            with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as ckptr:
+                ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+                ckptr.wait_until_finished()
+            with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
+                json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+            if write_extra is not None:
+                write_extra(tmp)
+    except BaseException:
+        _remove_late_directories(made)
+        raise
     return directory
+
+
+def _remove_late_directories(paths, seconds: float = 1.0) -> None:
+    """After a failed save: orbax's background threads may still make folders in the temporary
+    directory `atomic_directory` has just removed; they are removed too, so nothing is left."""
+    import shutil
+    import time
+    deadline = time.monotonic() + seconds
+    while True:
+        for path in paths:
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
 
 
 def model_fingerprint(config: DeeBertConfig, params: Any) -> str:
@@ -273,8 +297,9 @@ class TrainCheckpointManager:
     def save(self, step: int, state: Any) -> None:
         """Writes `state` (a pytree; device arrays are fetched to host) as `step`, then prunes old steps."""
         state = jax.tree_util.tree_map(np.asarray, jax.device_get(state))
-        self._manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
-        self._manager.wait_until_finished()
+        with storage_errors(self.directory, f"saving step {int(step)}"):
+            self._manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
+            self._manager.wait_until_finished()
 
     def restore(self, step: int, like: Any) -> Any:
         """The state saved at `step`, with the tree structure, shapes and dtypes of `like`.
