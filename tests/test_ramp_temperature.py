@@ -66,6 +66,7 @@ def test_training_folds_the_temperatures_and_calibrates_on_the_other_held_out_ro
     result = training.train(cfg)
     info = json.loads((tmp_path / "w" / "model" / TRAINING_FILE).read_text())
     record = info["ramp_temperatures"]
+    assert isinstance(info["train_rows"], int) and info["train_rows"] > 0   # which rows train-holdout must avoid
     assert record["rows"] == 32 and record["holdout"] == 96 and record["fit"] == "agreement"
     temps = np.array(record["temperatures"], np.float32)
     assert temps.shape == (cfg.model.num_hidden_layers,) and temps[-1] == 1.0 and np.all(temps > 0)

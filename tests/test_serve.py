@@ -161,13 +161,16 @@ def test_queue_full_starting_and_draining_are_503_with_retry_after(model_dir, th
         r = call(app, method, path, json={"inputs": "good"})
         assert r.status_code == 503 and r.headers["Retry-After"] == "1", path  # still starting
     service.state = "ready"  # the engine is not running: accepted rows stay queued
-    r = call(app, "POST", "/predict", json={"inputs": ["good", "bad", "good"]})
-    assert r.status_code == 503 and "queue is full (2 rows)" in r.json()["error"] and r.headers["Retry-After"] == "1"
+    r = call(app, "POST", "/predict", json={"inputs": ["good", "bad", "good"]})   # could never be queued
+    assert r.status_code == 413 and "the queue holds at most 2 rows" in r.json()["error"]
 
     async def abandoned():  # a client that goes away: its queued rows are dropped, not run
         task = asyncio.ensure_future(service.predict([("good", None), ("bad", None)]))
         await asyncio.sleep(0.05)
         assert service.engine.pending() == 2
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            r = await client.post("/predict", json={"inputs": "good"})   # fits the queue, once it has room
+        assert r.status_code == 503 and "queue is full (2 rows)" in r.json()["error"] and r.headers["Retry-After"] == "1"
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -88,15 +88,12 @@ def _main(argv: list[str]) -> int:
         paths = bench_report.render(args.render)
         print("wrote " + ", ".join(paths.values()), file=sys.stderr)
         return 0
-    from deebert_jax.core.fileutil import check_output_file, check_outputs_apart
+    from deebert_jax.core.fileutil import check_outputs, with_siblings
     from deebert_jax.weights.checkpoint import MODEL_DIR_FILES
     # Before the timing, not after it: bench.json, .md and .png are neither directories nor read here.
-    stem = os.path.splitext(args.out)[0]
-    outputs = {"--out": args.out, "--out's table": stem + ".md", "--out's plot": stem + ".png"}
-    for path in outputs.values():
-        check_output_file(path)
+    outputs = with_siblings("--out", args.out, table=".md", plot=".png")
     sources = {"--checkpoint": args.checkpoint, "--pytorch": args.pytorch, "--tokenizer": args.tokenizer}
-    check_outputs_apart(outputs, {**sources, **_dev_file(args)}, reads={k: MODEL_DIR_FILES for k in sources})
+    check_outputs(outputs, {**sources, **_dev_file(args)}, reads={k: MODEL_DIR_FILES for k in sources})
     from benchmarks import precision as precision_lib
     precision = precision_lib.resolve(args.precision, args.dtype)
     import jax

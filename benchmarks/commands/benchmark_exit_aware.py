@@ -179,11 +179,10 @@ def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     from deebert_jax.cpu.process import setup_process
     setup_process()   # process-wide settings, before JAX runs anything
-    from deebert_jax.core.fileutil import check_output_file, check_outputs_apart
+    from deebert_jax.core.fileutil import check_outputs
     from deebert_jax.weights.checkpoint import MODEL_DIR_FILES
-    check_output_file(args.out)   # before the timing, not after it
     sst2 = os.path.join(args.glue_dir, "SST-2", "dev.tsv") if args.glue_dir else None
-    check_outputs_apart({"--out": args.out}, {"--pytorch": args.pytorch, "--checkpoint": args.checkpoint,
+    check_outputs({"--out": args.out}, {"--pytorch": args.pytorch, "--checkpoint": args.checkpoint,
                                               "--glue-dir": sst2},
                         reads={"--pytorch": MODEL_DIR_FILES, "--checkpoint": MODEL_DIR_FILES})
     import jax

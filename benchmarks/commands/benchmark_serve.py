@@ -35,7 +35,9 @@ def parse_args(argv):
     p.add_argument("--duration", type=float, default=10.0, help="seconds of arrivals per rate")
     p.add_argument("--max-requests", type=positive_int, default=3000, help="requests per rate, at most")
     p.add_argument("--slo-ms", type=float, default=250.0, help="p99 latency bound for the capacity")
-    p.add_argument("--max-seq-length", type=positive_int, default=64)
+    p.add_argument("--max-seq-length", type=positive_int, default=None,
+                   help="default: the length the model was trained at (training.json), else the longest its "
+                        "positions cover; --quick: 64")
     p.add_argument("--modes", default=",".join(["full_depth", "early_exit", "torch", "onnxruntime"]),
                    help="servers to sweep: full_depth, early_exit (JAX), torch, onnxruntime (the baselines)")
     p.add_argument("--repeats", type=positive_int, default=3,
@@ -62,7 +64,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from deebert_jax.cpu.process import setup_process
     setup_process()   # process-wide settings, before JAX runs anything
+    from deebert_jax.core.fileutil import check_outputs, with_siblings
     from deebert_jax.data import glue as data
+    from deebert_jax.weights.checkpoint import MODEL_DIR_FILES
     from benchmarks import results as report
     from benchmarks import serving as bench
 
@@ -70,6 +74,21 @@ def main(argv=None) -> int:
     unknown = sorted(set(modes) - set(bench.MODES))
     if unknown:
         raise InputError(f"--modes: unknown {unknown}; expected some of {list(bench.MODES)}")
+    # Before any server starts: the JSON, its .md and .png are neither directories nor files read here.
+    dev = data.glue_file("sst2", "dev", args.glue_dir) if args.glue_dir and not args.quick else None
+    check_outputs(with_siblings("--out", args.out, table=".md", plot=".png"),
+                  {"--checkpoint": None if args.quick else args.checkpoint, "--glue-dir (dev)": dev},
+                  reads={"--checkpoint": MODEL_DIR_FILES})
+    if not args.quick:   # the servers' length, resolved and checked before any of them starts
+        from deebert_jax.inference.model_dir import resolve_max_seq_length
+        from deebert_jax.weights.checkpoint import read_model_config
+        config = read_model_config(args.checkpoint)
+        args.max_seq_length, why = resolve_max_seq_length(args.max_seq_length, config, args.checkpoint,
+                                                          data.load_tokenizer(args.checkpoint, config))
+        if why != "given":
+            print(f"max sequence length {args.max_seq_length}: {why}", flush=True)
+    elif args.max_seq_length is None:
+        args.max_seq_length = 64
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
                PYTHONUNBUFFERED="1")

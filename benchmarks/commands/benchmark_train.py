@@ -51,13 +51,12 @@ def main(argv=None) -> dict:
     from benchmarks import train_step as step_benchmark
     from benchmarks.harness import load_average
     from deebert_jax.cpu.process import setup_process
-    from deebert_jax.core.fileutil import atomic_write_text, check_output_file, check_outputs_apart
+    from deebert_jax.core.fileutil import atomic_write_text, check_outputs
     from deebert_jax.weights.checkpoint import MODEL_DIR_FILES
     from deebert_jax.weights.model_loading import default_init_checkpoint
     from benchmarks.results import command_line, relative_paths
     if args.out:   # before the timing, not after it
-        check_output_file(args.out)
-        check_outputs_apart({"--out": args.out}, {"--model": args.model or None}, reads={"--model": MODEL_DIR_FILES})
+        check_outputs({"--out": args.out}, {"--model": args.model or None}, reads={"--model": MODEL_DIR_FILES})
 
     # Before JAX starts: both frameworks' models and steps on one GPU; XLA's CPU threads.
     setup_process(threads=args.threads, share_accelerator_memory=True)

@@ -77,6 +77,27 @@ def _glue_note(cfg) -> str:
     return "GLUE from the datasets hub (nyu-mll/glue)"
 
 
+def _check_outputs(cfg, workdir: str) -> None:
+    """Before any step: what the demo writes (the workdir's files, and the directories convert and
+    train replace) is none of what it reads (the init checkpoint, the GLUE files)."""
+    from deebert_jax.core.fileutil import check_outputs, with_siblings
+    from deebert_jax.data import glue as data
+
+    outputs = {"--config.workdir (run.json)": os.path.join(workdir, "run.json"),
+               **with_siblings("--config.workdir (results.json)", os.path.join(workdir, "results.json"), plot=".png"),
+               **with_siblings("--config.workdir (bench.json)", os.path.join(workdir, "bench.json"),
+                               table=".md", plot=".png")}
+    directories = {"--config.workdir (converted)": os.path.join(workdir, "converted"),
+                   "--config.workdir (train)": os.path.join(workdir, "train")}
+    init = cfg.init_checkpoint if cfg.init_checkpoint not in ("", "random") else None
+    glue_dir = cfg.get("glue_dir", "") or os.environ.get("GLUE_DIR", "")
+    reads = {}
+    if glue_dir and data.TASKS.get(data.canonical_task(cfg.task)) is not None:
+        reads = {f"--config.glue_dir ({split})": data.glue_file(cfg.task, split, glue_dir) for split in ("train", "dev")}
+    check_outputs(outputs, {"--config.init_checkpoint": init, **reads}, reads={"--config.init_checkpoint": ["."]},
+                  directories=directories)
+
+
 def main(argv=None) -> int:
     if cli.debug_requested():
         os.environ["DEEBERT_DEBUG"] = "1"   # read by every step's command
@@ -91,6 +112,7 @@ def _demo(args: argparse.Namespace) -> int:
     workdir = os.path.abspath(cfg.workdir)
     config_file, overrides = args.config_file, args.config_overrides
     source = _glue_note(cfg)
+    _check_outputs(cfg, workdir)
     os.makedirs(workdir, exist_ok=True)
     timings, started, commit = {}, time.time(), source_commit()
 

@@ -48,10 +48,9 @@ def main(argv: list[str]) -> int:
 
     from benchmarks.harness import load_average
     from deebert_jax.cpu.process import setup_process
-    from deebert_jax.core.fileutil import atomic_write_text, check_output_file
+    from deebert_jax.core.fileutil import atomic_write_text, check_outputs
 
-    if args.out:
-        check_output_file(args.out)
+    check_outputs({"--out": args.out or None})
     if args.torch:
         return _profile_torch(args, argv)
     setup_process(threads=args.threads)   # before JAX starts its CPU client

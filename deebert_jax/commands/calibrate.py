@@ -50,11 +50,11 @@ def main(argv=None) -> int:
 
     out_dir, filename = ((os.path.dirname(os.path.abspath(args.out)), os.path.basename(args.out)) if args.out
                          else (args.checkpoint, calibration.POLICY_FILE))
-    from deebert_jax.core.fileutil import check_output_file, same_path
+    from deebert_jax.core.fileutil import same_path
     # Before the work: --out is neither a directory nor a file this command reads (the model's own
     # policy file, the default, is the one file of the model directory it may replace).
     if args.out and not same_path(args.out, os.path.join(args.checkpoint, calibration.POLICY_FILE)):
-        check_length_and_outputs(args, {"--out": check_output_file(args.out)})
+        check_length_and_outputs(args, {"--out": args.out})
     task, sets = load_calibration_sets(args)
     n = sets.calibration[1].shape[0]
     if args.confidence is None and n < SMALL_CALIBRATION:

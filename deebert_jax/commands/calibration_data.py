@@ -25,7 +25,7 @@ def add_calibration_data_flags(parser) -> None:
 
 def check_length_and_outputs(args, outputs) -> None:
     """Before the work: no output is a file this command reads, and --max-seq-length fits the model."""
-    from deebert_jax.core.fileutil import check_outputs_apart
+    from deebert_jax.core.fileutil import check_outputs
     from deebert_jax.data import glue as data
     from deebert_jax.inference.model_dir import resolve_max_seq_length
     from deebert_jax.weights.checkpoint import MODEL_DIR_FILES, read_model_config
@@ -33,7 +33,7 @@ def check_length_and_outputs(args, outputs) -> None:
     task = data.canonical_task(args.task)
     read = {f"--glue-dir ({split})": data.glue_file(task, split, args.glue_dir)
             for split in ("train", "dev") if args.glue_dir and data.TASKS[task] is not None}
-    check_outputs_apart(outputs, {"--checkpoint": args.checkpoint, **read}, reads={"--checkpoint": MODEL_DIR_FILES})
+    check_outputs(outputs, {"--checkpoint": args.checkpoint, **read}, reads={"--checkpoint": MODEL_DIR_FILES})
     config = read_model_config(args.checkpoint)
     tokenizer = None if data.TASKS[task] is None else data.load_tokenizer(args.checkpoint, config)
     resolve_max_seq_length(args.max_seq_length, config, args.checkpoint, tokenizer, fallback=DEV_MAX_SEQ_LENGTH)
@@ -48,6 +48,11 @@ def load_calibration_sets(args):
     config, params, task, tokenizer = model.config, model.params, model.task, model.tokenizer
     if args.calibration_split == "train-holdout":
         calibration.check_clear_of_temperature_rows(args.checkpoint, args.calibration_size)
+        from deebert_jax.weights.checkpoint import TRAINING_FILE, training_rows
+        if training_rows(args.checkpoint) is None and task != "synthetic":
+            print(f"warning: {args.checkpoint}/{TRAINING_FILE} does not say which rows the model was trained on; "
+                  f"train-holdout assumes the last {args.calibration_size} training rows were not among them",
+                  file=sys.stderr)
     # Default: the length the model was trained at (what its exit_policy.json is then checked at).
     args.max_seq_length, why = model.max_seq_length(args.max_seq_length, fallback=DEV_MAX_SEQ_LENGTH)
     if why != "given":
@@ -56,4 +61,4 @@ def load_calibration_sets(args):
                                               seed=args.seed, calibration_size=args.calibration_size,
                                               glue_dir=args.glue_dir, max_seq_length=args.max_seq_length,
                                               limit=args.limit, batch_size=args.batch_size,
-                                              progress=not args.no_progress)
+                                              progress=not args.no_progress, model_dir=args.checkpoint)

@@ -81,16 +81,13 @@ def _main(argv) -> int:
     from deebert_jax.data import glue as data
     from deebert_jax.evaluation import sweep as evaluation
     from deebert_jax.inference.exit_policy import with_policy_threshold
-    from deebert_jax.core.fileutil import check_output_file, check_outputs_apart
+    from deebert_jax.core.fileutil import check_outputs, with_siblings
     from deebert_jax.inference.model_dir import open_model_dir
     from deebert_jax.weights.checkpoint import MODEL_DIR_FILES
 
     # Before the evaluation, not after it: the JSON and its PNG are neither directories nor files it reads.
-    png = os.path.splitext(args.out)[0] + ".png"
-    check_output_file(args.out)
-    check_output_file(png)
-    check_outputs_apart({"--out": args.out, "--out's plot": png},
-                        {"--checkpoint": args.checkpoint, **dev_file(args.task, args.glue_dir)},
+    check_outputs(with_siblings("--out", args.out, plot=".png"),
+                  {"--checkpoint": args.checkpoint, **dev_file(args.task, args.glue_dir)},
                         reads={"--checkpoint": MODEL_DIR_FILES})
     model = open_model_dir(args.checkpoint, task=args.task)
     config, params, task, tokenizer = model.config, model.params, model.task, model.tokenizer

@@ -11,7 +11,9 @@ the summary go to stderr. Without `--threshold`: DIR/exit_policy.json (`train.ca
 the full depth. Without `--max-seq-length`: the length the model was trained at (DIR/training.json),
 else the longest its positions cover; a longer one is refused. A text the model cannot see whole
 is `"truncated": true`. An empty or malformed line is an error naming the file and line; nothing
-is written, and `--out` may not be `--input` or a file of DIR.
+is written (the file is read through once before any prediction), and `--out` may not be
+`--input` or a file of DIR. Memory stays bounded whatever the file's length: examples are read,
+tokenised, run and written a chunk at a time (`inference.predict.predict_stream`).
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ import functools
 import json
 import os
 import sys
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping
 
 from deebert_jax.commands.cli import positive_int, run
-from deebert_jax.core.fileutil import atomic_write_text
+from deebert_jax.core.fileutil import atomic_write_lines
 
 
 def parse_args(argv):
@@ -56,22 +58,24 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from deebert_jax.cpu.process import setup_process
     setup_process()   # process-wide settings, before JAX runs anything
-    from deebert_jax.core.fileutil import check_output_file, check_outputs_apart
+    from deebert_jax.core.fileutil import check_outputs
     from deebert_jax.data import text_inputs
     from deebert_jax.inference import predict
     from deebert_jax.inference.model_dir import open_model_dir
     from deebert_jax.weights.checkpoint import MODEL_DIR_FILES
 
     # Before anything is read: --out may be neither a directory nor what this command reads.
-    if args.out:
-        check_output_file(args.out)
-    check_outputs_apart({"--out": args.out}, {"--input": args.input, "--checkpoint": args.checkpoint},
+    check_outputs({"--out": args.out}, {"--input": args.input, "--checkpoint": args.checkpoint},
                         reads={"--checkpoint": MODEL_DIR_FILES})
     if args.input:
-        examples = text_inputs.read_inputs(args.input)
+        # Read through once, one line at a time, before any prediction: a bad line anywhere is
+        # refused with nothing written; the second pass streams the examples to the model.
+        total = sum(1 for _ in text_inputs.iter_inputs(args.input))
+        examples = text_inputs.iter_inputs(args.input)
     else:
         examples = [(text_inputs.check_text(args.text, "--text"),
                      None if args.text_pair is None else text_inputs.check_text(args.text_pair, "--text-pair"))]
+        total = 1
     model = open_model_dir(args.checkpoint)
     config = model.config
     max_seq_length, why = model.max_seq_length(args.max_seq_length)
@@ -79,31 +83,42 @@ def main(argv=None) -> int:
     print(note, file=sys.stderr)
     if why != "given":
         print(f"max sequence length {max_seq_length}: {why}", file=sys.stderr)
-    arrays, truncated = predict.encode(model.tokenizer, examples, max_seq_length, config.vocab_size)
-    probs, exit_layer, seconds = predict.predict_arrays(config, model.params, arrays, threshold, rule, args.batch_size,
-                                                        progress=bool(args.input) and not args.no_progress)
-    records = predict.format_predictions(examples, probs, exit_layer, model.label_names, truncated)
+    tally = predict.Tally()
+    records = predict.predict_stream(config, model.params, model.tokenizer, examples, max_seq_length, threshold,
+                                     model.label_names, rule, args.batch_size, tally=tally, total=total,
+                                     progress=bool(args.input) and not args.no_progress)
     if args.out:
         print(f"wrote {write_jsonl(records, args.out)}", file=sys.stderr)
     else:
         sys.stdout.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    print(summary(exit_layer, config.num_hidden_layers, seconds, truncated, max_seq_length), file=sys.stderr)
+    print(tally_summary(tally, config.num_hidden_layers, max_seq_length), file=sys.stderr)
     return 0
 
 
-def write_jsonl(records: Sequence[Mapping], path: str | os.PathLike) -> str:
-    """All records at once, atomically (nothing appears until every line is ready)."""
+def write_jsonl(records: Iterable[Mapping], path: str | os.PathLike) -> str:
+    """The records as they come (a list or a generator), atomically: nothing appears at `path`
+    until every line is written, and memory does not grow with their number."""
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return atomic_write_lines(path, (json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def summary(exit_layer, num_layers: int, seconds: float, truncated, max_seq_length: int) -> str:
     """The line on stderr after the predictions ([N] numpy exit layers and truncation flags)."""
-    n, mean_exit = len(exit_layer), float(exit_layer.mean())
+    return _summary(len(exit_layer), float(exit_layer.sum()), num_layers, seconds, int(truncated.sum()),
+                    max_seq_length)
+
+
+def tally_summary(tally, num_layers: int, max_seq_length: int) -> str:
+    """`summary` from a `predict.Tally` (what `predict_stream` counted)."""
+    return _summary(tally.examples, tally.exit_layers, num_layers, tally.seconds, tally.truncated, max_seq_length)
+
+
+def _summary(n: int, exit_sum: float, num_layers: int, seconds: float, truncated: int, max_seq_length: int) -> str:
+    mean_exit = exit_sum / max(n, 1)
     return (f"{n} examples in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} examples/s, compilation included); "
             f"mean exit layer {mean_exit:.2f} of {num_layers}, layer saving {1 - mean_exit / num_layers:.1%}; "
-            f"{int(truncated.sum())} truncated to {max_seq_length} tokens")
+            f"{truncated} truncated to {max_seq_length} tokens")
 
 
 entry = functools.partial(run, main)   # the console script and `python -m`: errors as one line

@@ -3,6 +3,8 @@
     python -m train.serve --checkpoint DIR [--host 127.0.0.1] [--port 8080] [--threshold X]
         [--rule entropy|max_prob|patience] [--max-seq-length N] [--max-queue N]
         [--schedule arrivals|deepest|shallowest] [--admit-budget-ms 50]
+        [--graceful-shutdown-timeout 25] [--header-timeout 10] [--body-timeout 20]
+        [--keep-alive-timeout 5] [--max-connections 2048]
 
 POST /predict {"inputs": "text" | ["t1", ...] | [["text", "pair"], ...]} answers, per input, the
 record `train.predict` writes; GET /health, GET /metrics (Prometheus). Without `--threshold`:
@@ -17,7 +19,7 @@ import argparse
 import functools
 import sys
 
-from deebert_jax.commands.cli import positive_int, run
+from deebert_jax.commands.cli import number, positive_int, run
 from deebert_jax.core.optional import check_installed
 
 SERVE_PACKAGES = ("starlette", "uvicorn", "prometheus_client")   # pyproject's `serve` extra
@@ -28,7 +30,11 @@ def parse_args(argv):
     from deebert_jax.inference.early_exit import EXIT_RULES
     from deebert_jax.serving.app import DEFAULT_MAX_QUEUE
     from deebert_jax.serving.scheduler import DEFAULT_ADMIT_BUDGET_S, DEFAULT_SCHEDULE, SCHEDULES
-    from deebert_jax.serving.server import BACKENDS
+    from deebert_jax.serving import server
+    from deebert_jax.serving.connections import ConnectionLimits
+    from deebert_jax.serving.server import BACKENDS, DEFAULT_GRACEFUL_SHUTDOWN_S
+
+    limits = ConnectionLimits()
 
     parser = argparse.ArgumentParser(prog="python -m train.serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="deebert-jax model directory with its tokenizer/")
@@ -52,7 +58,31 @@ def parse_args(argv):
     parser.add_argument("--admit-budget-ms", type=float, default=DEFAULT_ADMIT_BUDGET_S * 1e3,
                         help="arrivals: new rows wait while the oldest row in flight is older than this "
                              "(inf: never wait)")
-    return parser.parse_args(argv)
+    seconds = number(lambda v: 0 < v < float("inf"), "must be a positive number of seconds")
+    parser.add_argument("--graceful-shutdown-timeout", type=seconds, default=DEFAULT_GRACEFUL_SHUTDOWN_S,
+                        help="after SIGTERM, seconds to finish the requests in flight before cancelling them "
+                             f"(default {DEFAULT_GRACEFUL_SHUTDOWN_S:g}: a full default queue drains in about 10 s "
+                             "on a 2-core CPU, and it stays under the 30 s a supervisor such as Kubernetes "
+                             "waits before SIGKILL)")
+    parser.add_argument("--header-timeout", type=seconds, default=limits.header_timeout_s,
+                        help="seconds a client has to send a request's headers once it starts "
+                             f"(default {limits.header_timeout_s:g}: headers are a few hundred bytes)")
+    parser.add_argument("--body-timeout", type=seconds, default=limits.body_timeout_s,
+                        help="seconds a client has to send the whole body once the headers are in "
+                             f"(default {limits.body_timeout_s:g}: a 1 MiB body, the largest taken, at 64 kB/s)")
+    parser.add_argument("--keep-alive-timeout", type=seconds, default=limits.keep_alive_s,
+                        help="seconds an idle connection (new, or between requests) is kept "
+                             f"(default {limits.keep_alive_s:g}, uvicorn's own)")
+    parser.add_argument("--max-connections", type=positive_int, default=limits.max_connections,
+                        help="open connections at most; past it the oldest idle one is closed, else 503 "
+                             f"(default {limits.max_connections}: twice the default --max-queue, so every "
+                             "queued row can have its own connection with room for /health and /metrics)")
+    args = parser.parse_args(argv)
+    try:
+        server.check_port(args.port)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
 
 
 def main(argv=None, engine_factories=None) -> int:
@@ -62,14 +92,19 @@ def main(argv=None, engine_factories=None) -> int:
     setup_process()   # process-wide settings, before JAX runs anything
     from deebert_jax.serving import server
 
+    from deebert_jax.serving.connections import ConnectionLimits
+
     say = server.flush_print
+    server.ensure_fd_room(args.max_connections)   # before the model is read
+    limits = ConnectionLimits(header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                              keep_alive_s=args.keep_alive_timeout, max_connections=args.max_connections)
     service = server.build_service(args.checkpoint, threshold=args.threshold, rule=args.rule,
                                    max_seq_length=args.max_seq_length, max_queue=args.max_queue,
                                    backend=args.backend, say=say, schedule=args.schedule,
                                    admit_budget_s=args.admit_budget_ms / 1e3, engine_factories=engine_factories)
     sock = server.bind(args.host, args.port)
     say(f"listening on http://{args.host}:{args.port}; compiling before taking requests")
-    return server.serve(service, sock, say)
+    return server.serve(service, sock, say, limits=limits, graceful_shutdown_s=args.graceful_shutdown_timeout)
 
 
 def entry(argv=None, engine_factories=None) -> int:

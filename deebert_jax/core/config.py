@@ -25,6 +25,23 @@ MODEL_TYPES = ("bert", "roberta")
 MAX_PARAMETERS = 2 ** 31 - 1
 
 
+_SIZE_FIELDS = ("vocab_size", "max_position_embeddings", "type_vocab_size", "hidden_size", "intermediate_size",
+                "num_hidden_layers", "num_labels")
+# Sizes of large real models (BERT-large's width and depth, XLM-R's vocabulary, ...), against
+# which a field is judged when a config implies too many parameters.
+_LARGE_MODEL = {"vocab_size": 250_002, "max_position_embeddings": 4096, "type_vocab_size": 16, "hidden_size": 1024,
+                "intermediate_size": 4096, "num_hidden_layers": 24, "num_labels": 1000}
+
+
+def _num_parameters(vocab_size, max_position_embeddings, type_vocab_size, hidden_size, intermediate_size,
+                    num_hidden_layers, num_labels) -> int:
+    H, I, L, K = hidden_size, intermediate_size, num_hidden_layers, num_labels
+    embeddings = (vocab_size + max_position_embeddings + type_vocab_size + 2) * H
+    layer = 4 * (H * H + H) + 4 * H + (H * I + I) + (I * H + H)
+    ramp = H * H + H + H * K + K
+    return embeddings + L * (layer + ramp)
+
+
 class ConfigError(DeeBertError, ValueError):
     """A configuration we cannot run faithfully."""
 
@@ -100,21 +117,16 @@ class DeeBertConfig:
     @property
     def num_parameters(self) -> int:
         """How many numbers the parameters hold (embeddings, layers, one ramp per layer)."""
-        H, I, L, K = self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.num_labels
-        embeddings = (self.vocab_size + self.max_position_embeddings + self.type_vocab_size + 2) * H
-        layer = 4 * (H * H + H) + 4 * H + (H * I + I) + (I * H + H)
-        ramp = H * H + H + H * K + K
-        return embeddings + L * (layer + ramp)
+        return _num_parameters(**{f: getattr(self, f) for f in _SIZE_FIELDS})
 
     def _check_size(self) -> None:
         n = self.num_parameters
         if n <= MAX_PARAMETERS:
             return
-        H, L = self.hidden_size, self.num_hidden_layers
-        shares = {"vocab_size": self.vocab_size * H, "max_position_embeddings": self.max_position_embeddings * H,
-                  "type_vocab_size": self.type_vocab_size * H, "intermediate_size": 2 * L * H * self.intermediate_size,
-                  "num_labels": L * H * self.num_labels, "hidden_size": 5 * L * H * H, "num_hidden_layers": 0}
-        field = max(shares, key=shares.get)
+        # The field to blame: the one whose value brought down to a large real model's shrinks
+        # the count the most (10,000 layers of width 384 are the layers' fault, not the width's).
+        sizes = {f: getattr(self, f) for f in _SIZE_FIELDS}
+        field = max(_SIZE_FIELDS, key=lambda f: n - _num_parameters(**{**sizes, f: min(sizes[f], _LARGE_MODEL[f])}))
         raise ConfigError(f"{field}={getattr(self, field)} is too large: the model would have {n:,} parameters "
                           f"({4 * n / 2 ** 30:.1f} GiB in float32); at most {MAX_PARAMETERS:,}")
 

@@ -4,8 +4,11 @@ directory we did not write is never replaced unless the caller says so."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shutil
+import stat
 import tempfile
 from typing import Callable, Iterable, Mapping
 
@@ -25,28 +28,75 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+@contextlib.contextmanager
+def storage_errors(path: str | os.PathLike, what: str = "writing"):
+    """Inside: an OS error met while writing `path` (a full disk, a quota, a read-only file
+    system) becomes an OSError naming `path`, so a command says it in one line: one raised with
+    no file name, or a storage library's error that is one underneath (orbax / tensorstore raise
+    ValueError("RESOURCE_EXHAUSTED: ... [os_error_code='28']")). The library's own log records
+    of such an error (orbax logs each failed background write, with its traceback) are dropped
+    meanwhile: the one line says it."""
+    quiet = _OsErrorLogFilter()
+    loggers = [logging.getLogger(name) for name in ("absl", "orbax")]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, f"{e.strerror or e} ({what})", os.fspath(path)) from None
+    except (ValueError, RuntimeError) as e:
+        match = _OS_ERROR_CODE.search(str(e))
+        if match is None:
+            raise
+        code = int(match.group(1))
+        raise OSError(code, f"{os.strerror(code)} ({what})", os.fspath(path)) from None
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
+
+
+class _OsErrorLogFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info and record.exc_info[1] else "")
+        return _OS_ERROR_CODE.search(text) is None
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> str:
     """Writes `text` to `path` through a temporary file in the same folder and one rename, so a
     reader sees the old file or the whole new one; nothing else in the folder changes. The file's
     mode follows the umask, as a plain `open` would give."""
-    return _atomic_write(path, text, "w", "utf-8")
+    return _atomic_write(path, lambda f: f.write(text), "w", "utf-8")
+
+
+def atomic_write_lines(path: str | os.PathLike, lines: Iterable[str]) -> str:
+    """`atomic_write_text` of `lines` as they come (a generator: memory does not grow with the
+    file); if the iterable raises, nothing replaces `path` and no temporary file is left. (A
+    hidden named temporary file, not an unnamed one: the lines cannot be written twice, should
+    the unnamed file fail to get a name after them.)"""
+    return _atomic_write(path, lambda f: f.writelines(lines), "w", "utf-8", replayable=False)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
     """`atomic_write_text` for bytes (e.g. a PNG rendered in memory)."""
-    return _atomic_write(path, data, "wb", None)
+    return _atomic_write(path, lambda f: f.write(data), "wb", None)
 
 
-def _atomic_write(path, content, mode: str, encoding: str | None) -> str:
+def _atomic_write(path, write: Callable, mode: str, encoding: str | None, replayable: bool = True) -> str:
     path = os.path.abspath(os.fspath(path))
     if os.path.isdir(path):   # before anything is created: no temporary file to clean up
         raise OutputPathError(f"{path}: is a directory; name a file to write")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    try:
-        _write_and_rename(path, content, mode, encoding, unnamed=_can_write_unnamed())
-    except _NoLink:   # a file system without O_TMPFILE links: a named temporary file instead
-        _write_and_rename(path, content, mode, encoding, unnamed=False)
+    with storage_errors(path):
+        try:
+            _write_and_rename(path, write, mode, encoding, unnamed=replayable and _can_write_unnamed())
+        except _NoLink:   # a file system without O_TMPFILE links: a named temporary file instead
+            _write_and_rename(path, write, mode, encoding, unnamed=False)
     return path
 
 
@@ -58,8 +108,8 @@ def _can_write_unnamed() -> bool:
     return hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")   # the link goes through /proc
 
 
-def _write_and_rename(path: str, content, mode: str, encoding: str | None, unnamed: bool) -> None:
-    """`content` into a temporary file beside `path`, then one rename. `unnamed`: the file has no
+def _write_and_rename(path: str, write: Callable, mode: str, encoding: str | None, unnamed: bool) -> None:
+    """`write(file)` into a temporary file beside `path`, then one rename. `unnamed`: the file has no
     name until it is complete (Linux O_TMPFILE), so a process killed while writing leaves nothing
     behind (only one killed between the link and the rename could); else a hidden `mkstemp` file."""
     parent, name = os.path.split(path)
@@ -74,7 +124,7 @@ def _write_and_rename(path: str, content, mode: str, encoding: str | None, unnam
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=parent)
     try:
         with os.fdopen(fd, mode, encoding=encoding) as f:
-            f.write(content)
+            write(f)
             f.flush()
             os.fchmod(f.fileno(), 0o666 & ~_umask())
             if tmp is None:
@@ -104,6 +154,26 @@ def _link_unnamed(fd: int, parent: str, name: str) -> str:
     finally:
         os.close(parent_fd)
     raise FileExistsError(f"{parent}: no free temporary name for {name}")
+
+
+def open_own_file(path: str | os.PathLike, flags: int, mode: int = 0o644) -> int:
+    """`os.open(path, flags | O_NOFOLLOW)` for a file we write in place (a lock, an appended log)
+    -> its descriptor. Refused in one line: a symlink (a write would land on the file it points at),
+    a hard link to another name, or anything but a regular file."""
+    path = os.fspath(path)
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if os.path.islink(path):
+            raise OutputPathError(f"{path}: is a symbolic link (to {os.readlink(path)}); refusing to write "
+                                  "through it: remove it, or choose another directory") from None
+        raise e
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+        os.close(fd)
+        what = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"a hard link ({st.st_nlink} names)"
+        raise OutputPathError(f"{path}: is {what}; refusing to write into it: remove it, or choose another directory")
+    return fd
 
 
 def check_output_file(path: str | os.PathLike) -> str:
@@ -154,6 +224,9 @@ def check_outputs_apart(outputs: Mapping[str, str | os.PathLike | None],
             if same_path(out, source):
                 raise OutputPathError(f"{os.fspath(out)}: {out_flag} names the same file as {in_flag} "
                                       f"{os.fspath(source)}; write the output somewhere else")
+            if _inside(_real(source), _real(out)):
+                raise OutputPathError(f"{os.fspath(out)}: {out_flag} would replace {in_flag} {os.fspath(source)}, "
+                                      "which is inside it; write the output somewhere else")
             if not os.path.isdir(source):
                 continue
             for name in reads.get(in_flag, ()):
@@ -161,6 +234,35 @@ def check_outputs_apart(outputs: Mapping[str, str | os.PathLike | None],
                 if same_path(out, inner) or _inside(_real(out), _real(inner)):
                     raise OutputPathError(f"{os.fspath(out)}: {out_flag} would overwrite {name} of {in_flag} "
                                           f"{os.fspath(source)}; write the output somewhere else")
+
+
+def with_siblings(flag: str, path: str | os.PathLike | None, **suffixes: str) -> dict[str, str | None]:
+    """`--out` and the files a command derives from it: `with_siblings("--out", "b.json",
+    table=".md", plot=".png")` -> {"--out": "b.json", "--out's table": "b.md", "--out's plot": "b.png"}."""
+    if path is None:
+        return {flag: None}
+    stem = os.path.splitext(os.fspath(path))[0]
+    return {flag: os.fspath(path), **{f"{flag}'s {kind}": stem + suffix for kind, suffix in suffixes.items()}}
+
+
+def check_outputs(outputs: Mapping[str, str | os.PathLike | None],
+                  inputs: Mapping[str, str | os.PathLike | None] | None = None,
+                  reads: Mapping[str, Iterable[str]] | None = None, *,
+                  directories: Mapping[str, str | os.PathLike | None] | None = None) -> dict[str, str]:
+    """The one output check every command makes, before any work (before a model is loaded):
+    each output file (`with_siblings` for the .md / .png written beside one) may be written
+    (`check_output_file`), no two outputs are one file, and none is an input or a file an input
+    directory holds (`check_outputs_apart`); `directories`, output directories a step replaces,
+    are checked apart from the inputs too (neither one of them, inside one's read files, nor
+    containing one). -> {flag: absolute path} of the output files given."""
+    given = {flag: check_output_file(path) for flag, path in outputs.items() if path is not None and os.fspath(path) != ""}
+    flags = list(given)
+    for i, a in enumerate(flags):
+        for b in flags[i + 1:]:
+            if same_path(given[a], given[b]) or given[a] == given[b]:
+                raise OutputPathError(f"{os.fspath(outputs[a])}: {a} and {b} name the same file; give each its own path")
+    check_outputs_apart({**{flag: outputs[flag] for flag in given}, **(directories or {})}, inputs or {}, reads)
+    return given
 
 
 def check_output_path(path: str | os.PathLike, *, sources: Iterable[str | os.PathLike] = (),

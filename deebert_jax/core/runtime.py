@@ -13,6 +13,7 @@ from typing import Any, Iterator, Mapping
 import jax
 
 from deebert_jax.core.errors import InputError
+from deebert_jax.core.fileutil import atomic_write_text, open_own_file, storage_errors
 import numpy as np
 
 AXIS = "batch"   # the pmap axis name of the training and evaluation steps
@@ -100,7 +101,12 @@ def workdir_lock(workdir: str) -> Iterator[None]:
     created = not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = open_own_file(path, os.O_RDWR | os.O_CREAT, 0o644)   # never through a link the user placed
+    except BaseException:
+        if created and not os.listdir(workdir):
+            os.rmdir(workdir)
+        raise
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -133,7 +139,8 @@ class MetricsLog:
     def write(self, record: Mapping[str, Any], scalars: Mapping[str, float] | None = None, step: int = 0) -> None:
         if not self.active:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
+        fd = open_own_file(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)   # not through a link
+        with storage_errors(self.path), os.fdopen(fd, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
         for name, value in (scalars or {}).items():
             self._tb.add_scalar(name, float(value), step)
@@ -148,10 +155,7 @@ class MetricsLog:
         keep = [line for line in lines if not _stale(line, stage, step)]
         if len(keep) == len(lines):
             return
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(keep)
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(keep))
 
     def close(self) -> None:
         if self._tb is not None:

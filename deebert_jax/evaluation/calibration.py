@@ -33,7 +33,7 @@ from deebert_jax.evaluation import metrics
 from deebert_jax.evaluation.binomial import binomial_cdf, binomial_upper_bound, certifiable_disagreements, \
     calibration_size_needed, format_power_table  # noqa: F401 (format_power_table: importable here, as before)
 from deebert_jax.evaluation.calibration_sets import CALIBRATION_SPLITS, CalibrationSets, calibration_sets, \
-    check_clear_of_temperature_rows, split_indices  # noqa: F401 (importable here, as before)
+    check_clear_of_temperature_rows, check_untrained_tail, split_indices  # noqa: F401 (importable here, as before)
 from deebert_jax.evaluation.sweep import default_thresholds
 from deebert_jax.inference.early_exit import check_threshold, exits_from_ramp_logits
 # The policy file is read and written in one place; its names stay importable here, as before.

@@ -11,7 +11,7 @@ import numpy as np
 from deebert_jax.core.errors import InputError
 from deebert_jax.data import glue as data
 from deebert_jax.evaluation import sweep
-from deebert_jax.weights.checkpoint import TRAINING_FILE, model_fingerprint, ramp_temperature_record
+from deebert_jax.weights.checkpoint import TRAINING_FILE, model_fingerprint, ramp_temperature_record, training_rows
 
 CALIBRATION_SPLITS = ("dev-half", "train-holdout")
 
@@ -43,12 +43,14 @@ class CalibrationSets:
 def calibration_sets(config, params, task: str, tokenizer=None, *, split: str = "dev-half", seed: int = 0,
                      calibration_size: int = 1000, glue_dir: str | os.PathLike | None = None,
                      max_seq_length: int = 128, limit: int | None = None, batch_size: int = 32,
-                     progress: bool = False) -> CalibrationSets:
+                     progress: bool = False, model_dir: str | os.PathLike | None = None,
+                     flag: str = "--calibration-size") -> CalibrationSets:
     """The examples a threshold is chosen on and the ones it is reported on, as all-ramp logits.
 
     dev-half: a seeded half of dev (`split_indices`, `limit` first rows) calibrates, the other
     half is reported. train-holdout: the last `calibration_size` train rows calibrate, dev is
-    reported (sound only when training did not see those rows).
+    reported (sound only when training did not see those rows: with `model_dir`, rows its
+    training.json says it trained on, or more rows than the split has, are refused, naming `flag`).
     """
     if split not in CALIBRATION_SPLITS:
         raise InputError(f"unknown calibration split {split!r}; expected one of {list(CALIBRATION_SPLITS)}")
@@ -68,9 +70,30 @@ def calibration_sets(config, params, task: str, tokenizer=None, *, split: str = 
                                (dev_logits[:, rep_rows], dev["labels"][rep_rows]),
                                split, {"seed": seed, **model}, (cal_rows, rep_rows))
     train = data.load_split(task, "train", **common)
+    if model_dir is not None:
+        check_untrained_tail(model_dir, task, calibration_size, data.num_examples(train), flag)
     tail = {k: v[-calibration_size:] for k, v in train.items()}
     return CalibrationSets((logits(tail), tail["labels"]), (logits(dev), dev["labels"]), split,
                            {"calibration_size": data.num_examples(tail), **model})
+
+
+def check_untrained_tail(model_dir: str | os.PathLike, task: str, size: int, rows: int,
+                         flag: str = "--calibration-size") -> bool:
+    """The last `size` of a train split of `rows` rows, as train-holdout calibration reads them:
+    an InputError (naming `flag`) when there are fewer rows, or when `model_dir`'s training.json
+    says training used some of them (`train_rows`). -> whether training.json says which rows
+    training used (False for a model trained before it recorded them: nothing to check against)."""
+    if size > rows:
+        raise InputError(f"{flag} {size}: the {task} training split has only {rows} rows")
+    trained = training_rows(model_dir)
+    if trained is None or data.TASKS.get(data.canonical_task(task)) is None:   # synthetic rows are drawn anew
+        return False
+    if rows - size < trained:
+        raise InputError(f"{flag} {size}: {os.fspath(model_dir)} was trained on the first {trained} of the {rows} "
+                         f"{task} training rows ({TRAINING_FILE}); the last {size} include "
+                         f"{trained - (rows - size)} of them, so the calibration would not be on unseen rows: "
+                         f"use at most {flag} {max(rows - trained, 0)}")
+    return True
 
 
 def check_clear_of_temperature_rows(model_dir: str | os.PathLike, calibration_size: int,

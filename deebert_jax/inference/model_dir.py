@@ -23,6 +23,7 @@ from deebert_jax.data.glue import DataError, check_room_for_text, load_tokenizer
 from deebert_jax.inference.early_exit import full_depth_threshold
 from deebert_jax.inference.exit_policy import POLICY_FILE, describe_policy, load_exit_policy, policy_length
 from deebert_jax.weights.checkpoint import LABELS_FILE, TRAINING_FILE, load_checkpoint, training_length
+from deebert_jax.weights.torch_files import CheckpointError
 from deebert_jax.weights.model_loading import load_model_for_task
 
 
@@ -82,6 +83,7 @@ def resolve_max_seq_length(requested: int | None, config: DeeBertConfig, model_d
     special tokens.
     """
     limit = config.max_sequence_length
+    named = flag   # what a length too short is blamed on: the flag, or the file the default came from
     tokenizer_limit = getattr(tokenizer, "model_max_length", None)
     if not isinstance(tokenizer_limit, int) or tokenizer_limit > 1_000_000:   # transformers' "no limit" sentinel
         tokenizer_limit = None
@@ -92,6 +94,8 @@ def resolve_max_seq_length(requested: int | None, config: DeeBertConfig, model_d
         said = ("the length the model was trained at" if source == TRAINING_FILE
                 else "the length its exit policy was calibrated at")
         length, why = ((trained, f"{said} ({source})") if trained else (limit, f"the model's {config.sequence_limit}"))
+        if trained:
+            named = f"{os.path.join(os.fspath(model_dir), source)}: max_seq_length="
         if not trained and fallback is not None and fallback < limit:
             length, why = int(fallback), f"the default, within the model's {config.sequence_limit}"
         if length > limit:
@@ -109,15 +113,21 @@ def resolve_max_seq_length(requested: int | None, config: DeeBertConfig, model_d
         try:
             check_room_for_text(tokenizer, length)
         except DataError as e:
-            raise InputError(f"{flag} {length} is too short: {str(e).split(': ', 1)[-1]}") from None
+            sep = "" if named.endswith("=") else " "
+            raise InputError(f"{named}{sep}{length} is too short: {str(e).split(': ', 1)[-1]}") from None
     return length, why
 
 
 def label_names(model_dir: str | os.PathLike, num_labels: int) -> list[str]:
     """`id2label` from the model directory's `labels.json` (training writes the task's names
     there), `config.json` or `deebert_config.json`, the first that has it for every label, else
-    LABEL_0 .. LABEL_{K-1}."""
-    for name in (LABELS_FILE, "config.json", "deebert_config.json"):
+    LABEL_0 .. LABEL_{K-1}. A `labels.json` that is there but damaged, or that does not name
+    every label of the model (or names more), is a CheckpointError naming it: its names are
+    never silently replaced by LABEL_i."""
+    own = os.path.join(os.fspath(model_dir), LABELS_FILE)
+    if os.path.lexists(own):
+        return _own_label_names(own, num_labels)
+    for name in ("config.json", "deebert_config.json"):
         path = os.path.join(os.fspath(model_dir), name)
         try:
             with open(path, encoding="utf-8") as f:
@@ -128,6 +138,29 @@ def label_names(model_dir: str | os.PathLike, num_labels: int) -> list[str]:
         if all(isinstance(x, str) for x in names):
             return names
     return [f"LABEL_{i}" for i in range(num_labels)]
+
+
+def _own_label_names(path: str, num_labels: int) -> list[str]:
+    """labels.json (`{"id2label": {"0": name, ...}}`, what training writes) -> the K names."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable labels file ({one_line_reason(e)}); expected "
+                              '{"id2label": {"0": "negative", ...}}') from None
+    id2label = record.get("id2label") if isinstance(record, dict) else None
+    if not isinstance(id2label, dict):
+        raise CheckpointError(f'{path}: expected an object {{"id2label": {{"0": NAME, ...}}}}')
+    expected = {str(i) for i in range(num_labels)}
+    if set(id2label) != expected or not all(isinstance(v, str) and v for v in id2label.values()):
+        raise CheckpointError(f"{path}: id2label has keys {sorted(id2label, key=str)[:8]}; the model has "
+                              f"{num_labels} labels, so it must name each of {sorted(expected, key=int)} with a "
+                              "non-empty string")
+    return [id2label[str(i)] for i in range(num_labels)]
+
+
+def one_line_reason(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def resolve_threshold(model_dir: str | os.PathLike, threshold: float | None, rule: str | None,

@@ -1,12 +1,16 @@
 """Early-exit predictions on raw text: tokenise (`encode`), run `exit_aware_predict` in chunks
 (`predict_arrays`), and the record each example answers with (`format_predictions`), as
-`deebert-predict` writes it and the server returns it. Reading the user's files:
+`deebert-predict` writes it and the server returns it; `predict_stream` does all three a chunk at
+a time, so memory stays bounded whatever the number of examples. Reading the user's files:
 `data.text_inputs`; the model directory: `inference.model_dir`.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import itertools
 import time
-from typing import Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -67,11 +71,19 @@ def predict_arrays(config: DeeBertConfig, params, arrays: Mapping[str, np.ndarra
                    progress: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
     """Exit-aware early exit in chunks of `batch_size` rows -> (probabilities [N, K], exit_layer [N],
     seconds, compilation included)."""
-    params = jax.device_put(layouts.unstack_params(params))   # once, not per chunk
+    return _predict_placed(config, jax.device_put(layouts.unstack_params(params)), arrays, threshold, rule,
+                           batch_size, progress)
+
+
+def _predict_placed(config: DeeBertConfig, params, arrays: Mapping[str, np.ndarray], threshold: float,
+                    rule: str, batch_size: int, progress: bool | tqdm) -> tuple[np.ndarray, np.ndarray, float]:
+    """`predict_arrays` with the parameters already split and placed (`progress`: a bar to update)."""
     n = len(arrays["input_ids"])
     probs, exits = [], []
     start = time.perf_counter()
-    with tqdm(total=n, desc="predict", unit="ex", disable=not progress) as bar:
+    bar_of = (contextlib.nullcontext(progress) if isinstance(progress, tqdm)   # the caller's bar, left open
+              else tqdm(total=n, desc="predict", unit="ex", disable=not progress))
+    with bar_of as bar:
         for lo in range(0, n, batch_size):
             chunk = [arrays[k][lo:lo + batch_size] for k in ("input_ids", "attention_mask", "token_type_ids")]
             out = exit_aware_predict(config, params, *chunk, threshold, rule, pool_size=batch_size)
@@ -79,6 +91,48 @@ def predict_arrays(config: DeeBertConfig, params, arrays: Mapping[str, np.ndarra
             exits.append(np.asarray(out.exit_layer))
             bar.update(len(chunk[0]))
     return np.concatenate(probs), np.concatenate(exits), time.perf_counter() - start
+
+
+# Examples tokenised and run at once by `predict_stream`: pools of `batch_size` rows, this many
+# pools per chunk. A file of at most that many examples is tokenised and padded as one, exactly as
+# `encode` + `predict_arrays` on the whole of it.
+CHUNK_POOLS = 16
+
+
+@dataclasses.dataclass
+class Tally:
+    """What `predict_stream` has answered so far: examples, the sum of their exit layers, how
+    many were truncated, and the seconds spent predicting (compilation included)."""
+    examples: int = 0
+    exit_layers: int = 0
+    truncated: int = 0
+    seconds: float = 0.0
+
+
+def predict_stream(config: DeeBertConfig, params, tokenizer, examples: Iterable[Example], max_seq_length: int,
+                   threshold: float, names: Sequence[str], rule: str = "entropy", batch_size: int = 256, *,
+                   chunk_rows: int | None = None, tally: Tally | None = None, total: int | None = None,
+                   progress: bool = False) -> Iterator[dict]:
+    """The records of `format_predictions`, one at a time, for examples read one at a time:
+    `chunk_rows` (default `CHUNK_POOLS` pools of `batch_size`) are tokenised (`encode`), run
+    (`predict_arrays`'s pools) and formatted before the next are read, so memory is bounded by a
+    chunk, not by the number of examples. `tally` is updated as records are yielded."""
+    placed = jax.device_put(layouts.unstack_params(params))   # once, not per chunk
+    chunk_rows = chunk_rows or batch_size * CHUNK_POOLS
+    tally = tally if tally is not None else Tally()
+    it = iter(examples)
+    with tqdm(total=total, desc="predict", unit="ex", disable=not progress) as bar:
+        while True:
+            chunk = list(itertools.islice(it, chunk_rows))
+            if not chunk:
+                return
+            arrays, truncated = encode(tokenizer, chunk, max_seq_length, config.vocab_size)
+            probs, exits, seconds = _predict_placed(config, placed, arrays, threshold, rule, batch_size, bar)
+            tally.examples += len(chunk)
+            tally.exit_layers += int(exits.sum())
+            tally.truncated += int(truncated.sum())
+            tally.seconds += seconds
+            yield from format_predictions(chunk, probs, exits, names, truncated)
 
 
 def format_predictions(examples: Sequence[Example], probs: np.ndarray, exit_layer: np.ndarray,

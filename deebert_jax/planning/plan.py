@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import jax
 
 from deebert_jax.core.errors import InputError
-from deebert_jax.core.fileutil import atomic_write_text, check_output_file, check_outputs_apart
+from deebert_jax.core.fileutil import atomic_write_text, check_outputs
 from deebert_jax.model.modeling import init_params
 from deebert_jax.planning import programs as programs_lib
 from deebert_jax.planning.chips import Slice, slice_devices
@@ -247,11 +247,10 @@ def dry_run(cfg, topology: str, *, out: str | None = None, config_path: str | No
     """`make_plan`, with the JSON written to `out` (checked before any compile; the plan is
     written when refused too) -> (plan, its table). A refusal is raised after the writing."""
     if out is not None:
-        out = check_output_file(out)
         init = cfg.get("init_checkpoint", "") or None
-        check_outputs_apart({"--out": out}, {"--config": config_path,
+        out = check_outputs({"--out": out}, {"--config": config_path,
                                              "config.init_checkpoint": init if init and os.path.exists(init) else None},
-                            reads={"config.init_checkpoint": ["."]})
+                            reads={"config.init_checkpoint": ["."]})["--out"]
     try:
         plan, refusal = make_plan(cfg, topology, say=say, **options), None
     except PlanRefusal as e:

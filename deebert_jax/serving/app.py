@@ -2,14 +2,18 @@
 
 `/predict` answers, per input and in input order, the record `train.predict` writes (text,
 text_pair, label, label_id, probabilities, exit_layer, truncated). Errors are `{"error": "..."}`:
-400 for a malformed body (the field and index named), 413 for too many inputs or bytes, 503 with
-`Retry-After` while starting, draining or when the queue is full, 500 if the engine failed.
+400 for a malformed body (the field and index named), 413 for too many inputs or bytes (or more
+than `--max-queue` inputs: a request that could never be queued), 503 with `Retry-After` while
+starting, draining or when the queue is full, 500 if the engine failed or anything unexpected
+happened (JSON, counted in /metrics, the traceback logged). A client that disconnects before its
+answer has its rows not yet started dropped and is counted as status 499, not as answered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -24,7 +28,9 @@ from deebert_jax.inference.predict import format_predictions
 from deebert_jax.serving import requests as req
 from deebert_jax.serving.metrics import CONTENT_TYPE, ServingMetrics
 
+log = logging.getLogger("deebert_jax.serving")
 RETRY_AFTER_S = 1
+CLIENT_GONE = 499   # the status counted for a client that disconnected before its answer (nginx's)
 DEFAULT_MAX_QUEUE = 1024   # rows accepted and not yet answered; past it, 503
 
 
@@ -131,6 +137,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has disconnected (the body is already read: the only message left)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
 def create_app(service: Service, on_startup: Callable[[], None] | None = None,
                on_shutdown: Callable[[], None] | None = None) -> Starlette:
     """The routes over `service`; `on_startup` / `on_shutdown` run in the app's lifespan."""
@@ -143,7 +157,11 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None,
 
     async def predict(request: Request) -> Response:
         start = time.perf_counter()
-        response = await _predict(request)
+        try:
+            response = await _predict(request)
+        except Exception as e:  # noqa: BLE001 - a bug of ours: a JSON 500, counted, its traceback logged
+            log.exception("POST /predict failed")
+            response = _error(500, f"internal error ({type(e).__name__}); the server log has the traceback")
         service.metrics.requests.labels(status=str(response.status_code)).inc()
         if response.status_code == 200:
             service.metrics.latency.observe(time.perf_counter() - start)
@@ -156,15 +174,31 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None,
             examples = req.parse_body(await _read_body(request, req.MAX_BODY_BYTES), service.max_inputs)
         except req.RequestError as e:
             return _error(e.status, str(e))
-        except ClientDisconnect:
-            return Response(status_code=400)
+        except ClientDisconnect:   # gone before its body was read: nothing queued, nobody to answer
+            return Response(status_code=CLIENT_GONE)
+        if len(examples) > service.max_queue:   # would get 503 Retry-After forever
+            return _error(413, f'"inputs" has {len(examples)} items; the queue holds at most {service.max_queue} '
+                               "rows (--max-queue), so this request could never be queued: send fewer per request")
         if service.engine.pending() + len(examples) > service.max_queue:
             return _error(503, f"the queue is full ({service.max_queue} rows)", retry=True)
+        work = asyncio.ensure_future(service.predict(examples))
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            records = await service.predict(examples)
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not work.done():   # the client went away: its rows not yet started are dropped (Service.predict)
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            return Response(status_code=CLIENT_GONE)
+        try:
+            records = work.result()
         except RuntimeError as e:
             service.state = "failed"
             return _error(500, str(e))
+        except req.RequestError as e:
+            return _error(e.status, str(e))
         return JSONResponse(records)
 
     async def metrics(request: Request) -> Response:

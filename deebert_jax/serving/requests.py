@@ -9,14 +9,13 @@ field and index at fault.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Sequence
 
 import numpy as np
 
 from deebert_jax.core.errors import DeeBertError
 from deebert_jax.data.glue import DataError
-from deebert_jax.data.text_inputs import Example, check_text
+from deebert_jax.data.text_inputs import Example, check_text, loads_json
 from deebert_jax.inference.predict import encode
 
 MAX_INPUTS = 64               # texts in one request
@@ -54,8 +53,8 @@ def parse_body(body: bytes, max_inputs: int = MAX_INPUTS, max_bytes: int = MAX_B
     if len(body) > max_bytes:
         raise RequestError(413, f"the body has {len(body)} bytes; at most {max_bytes}")
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = loads_json(body)
+    except ValueError as e:   # UnicodeDecodeError, JSONDecodeError, nesting past the parser's limit
         raise RequestError(400, f"the body is not valid JSON ({e})") from None
     if not isinstance(data, dict) or "inputs" not in data:
         raise RequestError(400, 'the body must be a JSON object with an "inputs" field')

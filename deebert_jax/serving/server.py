@@ -4,12 +4,15 @@ Order: load the model (a missing directory fails here), bind the port (in use: a
 it, before any compiling), listen, compile every program in the background while `/health`
 says 503 "starting", then print one line `ready: http://HOST:PORT ...`. SIGTERM or SIGINT: the
 service refuses new requests (503), uvicorn stops accepting connections and waits for every
-request in flight, the engine answers what it holds, and the process exits 0.
+request in flight (at most `graceful_shutdown_s`: past it the requests still running are
+cancelled), the engine answers what it holds, and the process exits 0. What one client may hold
+(time per phase of a connection, the number of connections): `connections.ConnectionLimits`.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import sys
@@ -19,6 +22,7 @@ import uvicorn
 
 from deebert_jax.core.errors import InputError
 from deebert_jax.serving.app import DEFAULT_MAX_QUEUE, Service, create_app
+from deebert_jax.serving.connections import ConnectionLimits, guarded_protocol
 from deebert_jax.serving.requests import length_classes
 from deebert_jax.serving.scheduler import DEFAULT_ADMIT_BUDGET_S, DEFAULT_SCHEDULE, check_schedule
 
@@ -30,6 +34,27 @@ BACKENDS = ("jax", "torch", "onnxruntime")
 # (config, params, lengths) -> (an engine behind `engine.Engine`'s interface, one line saying what it runs)
 EngineFactory = Callable[[Any, Any, tuple[int, ...]], tuple[Any, str]]
 BACKLOG = 2048
+DEFAULT_GRACEFUL_SHUTDOWN_S = 25.0
+FDS_BESIDES_CONNECTIONS = 256   # model files, the tokenizer, pipes, the listening socket, the runtime's own
+
+
+def check_port(port: int) -> int:
+    if not 0 <= port <= 65535:
+        raise InputError(f"--port {port}: a TCP port is 0 to 65535 (0: any free port)")
+    return port
+
+
+def ensure_fd_room(max_connections: int, flag: str = "--max-connections") -> None:
+    """Raises the soft RLIMIT_NOFILE so `max_connections` sockets fit beside the process's own
+    files, or refuses in one line when the hard limit is too low."""
+    need = max_connections + FDS_BESIDES_CONNECTIONS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise InputError(f"{flag} {max_connections}: needs {need} open files, the hard limit (ulimit -Hn) is "
+                         f"{hard}; use at most {flag} {max(hard - FDS_BESIDES_CONNECTIONS, 1)}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
 def build_service(model_dir: str, *, threshold: float | None = None, rule: str | None = None,
@@ -109,8 +134,12 @@ class _DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-def serve(service: Service, sock: socket.socket, say: Callable[[str], None] = print) -> int:
-    """Serves on `sock` until SIGTERM / SIGINT -> 0 once everything accepted is answered."""
+def serve(service: Service, sock: socket.socket, say: Callable[[str], None] = print, *,
+          limits: ConnectionLimits | None = None,
+          graceful_shutdown_s: float | None = DEFAULT_GRACEFUL_SHUTDOWN_S) -> int:
+    """Serves on `sock` until SIGTERM / SIGINT -> 0 once everything accepted is answered (within
+    `graceful_shutdown_s`; None: no limit). `limits`: `ConnectionLimits()` by default."""
+    limits = limits or ConnectionLimits()
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}"
 
@@ -122,8 +151,8 @@ def serve(service: Service, sock: socket.socket, say: Callable[[str], None] = pr
 
     app = create_app(service, on_startup=lambda: service.start_in_background(announce, failed),
                      on_shutdown=service.stop)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=None)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", http=guarded_protocol(limits),
+                            timeout_keep_alive=limits.keep_alive_s, timeout_graceful_shutdown=graceful_shutdown_s)
     server = _DrainingServer(config, service)
     server.run(sockets=[sock])
     if service.error is not None:

@@ -75,7 +75,9 @@ def _save_model(ctx: RunContext, directory: str, params: Params, ramp_temperatur
         if len(names) == ctx.config.num_labels:  # so predictions say "positive", not "LABEL_1"
             write_label_names(tmp, names)
         if ctx.cfg is not None:   # predict and serve default --max-seq-length to the training length
-            write_training_info(tmp, int(ctx.cfg.max_seq_length), ramp_temperatures)
+            # ... and which rows it trained on, so that train-holdout calibration can refuse them.
+            write_training_info(tmp, int(ctx.cfg.max_seq_length), ramp_temperatures,
+                                train_rows=None if ctx.train is None else data_lib.num_examples(ctx.train))
     # The tokenizer, labels and training length go in with the same atomic rename: a stage
     # directory is complete or absent.
     save_checkpoint(directory, ctx.config, params, write_extra=write_extra)

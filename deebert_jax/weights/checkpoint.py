@@ -7,6 +7,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import time
 from typing import Any, Callable, Iterable
 
 import jax
@@ -17,7 +19,7 @@ from deebert_jax.core.errors import InputError
 from deebert_jax.core.config import ConfigError, DeeBertConfig, read_json_object
 from deebert_jax.data.glue import TOKENIZER_READ_FILES
 from deebert_jax.weights.torch_files import WEIGHT_FILES, CheckpointError
-from deebert_jax.core.fileutil import atomic_directory
+from deebert_jax.core.fileutil import atomic_directory, storage_errors
 from deebert_jax.model.modeling import init_params
 
 CONFIG_FILE = "deebert_config.json"
@@ -55,16 +57,38 @@ def save_checkpoint(directory: str | os.PathLike, config: DeeBertConfig, params:
     """
     directory = os.path.abspath(os.fspath(directory))
     params = jax.tree_util.tree_map(np.asarray, jax.device_get(params))
-    with atomic_directory(directory, is_ours=is_checkpoint_dir, overwrite=overwrite, sources=sources) as tmp:
-        # Only the calling host writes (multi-host training calls this from process 0 alone).
-        with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as ckptr:
-            ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
-            ckptr.wait_until_finished()
-        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-        if write_extra is not None:
-            write_extra(tmp)
+    made = []
+    try:
+        with storage_errors(directory, "writing the model; nothing was replaced"), \
+                atomic_directory(directory, is_ours=is_checkpoint_dir, overwrite=overwrite, sources=sources) as tmp:
+            made.append(tmp)
+            # Only the calling host writes (multi-host training calls this from process 0 alone).
+            with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as ckptr:
+                ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+                ckptr.wait_until_finished()
+            with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
+                json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+            if write_extra is not None:
+                write_extra(tmp)
+    except BaseException:
+        _remove_late_directories(made)
+        raise
     return directory
+
+
+def _remove_late_directories(paths, seconds: float = 1.0) -> None:
+    """After a failed save: orbax's background threads may still make folders in the temporary
+    directory `atomic_directory` has just removed; they are removed too, so nothing is left."""
+    import shutil
+    import time
+    deadline = time.monotonic() + seconds
+    while True:
+        for path in paths:
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
 
 
 def model_fingerprint(config: DeeBertConfig, params: Any) -> str:
@@ -88,11 +112,11 @@ def write_label_names(directory: str | os.PathLike, names) -> str:
 
 
 def write_training_info(directory: str | os.PathLike, max_seq_length: int,
-                        ramp_temperatures: dict | None = None) -> str:
+                        ramp_temperatures: dict | None = None, train_rows: int | None = None) -> str:
     """Writes `directory/training.json` ({"max_seq_length": S}, the length the model was trained
     at, and `ramp_temperatures` when the off-ramp classifiers were divided by fitted temperatures:
-    {"temperatures": [L], "rows": first N held-out rows that fitted them, "holdout": of how many})
-    -> its path. Called from a `save_checkpoint` `write_extra`, it lands in the same rename;
+    {"temperatures": [L], "rows": first N held-out rows that fitted them, "holdout": of how many},
+    and `train_rows`: training used the first N rows of the task's train split) -> its path. Called from a `save_checkpoint` `write_extra`, it lands in the same rename;
     `predict` and `serve` then default `--max-seq-length` to S."""
     if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, (int, np.integer)) or max_seq_length < 1:
         raise InputError(f"max_seq_length={max_seq_length!r} must be a positive integer")
@@ -100,6 +124,8 @@ def write_training_info(directory: str | os.PathLike, max_seq_length: int,
     info = {"max_seq_length": int(max_seq_length)}
     if ramp_temperatures is not None:
         info["ramp_temperatures"] = ramp_temperatures
+    if train_rows is not None:
+        info["train_rows"] = int(train_rows)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
     return path
@@ -124,6 +150,17 @@ def training_length(directory: str | os.PathLike) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise CheckpointError(f"{path}: max_seq_length={value!r} must be a positive integer")
+    return value
+
+
+def training_rows(directory: str | os.PathLike) -> int | None:
+    """How many rows, from the start of the train split, `directory`'s model was trained on
+    (`training.json`'s `train_rows`), or None when not recorded (a model trained before it was)."""
+    path, value = _training_info(directory, "train_rows")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CheckpointError(f"{path}: train_rows={value!r} must be a non-negative integer")
     return value
 
 
@@ -260,8 +297,9 @@ class TrainCheckpointManager:
     def save(self, step: int, state: Any) -> None:
         """Writes `state` (a pytree; device arrays are fetched to host) as `step`, then prunes old steps."""
         state = jax.tree_util.tree_map(np.asarray, jax.device_get(state))
-        self._manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
-        self._manager.wait_until_finished()
+        with storage_errors(self.directory, f"saving step {int(step)}"):
+            self._manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
+            self._manager.wait_until_finished()
 
     def restore(self, step: int, like: Any) -> Any:
         """The state saved at `step`, with the tree structure, shapes and dtypes of `like`.

@@ -20,9 +20,22 @@ import functools
 import json
 import sys
 
-from deebert_jax.commands.cli import add_dev_data_flags, confidence_level, floats, number, positive_int, run
+from deebert_jax.core.errors import InputError
+
+from deebert_jax.commands.cli import (DEV_MAX_SEQ_LENGTH, add_dev_data_flags, confidence_level, floats, number,
+                                      positive_int, run)
 
 _max_drop = number(lambda v: 0 <= v < float("inf"), "must be a number of points >= 0")
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"{text!r} must be an integer from 0 to 2**63 - 1 (a random seed)")
+    return value
 
 
 def parse_args(argv):
@@ -46,14 +59,16 @@ def parse_args(argv):
                    help="fit off-ramp temperatures on the first --temperature-rows pool rows (train-holdout)")
     p.add_argument("--temperature-rows", type=positive_int, default=1000)
     p.add_argument("--draws", type=positive_int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    add_dev_data_flags(p)
+    p.add_argument("--seed", type=_seed, default=0)
+    add_dev_data_flags(p, default_length=None)
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--out", default=None, help="JSON with every draw and the summaries")
     args = p.parse_args(argv)
     bad = [s for s in args.splits if s not in SPLITS]
     if bad or not args.splits:
         p.error(f"--splits {','.join(args.splits)}: expected a comma-separated list of {', '.join(SPLITS)}")
+    if "dev-half" in args.splits and args.limit is not None and args.limit < 2:
+        p.error(f"--limit {args.limit}: the dev-half split halves dev, so it needs at least 2 rows")
     if args.ramp_temperature != "none":
         if args.splits != ["train-holdout"]:
             p.error("--ramp-temperature fits on training rows the draws do not use: pass --splits train-holdout")
@@ -69,13 +84,28 @@ def main(argv=None) -> int:
     setup_process()
     import os
 
-    from deebert_jax.core.fileutil import atomic_write_text
+    from deebert_jax.core.fileutil import atomic_write_text, check_outputs
+    from deebert_jax.inference.model_dir import resolve_max_seq_length
+    from deebert_jax.weights.checkpoint import MODEL_DIR_FILES, read_model_config
     from deebert_jax.data import glue as data
     from deebert_jax.evaluation import calibration
     from research import calibration_draws as draws_lib
     from deebert_jax.evaluation import sweep
     from deebert_jax.weights.model_loading import load_model_for_task
 
+    # Before the model is read: --out is neither a directory nor a file this command reads.
+    task = data.canonical_task(args.task)
+    read = {f"--glue-dir ({split})": data.glue_file(task, split, args.glue_dir)
+            for split in ("train", "dev") if args.glue_dir and data.TASKS[task] is not None}
+    check_outputs({"--out": args.out}, {"--checkpoint": args.checkpoint, **read},
+                  reads={"--checkpoint": MODEL_DIR_FILES})
+    # The length the model was trained at (training.json) unless given; one too long refused now.
+    config = read_model_config(args.checkpoint)
+    args.max_seq_length, why = resolve_max_seq_length(
+        args.max_seq_length, config, args.checkpoint,
+        None if data.TASKS[task] is None else data.load_tokenizer(args.checkpoint, config), fallback=DEV_MAX_SEQ_LENGTH)
+    if why != "given":
+        print(f"max sequence length {args.max_seq_length}: {why}", file=sys.stderr)
     config, params, task, tokenizer = load_model_for_task(args.checkpoint, args.task)
     if "train-holdout" in args.splits:   # a model's own fitting rows are not calibration rows
         calibration.check_clear_of_temperature_rows(args.checkpoint, args.pool_size, "--pool-size")
@@ -83,13 +113,17 @@ def main(argv=None) -> int:
                   vocab_size=config.vocab_size)
     logits = lambda arrays: sweep.all_ramp_logits(config, params, arrays, args.batch_size, progress=True)
     dev = data.load_split(task, "dev", limit=args.limit, **common)
+    if "dev-half" in args.splits and data.num_examples(dev) < 2:
+        raise InputError(f"{task} dev: {data.num_examples(dev)} example(s); the dev-half split needs at least 2")
     dev_set = (logits(dev), dev["labels"])
     result = {"command": " ".join(["python", "-m", "train.calibration_draws", *(argv or sys.argv[1:])]),
               "task": task, "max_drop": args.max_drop, "confidence": args.confidence, "rule": args.rule,
               "max_seq_length": args.max_seq_length, "thresholds": args.thresholds, "splits": {}}
     for split in args.splits:
         if split == "train-holdout":
-            _, pool = data.load_train_and_holdout(task, args.pool_size, **common)
+            train = data.load_split(task, "train", **common)   # the pool: its last rows, none trained on
+            calibration.check_untrained_tail(args.checkpoint, task, args.pool_size, data.num_examples(train), "--pool-size")
+            pool = {k: v[-args.pool_size:] for k, v in train.items()}
             pool_set, reported, setting = (logits(pool), pool["labels"]), dev_set, {"pool_size": args.pool_size}
             if args.ramp_temperature != "none":
                 pool_set, reported, temps = draws_lib.fit_temperatures_on_pool(pool_set, dev_set, args.temperature_rows)

@@ -50,7 +50,6 @@ def main(argv=None) -> int:
     from deebert_jax.cpu.process import setup_process
     setup_process()   # process-wide settings, before JAX runs anything
     from research import rule_comparison
-    from deebert_jax.core.fileutil import check_output_file
     from benchmarks.results import relative_paths
 
     # Every flag and output path checked before the model is read.
@@ -62,10 +61,6 @@ def main(argv=None) -> int:
         budgets = rule_comparison.check_budgets(args.budgets)
     except ValueError as e:
         raise InputError(f"--budgets: {e}") from None
-    outputs = {flag: check_output_file(path) for flag, path in
-               (("--out", args.out), ("--plot", args.plot), ("--markdown", args.markdown)) if path is not None}
-    if len(set(outputs.values())) < len(outputs):
-        raise InputError(f"{' and '.join(outputs)} name the same file; give each its own path")
     check_length_and_outputs(args, {flag: path for flag, path in (("--out", args.out), ("--plot", args.plot),
                                                                    ("--markdown", args.markdown)) if path is not None})
 

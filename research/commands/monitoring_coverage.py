@@ -17,7 +17,7 @@ import json
 import sys
 
 from deebert_jax.commands.cli import confidence_level, floats, number, positive_int, run
-from deebert_jax.core.fileutil import atomic_write_text, check_output_file
+from deebert_jax.core.fileutil import atomic_write_text, check_outputs
 from deebert_jax.evaluation.monitoring import PRIOR_STRENGTH, simulate_streams
 
 METHODS = ("mixture", "repeated")
@@ -39,8 +39,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.out:
-        check_output_file(args.out)
+    check_outputs({"--out": args.out})
     rows = [{method: simulate_streams(multiple * args.budget, args.budget, args.confidence, args.streams, args.rows,
                                       seed=args.seed + i, method=method) for method in METHODS}
             for i, multiple in enumerate(args.rates)]

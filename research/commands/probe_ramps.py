@@ -104,16 +104,15 @@ def _main(argv) -> int:
     from deebert_jax.cpu.process import setup_process
     setup_process()   # process-wide settings, before JAX runs anything
 
-    from deebert_jax.core.fileutil import atomic_write_text, check_output_file, check_outputs_apart
+    from deebert_jax.core.fileutil import atomic_write_text, check_outputs
     from deebert_jax.weights.checkpoint import MODEL_DIR_FILES
 
     task = data_lib.canonical_task(args.task)
     glue_dir = args.glue_dir or os.environ.get("GLUE_DIR")
     if args.out:   # before the work: neither a directory nor a file this command reads
-        check_output_file(args.out)
         read = {f"--glue-dir ({split})": data_lib.glue_file(task, split, glue_dir)
                 for split in ("train", "dev") if glue_dir and data_lib.TASKS[task] is not None}
-        check_outputs_apart({"--out": args.out}, {"--checkpoint": args.checkpoint, **read},
+        check_outputs({"--out": args.out}, {"--checkpoint": args.checkpoint, **read},
                             reads={"--checkpoint": MODEL_DIR_FILES})
     config, params = load_checkpoint(args.checkpoint)
     tokenizer = None if task == "synthetic" else data_lib.load_tokenizer(os.path.join(args.checkpoint, "tokenizer"),

@@ -19,7 +19,7 @@ import shlex
 import shutil
 import sys
 
-from deebert_jax.core.fileutil import atomic_write_text, check_output_file, check_outputs_apart, same_path
+from deebert_jax.core.fileutil import atomic_write_text, check_outputs, same_path
 from benchmarks.results import REFERENCE_BERT_BASE, format_markdown_section, portable_paths, relative_paths
 from deebert_jax.commands.cli import one_line
 
@@ -91,24 +91,19 @@ def main(argv=None) -> int:
             return 1
     # Before anything is written: the Markdown and the plots it copies are none of the files read.
     try:
-        check_output_file(args.out)
         inputs = {"--preamble": args.preamble, **{f"--rules {path}": path for path in args.rules}}
         for run, meta, _, _ in loaded:
             for src in (os.path.join(run, "run.json"), meta["results"], meta["bench"]):
                 inputs[f"run {run}: {os.path.basename(src)}"] = src
                 inputs[f"run {run}: {os.path.basename(os.path.splitext(src)[0])}.png"] = os.path.splitext(src)[0] + ".png"
-        check_outputs_apart({"--out": args.out}, inputs)
+        check_outputs({"--out": args.out, **_plot_outputs(loaded, plots)}, inputs)
     except (OSError, ValueError) as e:   # OutputPathError is a ValueError
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     os.makedirs(plots, exist_ok=True)
-    sections, names = [], set()
-    for run, meta, results, bench in loaded:
+    sections = []
+    for (run, meta, results, bench), name in zip(loaded, _plot_names(loaded)):
         pngs = {}
-        name = base_name = os.path.basename(os.path.normpath(run))
-        while name in names:  # two runs called `demo` get distinct plot files
-            name = f"{base_name}_{len(names)}"
-        names.add(name)
         for kind, src in (("tradeoff", meta["results"]), ("latency", meta["bench"])):
             src_png = os.path.splitext(src)[0] + ".png"
             dst = os.path.join(plots, f"{name}_{kind}.png")
@@ -138,6 +133,34 @@ def main(argv=None) -> int:
     atomic_write_text(args.out, "\n".join(head + sections) + "\n")
     print(f"wrote {args.out}")
     return 0
+
+
+def _plot_names(loaded) -> list[str]:
+    """One name per run for its files under --plots (two runs called `demo` get distinct ones)."""
+    names: list[str] = []
+    for run, *_ in loaded:
+        name = base_name = os.path.basename(os.path.normpath(run))
+        while name in names:
+            name = f"{base_name}_{len(names)}"
+        names.append(name)
+    return names
+
+
+def _plot_outputs(loaded, plots: str) -> dict[str, str]:
+    """What the report writes under --plots, by the flag and name: each run's two plots (unless
+    already in place there) and its JSON files (unless they are the run's own, rewritten in place)."""
+    outputs = {}
+    for (run, meta, _, _), name in zip(loaded, _plot_names(loaded)):
+        for kind, src in (("tradeoff", meta["results"]), ("latency", meta["bench"])):
+            dst = os.path.join(plots, f"{name}_{kind}.png")
+            if not same_path(os.path.splitext(src)[0] + ".png", dst):
+                outputs[f"--plots ({name}_{kind}.png)"] = dst
+        for file_name, src in (("run.json", os.path.join(run, "run.json")), ("results.json", meta["results"]),
+                               ("bench.json", meta["bench"])):
+            dst = os.path.join(plots, name, file_name)
+            if not same_path(src, dst):
+                outputs[f"--plots ({name}/{file_name})"] = dst
+    return outputs
 
 
 entry = main   # the console script and `python -m`: `main` prints its own errors
