@@ -255,3 +255,40 @@ def test_server_process_drains_on_sigterm_answering_every_request(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_shadow_rows_leave_answers_alone_and_the_live_check_acts(model_dir, reference, threshold):
+    """Every row shadowed: the same records; the live check's figures in /health and /metrics;
+    once its alarm fires with --on-drift full-depth, later rows answer at the last layer."""
+    import time
+    said = []
+    service = build_service(str(model_dir), threshold=threshold, max_seq_length=SEQ, bucket_sizes=(4,),
+                            say=said.append, shadow_share=1.0, on_drift="full-depth")
+    service.start()
+    try:
+        app = create_app(service)
+        assert_same_records(call(app, "POST", "/predict", json={"inputs": TEXTS}).json(),
+                            [reference[(t, None)] for t in TEXTS])
+        deadline = time.monotonic() + 60
+        while service.drift.snapshot()["shadow_rows"] < len(TEXTS) and time.monotonic() < deadline:
+            time.sleep(0.05)   # the lane runs while the engine is idle
+        drift = call(app, "GET", "/health").json()["drift"]
+        config, params = load_checkpoint(model_dir)
+        arrays, _ = predict.encode(data.load_tokenizer(model_dir), [(t, None) for t in TEXTS], SEQ)
+        full = np.argmax(predict.predict_arrays(config, params, arrays, 0.0)[0], -1)
+        answered = [reference[(t, None)]["label_id"] for t in TEXTS]
+        assert drift["shadow_rows"] == len(TEXTS) and drift["budget"] == 0.01
+        assert drift["disagreements"] == sum(a != f for a, f in zip(answered, full))   # the lane ran to full depth
+        assert drift["lower"] <= drift["observed"] <= drift["upper"]
+        assert drift["alarm"] == (drift["lower"] > drift["budget"])
+        metrics = call(app, "GET", "/metrics").text
+        assert metric(metrics, "deebert_shadow_rows") == len(TEXTS)
+        assert metric(metrics, "deebert_drift_alarm") == float(drift["alarm"])
+        while not service.drift.snapshot()["alarm"]:   # traffic that disagrees on every shadow row
+            service.drift.record(1, 0, 1)
+        assert any(line.startswith("drift: the disagreement's lower bound") for line in said)
+        assert metric(call(app, "GET", "/metrics").text, "deebert_drift_alarm") == 1
+        later = call(app, "POST", "/predict", json={"inputs": TEXTS}).json()
+        assert {r["exit_layer"] for r in later} == {CONFIG.num_hidden_layers}
+    finally:
+        service.stop()

@@ -49,6 +49,10 @@ class ModelDir:
         """`resolve_max_seq_length` for this model and its tokenizer."""
         return resolve_max_seq_length(requested, self.config, self.path, self.tokenizer, flag, fallback)
 
+    def policy(self, *, max_seq_length: int | None = None) -> dict | None:
+        """`exit_policy.json`, checked against these weights (None when there is none)."""
+        return load_exit_policy(self.path, model=(self.config, self.params), max_seq_length=max_seq_length)
+
     def threshold(self, threshold: float | None, rule: str | None, *,
                   max_seq_length: int | None = None) -> tuple[float, str, str]:
         """`resolve_threshold` with the exit policy checked against these weights."""

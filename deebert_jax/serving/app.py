@@ -47,7 +47,7 @@ class Service:
 
     def __init__(self, engine, tokenizer, lengths: Sequence[int], label_names: Sequence[str], num_layers: int, *,
                  vocab_size: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
-                 max_inputs: int = req.MAX_INPUTS, info: dict[str, Any] | None = None):
+                 max_inputs: int = req.MAX_INPUTS, info: dict[str, Any] | None = None, drift=None):
         self.engine, self.tokenizer = engine, tokenizer
         self.lengths, self.names, self.num_layers = tuple(lengths), list(label_names), num_layers
         self.vocab_size, self.max_queue, self.max_inputs = vocab_size, max_queue, max_inputs
@@ -56,6 +56,13 @@ class Service:
         self.error: BaseException | None = None   # why warming up failed
         self.metrics = ServingMetrics(num_layers, engine.pending)
         engine.on_step = lambda rows, seconds: self.metrics.observe_step(rows)
+        self.drift = drift   # `drift.DriftCheck` of the shadow rows, or None
+        if drift is not None:
+            self.metrics.watch_drift(drift.snapshot)
+
+    def health(self) -> dict[str, Any]:
+        """`/health` when ready: what is served, and the live check when there is one."""
+        return {"status": "ready", **self.info, **({"drift": self.drift.snapshot()} if self.drift else {})}
 
     def start(self, announce: Callable[[str], None] | None = None) -> float:
         """Compiles every program, starts the engine, marks the service ready -> seconds taken."""
@@ -153,7 +160,7 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None,
         if service.state != "ready":
             return JSONResponse({"status": service.state}, status_code=503,
                                 headers={"Retry-After": str(RETRY_AFTER_S)})
-        return JSONResponse({"status": "ready", **service.info})
+        return JSONResponse(service.health())
 
     async def predict(request: Request) -> Response:
         start = time.perf_counter()

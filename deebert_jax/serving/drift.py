@@ -29,6 +29,18 @@ DEFAULT_SHADOW_SHARE = 0.02
 DEFAULT_BUDGET, DEFAULT_CONFIDENCE = 0.01, 0.95   # without an exit policy: one point, 95%
 
 
+def drift_settings(policy: dict | None, rule: str, threshold: float) -> tuple[float, float, tuple[float, ...], str]:
+    """-> (budget as a rate, confidence, the policy's tested thresholds, a note): the policy's when
+    the served threshold is the policy's, else one point at 95% and no grid."""
+    if policy is not None and policy.get("rule") == rule and float(policy.get("threshold", -1)) == threshold:
+        grid = tuple(float(t["threshold"]) for t in policy.get("tested", []) if isinstance(t, dict) and "threshold" in t)
+        confidence = policy.get("confidence") or DEFAULT_CONFIDENCE
+        budget = float(policy["max_drop"]) / 100.0 if policy.get("max_drop") else DEFAULT_BUDGET
+        return budget, confidence, grid, f"the exit policy's budget {budget:g} at confidence {confidence:g}"
+    return DEFAULT_BUDGET, DEFAULT_CONFIDENCE, (), (f"budget {DEFAULT_BUDGET:g} at confidence {DEFAULT_CONFIDENCE:g} "
+                                                    "(the threshold is not an exit policy's)")
+
+
 def safer_threshold(rule: str, threshold: float, grid: Sequence[float], num_layers: int) -> float:
     """The next threshold of `grid` that exits later than `threshold` (the full depth past the last)."""
     full = full_depth_threshold(rule, num_layers)

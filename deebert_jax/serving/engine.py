@@ -20,7 +20,8 @@ So the compiled set is fixed (2 programs per length), and what a row computes is
 
 Shadow rows (`shadow_share`): that share of rows, drawn at random with a seed, is answered the
 moment it exits, as every row is; then a copy runs again to the last layer in a shadow lane (its
-own pools of the same shapes, so the same compiled programs, at the rule's full-depth threshold),
+own pools of the same shapes, so the same compiled programs, made on a length's first shadow row,
+at the rule's full-depth threshold),
 and `on_shadow(answered label, full-depth label, exit layer)` compares the two. The lane runs only
 when no answer is waiting for a step, and is dropped on `stop()`: shadow work delays an answer by
 at most the one step in progress, and never changes one.
@@ -163,7 +164,7 @@ class Engine(Worker):
         self.shadow_skipped = 0
         if self.shadow_share > 0:
             self._shadow = Scheduler(config.num_hidden_layers, self.lengths, self.pool_size, "deepest")
-            self._shadow_pools = {n: self._empty_pool(n) for n in self.lengths}
+            self._shadow_pools: dict[int, tuple] = {}   # made on a length's first shadow row (memory)
 
     # -- programs ----------------------------------------------------------------------------
     def _empty_pool(self, length: int):
@@ -282,6 +283,8 @@ class Engine(Worker):
             return False
         if not self._programs:
             self.warm_up()
+        if plan.length not in self._shadow_pools:
+            self._shadow_pools[plan.length] = self._empty_pool(plan.length)
         done, _, logits = self._run_plan(plan, admitted, self._shadow_pools, self._full_depth)
         with self._cond:
             finished = [(self._shadow_rows.pop(key), i) for i, key in self._shadow.complete(plan, done.tolist())]

@@ -36,6 +36,19 @@ class ServingMetrics:
         self._rows = 0
         self._layers = 0
 
+    def watch_drift(self, snapshot: Callable[[], dict]) -> None:
+        """The live check's figures (`drift.DriftCheck.snapshot`), read at each scrape."""
+        for name, key, what in [
+                ("deebert_shadow_rows", "shadow_rows", "shadow rows compared with the full model"),
+                ("deebert_shadow_disagreement", "observed", "disagreement rate of the shadow rows at the threshold now served"),
+                ("deebert_drift_lower_bound", "lower", "anytime-valid lower bound on that rate"),
+                ("deebert_drift_upper_bound", "upper", "anytime-valid upper bound on that rate"),
+                ("deebert_drift_budget", "budget", "the disagreement budget (a rate)"),
+                ("deebert_drift_alarm", "alarm", "1 once the lower bound rose above the budget"),
+                ("deebert_threshold", "threshold", "the exit threshold now served")]:
+            Gauge(name, what, registry=self.registry).set_function(
+                lambda key=key: float(snapshot()[key] or 0.0))
+
     def observe_step(self, rows: int) -> None:
         self.rows_per_step.observe(rows)
 

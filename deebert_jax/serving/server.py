@@ -23,6 +23,7 @@ import uvicorn
 from deebert_jax.core.errors import InputError
 from deebert_jax.serving.app import DEFAULT_MAX_QUEUE, Service, create_app
 from deebert_jax.serving.connections import ConnectionLimits, guarded_protocol
+from deebert_jax.serving.drift import DEFAULT_SHADOW_SHARE, ON_DRIFT, DriftCheck, drift_settings, full_depth_threshold
 from deebert_jax.serving.requests import length_classes
 from deebert_jax.serving.scheduler import DEFAULT_ADMIT_BUDGET_S, DEFAULT_SCHEDULE, check_schedule
 
@@ -61,12 +62,15 @@ def build_service(model_dir: str, *, threshold: float | None = None, rule: str |
                   max_seq_length: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE, backend: str = "jax",
                   bucket_sizes: tuple[int, ...] | None = None, say: Callable[[str], None] = print,
                   schedule: str | None = None, admit_budget_s: float | None = None,
-                  engine_factories: Mapping[str, EngineFactory] | None = None) -> Service:
+                  engine_factories: Mapping[str, EngineFactory] | None = None, shadow_share: float | None = None,
+                  shadow_seed: int = 0, on_drift: str = "warn") -> Service:
     """The model directory (`model_dir.open_model_dir`), the threshold (`ModelDir.threshold`: given, else exit_policy.json,
     else full depth; `say` reports which) and engine; nothing compiled yet. `bucket_sizes`: the
     engine's (default `exit_aware.default_bucket_sizes()`); `schedule`: the JAX engine's
     (`scheduler.SCHEDULES`, default `scheduler.DEFAULT_SCHEDULE`) and its `admit_budget_s`;
-    `engine_factories`: the engine of each backend other than "jax" (`EngineFactory`)."""
+    `engine_factories`: the engine of each backend other than "jax" (`EngineFactory`);
+    `shadow_share` (None: `drift.DEFAULT_SHADOW_SHARE` on the jax backend), `shadow_seed` and
+    `on_drift`: the live check of the guarantee (`drift.DriftCheck`)."""
     # JAX loads here, not at import: `deebert-serve` reads BACKENDS from this module before `setup_process`.
     from deebert_jax.inference.model_dir import open_model_dir
 
@@ -78,6 +82,13 @@ def build_service(model_dir: str, *, threshold: float | None = None, rule: str |
                          f"`python -m train.serve --backend {backend}` from a checkout")
     if schedule is not None:
         check_schedule(schedule)
+    if backend != "jax" and shadow_share:
+        raise InputError(f"--shadow-share {shadow_share:g}: the {backend} baseline answers at full depth; "
+                         "shadow rows check early exit (the jax backend)")
+    if shadow_share is not None and not 0 <= shadow_share <= 1:
+        raise InputError(f"--shadow-share {shadow_share!r}: a share of rows in [0, 1]")
+    if on_drift not in ON_DRIFT:
+        raise InputError(f"--on-drift {on_drift!r}; expected one of {', '.join(ON_DRIFT)}")
     model = open_model_dir(model_dir)
     config, params = model.config, model.params
     # None: the length the model was trained at, else its longest input; a longer one is refused here.
@@ -86,22 +97,33 @@ def build_service(model_dir: str, *, threshold: float | None = None, rule: str |
     L = config.num_hidden_layers
     info = {"model": os.path.basename(os.path.normpath(model_dir)), "layers": L, "lengths": list(lengths),
             "backend": backend}
+    drift = None
     if backend == "jax":
         from deebert_jax.serving.engine import Engine   # JAX: after setup_process, as above
         threshold, rule, note = model.threshold(threshold, rule, max_seq_length=max_seq_length)
         schedule = schedule or DEFAULT_SCHEDULE
         budget = DEFAULT_ADMIT_BUDGET_S if admit_budget_s is None else admit_budget_s
+        full_depth = threshold == full_depth_threshold(rule, L)
+        share = 0.0 if full_depth else (DEFAULT_SHADOW_SHARE if shadow_share is None else shadow_share)
         engine = Engine(config, params, lengths, threshold, rule, bucket_sizes=bucket_sizes, schedule=schedule,
-                        admit_budget_s=budget)
-        info.update(rule=rule, threshold=threshold, schedule=schedule)
+                        admit_budget_s=budget, shadow_share=share, shadow_seed=shadow_seed)
+        info.update(rule=rule, threshold=threshold, schedule=schedule, shadow_share=share)
         note += f"; schedule {schedule}" + (f" (admission budget {budget * 1e3:g} ms)" if schedule == "arrivals" else "")
+        if share > 0:
+            drift_budget, confidence, grid, why = drift_settings(model.policy(max_seq_length=max_seq_length), rule,
+                                                                 threshold)
+            drift = DriftCheck(rule=rule, threshold=threshold, num_layers=L, budget=drift_budget,
+                               confidence=confidence, grid=grid, on_drift=on_drift, set_threshold=engine.set_threshold,
+                               say=say)
+            engine.on_shadow = drift.record
+            note += f"; {share:.0%} of rows shadowed to full depth, checked against {why} (--on-drift {on_drift})"
     else:
         engine, note = factory(config, params, lengths)
         info.update(rule=None, threshold=None)
     say(f"model: {os.fspath(model_dir)} ({L} layers); {note}; max sequence length {max_seq_length}"
         + ("" if why == "given" else f" ({why})"))
     return Service(engine, model.tokenizer, lengths, model.label_names, L, vocab_size=config.vocab_size,
-                   max_queue=max_queue, info=info)
+                   max_queue=max_queue, info=info, drift=drift)
 
 
 def bind(host: str, port: int) -> socket.socket:
