@@ -103,6 +103,8 @@ CASES = {
                            "names the same file as --glue-dir")],
     "train.report": [(["workdirs/demo", "--out", "workdirs/demo/results.json"], "names the same file as run"),
                      (["workdirs/demo", "--out", "R.md", "--plots", DEV], "dev.tsv is a file, not a directory")],
+    "train.benchmark_drift": [(["--checkpoint", "M", "--glue-dir", "G", "--out", M_CONFIG], "would overwrite deebert_config"),
+                              (["--checkpoint", "M", "--glue-dir", "G", "--out", "busy.json"], "busy.md: is a directory")],
     "train.monitoring_coverage": [(["--streams", "2", "--rows", "10", "--out", "busy.png"], "busy.png: is a directory")],
     # Commands that set up the process (the TPU compiler, the demo's steps): run as a user runs them
     "train.plan": [(["--config", str(REPO / "configs" / "tiny.py"), "--config.init_checkpoint=M",
