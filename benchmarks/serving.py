@@ -27,9 +27,11 @@ import numpy as np
 from benchmarks import harness as bench_harness
 from benchmarks import loadgen
 
-MODES = ("full_depth", "early_exit", "torch", "onnxruntime")
+MODES = ("full_depth", "early_exit", "torch", "onnxruntime", "early_exit_unshadowed")
 MODE_NAMES = {"full_depth": "JAX, full depth (threshold 0)", "early_exit": "JAX, early exit (policy threshold)",
-              "torch": "eager PyTorch, full depth", "onnxruntime": "ONNX Runtime, full depth"}
+              "torch": "eager PyTorch, full depth", "onnxruntime": "ONNX Runtime, full depth",
+              "early_exit_unshadowed": "JAX, early exit, no shadow rows (--shadow-share 0)"}
+SHADOW_COST_TARGET = 0.05   # capacity shadowing may cost at the server's default share
 BASELINES = ("torch", "onnxruntime")   # engines without early exit: `train.serve --backend NAME`
 ORT_CAPACITY_TARGET = 1.5   # early exit's capacity against an ONNX Runtime server at full depth
 READY_TIMEOUT_S = 600
@@ -43,6 +45,8 @@ def server_args(mode: str, model_dir: str, max_seq_length: int, schedule: str | 
         args += ["--threshold", "0", "--rule", "entropy"]
     elif mode in BASELINES:
         args += ["--backend", mode]
+    elif mode == "early_exit_unshadowed":
+        args += ["--shadow-share", "0"]
     if schedule and mode not in BASELINES:
         args += ["--schedule", schedule]
     return args
@@ -153,6 +157,7 @@ def run(model_dir: str, texts: Sequence[str], labels, *, server_command: Sequenc
                   "full_depth": reference_answers(model_dir, texts, 0.0, "entropy", max_seq_length)}
     for baseline in BASELINES:
         references[baseline] = references["full_depth"]
+    references["early_exit_unshadowed"] = references["early_exit"]
     result = {"environment": bench_harness.environment(bench_harness.available_cpus(), "cpu"),
               "model": label, "layers": L, "threshold": threshold, "schedule": schedule,
               "rule": rule, "threshold_note": note, "max_seq_length": max_seq_length, "texts": len(texts),
@@ -246,6 +251,9 @@ def targets(result: dict) -> dict:
                                                "ideal": round(ideal, 3), "target": round(0.85 * ideal, 3)}
         if cap.get("torch") and cap.get("early_exit"):
             out["early_exit_vs_torch"] = {"ratio": round(cap["early_exit"] / cap["torch"], 3), "target": 3.0}
+        if cap.get("early_exit_unshadowed") and cap.get("early_exit"):
+            out["shadow_cost"] = {"share": round(1 - cap["early_exit"] / cap["early_exit_unshadowed"], 3),
+                                  "target": SHADOW_COST_TARGET}
         if cap.get("onnxruntime") and cap.get("early_exit"):
             out["early_exit_vs_onnxruntime"] = {"ratio": round(cap["early_exit"] / cap["onnxruntime"], 3),
                                                 "target": ORT_CAPACITY_TARGET}
@@ -309,6 +317,10 @@ def markdown(result: dict, command: str) -> str:
         x = t["early_exit_vs_onnxruntime"]
         lines.append(f"- early exit / ONNX Runtime capacity: {x['ratio']}x (target >= {x['target']:g}x: "
                      f"{'met' if x['ratio'] >= x['target'] else 'missed'})")
+    if "shadow_cost" in t:
+        x = t["shadow_cost"]
+        lines.append(f"- capacity shadowing costs (early exit against early exit without shadow rows): {x['share']:.1%} "
+                     f"(target <= {x['target']:.0%}: {'met' if x['share'] <= x['target'] else 'missed'})")
     if "median_at_60_percent" in t:
         x = t["median_at_60_percent"]
         lines.append(f"- median latency at {x['rate_rps']:g} req/s (60% of the full-depth capacity): early exit "

@@ -47,12 +47,14 @@ def test_targets_compare_capacities_and_the_median_at_sixty_percent():
         "full_depth": {"capacity_rps": 100, "rows": rows((100, 50, 200, 6.0), (60.0, 40, 100, 6.0))},
         "early_exit": {"capacity_rps": 150, "rows": rows((150, 40, 240, 4.0), (60.0, 20, 60, 4.0))},
         "torch": {"capacity_rps": 40, "rows": rows((40, 100, 240, 6.0))},
-        "onnxruntime": {"capacity_rps": 75, "rows": rows((75, 60, 240, 6.0))}}}
+        "onnxruntime": {"capacity_rps": 75, "rows": rows((75, 60, 240, 6.0))},
+        "early_exit_unshadowed": {"capacity_rps": 160, "rows": rows((160, 40, 240, 4.0))}}}
     t = bench.targets(result)
     assert t["layer_saving"] == pytest.approx(1 / 3, abs=1e-4)
     assert t["early_exit_vs_full_depth"] == {"ratio": 1.5, "ideal": 1.5, "target": 1.275}
     assert t["early_exit_vs_torch"]["ratio"] == 3.75
     assert t["early_exit_vs_onnxruntime"] == {"ratio": 2.0, "target": 1.5}
+    assert t["shadow_cost"] == {"share": 0.062, "target": 0.05}
     assert t["median_at_60_percent"]["ratio"] == 0.5 and t["median_at_60_percent"]["rate_rps"] == 60.0
 
 
@@ -102,6 +104,7 @@ def test_the_report_names_no_model_path_outside_the_checkout(tmp_path):
     assert "--schedule" not in bench.server_args("torch", "m", 64, "deepest")
     onnx = bench.server_args("onnxruntime", "m", 64, "deepest")
     assert onnx[-2:] == ["--backend", "onnxruntime"] and "--schedule" not in onnx
+    assert bench.server_args("early_exit_unshadowed", "m", 64)[-2:] == ["--shadow-share", "0"]
 
 
 def test_capacity_over_repeats_gives_its_spread_interpolation_and_saturation():

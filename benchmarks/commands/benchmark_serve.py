@@ -39,7 +39,8 @@ def parse_args(argv):
                    help="default: the length the model was trained at (training.json), else the longest its "
                         "positions cover; --quick: 64")
     p.add_argument("--modes", default=",".join(["full_depth", "early_exit", "torch", "onnxruntime"]),
-                   help="servers to sweep: full_depth, early_exit (JAX), torch, onnxruntime (the baselines)")
+                   help="servers to sweep: full_depth, early_exit (JAX), torch, onnxruntime (the baselines); "
+                        "early_exit_unshadowed (the early-exit server without shadow rows: what shadowing costs)")
     p.add_argument("--repeats", type=positive_int, default=3,
                    help="times each rate is measured (every mode in turn each time): each capacity comes with its "
                         "spread; the reported capacity is the median (--quick: 1)")
