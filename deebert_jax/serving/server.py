@@ -110,13 +110,13 @@ def build_service(model_dir: str, *, threshold: float | None = None, rule: str |
         info.update(rule=rule, threshold=threshold, schedule=schedule, shadow_share=share)
         note += f"; schedule {schedule}" + (f" (admission budget {budget * 1e3:g} ms)" if schedule == "arrivals" else "")
         if share > 0:
-            drift_budget, confidence, grid, why = drift_settings(model.policy(max_seq_length=max_seq_length), rule,
+            drift_budget, confidence, grid, drift_note = drift_settings(model.policy(max_seq_length=max_seq_length), rule,
                                                                  threshold)
             drift = DriftCheck(rule=rule, threshold=threshold, num_layers=L, budget=drift_budget,
                                confidence=confidence, grid=grid, on_drift=on_drift, set_threshold=engine.set_threshold,
                                say=say)
             engine.on_shadow = drift.record
-            note += f"; {share:.0%} of rows shadowed to full depth, checked against {why} (--on-drift {on_drift})"
+            note += f"; {share:.0%} of rows shadowed to full depth, checked against {drift_note} (--on-drift {on_drift})"
     else:
         engine, note = factory(config, params, lengths)
         info.update(rule=None, threshold=None)
