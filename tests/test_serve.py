@@ -264,6 +264,8 @@ def test_shadow_rows_leave_answers_alone_and_the_live_check_acts(model_dir, refe
     said = []
     service = build_service(str(model_dir), threshold=threshold, max_seq_length=SEQ, bucket_sizes=(4,),
                             say=said.append, shadow_share=1.0, on_drift="full-depth")
+    model_line = next(line for line in said if line.startswith("model:"))
+    assert "100% of rows shadowed to full depth" in model_line and model_line.endswith(f"max sequence length {SEQ}")
     service.start()
     try:
         app = create_app(service)
