@@ -81,6 +81,55 @@ def initial_params(config, seed: int = 0) -> dict:
     return jax.tree_util.tree_map(frozen, modeling.init_params(config, jax.random.PRNGKey(seed)))
 
 
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "movie", "film", "was", "good", "bad", "."]
+
+
+def word_model_and_glue(root: pathlib.Path, *, train_rows: int, length: int = 16, rows: int = 10) -> pathlib.Path:
+    """root/M: a 3-layer tiny model with a WordPiece tokenizer over WORDS and a training.json
+    (`length`, trained on the first `train_rows` rows); root/G: an SST-2 of `rows` train and dev
+    rows. -> root."""
+    from transformers import BertTokenizerFast
+
+    from deebert_jax.core.config import tiny_config
+    from deebert_jax.weights.checkpoint import save_checkpoint, write_training_info
+
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(WORDS)})
+    config = tiny_config(vocab_size=len(WORDS), num_hidden_layers=3)
+
+    def extra(tmp):
+        tok.save_pretrained(os.path.join(tmp, "tokenizer"))
+        write_training_info(tmp, length, train_rows=train_rows)
+    save_checkpoint(root / "M", config, initial_params(config), write_extra=extra)
+    (root / "G" / "SST-2").mkdir(parents=True)
+    lines = "".join(f"the movie was {'good' if i % 2 else 'bad'}\t{i % 2}\n" for i in range(rows))
+    for split in ("train", "dev"):
+        (root / "G" / "SST-2" / f"{split}.tsv").write_text("sentence\tlabel\n" + lines)
+    return root
+
+
+def snapshot(root) -> dict:
+    """path (relative to `root`) -> sha256 of every file below `root`."""
+    import hashlib
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            path = os.path.join(d, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, root)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def wait_for_ready(proc, lines: list | None = None) -> str:
+    """Reads a `train.serve` process's output up to its `ready: URL` line (into `lines`) -> the URL."""
+    import re
+    lines = [] if lines is None else lines
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("ready: "):
+            return re.match(r"ready: (http://127\.0\.0\.1:\d+) ", line).group(1)
+    raise AssertionError("the server ended before it was ready: " + "".join(lines)[-2000:])
+
+
 def random_checkpoint(tmp_path_factory, config, seed: int = 1):
     """A model directory with random weights for `config` -> (its path, the params)."""
     from deebert_jax.weights.checkpoint import save_checkpoint

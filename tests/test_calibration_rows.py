@@ -11,7 +11,7 @@ from deebert_jax.data.glue import DataError
 from deebert_jax.evaluation import calibration
 from deebert_jax.weights.checkpoint import training_rows, write_training_info
 
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "movie", "film", "was", "good", "bad", "."]
+from tests.conftest import word_model_and_glue
 
 
 def test_train_holdout_refuses_trained_rows_and_missing_rows(tmp_path):
@@ -33,25 +33,7 @@ def test_train_holdout_refuses_trained_rows_and_missing_rows(tmp_path):
 
 @pytest.fixture(scope="module")
 def model_and_glue(tmp_path_factory):
-    from transformers import BertTokenizerFast
-
-    from deebert_jax.core.config import tiny_config
-    from deebert_jax.weights.checkpoint import save_checkpoint
-    from tests.conftest import initial_params
-
-    root = tmp_path_factory.mktemp("rows")
-    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(WORDS)})
-    config = tiny_config(vocab_size=len(WORDS), num_hidden_layers=3)
-
-    def extra(tmp):
-        tok.save_pretrained(os.path.join(tmp, "tokenizer"))
-        write_training_info(tmp, 16, train_rows=6)
-    save_checkpoint(root / "M", config, initial_params(config), write_extra=extra)
-    (root / "G" / "SST-2").mkdir(parents=True)
-    rows = "".join(f"the movie was {'good' if i % 2 else 'bad'}\t{i % 2}\n" for i in range(10))
-    for split in ("train", "dev"):
-        (root / "G" / "SST-2" / f"{split}.tsv").write_text("sentence\tlabel\n" + rows)
-    return root
+    return word_model_and_glue(tmp_path_factory.mktemp("rows"), train_rows=6, length=16, rows=10)
 
 
 @pytest.mark.parametrize("size, message", [

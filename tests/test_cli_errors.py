@@ -1,7 +1,6 @@
 """Every command, driven with bad input the way a user would: one line that names the fault, a
 non-zero exit, no traceback, and nothing of the user's changed."""
 
-import hashlib
 import json
 import os
 import re
@@ -12,20 +11,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from tests.conftest import REPO
+from tests.conftest import REPO, snapshot
 
 W = "work"  # an output directory each case may create
-
-
-def _snapshot(root):
-    """path -> sha256 of every file below `root`."""
-    out = {}
-    for d, _, files in os.walk(root):
-        for f in files:
-            path = os.path.join(d, f)
-            with open(path, "rb") as fh:
-                out[os.path.relpath(path, root)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 @pytest.fixture
@@ -102,11 +90,11 @@ def _run_failing(cwd, module, args):
 
 @pytest.mark.parametrize("module, args, message", CASES, ids=[f"{m}-{i}" for i, (m, _, _) in enumerate(CASES)])
 def test_bad_input_is_one_line_and_nothing_is_lost(user_tree, module, args, message):
-    before = {name: _snapshot(user_tree / name) for name in ("user", "src", "bad_model")}
+    before = {name: snapshot(user_tree / name) for name in ("user", "src", "bad_model")}
     proc, lines = _run_failing(user_tree, module, args)
     assert lines and lines[-1].startswith("error: "), proc.stderr[-2000:]
     assert re.search(message, lines[-1]), lines[-1]
-    assert {name: _snapshot(user_tree / name) for name in before} == before
+    assert {name: snapshot(user_tree / name) for name in before} == before
     # Nothing else appeared either: a command that fails before its work leaves no output behind.
     assert sorted(os.listdir(user_tree)) == ["bad_model", "src", "user"]
 
@@ -299,12 +287,12 @@ PROBE_CASES = [
 @pytest.mark.parametrize("case", PROBE_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(PROBE_CASES)])
 def test_probe_case_is_one_line_and_nothing_is_overwritten(probe_tree, case):
     module, *args, message = case
-    before = _snapshot(probe_tree)
+    before = snapshot(probe_tree)
     entries = sorted(os.listdir(probe_tree))
     proc, lines = _run_failing(probe_tree, module, args)
     assert lines and re.search(message, lines[-1]), proc.stderr[-2000:]
     # Nothing changed, nothing appeared anywhere below (no output, no hidden temporary file, no code run).
-    assert _snapshot(probe_tree) == before
+    assert snapshot(probe_tree) == before
     assert sorted(os.listdir(probe_tree)) == entries
 
 

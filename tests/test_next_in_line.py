@@ -5,39 +5,20 @@ not a flag, and a config too large blamed on the field at fault."""
 import errno
 import json
 import logging
-import os
 
 import pytest
 
 from deebert_jax.core.config import ConfigError, DeeBertConfig, tiny_config
 from deebert_jax.core.errors import InputError
 from deebert_jax.core.fileutil import storage_errors
-from deebert_jax.weights.checkpoint import write_training_info
 
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "movie", "film", "was", "good", "bad", "."]
+from tests.conftest import word_model_and_glue
 
 
 @pytest.fixture(scope="module")
 def trained_at_16(tmp_path_factory):
     """M: a 3-layer model (64 positions) whose training.json says length 16; G: a small SST-2."""
-    from transformers import BertTokenizerFast
-
-    from deebert_jax.weights.checkpoint import save_checkpoint
-    from tests.conftest import initial_params
-
-    root = tmp_path_factory.mktemp("len")
-    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(WORDS)})
-    config = tiny_config(vocab_size=len(WORDS), num_hidden_layers=3)
-
-    def extra(tmp):
-        tok.save_pretrained(os.path.join(tmp, "tokenizer"))
-        write_training_info(tmp, 16, train_rows=4)
-    save_checkpoint(root / "M", config, initial_params(config), write_extra=extra)
-    (root / "G" / "SST-2").mkdir(parents=True)
-    rows = "".join(f"the movie was {'good' if i % 2 else 'bad'}\t{i % 2}\n" for i in range(12))
-    for split in ("train", "dev"):
-        (root / "G" / "SST-2" / f"{split}.tsv").write_text("sentence\tlabel\n" + rows)
-    return root
+    return word_model_and_glue(tmp_path_factory.mktemp("len"), train_rows=4, length=16, rows=12)
 
 
 def test_calibration_draws_runs_at_the_training_length(trained_at_16, tmp_path, capsys):

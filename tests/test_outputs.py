@@ -6,7 +6,6 @@ benchmarks/commands and research/commands with an output flag must have a case h
 command (or a new output flag) without one fails `test_every_command_with_an_output_has_a_case`.
 """
 
-import hashlib
 import importlib
 import json
 import os
@@ -17,22 +16,11 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, WORDS, snapshot
 
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "movie", "film", "was", "good", "bad", "."]
 OUTPUT_FLAG = re.compile(r"""add_argument\(\s*["'](--out|--plot|--plots|--markdown)["']|DEFINE_string\(\s*"out"|"""
                          r"""config\.workdir|cfg\.workdir""")
 COMMAND_DIRS = ("deebert_jax/commands", "benchmarks/commands", "research/commands")
-
-
-def _snapshot(root):
-    out = {}
-    for d, _, files in os.walk(root):
-        for f in files:
-            path = os.path.join(d, f)
-            with open(path, "rb") as fh:
-                out[os.path.relpath(path, root)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +153,7 @@ def test_an_output_onto_an_input_is_refused_before_any_work(base, tmp_path, monk
         if name != "workdirs":   # run.json names its files by absolute path: made here, not copied
             (shutil.copytree if (base / name).is_dir() else shutil.copy)(base / name, tmp_path / name)
     _run_files(tmp_path)
-    before, entries = _snapshot(tmp_path), sorted(os.listdir(tmp_path))
+    before, entries = snapshot(tmp_path), sorted(os.listdir(tmp_path))
     monkeypatch.chdir(tmp_path)
     if command in SUBPROCESS:
         env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
@@ -181,7 +169,7 @@ def test_an_output_onto_an_input_is_refused_before_any_work(base, tmp_path, monk
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("max sequence length")]
     assert rc == 1, err[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err[-2000:]
-    assert _snapshot(tmp_path) == before and sorted(os.listdir(tmp_path)) == entries
+    assert snapshot(tmp_path) == before and sorted(os.listdir(tmp_path)) == entries
 
 
 def test_check_outputs_covers_siblings_duplicates_and_directories(tmp_path):

@@ -14,7 +14,7 @@ import httpx
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, wait_for_ready
 from test_exit_aware import random_params, safe_thresholds
 
 from deebert_jax.data import glue as data
@@ -221,11 +221,7 @@ def test_server_process_drains_on_sigterm_answering_every_request(tmp_path):
                             stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("ready: "):
-                break
-        url = re.match(r"ready: (http://127\.0\.0\.1:\d+) ", lines[-1]).group(1)
+        url = wait_for_ready(proc, lines)
         assert "threshold 0: the full depth" in "".join(lines)  # no exit_policy.json
         n_requests, per_request = 24, 32
         texts = [TEXTS[i % len(TEXTS)] for i in range(per_request)]

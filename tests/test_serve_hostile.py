@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from conftest import REPO
+from conftest import REPO, wait_for_ready
 from test_serve import CONFIG, call, save_model
 from test_exit_aware import random_params
 
@@ -147,12 +147,7 @@ def test_one_client_cannot_hold_or_starve_the_server(model_dir):
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     held = []
     try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("ready: "):
-                break
-        port = int(re.match(r"ready: http://127\.0\.0\.1:(\d+) ", lines[-1]).group(1))
+        port = int(wait_for_ready(proc).rsplit(":", 1)[1])
         # Headers trickled a byte at a time: closed at the header deadline, not kept alive by the bytes.
         s = _connect(port)
         start = time.monotonic()
