@@ -116,6 +116,7 @@ def test_records_gain_score_and_keep_every_other_byte(service):
 
 @pytest.mark.parametrize("path, body, message", [
     ("/predict", {"inputs": "good", "top_k": 1}, 'unknown field "top_k": /predict takes "inputs"'),
+    ("/predict", {"inputs": "good", "parameters": {}}, "(the Inference API's body, with parameters, goes to POST /)"),
     ("/", {"inputs": "good", "raw_scores": True}, 'unknown field "raw_scores": expected only "inputs", "parameters"'),
     ("/", {"inputs": "good", "parameters": {"top_k": 1, "truncation": "only_first"}},
      'unknown field "parameters.truncation": expected only "top_k", "function_to_apply"'),

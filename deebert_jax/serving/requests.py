@@ -78,7 +78,12 @@ def parse_body(body: bytes, max_inputs: int = MAX_INPUTS, max_bytes: int = MAX_B
     """The raw body of `POST /predict` -> [(text, text_pair or None)] in input order, or a
     `RequestError` (a field other than "inputs" is one: nothing is silently ignored)."""
     data = load_body(body, max_bytes)
-    check_fields(data, ("inputs",), "/predict")
+    try:
+        check_fields(data, ("inputs",), "/predict")
+    except RequestError as e:
+        if "parameters" in data:   # a Hugging Face Inference API client pointed at /predict
+            raise RequestError(400, f"{e} (the Inference API's body, with parameters, goes to POST /)") from None
+        raise
     return parse_inputs(data["inputs"], max_inputs)
 
 

@@ -95,7 +95,11 @@ def create_tei_app(service: Service, on_startup: Callable[[], None] | None = Non
 
     def respond(outcome: Outcome, options) -> Response:
         data, batched, (function, top_k), start, characters = options
-        lists = [answers.ranked(answers.scores(logits, function), service.names, top_k) for logits in outcome.logits]
+        try:
+            lists = [answers.ranked(answers.scores(logits, function), service.names, top_k)
+                     for logits in outcome.logits]
+        except RuntimeError as e:   # a NaN score: TEI's backend error
+            return error(424, str(e), "engine")
         n = len(lists)
         total = time.perf_counter() - start
         queue, inference = sum(outcome.queue_s) / n, sum(outcome.inference_s) / n
