@@ -27,7 +27,8 @@ HOSTILE = [
     (b"[" * 100_000, 400, "the body is not valid JSON (nested too deeply)"),
     (b'{"inputs": [' + b"9" * 5000 + b"]}", 400, '"inputs[0]" must be a string, got a 5000-digit number'),
     (b'{"inputs": ["good", ["a", -' + b"1" * 5000 + b"]]}", 400, '"inputs[1][1]" must be a string, got a 5000-digit'),
-    (b'{"inputs": "good", "extra": ' + b"7" * 5000 + b"}", 200, None),   # an ignored field may hold anything
+    # No field is silently ignored: an unknown one is refused by name, whatever it holds.
+    (b'{"inputs": "good", "extra": ' + b"7" * 5000 + b"}", 400, 'unknown field "extra": /predict takes "inputs"'),
 ]
 
 

@@ -4,13 +4,15 @@
         [--rule entropy|max_prob|patience] [--max-seq-length N] [--max-queue N]
         [--schedule arrivals|deepest|shallowest] [--admit-budget-ms 50]
         [--graceful-shutdown-timeout 25] [--header-timeout 10] [--body-timeout 20]
-        [--keep-alive-timeout 5] [--max-connections 2048]
+        [--keep-alive-timeout 5] [--max-connections 2048] [--api deebert|tei]
 
 POST /predict {"inputs": "text" | ["t1", ...] | [["text", "pair"], ...]} answers, per input, the
 record `train.predict` writes; GET /health, GET /metrics (Prometheus). Without `--threshold`:
 DIR/exit_policy.json, else the full depth. Prints one `ready: URL` line once every program is
 compiled; SIGTERM / SIGINT answers everything in flight and exits 0. `--backend torch` serves
-the eager PyTorch twin at full depth (the benchmark's baseline).
+the eager PyTorch twin at full depth (the benchmark's baseline). Also POST / (the Hugging Face
+Inference API's text classification), GET /info, GET /openapi.json, GET /docs. `--api tei`
+serves Text Embeddings Inference's API for a classifier instead (docs/serving.md, "Coming from TEI").
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 from deebert_jax.commands.cli import number, positive_int, run
 from deebert_jax.core.optional import check_installed
 
-SERVE_PACKAGES = ("starlette", "uvicorn", "prometheus_client")   # pyproject's `serve` extra
+SERVE_PACKAGES = ("starlette", "uvicorn", "prometheus_client", "pydantic", "swagger_ui_bundle")   # the `serve` extra
 
 
 def parse_args(argv):
@@ -32,7 +34,7 @@ def parse_args(argv):
     from deebert_jax.serving.scheduler import DEFAULT_ADMIT_BUDGET_S, DEFAULT_SCHEDULE, SCHEDULES
     from deebert_jax.serving import server
     from deebert_jax.serving.connections import ConnectionLimits
-    from deebert_jax.serving.server import BACKENDS, DEFAULT_GRACEFUL_SHUTDOWN_S
+    from deebert_jax.serving.server import APIS, BACKENDS, DEFAULT_GRACEFUL_SHUTDOWN_S
     from deebert_jax.serving.drift import DEFAULT_SHADOW_SHARE, ON_DRIFT
 
     limits = ConnectionLimits()
@@ -50,6 +52,10 @@ def parse_args(argv):
                              "longest its positions cover (at most the tokenizer's model_max_length)")
     parser.add_argument("--max-queue", type=positive_int, default=DEFAULT_MAX_QUEUE,
                         help="rows accepted and not yet answered; past it, 503 with Retry-After")
+    parser.add_argument("--api", default="deebert", choices=APIS,
+                        help="deebert: our routes and records (/predict, and / in the Hugging Face Inference "
+                             "API's shape); tei: a drop-in for a Text Embeddings Inference classifier "
+                             "(its routes, request fields, answers, errors, /info and metric names)")
     parser.add_argument("--backend", default="jax", choices=BACKENDS,
                         help="torch: eager PyTorch at full depth with dynamic batching; onnxruntime: the same "
                              "weights through ONNX Runtime (baselines, from a checkout)")
@@ -117,7 +123,8 @@ def main(argv=None, engine_factories=None) -> int:
                                    on_drift=args.on_drift)
     sock = server.bind(args.host, args.port)
     say(f"listening on http://{args.host}:{args.port}; compiling before taking requests")
-    return server.serve(service, sock, say, limits=limits, graceful_shutdown_s=args.graceful_shutdown_timeout)
+    return server.serve(service, sock, say, limits=limits, graceful_shutdown_s=args.graceful_shutdown_timeout,
+                        api=args.api)
 
 
 def entry(argv=None, engine_factories=None) -> int:

@@ -165,12 +165,14 @@ def check_tokenizer(tokenizer, source: str, config=None):
     return tokenizer
 
 
-def cut_text(text: str, max_seq_length: int) -> str:
+def cut_text(text: str, max_seq_length: int, side: str = "right") -> str:
     """`text` cut to `CHARS_PER_TOKEN * max_seq_length` characters, before tokenising: a longer
     text cannot be read whole by the model anyway, and tokenising all of it would cost memory in
-    proportion to its length."""
+    proportion to its length. `side`: where it is cut ("left" keeps the end)."""
     limit = CHARS_PER_TOKEN * int(max_seq_length)
-    return text if len(text) <= limit else text[:limit]
+    if len(text) <= limit:
+        return text
+    return text[-limit:] if side == "left" else text[:limit]
 
 
 def check_room_for_text(tokenizer, max_seq_length: int, pairs: bool = False) -> None:

@@ -25,11 +25,22 @@ from deebert_jax.model import layouts
 
 
 def encode(tokenizer, examples: Sequence[Example], max_seq_length: int,
-           vocab_size: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+           vocab_size: int | None = None, truncation_side: str = "right") -> tuple[dict[str, np.ndarray], np.ndarray]:
     """-> (input_ids, attention_mask, token_type_ids [N, S] int32, S the longest example rounded up
     to a power of two, at most `max_seq_length`; truncated [N] bool: the model does not see all of
     the text). Single texts and pairs may be mixed. Each text is cut to a bounded length first
-    (`glue.cut_text`), so memory does not grow with the longest line; a text cut there is truncated."""
+    (`glue.cut_text`), so memory does not grow with the longest line; a text cut there is truncated.
+    `truncation_side` "left" keeps the end of a long text instead of its start."""
+    if truncation_side not in ("left", "right"):
+        raise ValueError(f"truncation_side {truncation_side!r}; expected 'left' or 'right'")
+    side, tokenizer.truncation_side = tokenizer.truncation_side, truncation_side
+    try:
+        return _encode(tokenizer, examples, max_seq_length, vocab_size, truncation_side)
+    finally:
+        tokenizer.truncation_side = side
+
+
+def _encode(tokenizer, examples, max_seq_length, vocab_size, truncation_side):
     if vocab_size is not None and len(tokenizer) > vocab_size:  # larger ids would read past the embeddings
         raise DataError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size={vocab_size}")
     rows: list = [None] * len(examples)
@@ -39,8 +50,8 @@ def encode(tokenizer, examples: Sequence[Example], max_seq_length: int,
         if not index:
             continue
         check_room_for_text(tokenizer, max_seq_length, pairs)
-        firsts = [cut_text(examples[i][0], max_seq_length) for i in index]
-        seconds = [cut_text(examples[i][1], max_seq_length) for i in index] if pairs else None
+        firsts = [cut_text(examples[i][0], max_seq_length, truncation_side) for i in index]
+        seconds = [cut_text(examples[i][1], max_seq_length, truncation_side) for i in index] if pairs else None
         cut = [len(firsts[j]) < len(examples[i][0]) or (pairs and len(seconds[j]) < len(examples[i][1]))
                for j, i in enumerate(index)]
         # The lengths in full (of the cut texts) against `max_seq_length` itself: a tokenizer that
@@ -138,12 +149,14 @@ def predict_stream(config: DeeBertConfig, params, tokenizer, examples: Iterable[
 def format_predictions(examples: Sequence[Example], probs: np.ndarray, exit_layer: np.ndarray,
                        names: Sequence[str], truncated: np.ndarray) -> list[dict]:
     """One JSON-ready dict per example: text (, text_pair), label, label_id, probabilities,
-    exit_layer (1-based), truncated."""
+    exit_layer (1-based), truncated, score (the probability of `label`, added last so the keys
+    before it are written as they always were)."""
     records = []
     for (text, pair), p, layer, cut in zip(examples, probs, exit_layer, truncated):
         record = {"text": text} if pair is None else {"text": text, "text_pair": pair}
         best = int(np.argmax(p))
-        record.update(label=names[best], label_id=best, probabilities=[round(float(x), 6) for x in p],
-                      exit_layer=int(layer), truncated=bool(cut))
+        rounded = [round(float(x), 6) for x in p]
+        record.update(label=names[best], label_id=best, probabilities=rounded, exit_layer=int(layer),
+                      truncated=bool(cut), score=rounded[best])
         records.append(record)
     return records

@@ -6,7 +6,10 @@
 - `engine`: the device worker: pools of rows, one jitted layer step per padded length, answers
   the moment a row exits (`torch_engine`: the eager PyTorch baseline behind the same interface);
 - `metrics`: the Prometheus metrics;
-- `app`: the ASGI app (`/health`, `/predict`, `/metrics`); `server`: one process (bind, warm up,
+- `bodies`: the other request bodies (pydantic models, no unknown field) and their inputs;
+  `answers`: logits -> the scored label lists of the Hugging Face APIs; `openapi`: the schema and docs page;
+- `app`: the ASGI app (`/health`, `/predict`, `/`, `/info`, `/metrics`); `tei`: Text Embeddings
+  Inference's routes over the same service (`--api tei`); `server`: one process (bind, warm up,
   serve, drain on SIGTERM / SIGINT);
 - `loadgen`: the open-loop Poisson load generator and its statistics (`train.benchmark_serve`).
 """

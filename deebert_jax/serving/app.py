@@ -1,7 +1,11 @@
-"""The ASGI app: `GET /health`, `POST /predict`, `GET /metrics` over a `Service` (Starlette).
+"""The ASGI app: `GET /health`, `POST /predict`, `GET /metrics` over a `Service` (Starlette); and
+`POST /` (the Hugging Face Inference API's text classification), `GET /info`, `GET /openapi.json`
+and `GET /docs`. `tei.create_tei_app` is the same service behind Text Embeddings Inference's API.
 
 `/predict` answers, per input and in input order, the record `train.predict` writes (text,
-text_pair, label, label_id, probabilities, exit_layer, truncated). Errors are `{"error": "..."}`:
+text_pair, label, label_id, probabilities, exit_layer, truncated, score). `POST /` answers
+`[[{"label", "score"}, ...], ...]`, one list per input, every label (or `parameters.top_k`) from
+the most probable, its exit layers in the `x-exit-layer` header. Errors are `{"error": "..."}`:
 400 for a malformed body (the field and index named), 413 for too many inputs or bytes (or more
 than `--max-queue` inputs: a request that could never be queued), 503 with `Retry-After` while
 starting, draining or when the queue is full, 500 if the engine failed or anything unexpected
@@ -13,10 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
 from starlette.applications import Starlette
@@ -25,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from deebert_jax.inference.predict import format_predictions
+from deebert_jax.serving import answers, bodies, openapi
 from deebert_jax.serving import requests as req
 from deebert_jax.serving.metrics import CONTENT_TYPE, ServingMetrics
 
@@ -47,15 +53,19 @@ class Service:
 
     def __init__(self, engine, tokenizer, lengths: Sequence[int], label_names: Sequence[str], num_layers: int, *,
                  vocab_size: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
-                 max_inputs: int = req.MAX_INPUTS, info: dict[str, Any] | None = None, drift=None):
+                 max_inputs: int = req.MAX_INPUTS, info: dict[str, Any] | None = None,
+                 details: dict[str, Any] | None = None, drift=None):
         self.engine, self.tokenizer = engine, tokenizer
         self.lengths, self.names, self.num_layers = tuple(lengths), list(label_names), num_layers
         self.vocab_size, self.max_queue, self.max_inputs = vocab_size, max_queue, max_inputs
-        self.info = dict(info or {})
+        self.info = dict(info or {})          # what /health adds to "ready"
+        self.details = dict(details or {})    # GET /info (`server.describe`)
         self.state = "starting"
         self.error: BaseException | None = None   # why warming up failed
         self.metrics = ServingMetrics(num_layers, engine.pending)
+        self._admitted: dict[int, float] = {}   # engine key -> when its row entered a pool (until answered)
         engine.on_step = lambda rows, seconds: self.metrics.observe_step(rows)
+        engine.on_admit = self._on_admit   # engines without the hook: queue time 0, all of it inference
         self.drift = drift   # `drift.DriftCheck` of the shadow rows, or None
         if drift is not None:
             self.metrics.watch_drift(drift.snapshot)
@@ -99,9 +109,18 @@ class Service:
         """Answers every accepted row, then stops the engine."""
         self.engine.stop()
 
-    async def predict(self, examples: list) -> list[dict]:
-        """Tokenises, queues and awaits every row -> the records, in input order."""
-        rows = req.to_rows(self.tokenizer, examples, self.lengths, self.vocab_size)
+    async def run(self, examples: list, *, truncate: bool = True, truncation_side: str = "right") -> "Outcome":
+        """Tokenises, queues and awaits every row -> their logits, exit layers and timings, in input
+        order. `truncate=False`: an input longer than the longest length is a RequestError instead."""
+        start = time.perf_counter()
+        rows = req.to_rows(self.tokenizer, examples, self.lengths, self.vocab_size, truncation_side)
+        if not truncate:
+            for i, row in enumerate(rows):
+                if row.truncated:
+                    field = "inputs" if len(rows) == 1 else f"inputs[{i}]"
+                    raise req.RequestError(400, f'"{field}" has more than {max(self.lengths)} tokens, the maximum '
+                                                'input length, and "truncate" is false', kind="too_long")
+        tokenized = time.perf_counter()
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in rows]
 
@@ -109,37 +128,73 @@ class Service:
             def callback(logits, exit_layer):
                 if logits is not None:
                     self.metrics.observe_exit(exit_layer)
-                loop.call_soon_threadsafe(lambda: future.done() or future.set_result((logits, exit_layer)))
+                done = time.perf_counter()
+                loop.call_soon_threadsafe(lambda: future.done() or future.set_result((logits, exit_layer, done)))
             return callback
 
         keys = self.engine.submit(rows, [answer(f) for f in futures])
         try:
-            answers = await asyncio.gather(*futures)
+            results = await asyncio.gather(*futures)
         except asyncio.CancelledError:
             self.engine.cancel(keys)  # the client went away: rows not started cost nothing
             raise
-        if any(logits is None for logits, _ in answers):
+        finally:
+            admitted = [self._admitted.pop(key, None) for key in keys]
+        if any(logits is None for logits, _, _ in results):
             raise RuntimeError(f"the engine failed: {self.engine.error!r}")
-        probs = np.stack([softmax(logits) for logits, _ in answers])
-        exits = np.array([layer for _, layer in answers])
-        return format_predictions(examples, probs, exits, self.names, np.array([r.truncated for r in rows]))
+        queue = [(a or tokenized) - tokenized for a in admitted]
+        return Outcome(logits=np.stack([np.asarray(r[0], np.float32) for r in results]),
+                       exits=np.array([r[1] for r in results]), truncated=np.array([r.truncated for r in rows]),
+                       tokens=[int(r.attention_mask.sum()) for r in rows], tokenization_s=tokenized - start,
+                       queue_s=queue, inference_s=[r[2] - tokenized - q for r, q in zip(results, queue)])
+
+    def _on_admit(self, keys) -> None:
+        """Engine hook (its thread): rows entered a pool; their queue time ends now."""
+        now = time.perf_counter()
+        self._admitted.update((key, now) for key in keys)
+
+    async def predict(self, examples: list) -> list[dict]:
+        """Tokenises, queues and awaits every row -> the records, in input order."""
+        outcome = await self.run(examples)
+        probs = np.stack([softmax(logits) for logits in outcome.logits])
+        return format_predictions(examples, probs, outcome.exits, self.names, outcome.truncated)
 
 
-def _error(status: int, message: str, retry: bool = False) -> JSONResponse:
+@dataclasses.dataclass
+class Outcome:
+    """What `Service.run` answers: logits [N, K] float32 of each row's exit ramp, exits [N]
+    (1-based), truncated [N], tokens per row, and seconds spent tokenising (the request), waiting
+    for a pool slot and inside the engine (per row)."""
+    logits: np.ndarray
+    exits: np.ndarray
+    truncated: np.ndarray
+    tokens: list[int]
+    tokenization_s: float
+    queue_s: list[float]
+    inference_s: list[float]
+
+
+def _error(status: int, message: str, kind: str | None = None, retry: bool = False) -> JSONResponse:
+    """The default API's error: `{"error": message}` (`kind`, which check refused it, is for
+    other APIs' error bodies: `tei.tei_error`)."""
     headers = {"Retry-After": str(RETRY_AFTER_S)} if retry else None
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+# (status, message, kind, retry) -> the error response of an API
+ErrorResponder = Callable[..., Response]
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, stopping as soon as it passes `limit` bytes (413): memory stays bounded."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise req.RequestError(413, f"the body has {declared} bytes; at most {limit}")
+        raise req.RequestError(413, f"the body has {declared} bytes; at most {limit}", kind="body_size")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise req.RequestError(413, f"the body has more than {limit} bytes")
+            raise req.RequestError(413, f"the body has more than {limit} bytes", kind="body_size")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -152,6 +207,83 @@ async def _disconnected(request: Request) -> None:
             return
 
 
+def counted(service: Service, route: str, handler: Callable[[Request], Awaitable[Response]],
+            error: ErrorResponder = _error) -> Callable[[Request], Awaitable[Response]]:
+    """`handler` with every answer counted in `deebert_requests_total{status}` (and the latency of
+    a 200), and any exception of ours a JSON 500 with its traceback in the log."""
+    async def route_handler(request: Request) -> Response:
+        start = time.perf_counter()
+        try:
+            response = await handler(request)
+        except Exception as e:  # noqa: BLE001 - a bug of ours: a JSON 500, counted, its traceback logged
+            log.exception("POST %s failed", route)
+            response = error(500, f"internal error ({type(e).__name__}); the server log has the traceback", "bug")
+        service.metrics.requests.labels(status=str(response.status_code)).inc()
+        if response.status_code == 200:
+            service.metrics.latency.observe(time.perf_counter() - start)
+        return response
+    return route_handler
+
+
+async def run_request(service: Service, request: Request, parse: Callable[[bytes], tuple[list, Any]],
+                      compute: Callable[[list, Any], Awaitable[Any]], respond: Callable[[Any, Any], Response],
+                      error: ErrorResponder = _error) -> Response:
+    """The flow every predict route shares: the service ready, the body read (bounded) and
+    `parse`d -> (examples, options), room in the queue, `compute(examples, options)` while the
+    client is watched (one that leaves has its rows not yet started dropped: 499), then
+    `respond(result, options)`. Every refusal is `error(status, message, kind, retry)`."""
+    if service.state != "ready":
+        return error(503, f"the server is {service.state}", "unavailable", retry=service.state != "failed")
+    try:
+        examples, options = parse(await _read_body(request, req.MAX_BODY_BYTES))
+    except req.RequestError as e:
+        return error(e.status, str(e), e.kind)
+    except ClientDisconnect:   # gone before its body was read: nothing queued, nobody to answer
+        return Response(status_code=CLIENT_GONE)
+    if len(examples) > service.max_queue:   # would get 503 Retry-After forever
+        return error(413, f'"inputs" has {len(examples)} items; the queue holds at most {service.max_queue} '
+                          "rows (--max-queue), so this request could never be queued: send fewer per request",
+                     "batch_size")
+    if service.engine.pending() + len(examples) > service.max_queue:
+        return error(503, f"the queue is full ({service.max_queue} rows)", "overloaded", retry=True)
+    work = asyncio.ensure_future(compute(examples, options))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not work.done():   # the client went away: its rows not yet started are dropped (Service.run)
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+        return Response(status_code=CLIENT_GONE)
+    try:
+        result = work.result()
+    except RuntimeError as e:
+        service.state = "failed"
+        return error(500, str(e), "engine")
+    except req.RequestError as e:
+        return error(e.status, str(e), e.kind)
+    return respond(result, options)
+
+
+def exit_headers(outcome: Outcome) -> dict[str, str]:
+    """The early-exit facts of an answer, beside its body: `x-exit-layer` (1-based, one per input,
+    comma-separated in input order)."""
+    return {"x-exit-layer": ",".join(str(int(layer)) for layer in outcome.exits)}
+
+
+def lifespan_of(on_startup: Callable[[], None] | None, on_shutdown: Callable[[], None] | None):
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if on_startup:
+            on_startup()
+        yield
+        if on_shutdown:
+            on_shutdown()
+    return lifespan
+
+
 def create_app(service: Service, on_startup: Callable[[], None] | None = None,
                on_shutdown: Callable[[], None] | None = None) -> Starlette:
     """The routes over `service`; `on_startup` / `on_shutdown` run in the app's lifespan."""
@@ -162,63 +294,35 @@ def create_app(service: Service, on_startup: Callable[[], None] | None = None,
                                 headers={"Retry-After": str(RETRY_AFTER_S)})
         return JSONResponse(service.health())
 
-    async def predict(request: Request) -> Response:
-        start = time.perf_counter()
-        try:
-            response = await _predict(request)
-        except Exception as e:  # noqa: BLE001 - a bug of ours: a JSON 500, counted, its traceback logged
-            log.exception("POST /predict failed")
-            response = _error(500, f"internal error ({type(e).__name__}); the server log has the traceback")
-        service.metrics.requests.labels(status=str(response.status_code)).inc()
-        if response.status_code == 200:
-            service.metrics.latency.observe(time.perf_counter() - start)
-        return response
+    def parse_predict(body: bytes):
+        return req.parse_body(body, service.max_inputs), None
 
-    async def _predict(request: Request) -> Response:
-        if service.state != "ready":
-            return _error(503, f"the server is {service.state}", retry=service.state != "failed")
-        try:
-            examples = req.parse_body(await _read_body(request, req.MAX_BODY_BYTES), service.max_inputs)
-        except req.RequestError as e:
-            return _error(e.status, str(e))
-        except ClientDisconnect:   # gone before its body was read: nothing queued, nobody to answer
-            return Response(status_code=CLIENT_GONE)
-        if len(examples) > service.max_queue:   # would get 503 Retry-After forever
-            return _error(413, f'"inputs" has {len(examples)} items; the queue holds at most {service.max_queue} '
-                               "rows (--max-queue), so this request could never be queued: send fewer per request")
-        if service.engine.pending() + len(examples) > service.max_queue:
-            return _error(503, f"the queue is full ({service.max_queue} rows)", retry=True)
-        work = asyncio.ensure_future(service.predict(examples))
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if not work.done():   # the client went away: its rows not yet started are dropped (Service.predict)
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await work
-            return Response(status_code=CLIENT_GONE)
-        try:
-            records = work.result()
-        except RuntimeError as e:
-            service.state = "failed"
-            return _error(500, str(e))
-        except req.RequestError as e:
-            return _error(e.status, str(e))
-        return JSONResponse(records)
+    async def predict(request: Request) -> Response:
+        return await run_request(service, request, parse_predict, lambda examples, _: service.predict(examples),
+                                 lambda records, _: JSONResponse(records))
+
+    def parse_hf(body: bytes):
+        data = bodies.validate(bodies.HFBody, req.load_body(body))
+        return bodies.hf_examples(data.inputs, service.max_inputs), bodies.scoring(data, len(service.names))
+
+    def answer_hf(outcome: Outcome, scoring) -> Response:
+        function, top_k = scoring
+        lists = [answers.ranked(answers.scores(logits, function), service.names, top_k, score_first=False)
+                 for logits in outcome.logits]
+        return JSONResponse(lists, headers=exit_headers(outcome))
+
+    async def inference_api(request: Request) -> Response:
+        return await run_request(service, request, parse_hf, lambda examples, _: service.run(examples), answer_hf)
+
+    async def info(request: Request) -> Response:
+        return JSONResponse(service.details)
 
     async def metrics(request: Request) -> Response:
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        if on_startup:
-            on_startup()
-        yield
-        if on_shutdown:
-            on_shutdown()
-
-    routes = [Route("/health", health, methods=["GET"]), Route("/predict", predict, methods=["POST"]),
-              Route("/metrics", metrics, methods=["GET"])]
-    return Starlette(routes=routes, lifespan=lifespan)
+    routes = [Route("/health", health, methods=["GET"]),
+              Route("/predict", counted(service, "/predict", predict), methods=["POST"]),
+              Route("/", counted(service, "/", inference_api), methods=["POST"]),
+              Route("/info", info, methods=["GET"]), Route("/metrics", metrics, methods=["GET"]),
+              *openapi.routes(openapi.deebert_document(service.details), "/openapi.json")]
+    return Starlette(routes=routes, lifespan=lifespan_of(on_startup, on_shutdown))

@@ -124,7 +124,8 @@ class Engine(Worker):
     `submit(rows, callbacks)` queues rows (`requests.Row`, padded to one of `lengths`); each
     callback gets (logits [K], exit_layer) the moment its row exits. `step()` runs on one thread
     at a time (`start()`: a worker thread); `submit`, `cancel`, `pending` and `stop` may be
-    called from any thread. `on_step(rows, seconds)` is called after each step (metrics).
+    called from any thread. `on_step(rows, seconds)` is called after each step (metrics),
+    `on_admit(keys)` when rows enter their pool (the end of their queue time).
     `schedule`, `admit_budget_s`: which group runs next (`scheduler.Scheduler`).
     """
 
@@ -147,6 +148,7 @@ class Engine(Worker):
         self.threshold = np.float32(threshold)
         self.dtype = jnp.dtype(dtype)
         self.on_step = on_step
+        self.on_admit: Callable[[list[int]], None] | None = None
         self.scheduler = Scheduler(config.num_hidden_layers, self.lengths, self.pool_size, schedule, admit_budget_s)
         self.params = jax.device_put(layouts.unstack_params(params))
         self._leaves, self._treedef = jax.tree_util.tree_flatten(self.params)
@@ -298,6 +300,8 @@ class Engine(Worker):
         -> (done, exit_layer, logits) of `plan.slots`, as numpy."""
         admit, run = self._programs[plan.length]
         state, bias = pools[plan.length]
+        if plan.admit and pools is self._pools and self.on_admit is not None:
+            self.on_admit([key for key, _ in plan.admit])
         for lo in range(0, len(admitted), ADMIT_ROWS):
             chunk = admitted[lo:lo + ADMIT_ROWS]
             slots = np.full(ADMIT_ROWS, self.pool_size, np.int32)

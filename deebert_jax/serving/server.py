@@ -11,10 +11,12 @@ cancelled), the engine answers what it holds, and the process exits 0. What one 
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import resource
 import signal
 import socket
+import subprocess
 import sys
 from typing import Any, Callable, Mapping
 
@@ -24,14 +26,18 @@ from deebert_jax.core.errors import InputError
 from deebert_jax.serving.app import DEFAULT_MAX_QUEUE, Service, create_app
 from deebert_jax.serving.connections import ConnectionLimits, guarded_protocol
 from deebert_jax.serving.drift import DEFAULT_SHADOW_SHARE, ON_DRIFT, DriftCheck, drift_settings, full_depth_threshold
-from deebert_jax.serving.requests import length_classes
+from deebert_jax.serving.requests import MAX_BODY_BYTES, MAX_INPUTS, length_classes
 from deebert_jax.serving.scheduler import DEFAULT_ADMIT_BUDGET_S, DEFAULT_SCHEDULE, check_schedule
+from deebert_jax.serving.tei import create_tei_app
 
 # `--backend`'s choices. "jax" is the product's engine; any other is handed in by the caller as an
 # engine factory (the serving benchmark's baselines, eager PyTorch and ONNX Runtime, live in
 # benchmarks/, which the installed package never imports; `python -m train.serve` in a checkout
 # hands them in).
 BACKENDS = ("jax", "torch", "onnxruntime")
+# `--api`'s choices: our own routes and records (`app.create_app`), or Text Embeddings
+# Inference's for a classifier (`tei.create_tei_app`).
+APIS = ("deebert", "tei")
 # (config, params, lengths) -> (an engine behind `engine.Engine`'s interface, one line saying what it runs)
 EngineFactory = Callable[[Any, Any, tuple[int, ...]], tuple[Any, str]]
 BACKLOG = 2048
@@ -89,6 +95,8 @@ def build_service(model_dir: str, *, threshold: float | None = None, rule: str |
         raise InputError(f"--shadow-share {shadow_share!r}: a share of rows in [0, 1]")
     if on_drift not in ON_DRIFT:
         raise InputError(f"--on-drift {on_drift!r}; expected one of {', '.join(ON_DRIFT)}")
+    from deebert_jax.inference.exit_policy import POLICY_FILE, load_exit_policy
+
     model = open_model_dir(model_dir)
     config, params = model.config, model.params
     # None: the length the model was trained at, else its longest input; a longer one is refused here.
@@ -98,6 +106,7 @@ def build_service(model_dir: str, *, threshold: float | None = None, rule: str |
     info = {"model": os.path.basename(os.path.normpath(model_dir)), "layers": L, "lengths": list(lengths),
             "backend": backend}
     drift = None
+    given_threshold = threshold
     if backend == "jax":
         from deebert_jax.serving.engine import Engine   # JAX: after setup_process, as above
         threshold, rule, note = model.threshold(threshold, rule, max_seq_length=max_seq_length)
@@ -108,6 +117,18 @@ def build_service(model_dir: str, *, threshold: float | None = None, rule: str |
         engine = Engine(config, params, lengths, threshold, rule, bucket_sizes=bucket_sizes, schedule=schedule,
                         admit_budget_s=budget, shadow_share=share, shadow_seed=shadow_seed)
         info.update(rule=rule, threshold=threshold, schedule=schedule, shadow_share=share)
+        policy = None if given_threshold is not None else load_exit_policy(model_dir)
+        if given_threshold is not None:
+            source = "given (--threshold)"
+        elif policy is not None and policy["rule"] == rule:
+            source = POLICY_FILE
+        else:
+            source, policy = "the full depth (no exit policy for this rule)", None
+        extra = {"threshold_source": source, "admit_budget_ms": budget * 1e3 if schedule == "arrivals" else None,
+                 "exit_policy": None if policy is None else {
+                     k: policy[k] for k in ("guarantee", "guarantee_scope", "max_drop", "metric_name", "confidence",
+                                            "calibration_split", "calibration_size", "task", "chosen_at")
+                     if k in policy}}
         note += f"; schedule {schedule}" + (f" (admission budget {budget * 1e3:g} ms)" if schedule == "arrivals" else "")
         if share > 0:
             drift_budget, confidence, grid, drift_note = drift_settings(model.policy(max_seq_length=max_seq_length), rule,
@@ -120,10 +141,56 @@ def build_service(model_dir: str, *, threshold: float | None = None, rule: str |
     else:
         engine, note = factory(config, params, lengths)
         info.update(rule=None, threshold=None)
+        extra = {"threshold_source": "none: this backend runs the full depth", "exit_policy": None}
     say(f"model: {os.fspath(model_dir)} ({L} layers); {note}; max sequence length {max_seq_length}"
         + ("" if why == "given" else f" ({why})"))
+    details = describe(info, extra, model.label_names, max_seq_length, max_queue,
+                       getattr(engine, "pool_size", None), getattr(config, "model_type", None))
     return Service(engine, model.tokenizer, lengths, model.label_names, L, vocab_size=config.vocab_size,
-                   max_queue=max_queue, info=info, drift=drift)
+                   max_queue=max_queue, info=info, details=details, drift=drift)
+
+
+def version() -> str:
+    """The installed deebert-jax's version, else the checkout's pyproject.toml's."""
+    try:
+        return importlib.metadata.version("deebert-jax")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    pyproject = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                             "pyproject.toml")
+    try:
+        import tomllib
+        with open(pyproject, "rb") as f:
+            return tomllib.load(f)["project"]["version"]
+    except (OSError, KeyError, ValueError):
+        return "unknown"
+
+
+def commit() -> str | None:
+    """The git commit the code runs from, when it runs from a checkout (None otherwise)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out or None
+
+
+def describe(info: dict, extra: dict, labels, max_seq_length: int, max_queue: int, pool_slots: int | None,
+             model_type: str | None) -> dict:
+    """`GET /info`: the model, its labels and lengths, the exit rule, threshold and where it came
+    from (with the exit policy's guarantee and its scope), the schedule, the limits, the version."""
+    import jax   # loaded by the engine already
+
+    return {"model": info["model"], "model_type": model_type, "labels": list(labels), "layers": info["layers"],
+            "max_input_length": max_seq_length, "lengths": info["lengths"], "backend": info["backend"],
+            "platform": jax.default_backend(), "dtype": "float32",
+            "rule": info.get("rule"), "threshold": info.get("threshold"), **extra,
+            "schedule": info.get("schedule"),
+            "limits": {"max_inputs": MAX_INPUTS, "max_body_bytes": MAX_BODY_BYTES, "max_queue": max_queue,
+                       "pool_slots": pool_slots},
+            "version": version(), "commit": commit()}
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -158,21 +225,28 @@ class _DrainingServer(uvicorn.Server):
 
 def serve(service: Service, sock: socket.socket, say: Callable[[str], None] = print, *,
           limits: ConnectionLimits | None = None,
-          graceful_shutdown_s: float | None = DEFAULT_GRACEFUL_SHUTDOWN_S) -> int:
+          graceful_shutdown_s: float | None = DEFAULT_GRACEFUL_SHUTDOWN_S, api: str = "deebert") -> int:
     """Serves on `sock` until SIGTERM / SIGINT -> 0 once everything accepted is answered (within
-    `graceful_shutdown_s`; None: no limit). `limits`: `ConnectionLimits()` by default."""
+    `graceful_shutdown_s`; None: no limit). `limits`: `ConnectionLimits()` by default. `api`:
+    one of `APIS`."""
+    if api not in APIS:
+        raise InputError(f"api {api!r}; expected one of {APIS}")
     limits = limits or ConnectionLimits()
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}"
 
+    routes = ("POST /predict, GET /health, GET /metrics" if api == "deebert" else
+              "TEI API: POST /predict, POST /, GET /info, GET /health, GET /metrics, GET /docs")
+
     def announce(compiled: str) -> None:
-        say(f"ready: {url} ({compiled}; POST /predict, GET /health, GET /metrics)")
+        say(f"ready: {url} ({compiled}; {routes})")
 
     def failed() -> None:
         server.should_exit = True
 
-    app = create_app(service, on_startup=lambda: service.start_in_background(announce, failed),
-                     on_shutdown=service.stop)
+    make_app = create_tei_app if api == "tei" else create_app
+    app = make_app(service, on_startup=lambda: service.start_in_background(announce, failed),
+                   on_shutdown=service.stop)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", http=guarded_protocol(limits),
                             timeout_keep_alive=limits.keep_alive_s, timeout_graceful_shutdown=graceful_shutdown_s)
     server = _DrainingServer(config, service)
