@@ -2,18 +2,20 @@
 open-loop Poisson sweep of offered rates against each, capacity under a p99 SLO, and the report
 (JSON, a markdown table, a latency-against-load plot).
 
+The report (markdown and plot) is `benchmarks.serving_report`.
+
 Modes: `full_depth` (the same server at threshold 0: a standard dynamic-batching server),
 `early_exit` (the model directory's exit policy), `torch` (eager PyTorch at full depth with
 dynamic batching), `onnxruntime` (the same twin exported to ONNX Runtime, likewise). All servers
 start first (each idle while another is measured); then each offered rate runs every mode in turn,
-so that drifts in other load on a shared machine land on all modes alike. After the sweep, one more point at 60% of the full-depth capacity is run for
-the full-depth and early-exit servers (the median-latency target's load).
+so that drifts in other load on a shared machine land on all modes alike. After the sweep, one
+more point at 60% of the full-depth capacity is run for the full-depth and early-exit servers (the
+median-latency target's load).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
@@ -141,7 +143,7 @@ def run(model_dir: str, texts: Sequence[str], labels, *, server_command: Sequenc
         rates: Sequence[float], duration_s: float, max_requests: int, slo_ms: float, max_seq_length: int,
         modes: Sequence[str] = MODES, seed: int = 0, say: Callable[[str], None] = print,
         schedule: str | None = None, label: str | None = None, repeats: int = 1) -> dict:
-    """The whole benchmark -> the result dict (`write_outputs` writes it). `schedule`: the JAX
+    """The whole benchmark -> the result dict (`serving_report.write_outputs` writes it). `schedule`: the JAX
     servers' (None: their default); `label`: how the result names `model_dir` (`model_label`);
     `repeats`: each rate measured that many times (every mode in turn each time), so that each
     capacity comes with its spread."""
@@ -267,112 +269,6 @@ def targets(result: dict) -> dict:
         same = [r.get("same_as_predict") for r in ee["rows"] if r.get("same_as_predict") is not None]
         out["early_exit_same_as_predict"] = {"min": min(same) if same else None, "target": 1.0}
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Report
-
-def markdown(result: dict, command: str) -> str:
-    env = result["environment"]
-    lines = [f"```bash\n{command}\n```", "",
-             f"Model `{result['model']}` ({result['layers']} layers), {result['threshold_note']}; JAX servers' "
-             f"schedule: {result.get('schedule') or 'the default'}; one SST-2 dev "
-             f"sentence per request, max length {result['max_seq_length']}; {result['duration_s']:g} s per rate "
-             f"(at most {result['max_requests']} requests); SLO: p99 <= {result['slo_p99_ms']:g} ms, no errors. "
-             f"{env['device']}; threads: {env['threads']}; load average before: {env['load_average_before']}, "
-             f"after: {result.get('load_average_after')}.", "",
-             "| offered req/s | mode | achieved req/s | p50 ms | p90 ms | p99 ms | errors | mean exit layer | "
-             "accuracy | same as train.predict | load avg (1 min) before | load generator's cores |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    # By offered rate, the modes side by side (a mode's rows stop where it saturated; the 60% point
-    # is measured last but belongs with its rate).
-    modes = list(result["modes"])
-    order = [(r["offered_rps"], modes.index(mode), i, mode, r) for mode, m in result["modes"].items()
-             for i, r in enumerate(m["rows"])]
-    for *_, mode, r in sorted(order, key=lambda x: x[:3]):
-        load = r.get("load_average_before")
-        lines.append(f"| {r['offered_rps']:g} | {result['modes'][mode]['name']} | {r['achieved_rps']:g} | "
-                     f"{r['p50_ms']:g} | {r['p90_ms']:g} | {r['p99_ms']:g} | {r['errors']} | {r['mean_exit_layer']} | "
-                     f"{r['accuracy']} | {r.get('same_as_predict')} | {load[0] if load else ''} | "
-                     f"{r.get('loadgen_cores', '')} |")
-    lines.append("")
-    t = result["targets"]
-    caps = ", ".join(f"{result['modes'][m]['name']}: {c} req/s" for m, c in t["capacity_rps"].items())
-    lines.append(f"Capacity (highest offered rate with p99 <= {result['slo_p99_ms']:g} ms and no errors"
-                 + (f"; the median of {result['repeats']} repeats of the sweep" if result.get("repeats", 1) > 1 else "")
-                 + f"): {caps}.")
-    spread = [_capacity_line(m["name"], m["capacity"]) for m in result["modes"].values() if m.get("capacity")]
-    if spread:
-        lines += ["", "| mode | capacity req/s (min-max) | interpolated req/s (min-max) | saturation req/s (min-max) |",
-                  "|---|---|---|---|", *spread, ""]
-    if "early_exit_vs_full_depth" in t:
-        x = t["early_exit_vs_full_depth"]
-        lines.append(f"- early exit / full depth capacity: {x['ratio']}x (layer saving {t['layer_saving']:.1%}; "
-                     f"ideal {x['ideal']}x, target >= {x['target']}x: {'met' if x['ratio'] >= x['target'] else 'missed'})")
-    if "early_exit_vs_torch" in t:
-        x = t["early_exit_vs_torch"]
-        lines.append(f"- early exit / eager PyTorch capacity: {x['ratio']}x (target >= 3x: "
-                     f"{'met' if x['ratio'] >= 3 else 'missed'})")
-    if "early_exit_vs_onnxruntime" in t:
-        x = t["early_exit_vs_onnxruntime"]
-        lines.append(f"- early exit / ONNX Runtime capacity: {x['ratio']}x (target >= {x['target']:g}x: "
-                     f"{'met' if x['ratio'] >= x['target'] else 'missed'})")
-    if "shadow_cost" in t:
-        x = t["shadow_cost"]
-        lines.append(f"- capacity shadowing costs (early exit against early exit without shadow rows): {x['share']:.1%} "
-                     f"(target <= {x['target']:.0%}: {'met' if x['share'] <= x['target'] else 'missed'})")
-    if "median_at_60_percent" in t:
-        x = t["median_at_60_percent"]
-        lines.append(f"- median latency at {x['rate_rps']:g} req/s (60% of the full-depth capacity): early exit "
-                     f"{x['early_exit_p50_ms']:g} ms vs full depth {x['full_depth_p50_ms']:g} ms = {x['ratio']}x "
-                     f"(target <= 0.7x: {'met' if x['ratio'] <= 0.7 else 'missed'})")
-    if t.get("early_exit_same_as_predict", {}).get("min") is not None:
-        lines.append(f"- answers identical to train.predict's (label and exit layer), worst rate: "
-                     f"{t['early_exit_same_as_predict']['min']:.2%}")
-    return "\n".join(lines) + "\n"
-
-
-def _capacity_line(name: str, capacity: dict) -> str:
-    def cell(stat):
-        if not stat:
-            return "-"
-        return f"{stat['median']:g} ({stat['min']:g}-{stat['max']:g})" if stat["min"] != stat["max"] else f"{stat['median']:g}"
-    return (f"| {name} | {cell(capacity['capacity_rps'])} | {cell(capacity['interpolated_capacity_rps'])} | "
-            f"{cell(capacity['saturation_rps'])} |")
-
-
-def plot(result: dict, path: str) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for mode, m in result["modes"].items():
-        rows = sorted((r for r in m["rows"] if r["errors"] == 0 or r["achieved_rps"]), key=lambda r: r["offered_rps"])
-        x = [r["offered_rps"] for r in rows]
-        line, = ax.plot(x, [r["p99_ms"] for r in rows], marker="o", label=f"{m['name']}: p99")
-        ax.plot(x, [r["p50_ms"] for r in rows], marker=".", linestyle="--", color=line.get_color(), label=f"{m['name']}: p50")
-    ax.axhline(result["slo_p99_ms"], color="grey", linewidth=0.8, linestyle=":", label=f"SLO {result['slo_p99_ms']:g} ms")
-    ax.set_xlabel("offered load (requests/s, Poisson)")
-    ax.set_ylabel("latency (ms)")
-    ax.set_yscale("log")
-    ax.set_title(f"{os.path.basename(result['model'])}: latency against load")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_outputs(result: dict, out_json: str, command: str) -> dict[str, str]:
-    """JSON, markdown (`.md`) and plot (`.png`) beside each other -> their paths."""
-    from deebert_jax.core.fileutil import atomic_write_text
-    base = os.path.splitext(out_json)[0]
-    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
-    result = dict(result, command=command)
-    paths = {"json": atomic_write_text(out_json, json.dumps(result, indent=2) + "\n"),
-             "markdown": atomic_write_text(base + ".md", markdown(result, command)),
-             "plot": plot(result, base + ".png")}
-    return paths
 
 
 # ----------------------------------------------------------------------------------------------

@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     from deebert_jax.weights.checkpoint import MODEL_DIR_FILES
     from benchmarks import results as report
     from benchmarks import serving as bench
+    from benchmarks import serving_report
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = sorted(set(modes) - set(bench.MODES))
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
         command = report.command_line("train.benchmark_serve", sys.argv[1:])
         if not args.quick:
             command = bench.name_model(command, model_dir, label)
-        paths = bench.write_outputs(result, args.out, command)
+        paths = serving_report.write_outputs(result, args.out, command)
     print(open(paths["markdown"], encoding="utf-8").read())
     for kind, path in paths.items():
         print(f"wrote {kind}: {report.relative_paths(path)}")

@@ -24,7 +24,8 @@ import sys
 from deebert_jax.commands.cli import number, positive_int, run
 from deebert_jax.core.optional import check_installed
 
-SERVE_PACKAGES = ("starlette", "uvicorn", "prometheus_client", "pydantic", "swagger_ui_bundle")   # the `serve` extra
+# pyproject's `serve` extra
+SERVE_PACKAGES = ("starlette", "uvicorn", "h11", "prometheus_client", "pydantic", "swagger_ui_bundle")
 
 
 def parse_args(argv):
