@@ -279,6 +279,7 @@ def test_shadow_rows_leave_answers_alone_and_the_live_check_acts(model_dir, refe
         assert drift["disagreements"] == sum(a != f for a, f in zip(answered, full))   # the lane ran to full depth
         assert drift["lower"] <= drift["observed"] <= drift["upper"]
         assert drift["alarm"] == (drift["lower"] > drift["budget"])
+        assert drift["shadow_skipped"] == 0
         metrics = call(app, "GET", "/metrics").text
         assert metric(metrics, "deebert_shadow_rows") == len(TEXTS)
         assert metric(metrics, "deebert_drift_alarm") == float(drift["alarm"])

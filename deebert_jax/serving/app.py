@@ -72,7 +72,11 @@ class Service:
 
     def health(self) -> dict[str, Any]:
         """`/health` when ready: what is served, and the live check when there is one."""
-        return {"status": "ready", **self.info, **({"drift": self.drift.snapshot()} if self.drift else {})}
+        if self.drift is None:
+            return {"status": "ready", **self.info}
+        # Rows drawn for shadowing but not run: the lane's backlog was full (`engine.SHADOW_BACKLOG`).
+        skipped = getattr(self.engine, "shadow_skipped", 0)
+        return {"status": "ready", **self.info, "drift": {**self.drift.snapshot(), "shadow_skipped": skipped}}
 
     def start(self, announce: Callable[[str], None] | None = None) -> float:
         """Compiles every program, starts the engine, marks the service ready -> seconds taken."""

@@ -105,5 +105,5 @@ class DriftCheck:
             s = self.state
             return {"shadow_rows": self.shadow_rows, "rows": s.rows, "disagreements": s.disagreements,
                     "observed": s.observed, "lower": s.lower, "upper": s.upper, "budget": s.budget,
-                    "confidence": s.confidence, "alarm": s.alarm or bool(self.alarms), "threshold": self.threshold,
+                    "confidence": s.confidence, "alarm": bool(self.alarms), "threshold": self.threshold,
                     "on_drift": self.on_drift, "alarms": list(self.alarms)}
