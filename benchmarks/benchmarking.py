@@ -20,10 +20,14 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from deebert_jax.data.lengths import SPACINGS, length_classes, padded_length
 from benchmarks.harness import (BACKENDS, DEFAULT_BACKENDS, BenchmarkError, Cell, Timing, batch_rows, check_input_pool, run_cells,
                                       sync_torch, typical_mean_ms)
 
 MODES = ("full", "early_exit")
+# "own": each batch at its longest row, as ONNX Runtime runs: one compile per length, a diagnostic
+# of what padding costs rather than how anyone serves.
+PADDINGS = ("pool",) + SPACINGS + ("own",)
 DEFAULT_THRESHOLDS = (0.0, 0.01, 0.1, 0.3, 0.5, 0.7)
 MIN_RUNS = 30
 RANDOM_MODELS = ("bert-base", "minilm", "tiny", "roberta-base")
@@ -122,6 +126,10 @@ class BenchmarkSpec:
     # JAX's self-attention core (`attention.ATTENTION_IMPLS`): "default", or `jax.nn.dot_product_attention`
     # with XLA's choice ("dot_product_attention") or cuDNN's fused kernel ("cudnn"). PyTorch is unchanged.
     attention: str = "default"
+    # What JAX and PyTorch run each batch at: "pool" (the pool's padded length, every batch alike)
+    # or its longest row padded to a length class (`data.lengths.SPACINGS`), as the server pads.
+    # ONNX Runtime runs each batch at its own length whatever this says.
+    padding: str = "pool"
 
     def check(self) -> None:
         if self.runs < 1:
@@ -138,6 +146,8 @@ class BenchmarkSpec:
             raise BenchmarkError(f"backends={list(self.backends)}: expected a subset of {BACKENDS}")
         if self.dtype not in ("float32", "bfloat16"):
             raise BenchmarkError(f"dtype={self.dtype!r}: expected 'float32' or 'bfloat16'")
+        if self.padding not in PADDINGS:
+            raise BenchmarkError(f"padding={self.padding!r}: expected one of {PADDINGS}")
         if self.layout not in ("unstacked", "stacked"):
             raise BenchmarkError(f"layout={self.layout!r}: expected 'unstacked' or 'stacked'")
         if "onnxruntime" in self.backends and self.dtype != "float32":
@@ -190,17 +200,21 @@ def run_benchmark(config, params, arrays: Mapping[str, np.ndarray], spec: Benchm
         bs = int(bs)
         started = time.perf_counter()
         index = [batch_rows(n, bs, r) for r in range(spec.runs)]
+        run_lengths = _run_lengths(arrays["attention_mask"], index, spec.padding)
         cells: list[Cell] = []
         if "jax" in spec.backends:
-            jbatches = [{k: jax.device_put(np.ascontiguousarray(arrays[k][rows_])) for k in
-                         ("input_ids", "attention_mask", "token_type_ids")} for rows_ in index]
+            jbatches = [{k: jax.device_put(np.ascontiguousarray(arrays[k][rows_, :S])) for k in
+                         ("input_ids", "attention_mask", "token_type_ids")} for rows_, S in zip(index, run_lengths)]
             cells += _jax_cells(config, params, jbatches, spec.thresholds, spec.rule, jax_dtype, jax_device, stacked,
                                 spec.exit_aware, spec.attention)
         if "torch" in spec.backends:
             import torch
-            tbatches = [{k: torch.from_numpy(np.ascontiguousarray(arrays[k][rows_])).long().to(torch_device)
-                         for k in ("input_ids", "attention_mask", "token_type_ids")} for rows_ in index]
+            tbatches = [{k: torch.from_numpy(np.ascontiguousarray(arrays[k][rows_, :S])).long().to(torch_device)
+                         for k in ("input_ids", "attention_mask", "token_type_ids")} for rows_, S in zip(index, run_lengths)]
             cells += _torch_cells(torch_model, tbatches, spec.thresholds, torch_device)
+        firsts = tuple(sorted({S: r for r, S in reversed(list(enumerate(run_lengths)))}.values()))
+        for cell in cells:
+            cell.warm_runs = firsts if spec.padding != "pool" else ()
         if "onnxruntime" in spec.backends:
             from benchmarks.onnx_engine import own_length   # each batch at its own length, as users run it
             cells += _onnx_cells(onnx_session, [own_length({k: arrays[k][rows_] for k in arrays}) for rows_ in index],
@@ -209,6 +223,9 @@ def run_benchmark(config, params, arrays: Mapping[str, np.ndarray], spec: Benchm
         valid = [arrays["attention_mask"][rows_].sum(-1) > 0 for rows_ in index]
         done = _rows_for(cells, valid, seq_len, L)
         for row in done:
+            if row["backend"] != "onnxruntime" and spec.padding != "pool":
+                how = "at its own length" if spec.padding == "own" else f"padded to a {spec.padding.replace('-', ' ')} length"
+                row["run_at"] = f"each batch {how} (mean {np.mean(run_lengths):.1f} of {seq_len} tokens)"
             if row["backend"] == "onnxruntime":
                 lengths = [c.call_lengths for c in cells if c.backend == "onnxruntime"][0]
                 row["run_at"] = f"each batch's own length (mean {np.mean(lengths):.1f} of {seq_len} tokens)"
@@ -221,6 +238,18 @@ def run_benchmark(config, params, arrays: Mapping[str, np.ndarray], spec: Benchm
             on_batch_size_done(list(rows))
     progress.close()
     return rows
+
+
+def _run_lengths(attention_mask: np.ndarray, index, padding: str) -> list[int]:
+    """The length each run's batch is cut to: the pool's, or its longest row's length class."""
+    seq_len = int(attention_mask.shape[1])
+    if padding == "pool":
+        return [seq_len] * len(index)
+    longest = [max(1, int(attention_mask[rows].sum(-1).max())) for rows in index]
+    if padding == "own":
+        return longest
+    classes = length_classes(seq_len, padding)
+    return [padded_length(n, classes) for n in longest]
 
 
 def _rows_for(cells: list[Cell], valid: list[np.ndarray], seq_len: int, L: int) -> list[dict]:

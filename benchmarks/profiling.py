@@ -22,6 +22,8 @@ from typing import Iterable
 _WRAPPERS = ("Thunk", "$", "Slinky", "ThreadPool")
 CATEGORIES = ("matmul, forward", "matmul, backward", "dropout bits", "softmax",
               "loop bookkeeping (stacked residuals, slices)", "other")
+# An inference call has no backward pass and no dropout: `category` gives it these.
+INFERENCE_CATEGORIES = ("matmul, forward", "softmax", "loop bookkeeping (stacked residuals, slices)", "other")
 
 
 def trace_durations(trace_dir: str) -> tuple[collections.Counter, collections.Counter]:

@@ -173,7 +173,7 @@ def markdown(result: Mapping[str, Any]) -> str:
         lines += ["", f"**Model** {h['model']} | **inputs** {h.get('inputs', '')} | **runs** {h.get('runs')} "
                       f"per cell, {h.get('schedule', '')} | **precision** {h.get('precision', '')} on both sides | "
                       f"**JAX params** {h.get('jax_params_layout', '')}, {h.get('dtype', '')} | "
-                      f"**JAX attention** {h.get('attention', 'default')} | **command** `{h.get('command', '')}`"]
+                      f"**JAX attention** {h.get('attention', 'default')} | **padding** {h.get('padding', 'pool')} | **command** `{h.get('command', '')}`"]
     lines += ["", "| backend | mode | batch | seq | threshold | median ms | p90 ms | per-example ms | "
                   "mean exit layer | layer saving | wall saving | compile s |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -184,6 +184,9 @@ def markdown(result: Mapping[str, Any]) -> str:
             f"{r['median_ms']:.2f} | {r['p90_ms']:.2f} | {fmt(r.get('per_example_ms'), '.2f')} | "
             f"{r['mean_exit_layer']:.2f} | {fmt(r.get('layer_saving'), '.1%')} | {fmt(r.get('wall_saving'), '.1%')} | "
             f"{fmt(r['compile_s'], '.2f')} |")
+    run_at = {(r["backend"], r["batch_size"]): r["run_at"] for r in h["rows"] if r.get("run_at")}
+    if run_at:   # the seq column is the pool's length; these ran at others
+        lines += [""] + [f"- {backend}, batch {bs}: {where}" for (backend, bs), where in run_at.items()]
     targets = h.get("targets") or []
     if targets:
         lines += ["", "| target | what | value | limit | met | note |", "|---|---|---|---|---|---|"]

@@ -40,9 +40,13 @@ READY_TIMEOUT_S = 600
 HOST = "127.0.0.1"   # the benchmark never talks to anything else
 
 
-def server_args(mode: str, model_dir: str, max_seq_length: int, schedule: str | None = None) -> list[str]:
-    """`train.serve`'s arguments for `mode`; `schedule` (the JAX modes') None: the server's default."""
+def server_args(mode: str, model_dir: str, max_seq_length: int, schedule: str | None = None,
+                length_spacing: str | None = None) -> list[str]:
+    """`train.serve`'s arguments for `mode`; `schedule` (the JAX modes') None: the server's default;
+    `length_spacing` (every mode's padded lengths) None: the server's default."""
     args = ["--checkpoint", model_dir, "--host", HOST, "--port", "0", "--max-seq-length", str(max_seq_length)]
+    if length_spacing:
+        args += ["--length-spacing", length_spacing]
     if mode == "full_depth":
         args += ["--threshold", "0", "--rule", "entropy"]
     elif mode in BASELINES:
@@ -142,11 +146,12 @@ def reference_answers(model_dir: str, texts: Sequence[str], threshold: float, ru
 def run(model_dir: str, texts: Sequence[str], labels, *, server_command: Sequence[str], env: dict,
         rates: Sequence[float], duration_s: float, max_requests: int, slo_ms: float, max_seq_length: int,
         modes: Sequence[str] = MODES, seed: int = 0, say: Callable[[str], None] = print,
-        schedule: str | None = None, label: str | None = None, repeats: int = 1) -> dict:
+        schedule: str | None = None, label: str | None = None, repeats: int = 1,
+        length_spacing: str | None = None) -> dict:
     """The whole benchmark -> the result dict (`serving_report.write_outputs` writes it). `schedule`: the JAX
     servers' (None: their default); `label`: how the result names `model_dir` (`model_label`);
     `repeats`: each rate measured that many times (every mode in turn each time), so that each
-    capacity comes with its spread."""
+    capacity comes with its spread; `length_spacing`: every server's padded lengths (None: their default)."""
     from deebert_jax.inference.model_dir import resolve_threshold
     from deebert_jax.weights.checkpoint import load_checkpoint
     config, _ = load_checkpoint(model_dir)
@@ -164,12 +169,13 @@ def run(model_dir: str, texts: Sequence[str], labels, *, server_command: Sequenc
               "model": label, "layers": L, "threshold": threshold, "schedule": schedule,
               "rule": rule, "threshold_note": note, "max_seq_length": max_seq_length, "texts": len(texts),
               "rates": list(rates), "duration_s": duration_s, "max_requests": max_requests, "slo_p99_ms": slo_ms,
-              "repeats": repeats, "modes": {}}
+              "repeats": repeats, "length_spacing": length_spacing or "power-of-two", "modes": {}}
     servers = {}
     try:
         for mode in modes:  # all up first, then each rate runs every mode in turn (interleaved)
             say(f"== starting {MODE_NAMES[mode]}")
-            servers[mode] = start_server([*server_command, *server_args(mode, model_dir, max_seq_length, schedule)],
+            servers[mode] = start_server([*server_command, *server_args(mode, model_dir, max_seq_length, schedule,
+                                                                                length_spacing)],
                                          env, lambda line: say(name_model(line, model_dir, label)))
         rows = {mode: [] for mode in modes}
         bad = {mode: 0 for mode in modes}

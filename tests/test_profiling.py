@@ -96,3 +96,24 @@ def test_profile_step_torch_writes_categories(tmp_path, capsys):
     assert result["variant"] == "torch_adamw" and set(cats) == set(profiling.TORCH_CATEGORIES)
     assert cats["matmul, forward"] > 0 and cats["matmul, backward"] > 0 and cats["optimizer (clipping, AdamW)"] > 0
     assert "torch_adamw: MiniLM-L6, batch 2, length 8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("threshold", [None, "0.5"])
+def test_profile_predict_sums_the_operations_of_one_prediction(tmp_path, threshold):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    out = tmp_path / "p.json"
+    argv = ["--random-model", "tiny", "--seq-len", "8", "--runs", "3", "--threads", "1", "--out", str(out)]
+    argv += ["--threshold", threshold] if threshold else []
+    # Its own process: XLA reads the trace flags when JAX starts, which this one has done.
+    done = subprocess.run([sys.executable, "-m", "train.profile_predict", *argv], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    cats = result["categories_ms"]
+    assert set(cats) == set(profiling.INFERENCE_CATEGORIES) and cats["matmul, forward"] > 0
+    assert result["operations_ms"] == pytest.approx(sum(cats.values()))
+    assert result["wall_ms"] > 0 and all(op["shape"] for op in result["operations"])
+    assert ("early exit at entropy 0.5" if threshold else "full forward") in result["what"]

@@ -23,6 +23,7 @@ from deebert_jax.model import inference_step
 from deebert_jax.inference import predict
 from deebert_jax.weights.checkpoint import load_checkpoint, save_checkpoint, write_label_names
 from deebert_jax.core.config import tiny_config
+from deebert_jax.core.errors import InputError
 from deebert_jax.inference.early_exit import entropy
 from deebert_jax.serving import requests as req
 from deebert_jax.serving.app import create_app
@@ -291,3 +292,13 @@ def test_shadow_rows_leave_answers_alone_and_the_live_check_acts(model_dir, refe
         assert {r["exit_layer"] for r in later} == {CONFIG.num_hidden_layers}
     finally:
         service.stop()
+
+
+def test_rows_are_padded_to_multiples_of_8_when_asked(model_dir, threshold):
+    from deebert_jax.serving.engine import Engine
+    service = build_service(str(model_dir), threshold=threshold, max_seq_length=40, bucket_sizes=(4,),
+                            say=lambda line: None, length_spacing="multiple-of-8")
+    assert isinstance(service.engine, Engine) and service.engine.lengths == (16, 24, 32, 40)
+    with pytest.raises(InputError, match="length spacing 'eights'"):
+        build_service(str(model_dir), threshold=threshold, max_seq_length=40, say=lambda line: None,
+                      length_spacing="eights")

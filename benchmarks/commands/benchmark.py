@@ -15,6 +15,7 @@ import sys
 import tempfile
 
 from deebert_jax.commands.cli import floats, ints, positive_int, run
+from deebert_jax.data.lengths import SPACINGS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,6 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="JAX's self-attention core: default (as always), dot_product_attention "
                         "(jax.nn.dot_product_attention, XLA's choice) or cudnn (its cuDNN fused kernel: "
                         "NVIDIA GPU, --precision bf16); PyTorch is unchanged")
+    p.add_argument("--padding", choices=("pool",) + SPACINGS + ("own",), default="pool",
+                   help="what JAX and PyTorch run each batch at: pool (--seq-len, every batch alike) or its longest "
+                        "row padded to the next power of two or multiple of 8 from 16 (as train.serve --length-spacing "
+                        "pads), or own: each batch at its longest row (one compile per length: what padding costs); ONNX "
+                        "Runtime always runs at each batch's own length")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", help="bench.json path (.md and .png are written beside it)")
@@ -118,7 +124,7 @@ def _main(argv: list[str]) -> int:
     spec = bm.BenchmarkSpec(batch_sizes=args.batch_sizes, thresholds=thresholds, runs=args.runs,
                             warmup=args.warmup, schedule=args.schedule, dtype=precision.dtype, layout=args.layout,
                             ablation=args.ablation, exit_aware=args.exit_aware, attention=args.attention,
-                            backends=_backends(args, precision))
+                            backends=_backends(args, precision), padding=args.padding)
     spec.check()
     if args.checkpoint:
         config, params = load_checkpoint(args.checkpoint)
@@ -156,7 +162,7 @@ def _main(argv: list[str]) -> int:
             result = {**env, "model": model_name, "inputs": inputs, "runs": spec.runs, "warmup": spec.warmup,
                       "schedule": spec.schedule, "dtype": spec.dtype, "precision": precision.name,
                       "precision_settings": precision_record, "rule": spec.rule, "jax_params_layout": spec.layout,
-                      "attention": spec.attention, "policy_threshold": policy_threshold,
+                      "attention": spec.attention, "padding": spec.padding, "policy_threshold": policy_threshold,
                       "command": command_line("train.benchmark", argv),
                       "load_average_after": harness.load_average(), "rows": rows}
             if incomplete:

@@ -48,6 +48,8 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="a tiny random model and two short rates (a smoke run)")
     p.add_argument("--schedule", default=None, help="the JAX servers' schedule (train.serve --schedule; "
                    "default: the server's)")
+    p.add_argument("--length-spacing", default=None, choices=("power-of-two", "multiple-of-8"),
+                   help="every server's padded lengths (train.serve --length-spacing; default: the server's)")
     p.add_argument("--model-label", default=None,
                    help="how the report names the model directory (default: its path relative to the current "
                         "directory when inside it, else MODEL_DIR: no path outside the checkout is written)")
@@ -110,7 +112,8 @@ def main(argv=None) -> int:
         label = args.model_label or ("a tiny random model (--quick)" if args.quick else bench.model_label(model_dir))
         result = bench.run(model_dir, texts, labels, server_command=[sys.executable, "-m", "train.serve"], env=env,
                            slo_ms=args.slo_ms, max_seq_length=args.max_seq_length, modes=modes,
-                           say=lambda line: print(line, flush=True), schedule=args.schedule, label=label, **options)
+                           say=lambda line: print(line, flush=True), schedule=args.schedule, label=label,
+                           length_spacing=args.length_spacing, **options)
         command = report.command_line("train.benchmark_serve", sys.argv[1:])
         if not args.quick:
             command = bench.name_model(command, model_dir, label)

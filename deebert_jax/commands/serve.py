@@ -30,6 +30,7 @@ SERVE_PACKAGES = ("starlette", "uvicorn", "h11", "prometheus_client", "pydantic"
 
 def parse_args(argv):
     check_installed(SERVE_PACKAGES, "serve", "deebert-serve")   # the flags' defaults come from the server's modules
+    from deebert_jax.data.lengths import SPACINGS
     from deebert_jax.inference.early_exit import EXIT_RULES
     from deebert_jax.serving.app import DEFAULT_MAX_QUEUE
     from deebert_jax.serving.scheduler import DEFAULT_ADMIT_BUDGET_S, DEFAULT_SCHEDULE, SCHEDULES
@@ -51,6 +52,9 @@ def parse_args(argv):
     parser.add_argument("--max-seq-length", type=positive_int, default=None,
                         help="longer inputs are truncated; default: the length the model was trained at, else the "
                              "longest its positions cover (at most the tokenizer's model_max_length)")
+    parser.add_argument("--length-spacing", default="power-of-two", choices=SPACINGS,
+                        help="the lengths rows are padded to: 16, 32, 64, ... or 16, 24, 32, 40, ... (multiple-of-8: "
+                             "less padding, about twice the programs to compile before the server is ready)")
     parser.add_argument("--max-queue", type=positive_int, default=DEFAULT_MAX_QUEUE,
                         help="rows accepted and not yet answered; past it, 503 with Retry-After")
     parser.add_argument("--api", default="deebert", choices=APIS,
@@ -121,7 +125,7 @@ def main(argv=None, engine_factories=None) -> int:
                                    backend=args.backend, say=say, schedule=args.schedule,
                                    admit_budget_s=args.admit_budget_ms / 1e3, engine_factories=engine_factories,
                                    shadow_share=args.shadow_share, shadow_seed=args.shadow_seed,
-                                   on_drift=args.on_drift)
+                                   on_drift=args.on_drift, length_spacing=args.length_spacing)
     sock = server.bind(args.host, args.port)
     say(f"listening on http://{args.host}:{args.port}; compiling before taking requests")
     return server.serve(service, sock, say, limits=limits, graceful_shutdown_s=args.graceful_shutdown_timeout,

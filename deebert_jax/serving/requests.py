@@ -14,13 +14,14 @@ from typing import Sequence
 import numpy as np
 
 from deebert_jax.core.errors import DeeBertError
+from deebert_jax.data import lengths
 from deebert_jax.data.glue import DataError
+from deebert_jax.data.lengths import SHORTEST_LENGTH  # noqa: F401  (re-exported: its old home)
 from deebert_jax.data.text_inputs import Example, check_text, loads_json
 from deebert_jax.inference.predict import encode
 
 MAX_INPUTS = 64               # texts in one request
 MAX_BODY_BYTES = 1 << 20      # 1 MiB: an SST-2 sentence is ~100 bytes
-SHORTEST_LENGTH = 16          # padded lengths: 16, 32, 64, ... up to the longest
 
 
 class RequestError(DeeBertError, ValueError):
@@ -104,13 +105,10 @@ def parse_inputs(inputs, max_inputs: int = MAX_INPUTS) -> list[Example]:
     return [_item(value, f"inputs[{i}]") for i, value in enumerate(inputs)]
 
 
-def length_classes(max_seq_length: int) -> tuple[int, ...]:
-    """The padded lengths rows are bucketed into: 16, 32, 64, ... below `max_seq_length`, then it."""
-    lengths, n = [], SHORTEST_LENGTH
-    while n < max_seq_length:
-        lengths.append(n)
-        n *= 2
-    return tuple(lengths) + (int(max_seq_length),)
+def length_classes(max_seq_length: int, spacing: str = "power-of-two") -> tuple[int, ...]:
+    """The padded lengths rows are bucketed into: 16, 32, 64, ... (or 16, 24, 32, ... with
+    "multiple-of-8") below `max_seq_length`, then it (`data.lengths`)."""
+    return lengths.length_classes(max_seq_length, spacing)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +134,7 @@ def to_rows(tokenizer, examples: Sequence[Example], classes: Sequence[int], voca
     rows = []
     for i in range(len(examples)):
         real = int(arrays["attention_mask"][i].sum())
-        size = next(c for c in classes if c >= real)
+        size = lengths.padded_length(real, classes)
         cut = {}
         for key in ("input_ids", "attention_mask", "token_type_ids"):
             row = arrays[key][i, :size]

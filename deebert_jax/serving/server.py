@@ -69,14 +69,16 @@ def build_service(model_dir: str, *, threshold: float | None = None, rule: str |
                   bucket_sizes: tuple[int, ...] | None = None, say: Callable[[str], None] = print,
                   schedule: str | None = None, admit_budget_s: float | None = None,
                   engine_factories: Mapping[str, EngineFactory] | None = None, shadow_share: float | None = None,
-                  shadow_seed: int = 0, on_drift: str = "warn") -> Service:
+                  shadow_seed: int = 0, on_drift: str = "warn", length_spacing: str = "power-of-two") -> Service:
     """The model directory (`model_dir.open_model_dir`), the threshold (`ModelDir.threshold`: given, else exit_policy.json,
     else full depth; `say` reports which) and engine; nothing compiled yet. `bucket_sizes`: the
     engine's (default `exit_aware.default_bucket_sizes()`); `schedule`: the JAX engine's
     (`scheduler.SCHEDULES`, default `scheduler.DEFAULT_SCHEDULE`) and its `admit_budget_s`;
     `engine_factories`: the engine of each backend other than "jax" (`EngineFactory`);
     `shadow_share` (None: `drift.DEFAULT_SHADOW_SHARE` on the jax backend), `shadow_seed` and
-    `on_drift`: the live check of the guarantee (`drift.DriftCheck`)."""
+    `on_drift`: the live check of the guarantee (`drift.DriftCheck`). `length_spacing`: the rows'
+    padded lengths (`data.lengths.SPACINGS`; multiples of 8 pad less and compile about twice the
+    programs)."""
     # JAX loads here, not at import: `deebert-serve` reads BACKENDS from this module before `setup_process`.
     from deebert_jax.inference.model_dir import open_model_dir
 
@@ -101,7 +103,7 @@ def build_service(model_dir: str, *, threshold: float | None = None, rule: str |
     config, params = model.config, model.params
     # None: the length the model was trained at, else its longest input; a longer one is refused here.
     max_seq_length, why = model.max_seq_length(max_seq_length)
-    lengths = length_classes(max_seq_length)
+    lengths = length_classes(max_seq_length, length_spacing)
     L = config.num_hidden_layers
     info = {"model": os.path.basename(os.path.normpath(model_dir)), "layers": L, "lengths": list(lengths),
             "backend": backend}
