@@ -38,7 +38,8 @@ def main(argv: list[str]) -> int:
     from deebert_jax.cpu.process import setup_process
 
     check_outputs({"--out": args.out or None})
-    setup_process(threads=args.threads)   # before JAX starts its CPU client
+    # Before JAX starts its CPU client; the dispatch `train.serve` sets up for its engine.
+    setup_process(threads=args.threads, cpu_inline_dispatch=True)
     from benchmarks import engine_step
     from benchmarks.results import command_line
 
