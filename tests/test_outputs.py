@@ -76,6 +76,7 @@ CASES = {
     "train.benchmark_train": [(["--model", "M", "--out", M_CONFIG], "would overwrite deebert_config")],
     "train.profile_step": [(["--out", "busy.png"], "busy.png: is a directory")],
     "train.profile_predict": [(["--checkpoint", "M", "--out", M_CONFIG], "would overwrite deebert_config")],
+    "train.benchmark_engine_step": [(["--steps", "1", "--out", "busy.png"], "busy.png: is a directory")],
     "train.calibration_draws": [
         (["--checkpoint", "M", "--task", "sst2", "--glue-dir", "G", "--max-drop", "1", "--out", M_CONFIG],
          "would overwrite deebert_config.json of --checkpoint M"),

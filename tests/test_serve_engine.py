@@ -198,6 +198,24 @@ def test_random_arrivals_give_exit_aware_predicts_exits(model, rule, schedule):
     assert len(seen) >= 2  # the thresholds exercise exits at several layers
 
 
+@pytest.mark.parametrize("step_admits", [engine_lib.STEP_ADMIT_ROWS, 2 * engine_lib.ADMIT_ROWS])
+def test_many_rows_admitted_at_once_give_the_same_answers(model, monkeypatch, step_admits):
+    """Every row in one submit: a layer-0 step admits more rows than ADMIT_ROWS and (at 16, of 37 rows over two pools) than the
+    step program embeds itself, so admit calls run first; the answers are the same."""
+    monkeypatch.setattr(engine_lib, "STEP_ADMIT_ROWS", step_admits)
+    params, batch = model
+    reference = exit_aware_predict(CONFIG, params, *batch, 0.3, "entropy", bucket_sizes=BUCKETS)
+    engine = Engine(CONFIG, params, LENGTHS, 0.3, "entropy", pool_size=64, bucket_sizes=BUCKETS)
+    answers = {}
+    engine.submit(rows_of(batch), [lambda logits, layer, i=i: answers.setdefault(i, (np.array(logits), layer))
+                                   for i in range(N)])
+    while engine.step():
+        pass
+    np.testing.assert_array_equal([answers[i][1] for i in range(N)], np.asarray(reference.exit_layer))
+    np.testing.assert_allclose(np.stack([answers[i][0] for i in range(N)]), np.asarray(reference.logits),
+                               atol=1e-5, rtol=0)
+
+
 def test_a_row_submitted_while_others_are_deep_starts_on_the_next_step(model):
     params, batch = model
     rows = rows_of(batch)

@@ -111,7 +111,7 @@ def main(argv=None, engine_factories=None) -> int:
     """`engine_factories`: `serving.server.build_service`'s, the engines of backends other than jax."""
     args = parse_args(argv)
     from deebert_jax.cpu.process import setup_process
-    setup_process()   # process-wide settings, before JAX runs anything
+    setup_process(cpu_inline_dispatch=True)   # process-wide settings, before JAX runs anything
     from deebert_jax.serving import server
 
     from deebert_jax.serving.connections import ConnectionLimits

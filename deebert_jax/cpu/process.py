@@ -29,11 +29,12 @@ class ProcessSettings:
     threads: int | None          # XLA's CPU threads asked for (PJRT_NPROC), None: its default
     quiet_orbax: bool            # orbax's leftover noise after a failed read dropped
     tpu_backend_skipped: bool = False   # libtpu installed, no TPU here: JAX runs on the CPU at once
+    cpu_inline_dispatch: bool = False   # CPU programs run on the calling thread (no async dispatch)
 
 
 def setup_process(*, kernels: str = "cpu_tuned", keep_freed_memory: bool | None = None,
                   threads: int | None = None, share_accelerator_memory: bool = False,
-                  quiet_orbax: bool = True) -> ProcessSettings:
+                  quiet_orbax: bool = True, cpu_inline_dispatch: bool = False) -> ProcessSettings:
     """Process-wide settings for a command; call before JAX runs anything (they hold for what
     starts or compiles afterwards).
 
@@ -45,6 +46,9 @@ def setup_process(*, kernels: str = "cpu_tuned", keep_freed_memory: bool | None 
     share_accelerator_memory: JAX does not claim most of an accelerator's memory up front, so
       PyTorch fits beside it (XLA_PYTHON_CLIENT_PREALLOCATE=false unless set).
     quiet_orbax: drop the tracebacks a failed orbax read leaves behind (`silence_closed_loop_noise`).
+    cpu_inline_dispatch: a CPU program runs on the thread that calls it, not handed to a worker
+      thread and waited for (jax_cpu_enable_async_dispatch off): the serving engine reads every
+      step's results at once, and the hand-over cost it ~100 us a step (`train.benchmark_engine_step`).
     """
     check_kernels(kernels)
     # DEEBERT_KEEP_FREED_MEMORY=0 in the environment wins (`cpu.memory.keep_freed_memory`).
@@ -61,7 +65,10 @@ def setup_process(*, kernels: str = "cpu_tuned", keep_freed_memory: bool | None 
     # The tokenizers need no PyTorch; without it, importing transformers advises installing it: a
     # stray line on every command of a plain `pip install deebert-jax` (set it empty to see the advice).
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    return ProcessSettings(kept, unrolled, threads, quiet_orbax, skip_absent_tpu())
+    if cpu_inline_dispatch:
+        import jax
+        jax.config.update("jax_cpu_enable_async_dispatch", False)   # read when the CPU client starts
+    return ProcessSettings(kept, unrolled, threads, quiet_orbax, skip_absent_tpu(), cpu_inline_dispatch)
 
 
 def tpu_chips_attached() -> int:

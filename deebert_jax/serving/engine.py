@@ -6,12 +6,15 @@ Per padded length S the device holds one pool: an `early_exit.ExitState` over `p
 Two programs per S, compiled before the first request (`warm_up`), their pool donated (updated
 in place, never copied):
 
-- `admit`: embeds up to `ADMIT_ROWS` new rows (`inference_step.embed`) into their slots, fresh exit state;
-- `step`: runs one layer (traced: `inference_step.layer_step`'s `lax.switch` reads that layer's weights
+- `step`: embeds the step's new rows first (up to `STEP_ADMIT_ROWS`, `ADMIT_ROWS` at a time, as
+  `admit` does), then runs one layer (traced: `inference_step.layer_step`'s `lax.switch` reads that layer's weights
   in place, one weight set for the whole step) over one group of up to P slots, cut into buckets
   of `bucket_sizes` by `exit_aware.bucket_step` (the exit-aware predictor's own bucket, with
-  `early_exit.record_exits`), and returns the group's done flags, exit layers and logits.
-  Buckets: `CPU_BUCKET_SIZES` (8, 4, 2, 1) on the CPU, so a group of any size runs unpadded.
+  `early_exit.record_exits`), and returns the group's done flags, exit layers and logits as one
+  array (one read). Buckets: `CPU_BUCKET_SIZES` (8, 4, 2, 1) on the CPU, so a group of any size
+  runs unpadded;
+- `admit`: embeds `ADMIT_ROWS` new rows (`inference_step.embed`) into their slots, fresh exit
+  state: only for the new rows of a step past `STEP_ADMIT_ROWS`, before the step.
 
 So the compiled set is fixed (2 programs per length), and what a row computes is what
 `exit_aware_predict` computes for it: the same embedding, layer steps and exit update.
@@ -48,7 +51,10 @@ from deebert_jax.serving.requests import Row
 from deebert_jax.serving.scheduler import DEFAULT_ADMIT_BUDGET_S, DEFAULT_SCHEDULE, Scheduler, Step
 from deebert_jax.serving.worker import Worker
 
-ADMIT_ROWS = 8           # rows embedded per admit call (more: several calls)
+ADMIT_ROWS = 8           # rows embedded at a time (per admit call, per loop turn in a step)
+# New rows a step embeds itself (more: admit calls first, ADMIT_ROWS each): a layer-0 step of up to
+# this many new rows is one program call, not two or more (~100 us of host work each on the CPU).
+STEP_ADMIT_ROWS = 32     # a multiple of ADMIT_ROWS
 # A server's groups are often a few rows (a lone request at low load, the tail of a group after
 # exits): buckets of every power of two up to 8 leave no padded row. Measured on the demo's
 # MiniLM, length 32, 2 CPU cores, full depth: 1 row 43 ms with (8, 4, 2, 1) against 68 ms with
@@ -74,9 +80,18 @@ def _admit(config, rule, dtype, params, state: ExitState, mask_bias, slots, inpu
     return state.put_rows(slots, part), mask_bias.at[slots].set(bias, mode="drop")
 
 
-def _step(config, rule, dtype, bucket_sizes, params, state: ExitState, mask_bias, rows, count, layer, threshold):
-    """Layer `layer` (0-based, traced) over the slots rows[:count] (rows [P + max bucket], the
-    rest index P) in buckets -> (pool, (done, exit_layer, logits) of those rows, in that order)."""
+def _step(config, rule, dtype, bucket_sizes, params, state: ExitState, mask_bias, rows, count, layer, threshold,
+          new_slots, new_inputs, new_count):
+    """Embeds the new rows first: new_inputs [3, STEP_ADMIT_ROWS, S] (ids, mask, types) into the
+    slots new_slots[:new_count] (the rest index P), ADMIT_ROWS at a time, as `_admit` does. Then
+    layer `layer` (0-based, traced) over the slots rows[:count] (rows [P + max bucket], the rest
+    index P) in buckets -> (pool, [P + max bucket, 2 + K] float32: each row's done, exit layer
+    and logits, in `rows` order: one array, one read)."""
+    def admit(j, pool):
+        chunk = [jax.lax.dynamic_slice_in_dim(x, j * ADMIT_ROWS, ADMIT_ROWS, axis=x.ndim - 2)
+                 for x in (new_slots[:, None], new_inputs)]
+        return _admit(config, rule, dtype, params, *pool, chunk[0][:, 0], *chunk[1])
+    state, mask_bias = jax.lax.fori_loop(0, (new_count + ADMIT_ROWS - 1) // ADMIT_ROWS, admit, (state, mask_bias))
     step = inference_step.layer_step(config, params, dtype, first_token_only_at_last=True)
     state = state.replace(layer=layer)
     start = jnp.int32(0)
@@ -87,7 +102,10 @@ def _step(config, rule, dtype, bucket_sizes, params, state: ExitState, mask_bias
         state = jax.lax.fori_loop(0, buckets, bucket, state)
         start = start + buckets * size
     safe = jnp.minimum(rows, state.done.shape[0] - 1)
-    return state, (state.done[safe], state.exit_layer[safe], state.logits[safe])
+    # Exit layers are small integers and done 0 or 1: exact in float32 beside the logits.
+    out = jnp.concatenate([state.done[safe, None].astype(jnp.float32),
+                           state.exit_layer[safe, None].astype(jnp.float32), state.logits[safe]], axis=1)
+    return state, mask_bias, out
 
 
 def default_bucket_sizes(backend: str | None = None) -> tuple[int, ...]:
@@ -114,8 +132,7 @@ def _programs(config: DeeBertConfig, rule: str, dtype, bucket_sizes: tuple[int, 
     step = functools.partial(_step, config, rule, dtype, bucket_sizes)
     if treedef is not None:
         admit, step = _on_leaves(admit, treedef), _on_leaves(step, treedef)
-    # The step reads mask_bias and only updates the exit state: the state alone is donated.
-    return jax.jit(admit, donate_argnums=(1, 2)), jax.jit(step, donate_argnums=(1,))
+    return jax.jit(admit, donate_argnums=(1, 2)), jax.jit(step, donate_argnums=(1, 2))
 
 
 class Engine(Worker):
@@ -156,6 +173,10 @@ class Engine(Worker):
         self._keys = itertools.count()
         super().__init__()
         self._pools = {n: self._empty_pool(n) for n in self.lengths}
+        # A step that admits nothing: slots writing nowhere, inputs never read (on the device once).
+        self._no_admission = (jax.device_put(np.full(STEP_ADMIT_ROWS, self.pool_size, np.int32)),
+                              {n: jax.device_put(np.zeros((3, STEP_ADMIT_ROWS, n), np.int32)) for n in self.lengths},
+                              np.int32(0))
         self._programs: dict[int, tuple] = {}
         # The shadow lane: same pool shapes (the same compiled programs), full depth, deepest first.
         self.shadow_share, self.on_shadow = float(shadow_share), on_shadow
@@ -189,8 +210,9 @@ class Engine(Worker):
             # first run of each costs ~15 ms more on the CPU, which the first requests would pay.
             count = min(sum(self.bucket_sizes), self.pool_size)
             for layer in range(self.config.num_hidden_layers):
-                state, out = step(self._leaves, state, bias, self._rows_arg(range(count)), np.int32(count),
-                                  np.int32(layer), self.threshold)
+                state, bias, out = step(self._leaves, state, bias, self._rows_arg(range(count)), np.int32(count),
+                                        np.int32(layer), self.threshold, self._no_admission[0],
+                                        self._no_admission[1][n], self._no_admission[2])
             jax.block_until_ready(out)
             self._pools[n] = (state, bias)
         self._programs = {n: (admit, step) for n in self.lengths}
@@ -302,21 +324,30 @@ class Engine(Worker):
         state, bias = pools[plan.length]
         if plan.admit and pools is self._pools and self.on_admit is not None:
             self.on_admit([key for key, _ in plan.admit])
-        for lo in range(0, len(admitted), ADMIT_ROWS):
-            chunk = admitted[lo:lo + ADMIT_ROWS]
-            slots = np.full(ADMIT_ROWS, self.pool_size, np.int32)
-            arrays = {k: np.zeros((ADMIT_ROWS, plan.length), np.int32)
-                      for k in ("input_ids", "attention_mask", "token_type_ids")}
-            for i, (slot, row) in enumerate(chunk):
-                slots[i] = slot
-                for k in arrays:
-                    arrays[k][i] = getattr(row, k)
-            state, bias = admit(self._leaves, state, bias, slots, arrays["input_ids"], arrays["attention_mask"],
-                                arrays["token_type_ids"])
-        state, out = run(self._leaves, state, bias, self._rows_arg(plan.slots), np.int32(len(plan.slots)),
-                         np.int32(plan.layer), threshold)
+        extra = len(admitted) - STEP_ADMIT_ROWS   # rows past what the step embeds: admit calls first
+        for lo in range(0, max(extra, 0), ADMIT_ROWS):
+            slots, inputs = self._admission(admitted[lo:min(lo + ADMIT_ROWS, extra)], ADMIT_ROWS, plan.length)
+            state, bias = admit(self._leaves, state, bias, slots, *inputs)
+        if admitted[max(extra, 0):]:
+            new = self._admission(admitted[max(extra, 0):], STEP_ADMIT_ROWS, plan.length)
+            new = (*new, np.int32(len(admitted) - max(extra, 0)))
+        else:
+            new = (self._no_admission[0], self._no_admission[1][plan.length], self._no_admission[2])
+        n = len(plan.slots)
+        state, bias, out = run(self._leaves, state, bias, self._rows_arg(plan.slots), np.int32(n),
+                               np.int32(plan.layer), threshold, *new)
         pools[plan.length] = (state, bias)
-        return tuple(np.asarray(x)[:len(plan.slots)] for x in out)
+        out = np.asarray(out)[:n]
+        return out[:, 0] > 0, out[:, 1].astype(np.int32), out[:, 2:]
+
+    def _admission(self, admitted, size: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """[(slot, row)] -> (slots [size], index P past the rows; inputs [3, size, length])."""
+        slots = np.full(size, self.pool_size, np.int32)
+        inputs = np.zeros((3, size, length), np.int32)
+        for i, (slot, row) in enumerate(admitted):
+            slots[i] = slot
+            inputs[0, i], inputs[1, i], inputs[2, i] = row.input_ids, row.attention_mask, row.token_type_ids
+        return slots, inputs
 
     def set_threshold(self, threshold: float) -> None:
         """The threshold of every later step (`drift.DriftCheck`'s full-depth and safer actions)."""
