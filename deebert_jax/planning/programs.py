@@ -280,6 +280,14 @@ def serving_programs(shape: RunShape, sl: Slice, max_seq_length: int | None = No
     params = _serving_params(config, chip)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     admit, step = serving_engine._programs(config, "entropy", f32, buckets, treedef)
+    def step_trips(path):
+        # The busiest step: its top-level loops are the admission (every new row, ADMIT_ROWS at a
+        # time), then one per bucket size; every slot runs, in buckets of the largest size only
+        # (a pool is a multiple of it), so the smaller sizes' loops run 0 times.
+        if path == (0,):
+            return serving_engine.STEP_ADMIT_ROWS // serving_engine.ADMIT_ROWS
+        return P // buckets[0] if path == (1,) else 0
+
     out = []
     for S in length_classes(max_seq_length or shape.seq_len):
         pool = jax.eval_shape(lambda: early_exit.ExitState.start(jnp.zeros((P, S, H), f32),
@@ -289,10 +297,14 @@ def serving_programs(shape: RunShape, sl: Slice, max_seq_length: int | None = No
         slots = jax.ShapeDtypeStruct((serving_engine.ADMIT_ROWS,), jnp.int32, sharding=chip)
         scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=chip)
         rows = jax.ShapeDtypeStruct((P + buckets[0],), jnp.int32, sharding=chip)
+        new_slots = jax.ShapeDtypeStruct((serving_engine.STEP_ADMIT_ROWS,), jnp.int32, sharding=chip)
+        new_inputs = jax.ShapeDtypeStruct((3, serving_engine.STEP_ADMIT_ROWS, S), jnp.int32, sharding=chip)
         out.append(Program(f"serve admit, length {S}", f"{serving_engine.ADMIT_ROWS} rows into a pool of {P}",
                            admit, (leaves, state, bias, slots, ids, ids, ids), {}, examples=serving_engine.ADMIT_ROWS))
-        out.append(Program(f"serve step, length {S}", f"one layer over all {P} slots, buckets {buckets}", step,
-                           (leaves, state, bias, rows, scalar(jnp.int32), scalar(jnp.int32), scalar(jnp.float32)), {},
-                           examples=P, full_depth=True,
-                           dynamic_trips=lambda path: P // buckets[0] if path[-1] == 0 else 0))
+        out.append(Program(f"serve step, length {S}",
+                           f"{serving_engine.STEP_ADMIT_ROWS} new rows, then one layer over all {P} slots, "
+                           f"buckets {buckets}", step,
+                           (leaves, state, bias, rows, scalar(jnp.int32), scalar(jnp.int32), scalar(jnp.float32),
+                            new_slots, new_inputs, scalar(jnp.int32)), {},
+                           examples=P, full_depth=True, dynamic_trips=step_trips))
     return out
