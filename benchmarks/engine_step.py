@@ -19,9 +19,11 @@ host work = wall - program. Figures per step kind (layer 0 with its admission, l
 are medians; the per-step figure is the mean of the L kinds' medians, the cost of one layer of a
 row's path (its L steps). The profiled pass also splits the host work (medians of per-step
 figures, so they need not add up exactly): the engine's Python (scheduler, argument building,
-reading results, callbacks: the step's time outside its jitted calls) and dispatch (the jitted
-calls' time outside the program: argument parsing, transfers, handing the program to XLA's
-runtime and waiting for it). Tracing adds a little to each; the wall pass has none.
+reading results, callbacks: the step's time outside its jitted calls) and in_calls (the jitted
+calls' time outside the program), itself split into dispatch (JAX's side: argument parsing,
+transfers to the device) and runtime (inside PJRT's execution of the program, `EXECUTE_EVENT`,
+before its first operation and after its last: XLA's CPU runtime setting up each run; 0 where a
+platform's trace has no such event). Tracing adds a little to each; the wall pass has none.
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ import numpy as np
 
 PROGRAM_EVENT = "ThunkExecutor::Execute"
 CALL_EVENT = "PjitFunction(call)"
+EXECUTE_EVENT = "CommonPjRtLoadedExecutable::ExecuteHelperOnSingleDevice"
 STEP_EVENT = "engine_step"
 DEFAULT_POOL = 64
-SPLIT = ("python", "in_calls")   # host work inside the profiled steps (`step_breakdown`)
+SPLIT = ("python", "in_calls", "dispatch", "runtime")   # host work inside the profiled steps (`step_breakdown`)
 
 
 def build_engine(model: str = "tiny", length: int = 16, pool_size: int = DEFAULT_POOL):
@@ -119,23 +122,32 @@ def _length(intervals) -> float:
     return float(sum(hi - lo for lo, hi in intervals))
 
 
-def _overlap(a, b) -> float:
-    """Time in both of two disjoint sorted interval lists."""
-    total, i, j = 0.0, 0, 0
+def _overlap_intervals(a, b) -> list[tuple[float, float]]:
+    """The time in both of two disjoint sorted interval lists, as disjoint sorted intervals."""
+    out, i, j = [], 0, 0
     while i < len(a) and j < len(b):
-        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo < hi:
+            out.append((lo, hi))
         if a[i][1] < b[j][1]:
             i += 1
         else:
             j += 1
-    return total
+    return out
+
+
+def _overlap(a, b) -> float:
+    """Time in both of two disjoint sorted interval lists."""
+    return _length(_overlap_intervals(a, b))
 
 
 def step_breakdown(events: list[dict]) -> list[dict]:
     """Trace events -> per annotated step, in order, microseconds: wall; program (the time some
     `PROGRAM_EVENT` ran, on any thread); in_calls (the step's jitted calls on its thread while no
     program ran: parsing arguments, transfers, handing over, waiting for a worker); python (the
-    rest: neither a jitted call nor a program). wall = program + in_calls + python."""
+    rest: neither a jitted call nor a program); in_calls = dispatch + runtime, runtime the time
+    inside PJRT's execution (`EXECUTE_EVENT`, on the step's thread) while no program ran.
+    wall = program + in_calls + python."""
     steps = sorted((e for e in events if e["name"] == STEP_EVENT), key=lambda e: e["ts"])
     out = []
     for s in steps:
@@ -144,8 +156,12 @@ def step_breakdown(events: list[dict]) -> list[dict]:
                                  if e["ts"] < hi and e["ts"] + e["dur"] > lo)
         program = clip(e for e in events if e["name"] == PROGRAM_EVENT)
         calls = clip(e for e in events if e["name"] == CALL_EVENT and (e["pid"], e["tid"]) == (s["pid"], s["tid"]))
+        executing = clip(e for e in events
+                         if e["name"] == EXECUTE_EVENT and (e["pid"], e["tid"]) == (s["pid"], s["tid"]))
         p, c, both = _length(program), _length(calls), _overlap(program, calls)
-        out.append({"wall": float(s["dur"]), "program": p, "in_calls": c - both, "python": s["dur"] - p - c + both})
+        runtime = _overlap(executing, calls) - _overlap(executing, _overlap_intervals(program, calls))
+        out.append({"wall": float(s["dur"]), "program": p, "in_calls": c - both, "python": s["dur"] - p - c + both,
+                    "dispatch": c - both - runtime, "runtime": runtime})
     return out
 
 
@@ -227,11 +243,13 @@ def table(result: dict) -> str:
     lines = [f"engine step, {result['model']} model ({result['num_layers']} layers, width {result['hidden_size']}), "
              f"length {result['length']}, pool {result['pool_size']}, {result['threads']} threads, "
              f"load average {result['load_average_before']} -> {result['load_average_after']}",
-             f"{'rows':>5} {'wall':>8} {'program':>8} {'host':>8} {'python':>8} {'in calls':>8}   "
+             f"{'rows':>5} {'wall':>8} {'program':>8} {'host':>8} {'python':>8} {'in calls':>8} "
+             f"{'dispatch':>8} {'runtime':>8}   "
              "per layer: wall p90 / program / host"]
     for c in result["rows"]:
         per = "; ".join(f"L{int(k) + 1} {v['wall_us']['median']:.0f} p90 {v['wall_us']['p90']:.0f} / "
                         f"{v['program_us']['median']:.0f} / {v['host_us']:.0f}" for k, v in c["by_layer"].items())
         lines.append(f"{c['rows']:>5} {c['wall_us']:>8.0f} {c['program_us']:>8.0f} {c['host_us']:>8.0f} "
-                     f"{c['split_us']['python']:>8.0f} {c['split_us']['in_calls']:>8.0f}   {per}")
+                     f"{c['split_us']['python']:>8.0f} {c['split_us']['in_calls']:>8.0f} "
+                     f"{c['split_us']['dispatch']:>8.0f} {c['split_us']['runtime']:>8.0f}   {per}")
     return "\n".join(lines) + "\n"

@@ -29,5 +29,10 @@ def test_the_breakdown_adds_up():
     # the program on another thread, partly after the call returned; a nested loop body inside it
     program = {"name": engine_step.PROGRAM_EVENT, "ts": 40, "dur": 40, "pid": 1, "tid": 2}
     nested = {"name": engine_step.PROGRAM_EVENT, "ts": 50, "dur": 10, "pid": 1, "tid": 2}
-    (b,) = engine_step.step_breakdown([step, call, program, nested])
-    assert b == {"wall": 100.0, "program": 40.0, "in_calls": 30.0, "python": 30.0}
+    # PJRT's execution inside the call, from before the program started to before the call returned
+    execute = {"name": engine_step.EXECUTE_EVENT, "ts": 20, "dur": 45, "pid": 1, "tid": 1}
+    (b,) = engine_step.step_breakdown([step, call, program, nested, execute])
+    # in the call outside the program: 10-40; of that, inside the execution: 20-40
+    assert b == {"wall": 100.0, "program": 40.0, "in_calls": 30.0, "python": 30.0, "dispatch": 10.0, "runtime": 20.0}
+    (b,) = engine_step.step_breakdown([step, call, program, nested])   # a trace without the event
+    assert (b["dispatch"], b["runtime"]) == (30.0, 0.0)

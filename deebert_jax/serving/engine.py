@@ -177,6 +177,11 @@ class Engine(Worker):
         self._no_admission = (jax.device_put(np.full(STEP_ADMIT_ROWS, self.pool_size, np.int32)),
                               {n: jax.device_put(np.zeros((3, STEP_ADMIT_ROWS, n), np.int32)) for n in self.lengths},
                               np.int32(0))
+        # The step's scalars already on the device, one transfer fewer each per call: counts and
+        # layers by value, thresholds as they are first used.
+        self._ints = [jax.device_put(np.int32(i))
+                      for i in range(max(self.pool_size, config.num_hidden_layers, STEP_ADMIT_ROWS) + 1)]
+        self._thresholds: dict[float, jax.Array] = {}
         self._programs: dict[int, tuple] = {}
         # The shadow lane: same pool shapes (the same compiled programs), full depth, deepest first.
         self.shadow_share, self.on_shadow = float(shadow_share), on_shadow
@@ -330,15 +335,21 @@ class Engine(Worker):
             state, bias = admit(self._leaves, state, bias, slots, *inputs)
         if admitted[max(extra, 0):]:
             new = self._admission(admitted[max(extra, 0):], STEP_ADMIT_ROWS, plan.length)
-            new = (*new, np.int32(len(admitted) - max(extra, 0)))
+            new = (*new, self._ints[len(admitted) - max(extra, 0)])
         else:
-            new = (self._no_admission[0], self._no_admission[1][plan.length], self._no_admission[2])
+            new = (self._no_admission[0], self._no_admission[1][plan.length], self._ints[0])
         n = len(plan.slots)
-        state, bias, out = run(self._leaves, state, bias, self._rows_arg(plan.slots), np.int32(n),
-                               np.int32(plan.layer), threshold, *new)
+        state, bias, out = run(self._leaves, state, bias, self._rows_arg(plan.slots), self._ints[n],
+                               self._ints[plan.layer], self._device_threshold(threshold), *new)
         pools[plan.length] = (state, bias)
         out = np.asarray(out)[:n]
         return out[:, 0] > 0, out[:, 1].astype(np.int32), out[:, 2:]
+
+    def _device_threshold(self, threshold: np.float32) -> jax.Array:
+        key = float(threshold)
+        if key not in self._thresholds:
+            self._thresholds[key] = jax.device_put(np.float32(threshold))
+        return self._thresholds[key]
 
     def _admission(self, admitted, size: int, length: int) -> tuple[np.ndarray, np.ndarray]:
         """[(slot, row)] -> (slots [size], index P past the rows; inputs [3, size, length])."""
