@@ -15,11 +15,10 @@ import sys
 import tempfile
 
 from deebert_jax.commands.cli import floats, ints, positive_int, run
-from deebert_jax.data.lengths import SPACINGS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from benchmarks.benchmarking import DEFAULT_THRESHOLDS, MIN_RUNS, RANDOM_MODELS
+    from benchmarks.benchmarking import DEFAULT_THRESHOLDS, MIN_RUNS, PADDINGS, RANDOM_MODELS
     from benchmarks.harness import available_cpus
     from deebert_jax.model.attention import ATTENTION_IMPLS
     from benchmarks.precision import PRECISIONS
@@ -66,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="JAX's self-attention core: default (as always), dot_product_attention "
                         "(jax.nn.dot_product_attention, XLA's choice) or cudnn (its cuDNN fused kernel: "
                         "NVIDIA GPU, --precision bf16); PyTorch is unchanged")
-    p.add_argument("--padding", choices=("pool",) + SPACINGS + ("own",), default="pool",
+    p.add_argument("--padding", choices=PADDINGS, default="pool",
                    help="what JAX and PyTorch run each batch at: pool (--seq-len, every batch alike) or its longest "
                         "row padded to the next power of two or multiple of 8 from 16 (as train.serve --length-spacing "
                         "pads), or own: each batch at its longest row (one compile per length: what padding costs); ONNX "

@@ -18,15 +18,13 @@ import sys
 
 from deebert_jax.commands.cli import ints, positive_int, run
 
-MODELS = ("tiny", "minilm", "bert-base", "roberta-base")
-
-
 def main(argv: list[str]) -> int:
+    from benchmarks.benchmarking import RANDOM_MODELS
     p = argparse.ArgumentParser(prog="python -m train.benchmark_engine_step", description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=ints, default=[1, 32], help="rows in flight, comma-separated")
     p.add_argument("--steps", type=positive_int, default=500, help="timed steps per row count (and as many profiled)")
     p.add_argument("--threads", type=positive_int, default=2, help="XLA CPU threads")
-    p.add_argument("--random-model", default="tiny", choices=MODELS)
+    p.add_argument("--random-model", default="tiny", choices=RANDOM_MODELS)
     p.add_argument("--length", type=positive_int, default=16, help="the pool's padded length")
     p.add_argument("--pool", type=positive_int, default=64, help="slots in the pool")
     p.add_argument("--out", default="", help="JSON of the result")

@@ -23,6 +23,7 @@ import tempfile
 
 from deebert_jax.core.errors import InputError
 from deebert_jax.commands.cli import floats, positive_int, run
+from deebert_jax.data.lengths import SPACINGS
 
 QUICK = dict(rates=[5.0, 20.0], duration=2.0, max_requests=100)
 
@@ -48,7 +49,7 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="a tiny random model and two short rates (a smoke run)")
     p.add_argument("--schedule", default=None, help="the JAX servers' schedule (train.serve --schedule; "
                    "default: the server's)")
-    p.add_argument("--length-spacing", default=None, choices=("power-of-two", "multiple-of-8"),
+    p.add_argument("--length-spacing", default=None, choices=SPACINGS,
                    help="every server's padded lengths (train.serve --length-spacing; default: the server's)")
     p.add_argument("--model-label", default=None,
                    help="how the report names the model directory (default: its path relative to the current "

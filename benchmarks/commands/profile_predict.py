@@ -48,6 +48,7 @@ def parse_args(argv):
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     from benchmarks.harness import load_average
+    from benchmarks.results import command_line
     from deebert_jax.core.fileutil import atomic_write_text, check_outputs
     from deebert_jax.cpu.process import setup_process
 
@@ -104,7 +105,7 @@ def main(argv: list[str]) -> int:
         atomic_write_text(args.out, json.dumps({
             "what": what, "batch_size": args.batch_size, "seq_len": args.seq_len, "threads": args.threads,
             "runs": args.runs, "wall_ms": wall, "operations_ms": total, "categories_ms": categories,
-            "operations": ops, "command": "python -m train.profile_predict " + " ".join(argv)}, indent=1,
+            "operations": ops, "command": command_line("train.profile_predict", argv)}, indent=1,
             allow_nan=False))
         print(f"wrote {args.out}")
     return 0

@@ -88,9 +88,9 @@ def _step(config, rule, dtype, bucket_sizes, params, state: ExitState, mask_bias
     index P) in buckets -> (pool, [P + max bucket, 2 + K] float32: each row's done, exit layer
     and logits, in `rows` order: one array, one read)."""
     def admit(j, pool):
-        chunk = [jax.lax.dynamic_slice_in_dim(x, j * ADMIT_ROWS, ADMIT_ROWS, axis=x.ndim - 2)
-                 for x in (new_slots[:, None], new_inputs)]
-        return _admit(config, rule, dtype, params, *pool, chunk[0][:, 0], *chunk[1])
+        slots = jax.lax.dynamic_slice_in_dim(new_slots, j * ADMIT_ROWS, ADMIT_ROWS)
+        inputs = jax.lax.dynamic_slice_in_dim(new_inputs, j * ADMIT_ROWS, ADMIT_ROWS, axis=1)
+        return _admit(config, rule, dtype, params, *pool, slots, *inputs)
     state, mask_bias = jax.lax.fori_loop(0, (new_count + ADMIT_ROWS - 1) // ADMIT_ROWS, admit, (state, mask_bias))
     step = inference_step.layer_step(config, params, dtype, first_token_only_at_last=True)
     state = state.replace(layer=layer)
@@ -173,14 +173,14 @@ class Engine(Worker):
         self._keys = itertools.count()
         super().__init__()
         self._pools = {n: self._empty_pool(n) for n in self.lengths}
-        # A step that admits nothing: slots writing nowhere, inputs never read (on the device once).
-        self._no_admission = (jax.device_put(np.full(STEP_ADMIT_ROWS, self.pool_size, np.int32)),
-                              {n: jax.device_put(np.zeros((3, STEP_ADMIT_ROWS, n), np.int32)) for n in self.lengths},
-                              np.int32(0))
         # The step's scalars already on the device, one transfer fewer each per call: counts and
         # layers by value, thresholds as they are first used.
         self._ints = [jax.device_put(np.int32(i))
                       for i in range(max(self.pool_size, config.num_hidden_layers, STEP_ADMIT_ROWS) + 1)]
+        # A step that admits nothing, per length: slots writing nowhere, inputs never read, count 0.
+        no_slots = jax.device_put(np.full(STEP_ADMIT_ROWS, self.pool_size, np.int32))
+        self._no_admission = {n: (no_slots, jax.device_put(np.zeros((3, STEP_ADMIT_ROWS, n), np.int32)), self._ints[0])
+                              for n in self.lengths}
         self._thresholds: dict[float, jax.Array] = {}
         self._programs: dict[int, tuple] = {}
         # The shadow lane: same pool shapes (the same compiled programs), full depth, deepest first.
@@ -215,9 +215,10 @@ class Engine(Worker):
             # first run of each costs ~15 ms more on the CPU, which the first requests would pay.
             count = min(sum(self.bucket_sizes), self.pool_size)
             for layer in range(self.config.num_hidden_layers):
-                state, bias, out = step(self._leaves, state, bias, self._rows_arg(range(count)), np.int32(count),
-                                        np.int32(layer), self.threshold, self._no_admission[0],
-                                        self._no_admission[1][n], self._no_admission[2])
+                # The arguments a step passes (`_run_plan`), so this compiles what the steps run.
+                state, bias, out = step(self._leaves, state, bias, self._rows_arg(range(count)), self._ints[count],
+                                        self._ints[layer], self._device_threshold(self.threshold),
+                                        *self._no_admission[n])
             jax.block_until_ready(out)
             self._pools[n] = (state, bias)
         self._programs = {n: (admit, step) for n in self.lengths}
@@ -337,7 +338,7 @@ class Engine(Worker):
             new = self._admission(admitted[max(extra, 0):], STEP_ADMIT_ROWS, plan.length)
             new = (*new, self._ints[len(admitted) - max(extra, 0)])
         else:
-            new = (self._no_admission[0], self._no_admission[1][plan.length], self._ints[0])
+            new = self._no_admission[plan.length]
         n = len(plan.slots)
         state, bias, out = run(self._leaves, state, bias, self._rows_arg(plan.slots), self._ints[n],
                                self._ints[plan.layer], self._device_threshold(threshold), *new)

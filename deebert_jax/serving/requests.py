@@ -14,9 +14,9 @@ from typing import Sequence
 import numpy as np
 
 from deebert_jax.core.errors import DeeBertError
-from deebert_jax.data import lengths
 from deebert_jax.data.glue import DataError
-from deebert_jax.data.lengths import SHORTEST_LENGTH  # noqa: F401  (re-exported: its old home)
+# Re-exported: their old home (the server's lengths are `data.lengths`').
+from deebert_jax.data.lengths import SHORTEST_LENGTH, length_classes, padded_length  # noqa: F401
 from deebert_jax.data.text_inputs import Example, check_text, loads_json
 from deebert_jax.inference.predict import encode
 
@@ -105,12 +105,6 @@ def parse_inputs(inputs, max_inputs: int = MAX_INPUTS) -> list[Example]:
     return [_item(value, f"inputs[{i}]") for i, value in enumerate(inputs)]
 
 
-def length_classes(max_seq_length: int, spacing: str = "power-of-two") -> tuple[int, ...]:
-    """The padded lengths rows are bucketed into: 16, 32, 64, ... (or 16, 24, 32, ... with
-    "multiple-of-8") below `max_seq_length`, then it (`data.lengths`)."""
-    return lengths.length_classes(max_seq_length, spacing)
-
-
 @dataclasses.dataclass(frozen=True)
 class Row:
     """One tokenised input, padded to its length class: input_ids, attention_mask,
@@ -134,7 +128,7 @@ def to_rows(tokenizer, examples: Sequence[Example], classes: Sequence[int], voca
     rows = []
     for i in range(len(examples)):
         real = int(arrays["attention_mask"][i].sum())
-        size = lengths.padded_length(real, classes)
+        size = padded_length(real, classes)
         cut = {}
         for key in ("input_ids", "attention_mask", "token_type_ids"):
             row = arrays[key][i, :size]
