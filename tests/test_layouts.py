@@ -84,3 +84,25 @@ def test_first_token_only_layer_matches_position_zero(params):
     first = inference_step.layer_forward(CONFIG, layer, hidden, bias, first_token_only=True)
     assert first.shape == (3, 1, CONFIG.hidden_size)
     np.testing.assert_allclose(first[:, 0], full[:, 0], atol=1e-6, rtol=1e-6)
+
+
+def test_a_layer_subset_holds_that_layer_and_runs_its_step_alike(params):
+    """`layer_subset`: only the named layers' weights and ramps (and the embeddings when asked) as
+    leaves; a static step of that layer on it computes what it computes on the whole tree."""
+    unstacked = layouts.unstack_params(params)
+    leaves = lambda tree: {id(x) for x in jax.tree_util.tree_leaves(tree)}
+    subset = layouts.layer_subset(unstacked, (1,))
+    assert leaves(subset) == leaves(unstacked["layers"][1]) | leaves(unstacked["ramps"][1])
+    with_embeddings = layouts.layer_subset(params, (0,), embeddings=True)   # stacked params too
+    assert len(jax.tree_util.tree_leaves(with_embeddings)) == (
+        len(jax.tree_util.tree_leaves(unstacked["embeddings"])) + len(jax.tree_util.tree_leaves(unstacked["layers"][0]))
+        + len(jax.tree_util.tree_leaves(unstacked["ramps"][0])))
+    ids, mask, types = _batch()
+    hidden = inference_step.embed(CONFIG, unstacked, ids, types)
+    bias = modeling.attention_bias(mask, jnp.float32)
+    for layer in range(CONFIG.num_hidden_layers):
+        alone = inference_step.layer_step(CONFIG, layouts.layer_subset(unstacked, (layer,)),
+                                          first_token_only_at_last=True)(layer, hidden, bias)
+        whole = inference_step.layer_step(CONFIG, unstacked, first_token_only_at_last=True)(layer, hidden, bias)
+        for a, b in zip(alone, whole):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -242,11 +242,12 @@ def test_warm_up_compiles_everything_a_request_runs(model):
     params, batch = model
     engine = Engine(CONFIG, params, LENGTHS, 0.3, "entropy", pool_size=16, bucket_sizes=BUCKETS)
     engine.warm_up()
-    admit, step = engine_lib._programs(CONFIG, "entropy", engine.dtype, BUCKETS, engine._treedef)
-    compiled = admit._cache_size(), step._cache_size()
+    admit, steps = engine._compiled()
+    assert len(steps) == CONFIG.num_hidden_layers
+    compiled = [admit._cache_size()] + [step._cache_size() for step in steps]
     assert min(compiled) >= len(LENGTHS)
     drive(engine, rows_of(batch), seed=1)
-    assert (admit._cache_size(), step._cache_size()) == compiled
+    assert [admit._cache_size()] + [step._cache_size() for step in steps] == compiled
 
 
 def test_shadow_rows_change_no_answer_and_report_the_full_depth_label(model):

@@ -270,16 +270,20 @@ def inference_programs(shape: RunShape, sl: Slice) -> list[Program]:
 
 
 def serving_programs(shape: RunShape, sl: Slice, max_seq_length: int | None = None) -> list[Program]:
-    """The serving engine's two programs for each padded length the server would use
-    (`serving.requests.length_classes`), its default pool and accelerator buckets, float32."""
+    """The serving engine's admit program and layer 1's step for each padded length the server
+    would use (`serving.requests.length_classes`), its default pool and accelerator buckets,
+    float32. Each layer has a step program of its own; layer 1's is the largest (it embeds the
+    step's new rows first) and the others run the same layer over the same pool."""
     config = shape.config
     chip = _on_chip(sl)
     f32 = jnp.dtype(jnp.float32)
     buckets = tuple(sorted(serving_engine.default_bucket_sizes("tpu"), reverse=True))
     P, K, H = serving_engine.DEFAULT_POOL_SIZE, config.num_labels, config.hidden_size
-    params = _serving_params(config, chip)
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    admit, step = serving_engine._programs(config, "entropy", f32, buckets, treedef)
+    admit_params, step_params = serving_engine.program_params(_serving_params(config, chip), config.num_hidden_layers)
+    admit_leaves, admit_treedef = jax.tree_util.tree_flatten(admit_params)
+    step_leaves, step_treedef = jax.tree_util.tree_flatten(step_params[0])
+    treedefs = tuple(jax.tree_util.tree_structure(p) for p in step_params)
+    admit, steps = serving_engine._programs(config, "entropy", f32, buckets, admit_treedef, treedefs)
     def step_trips(path):
         # The busiest step: its top-level loops are the admission (every new row, ADMIT_ROWS at a
         # time), then one per bucket size; every slot runs, in buckets of the largest size only
@@ -300,11 +304,12 @@ def serving_programs(shape: RunShape, sl: Slice, max_seq_length: int | None = No
         new_slots = jax.ShapeDtypeStruct((serving_engine.STEP_ADMIT_ROWS,), jnp.int32, sharding=chip)
         new_inputs = jax.ShapeDtypeStruct((3, serving_engine.STEP_ADMIT_ROWS, S), jnp.int32, sharding=chip)
         out.append(Program(f"serve admit, length {S}", f"{serving_engine.ADMIT_ROWS} rows into a pool of {P}",
-                           admit, (leaves, state, bias, slots, ids, ids, ids), {}, examples=serving_engine.ADMIT_ROWS))
+                           admit, (admit_leaves, state, bias, slots, ids, ids, ids), {},
+                           examples=serving_engine.ADMIT_ROWS))
         out.append(Program(f"serve step, length {S}",
-                           f"{serving_engine.STEP_ADMIT_ROWS} new rows, then one layer over all {P} slots, "
-                           f"buckets {buckets}", step,
-                           (leaves, state, bias, rows, scalar(jnp.int32), scalar(jnp.int32), scalar(jnp.float32),
+                           f"{serving_engine.STEP_ADMIT_ROWS} new rows, then layer 1 over all {P} slots, "
+                           f"buckets {buckets}", steps[0],
+                           (step_leaves, state, bias, rows, scalar(jnp.int32), scalar(jnp.float32),
                             new_slots, new_inputs, scalar(jnp.int32)), {},
                            examples=P, full_depth=True, dynamic_trips=step_trips))
     return out

@@ -3,20 +3,22 @@ padded length, driven by `scheduler.Scheduler`.
 
 Per padded length S the device holds one pool: an `early_exit.ExitState` over `pool_size` slots
 (hidden [P, S, H], logits [P, K], exit_layer, done, the exit rule's state) and mask_bias [P, S].
-Two programs per S, compiled before the first request (`warm_up`), their pool donated (updated
-in place, never copied):
+Programs per S, compiled before the first request (`warm_up`), their pool donated (updated in
+place, never copied):
 
-- `step`: embeds the step's new rows first (up to `STEP_ADMIT_ROWS`, `ADMIT_ROWS` at a time, as
-  `admit` does), then runs one layer (traced: `inference_step.layer_step`'s `lax.switch` reads that layer's weights
-  in place, one weight set for the whole step) over one group of up to P slots, cut into buckets
-  of `bucket_sizes` by `exit_aware.bucket_step` (the exit-aware predictor's own bucket, with
-  `early_exit.record_exits`), and returns the group's done flags, exit layers and logits as one
-  array (one read). Buckets: `CPU_BUCKET_SIZES` (8, 4, 2, 1) on the CPU, so a group of any size
-  runs unpadded;
+- one `step` per layer: runs that layer (static) over one group of up to P slots, cut into
+  buckets of `bucket_sizes` by `exit_aware.bucket_step` (the exit-aware predictor's own bucket,
+  with `early_exit.record_exits`), and returns the group's done flags, exit layers and logits as
+  one array (one read). Layer 0's step first embeds the step's new rows (up to
+  `STEP_ADMIT_ROWS`, `ADMIT_ROWS` at a time, as `admit` does). Each step takes only the weights
+  it reads (`layouts.layer_subset`): a program per layer rather than one whose traced layer picks
+  a `lax.switch` branch, because XLA's CPU runtime sets up every buffer of a program on each run,
+  branches not taken included, so the switch made each step's host work grow with the depth.
+  Buckets: `CPU_BUCKET_SIZES` (8, 4, 2, 1) on the CPU, so a group of any size runs unpadded;
 - `admit`: embeds `ADMIT_ROWS` new rows (`inference_step.embed`) into their slots, fresh exit
   state: only for the new rows of a step past `STEP_ADMIT_ROWS`, before the step.
 
-So the compiled set is fixed (2 programs per length), and what a row computes is what
+So the compiled set is fixed (L + 1 programs per length), and what a row computes is what
 `exit_aware_predict` computes for it: the same embedding, layer steps and exit update.
 `Engine.step()` runs one scheduler step and calls each exited row's callback at once;
 `Engine.start()` runs steps on a worker thread until `stop()` (which first answers every row).
@@ -80,20 +82,33 @@ def _admit(config, rule, dtype, params, state: ExitState, mask_bias, slots, inpu
     return state.put_rows(slots, part), mask_bias.at[slots].set(bias, mode="drop")
 
 
-def _step(config, rule, dtype, bucket_sizes, params, state: ExitState, mask_bias, rows, count, layer, threshold,
-          new_slots, new_inputs, new_count):
-    """Embeds the new rows first: new_inputs [3, STEP_ADMIT_ROWS, S] (ids, mask, types) into the
-    slots new_slots[:new_count] (the rest index P), ADMIT_ROWS at a time, as `_admit` does. Then
-    layer `layer` (0-based, traced) over the slots rows[:count] (rows [P + max bucket], the rest
+def _step(config, rule, dtype, bucket_sizes, layer: int, params, state: ExitState, mask_bias, rows, count,
+          threshold, *new):
+    """Layer `layer` (0-based, static) over the slots rows[:count] (rows [P + max bucket], the rest
     index P) in buckets -> (pool, [P + max bucket, 2 + K] float32: each row's done, exit layer
-    and logits, in `rows` order: one array, one read)."""
-    def admit(j, pool):
-        slots = jax.lax.dynamic_slice_in_dim(new_slots, j * ADMIT_ROWS, ADMIT_ROWS)
-        inputs = jax.lax.dynamic_slice_in_dim(new_inputs, j * ADMIT_ROWS, ADMIT_ROWS, axis=1)
-        return _admit(config, rule, dtype, params, *pool, slots, *inputs)
-    state, mask_bias = jax.lax.fori_loop(0, (new_count + ADMIT_ROWS - 1) // ADMIT_ROWS, admit, (state, mask_bias))
-    step = inference_step.layer_step(config, params, dtype, first_token_only_at_last=True)
-    state = state.replace(layer=layer)
+    and logits, in `rows` order: one array, one read). Layer 0 embeds the new rows first,
+    new = (new_slots [STEP_ADMIT_ROWS], new_inputs [3, STEP_ADMIT_ROWS, S] (ids, mask, types),
+    new_count): new_inputs into the slots new_slots[:new_count] (the rest index P), ADMIT_ROWS at
+    a time, as `_admit` does; other layers take no `new`."""
+    if layer == 0:
+        new_slots, new_inputs, new_count = new
+
+        def admit(j, pool):
+            slots = jax.lax.dynamic_slice_in_dim(new_slots, j * ADMIT_ROWS, ADMIT_ROWS)
+            inputs = jax.lax.dynamic_slice_in_dim(new_inputs, j * ADMIT_ROWS, ADMIT_ROWS, axis=1)
+            return _admit(config, rule, dtype, params, *pool, slots, *inputs)
+        state, mask_bias = jax.lax.fori_loop(0, (new_count + ADMIT_ROWS - 1) // ADMIT_ROWS, admit, (state, mask_bias))
+    layer_step = inference_step.layer_step(config, params, dtype, first_token_only_at_last=True)
+
+    def step(layer, hidden, mask_bias):
+        # Behind a conditional (a step always has rows, so it always runs): inlined, XLA fuses a
+        # one-row bucket's reads of the pool into its write back, then copies the pool twice an
+        # iteration and runs the copies on a second thread (tiny model: 94 against 182 us a call).
+        run = functools.partial(layer_step, layer)
+        logits = jax.eval_shape(run, hidden, mask_bias)[1]
+        skip = lambda hidden, mask_bias: (hidden, jnp.zeros(logits.shape, logits.dtype))
+        return jax.lax.cond(count > 0, run, skip, hidden, mask_bias)
+    state = state.replace(layer=jnp.int32(layer))
     start = jnp.int32(0)
     for size, buckets in exit_aware.bucket_plan(count, bucket_sizes):
         def bucket(j, state, start=start, size=size):
@@ -122,17 +137,26 @@ def _on_leaves(fn, treedef):
     return call
 
 
+def program_params(params, num_layers: int):
+    """Serving-layout params -> (what `admit` reads: the embeddings, [what layer l's step reads:
+    its weights and ramp, the embeddings too at layer 0]), each a `layouts.layer_subset`."""
+    return (layouts.layer_subset(params, embeddings=True),
+            [layouts.layer_subset(params, (layer,), embeddings=layer == 0) for layer in range(num_layers)])
+
+
 @functools.lru_cache(maxsize=None)
-def _programs(config: DeeBertConfig, rule: str, dtype, bucket_sizes: tuple[int, ...], treedef=None):
-    """The jitted admit and step functions, shared by engines of one model kind (each compiles
-    once per padded length and pool size; later calls with the same shapes never compile).
-    With `treedef` they take the parameters as that tree's leaves: a flat list is dispatched
-    faster than the nested dict (0.85 against 1.3 ms a call for MiniLM-L6's 125 arrays)."""
-    admit = functools.partial(_admit, config, rule, dtype)
-    step = functools.partial(_step, config, rule, dtype, bucket_sizes)
-    if treedef is not None:
-        admit, step = _on_leaves(admit, treedef), _on_leaves(step, treedef)
-    return jax.jit(admit, donate_argnums=(1, 2)), jax.jit(step, donate_argnums=(1, 2))
+def _programs(config: DeeBertConfig, rule: str, dtype, bucket_sizes: tuple[int, ...], admit_treedef,
+              step_treedefs: tuple):
+    """The jitted admit function and step functions (one per layer), shared by engines of one
+    model kind (each compiles once per padded length and pool size; later calls with the same
+    shapes never compile). Each takes its parameters (`program_params`) as its treedef's leaves:
+    a flat list is dispatched faster than the nested dict (0.85 against 1.3 ms a call for
+    MiniLM-L6's 125 arrays)."""
+    admit = _on_leaves(functools.partial(_admit, config, rule, dtype), admit_treedef)
+    steps = tuple(jax.jit(_on_leaves(functools.partial(_step, config, rule, dtype, bucket_sizes, layer), treedef),
+                          donate_argnums=(1, 2))
+                  for layer, treedef in enumerate(step_treedefs))
+    return jax.jit(admit, donate_argnums=(1, 2)), steps
 
 
 class Engine(Worker):
@@ -168,15 +192,17 @@ class Engine(Worker):
         self.on_admit: Callable[[list[int]], None] | None = None
         self.scheduler = Scheduler(config.num_hidden_layers, self.lengths, self.pool_size, schedule, admit_budget_s)
         self.params = jax.device_put(layouts.unstack_params(params))
-        self._leaves, self._treedef = jax.tree_util.tree_flatten(self.params)
+        admit_params, step_params = program_params(self.params, config.num_hidden_layers)
+        self._admit_leaves, self._admit_treedef = jax.tree_util.tree_flatten(admit_params)
+        flat = [jax.tree_util.tree_flatten(p) for p in step_params]
+        self._step_leaves, self._step_treedefs = [leaves for leaves, _ in flat], tuple(treedef for _, treedef in flat)
         self._rows: dict[int, tuple[Row, Callback]] = {}
         self._keys = itertools.count()
         super().__init__()
         self._pools = {n: self._empty_pool(n) for n in self.lengths}
-        # The step's scalars already on the device, one transfer fewer each per call: counts and
-        # layers by value, thresholds as they are first used.
-        self._ints = [jax.device_put(np.int32(i))
-                      for i in range(max(self.pool_size, config.num_hidden_layers, STEP_ADMIT_ROWS) + 1)]
+        # The step's scalars already on the device, one transfer fewer each per call: counts by
+        # value, thresholds as they are first used.
+        self._ints = [jax.device_put(np.int32(i)) for i in range(max(self.pool_size, STEP_ADMIT_ROWS) + 1)]
         # A step that admits nothing, per length: slots writing nowhere, inputs never read, count 0.
         no_slots = jax.device_put(np.full(STEP_ADMIT_ROWS, self.pool_size, np.int32))
         self._no_admission = {n: (no_slots, jax.device_put(np.zeros((3, STEP_ADMIT_ROWS, n), np.int32)), self._ints[0])
@@ -204,25 +230,36 @@ class Engine(Worker):
         return state, jnp.zeros((P, length), self.dtype)
 
     def warm_up(self) -> float:
-        """Compiles both programs for every length (a call on no rows) -> seconds taken."""
+        """Compiles every program for every length (a call on no rows) -> seconds taken."""
         start = time.perf_counter()
-        admit, step = _programs(self.config, self.rule, self.dtype, self.bucket_sizes, self._treedef)
+        admit, steps = self._compiled()
         for n in self.lengths:
             state, bias = self._pools[n]
             ids = np.zeros((ADMIT_ROWS, n), np.int32)
-            state, bias = admit(self._leaves, state, bias, np.full(ADMIT_ROWS, self.pool_size, np.int32), ids, ids, ids)
+            state, bias = admit(self._admit_leaves, state, bias, np.full(ADMIT_ROWS, self.pool_size, np.int32),
+                                ids, ids, ids)
             # Every layer and bucket size runs once (on free slots, which admitting resets): the
             # first run of each costs ~15 ms more on the CPU, which the first requests would pay.
             count = min(sum(self.bucket_sizes), self.pool_size)
             for layer in range(self.config.num_hidden_layers):
                 # The arguments a step passes (`_run_plan`), so this compiles what the steps run.
-                state, bias, out = step(self._leaves, state, bias, self._rows_arg(range(count)), self._ints[count],
-                                        self._ints[layer], self._device_threshold(self.threshold),
-                                        *self._no_admission[n])
+                state, bias, out = steps[layer](*self._step_args(layer, state, bias, range(count), self.threshold,
+                                                                 self._no_admission[n]))
             jax.block_until_ready(out)
             self._pools[n] = (state, bias)
-        self._programs = {n: (admit, step) for n in self.lengths}
+        self._programs = {n: (admit, steps) for n in self.lengths}
         return time.perf_counter() - start
+
+    def _compiled(self):
+        """-> (admit, steps): this engine's jitted programs (`_programs`)."""
+        return _programs(self.config, self.rule, self.dtype, self.bucket_sizes, self._admit_treedef,
+                         self._step_treedefs)
+
+    def _step_args(self, layer: int, state, bias, slots: Sequence[int], threshold, new) -> tuple:
+        """The arguments of layer `layer`'s step over `slots`; `new` (layer 0 only) its admission."""
+        args = (self._step_leaves[layer], state, bias, self._rows_arg(slots), self._ints[len(slots)],
+                self._device_threshold(threshold))
+        return args + tuple(new) if layer == 0 else args
 
     def _rows_arg(self, slots: Sequence[int]) -> np.ndarray:
         rows = np.full(self.pool_size + max(self.bucket_sizes), self.pool_size, np.int32)
@@ -326,22 +363,23 @@ class Engine(Worker):
     def _run_plan(self, plan: Step, admitted, pools, threshold):
         """Admits `admitted` [(slot, row)] into `pools[plan.length]`, runs the step at `threshold`
         -> (done, exit_layer, logits) of `plan.slots`, as numpy."""
-        admit, run = self._programs[plan.length]
+        admit, steps = self._programs[plan.length]
         state, bias = pools[plan.length]
         if plan.admit and pools is self._pools and self.on_admit is not None:
             self.on_admit([key for key, _ in plan.admit])
         extra = len(admitted) - STEP_ADMIT_ROWS   # rows past what the step embeds: admit calls first
         for lo in range(0, max(extra, 0), ADMIT_ROWS):
             slots, inputs = self._admission(admitted[lo:min(lo + ADMIT_ROWS, extra)], ADMIT_ROWS, plan.length)
-            state, bias = admit(self._leaves, state, bias, slots, *inputs)
+            state, bias = admit(self._admit_leaves, state, bias, slots, *inputs)
         if admitted[max(extra, 0):]:
             new = self._admission(admitted[max(extra, 0):], STEP_ADMIT_ROWS, plan.length)
             new = (*new, self._ints[len(admitted) - max(extra, 0)])
         else:
             new = self._no_admission[plan.length]
+        if plan.layer != 0 and admitted:
+            raise RuntimeError(f"a step of layer {plan.layer + 1} admitting rows: only layer 1's steps embed")
         n = len(plan.slots)
-        state, bias, out = run(self._leaves, state, bias, self._rows_arg(plan.slots), self._ints[n],
-                               self._ints[plan.layer], self._device_threshold(threshold), *new)
+        state, bias, out = steps[plan.layer](*self._step_args(plan.layer, state, bias, plan.slots, threshold, new))
         pools[plan.length] = (state, bias)
         out = np.asarray(out)[:n]
         return out[:, 0] > 0, out[:, 1].astype(np.int32), out[:, 2:]
