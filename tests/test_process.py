@@ -47,3 +47,15 @@ def test_importing_the_commands_leaves_the_environment_alone():
     out = _run("import os; e = dict(os.environ); import deebert_jax, train.train, train.predict; "
                "assert dict(os.environ) == e")
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_a_server_process_leaves_malloc_alone_and_runs_programs_inline():
+    out = _run("import jax\n"
+               "from deebert_jax.cpu import memory\n"
+               "from deebert_jax.cpu.process import setup_serving_process\n"
+               "settings = setup_serving_process(threads=1)\n"
+               "assert not settings.keep_freed_memory and not memory.applied(), settings\n"
+               "assert settings.cpu_inline_dispatch and settings.threads == 1\n"
+               "assert not jax.config.read(\"jax_cpu_enable_async_dispatch\")\n"
+               "print('ok')")
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

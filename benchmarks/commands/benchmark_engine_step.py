@@ -33,11 +33,11 @@ def main(argv: list[str]) -> int:
         p.error(f"--rows {args.rows}: each must be in [1, --pool {args.pool}]")
 
     from deebert_jax.core.fileutil import atomic_write_text, check_outputs
-    from deebert_jax.cpu.process import setup_process
+    from deebert_jax.cpu.process import setup_serving_process
 
     check_outputs({"--out": args.out or None})
-    # Before JAX starts its CPU client; the dispatch `train.serve` sets up for its engine.
-    setup_process(threads=args.threads, cpu_inline_dispatch=True)
+    # Before JAX starts its CPU client; the process settings `train.serve` sets up for its engine.
+    setup_serving_process(threads=args.threads)
     from benchmarks import engine_step
     from benchmarks.results import command_line
 

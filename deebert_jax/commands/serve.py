@@ -110,8 +110,8 @@ def parse_args(argv):
 def main(argv=None, engine_factories=None) -> int:
     """`engine_factories`: `serving.server.build_service`'s, the engines of backends other than jax."""
     args = parse_args(argv)
-    from deebert_jax.cpu.process import setup_process
-    setup_process(cpu_inline_dispatch=True)   # process-wide settings, before JAX runs anything
+    from deebert_jax.cpu.process import setup_serving_process
+    setup_serving_process()   # process-wide settings, before JAX runs anything
     from deebert_jax.serving import server
 
     from deebert_jax.serving.connections import ConnectionLimits

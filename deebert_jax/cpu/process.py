@@ -71,6 +71,15 @@ def setup_process(*, kernels: str = "cpu_tuned", keep_freed_memory: bool | None 
     return ProcessSettings(kept, unrolled, threads, quiet_orbax, skip_absent_tpu(), cpu_inline_dispatch)
 
 
+def setup_serving_process(*, threads: int | None = None) -> ProcessSettings:
+    """`setup_process` as a server runs: CPU programs on the calling thread, and glibc's malloc left
+    as it is. A serving step's temporaries are small (the pools are donated, updated in place), so
+    keeping freed memory saves no page faults there, while its one arena shared by every thread
+    and its fragmented heap slow each step's many small allocations (docs/performance.md, "Host
+    work per engine step")."""
+    return setup_process(threads=threads, cpu_inline_dispatch=True, keep_freed_memory=False)
+
+
 def tpu_chips_attached() -> int:
     """TPU chips on this machine's PCI bus (Google's vendor id), counted as JAX counts them."""
     count = 0
