@@ -86,23 +86,21 @@ def test_first_token_only_layer_matches_position_zero(params):
     np.testing.assert_allclose(first[:, 0], full[:, 0], atol=1e-6, rtol=1e-6)
 
 
-def test_a_layer_subset_holds_that_layer_and_runs_its_step_alike(params):
-    """`layer_subset`: only the named layers' weights and ramps (and the embeddings when asked) as
-    leaves; a static step of that layer on it computes what it computes on the whole tree."""
+
+def test_a_layer_step_on_its_own_weights_is_the_step_on_the_whole_tree(params):
+    """`own_layer_step` (one layer's weights and ramp) computes what `layer_step` computes on the
+    whole tree: bit for bit with the layer static, to float rounding with it traced under jit."""
     unstacked = layouts.unstack_params(params)
-    leaves = lambda tree: {id(x) for x in jax.tree_util.tree_leaves(tree)}
-    subset = layouts.layer_subset(unstacked, (1,))
-    assert leaves(subset) == leaves(unstacked["layers"][1]) | leaves(unstacked["ramps"][1])
-    with_embeddings = layouts.layer_subset(params, (0,), embeddings=True)   # stacked params too
-    assert len(jax.tree_util.tree_leaves(with_embeddings)) == (
-        len(jax.tree_util.tree_leaves(unstacked["embeddings"])) + len(jax.tree_util.tree_leaves(unstacked["layers"][0]))
-        + len(jax.tree_util.tree_leaves(unstacked["ramps"][0])))
     ids, mask, types = _batch()
     hidden = inference_step.embed(CONFIG, unstacked, ids, types)
     bias = modeling.attention_bias(mask, jnp.float32)
+    whole = inference_step.layer_step(CONFIG, unstacked, first_token_only_at_last=True)
+    whole_traced = jax.jit(whole)
     for layer in range(CONFIG.num_hidden_layers):
-        alone = inference_step.layer_step(CONFIG, layouts.layer_subset(unstacked, (layer,)),
-                                          first_token_only_at_last=True)(layer, hidden, bias)
-        whole = inference_step.layer_step(CONFIG, unstacked, first_token_only_at_last=True)(layer, hidden, bias)
-        for a, b in zip(alone, whole):
+        own = inference_step.own_layer_step(CONFIG, unstacked["layers"][layer], unstacked["ramps"][layer],
+                                            first_token_only_at_last=True)
+        for a, b in zip(own(layer, hidden, bias), whole(layer, hidden, bias)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        traced = jax.jit(own)(jnp.int32(layer), hidden, bias)
+        for a, b in zip(traced, whole_traced(jnp.int32(layer), hidden, bias)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

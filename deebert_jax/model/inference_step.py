@@ -66,6 +66,20 @@ def _layer_apply(config, layer_params, layer, hidden, mask_bias, dtype, first_to
     return jax.lax.cond(layer == last, first_only, lambda h: whole(hidden=h), hidden)
 
 
+def own_layer_step(config: DeeBertConfig, layer_params: Params, ramp_params: Params, dtype=jnp.float32, *,
+                   first_token_only_at_last: bool = False,
+                   attention_impl: str = "default") -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """One layer's own weights and ramp (no L axis) -> `step(layer, hidden [B, S, H], mask_bias
+    [B, S]) -> (hidden [B, S, H], ramp_logits [B, K])`, `layer` (0-based, int or traced) the layer
+    they are. `layer_step`'s step, for a caller that holds the weights itself."""
+    def step(layer, hidden, mask_bias):
+        hidden = _layer_apply(config, layer_params, layer, hidden, mask_bias, dtype, first_token_only_at_last,
+                              attention_impl)
+        return hidden, ramp_forward(config, ramp_params, hidden, mask_bias, layer, dtype)
+
+    return step
+
+
 def layer_step(config: DeeBertConfig, params: Params, dtype=jnp.float32, *,
                first_token_only_at_last: bool = False,
                attention_impl: str = "default") -> Callable[..., tuple[jax.Array, jax.Array]]:
@@ -77,9 +91,8 @@ def layer_step(config: DeeBertConfig, params: Params, dtype=jnp.float32, *,
     `first_token_only_at_last`: see `_layer_apply`; `attention_impl`: see `Layer`.
     """
     def one(layer_params, ramp_params, layer, hidden, mask_bias):
-        hidden = _layer_apply(config, layer_params, layer, hidden, mask_bias, dtype, first_token_only_at_last,
-                              attention_impl)
-        return hidden, ramp_forward(config, ramp_params, hidden, mask_bias, layer, dtype)
+        return own_layer_step(config, layer_params, ramp_params, dtype, first_token_only_at_last=first_token_only_at_last,
+                              attention_impl=attention_impl)(layer, hidden, mask_bias)
 
     return per_layer(params, one)
 

@@ -48,17 +48,6 @@ def unstack_params(params: Params) -> Params:
     return PerLayerParams(params, layers=unstack_tree(params["layers"], L), ramps=unstack_tree(params["ramps"], L))
 
 
-def layer_subset(params: Params, layers=(), *, embeddings: bool = False) -> Params:
-    """Params in the serving layout with only the weights and ramps of `layers` (0-based ints) and,
-    when asked, the embeddings; every other entry is None (a pytree with no leaves), so the
-    subset's leaves are exactly what a program of those static layers reads. For `per_layer` with
-    a static index among `layers` only."""
-    params = unstack_params(params)
-    keep = lambda trees: tuple(tree if i in layers else None for i, tree in enumerate(trees))
-    return PerLayerParams(params, layers=keep(params["layers"]), ramps=keep(params["ramps"]),
-                          embeddings=params["embeddings"] if embeddings else None)
-
-
 def stack_params(params: Params) -> Params:
     """The inverse of `unstack_params` (for saving, exporting and training)."""
     if not is_unstacked(params):

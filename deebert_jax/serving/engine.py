@@ -6,19 +6,20 @@ Per padded length S the device holds one pool: an `early_exit.ExitState` over `p
 Programs per S, compiled before the first request (`warm_up`), their pool donated (updated in
 place, never copied):
 
-- one `step` per layer: runs that layer (static) over one group of up to P slots, cut into
-  buckets of `bucket_sizes` by `exit_aware.bucket_step` (the exit-aware predictor's own bucket,
-  with `early_exit.record_exits`), and returns the group's done flags, exit layers and logits as
-  one array (one read). Layer 0's step first embeds the step's new rows (up to
-  `STEP_ADMIT_ROWS`, `ADMIT_ROWS` at a time, as `admit` does). Each step takes only the weights
-  it reads (`layouts.layer_subset`): a program per layer rather than one whose traced layer picks
-  a `lax.switch` branch, because XLA's CPU runtime sets up every buffer of a program on each run,
-  branches not taken included, so the switch made each step's host work grow with the depth.
+- `step`: runs one layer over one group of up to P slots, cut into buckets of `bucket_sizes` by
+  `exit_aware.bucket_step` (the exit-aware predictor's own bucket, with
+  `early_exit.record_exits`), and returns the group's done flags, exit layers and logits as one
+  array (one read). Three step programs (`step_kind`): the first layer's, which first embeds the
+  step's new rows (up to `STEP_ADMIT_ROWS`, `ADMIT_ROWS` at a time, as `admit` does), the last
+  layer's, and one that every layer between them shares, its layer a traced argument. Each takes
+  only its layer's weights and ramp as arguments (`program_params`), so no program holds a
+  `lax.switch` over the layers: XLA's CPU runtime sets up every buffer of a program on each run,
+  branches not taken included, so a switch made each step's host work grow with the depth.
   Buckets: `CPU_BUCKET_SIZES` (8, 4, 2, 1) on the CPU, so a group of any size runs unpadded;
 - `admit`: embeds `ADMIT_ROWS` new rows (`inference_step.embed`) into their slots, fresh exit
   state: only for the new rows of a step past `STEP_ADMIT_ROWS`, before the step.
 
-So the compiled set is fixed (L + 1 programs per length), and what a row computes is what
+So the compiled set is fixed (at most 4 programs per length), and what a row computes is what
 `exit_aware_predict` computes for it: the same embedding, layer steps and exit update.
 `Engine.step()` runs one scheduler step and calls each exited row's callback at once;
 `Engine.start()` runs steps on a worker thread until `stop()` (which first answers every row).
@@ -82,23 +83,30 @@ def _admit(config, rule, dtype, params, state: ExitState, mask_bias, slots, inpu
     return state.put_rows(slots, part), mask_bias.at[slots].set(bias, mode="drop")
 
 
-def _step(config, rule, dtype, bucket_sizes, layer: int, params, state: ExitState, mask_bias, rows, count,
-          threshold, *new):
-    """Layer `layer` (0-based, static) over the slots rows[:count] (rows [P + max bucket], the rest
-    index P) in buckets -> (pool, [P + max bucket, 2 + K] float32: each row's done, exit layer
-    and logits, in `rows` order: one array, one read). Layer 0 embeds the new rows first,
-    new = (new_slots [STEP_ADMIT_ROWS], new_inputs [3, STEP_ADMIT_ROWS, S] (ids, mask, types),
-    new_count): new_inputs into the slots new_slots[:new_count] (the rest index P), ADMIT_ROWS at
-    a time, as `_admit` does; other layers take no `new`."""
-    if layer == 0:
-        new_slots, new_inputs, new_count = new
+def _step(config, rule, dtype, bucket_sizes, layer: int | None, params, state: ExitState, mask_bias, rows, count,
+          threshold, *rest):
+    """One layer (params: `program_params`' {"layer", "ramp"}) over the slots rows[:count]
+    (rows [P + max bucket], the rest index P) in buckets -> (pool, [P + max bucket, 2 + K]
+    float32: each row's done, exit layer and logits, in `rows` order: one array, one read).
+    `layer` 0-based and static, or None: a layer between the first and the last, given as
+    rest = (layer,) (traced, so every such layer shares one program). Layer 0 embeds the new rows
+    first, rest = (new_slots [STEP_ADMIT_ROWS], new_inputs [3, STEP_ADMIT_ROWS, S] (ids, mask,
+    types), new_count): new_inputs into the slots new_slots[:new_count] (the rest index P),
+    ADMIT_ROWS at a time, as `_admit` does."""
+    static = layer is not None
+    if not static:
+        (layer,) = rest
+    elif layer == 0:
+        new_slots, new_inputs, new_count = rest
 
         def admit(j, pool):
             slots = jax.lax.dynamic_slice_in_dim(new_slots, j * ADMIT_ROWS, ADMIT_ROWS)
             inputs = jax.lax.dynamic_slice_in_dim(new_inputs, j * ADMIT_ROWS, ADMIT_ROWS, axis=1)
             return _admit(config, rule, dtype, params, *pool, slots, *inputs)
         state, mask_bias = jax.lax.fori_loop(0, (new_count + ADMIT_ROWS - 1) // ADMIT_ROWS, admit, (state, mask_bias))
-    layer_step = inference_step.layer_step(config, params, dtype, first_token_only_at_last=True)
+    # A layer between the first and the last is never the last: it runs whole.
+    layer_step = inference_step.own_layer_step(config, params["layer"], params["ramp"], dtype,
+                                               first_token_only_at_last=static)
 
     def step(layer, hidden, mask_bias):
         # Behind a conditional (a step always has rows, so it always runs): inlined, XLA fuses a
@@ -108,7 +116,7 @@ def _step(config, rule, dtype, bucket_sizes, layer: int, params, state: ExitStat
         logits = jax.eval_shape(run, hidden, mask_bias)[1]
         skip = lambda hidden, mask_bias: (hidden, jnp.zeros(logits.shape, logits.dtype))
         return jax.lax.cond(count > 0, run, skip, hidden, mask_bias)
-    state = state.replace(layer=jnp.int32(layer))
+    state = state.replace(layer=jnp.asarray(layer, jnp.int32))
     start = jnp.int32(0)
     for size, buckets in exit_aware.bucket_plan(count, bucket_sizes):
         def bucket(j, state, start=start, size=size):
@@ -138,25 +146,36 @@ def _on_leaves(fn, treedef):
 
 
 def program_params(params, num_layers: int):
-    """Serving-layout params -> (what `admit` reads: the embeddings, [what layer l's step reads:
-    its weights and ramp, the embeddings too at layer 0]), each a `layouts.layer_subset`."""
-    return (layouts.layer_subset(params, embeddings=True),
-            [layouts.layer_subset(params, (layer,), embeddings=layer == 0) for layer in range(num_layers)])
+    """Params -> (what `admit` reads: {"embeddings"}, [what layer l's step reads: {"layer", "ramp"},
+    its weights and ramp, with "embeddings" too at layer 0])."""
+    params = layouts.unstack_params(params)
+    admit = {"embeddings": params["embeddings"]}
+    return admit, [{"layer": params["layers"][layer], "ramp": params["ramps"][layer], **(admit if layer == 0 else {})}
+                   for layer in range(num_layers)]
+
+
+def step_kind(layer: int, num_layers: int) -> int | None:
+    """Which step program runs layer `layer`: the first and the last their own (that layer, static),
+    every layer between them one shared program (None: the layer traced)."""
+    return layer if layer in (0, num_layers - 1) else None
 
 
 @functools.lru_cache(maxsize=None)
 def _programs(config: DeeBertConfig, rule: str, dtype, bucket_sizes: tuple[int, ...], admit_treedef,
               step_treedefs: tuple):
-    """The jitted admit function and step functions (one per layer), shared by engines of one
-    model kind (each compiles once per padded length and pool size; later calls with the same
-    shapes never compile). Each takes its parameters (`program_params`) as its treedef's leaves:
-    a flat list is dispatched faster than the nested dict (0.85 against 1.3 ms a call for
-    MiniLM-L6's 125 arrays)."""
+    """The jitted admit function and step functions (entry l runs layer l; the layers between the
+    first and the last share one), shared by engines of one model kind (each compiles once per
+    padded length and pool size; later calls with the same shapes never compile). Each takes its
+    parameters (`program_params`) as its treedef's leaves: a flat list is dispatched faster than
+    the nested dict (0.85 against 1.3 ms a call for MiniLM-L6's 125 arrays)."""
     admit = _on_leaves(functools.partial(_admit, config, rule, dtype), admit_treedef)
-    steps = tuple(jax.jit(_on_leaves(functools.partial(_step, config, rule, dtype, bucket_sizes, layer), treedef),
-                          donate_argnums=(1, 2))
-                  for layer, treedef in enumerate(step_treedefs))
-    return jax.jit(admit, donate_argnums=(1, 2)), steps
+    L, jitted = config.num_hidden_layers, {}
+    for layer, treedef in enumerate(step_treedefs):
+        kind = step_kind(layer, L)
+        if kind not in jitted:
+            jitted[kind] = jax.jit(_on_leaves(functools.partial(_step, config, rule, dtype, bucket_sizes, kind),
+                                              treedef), donate_argnums=(1, 2))
+    return jax.jit(admit, donate_argnums=(1, 2)), tuple(jitted[step_kind(layer, L)] for layer in range(L))
 
 
 class Engine(Worker):
@@ -200,9 +219,10 @@ class Engine(Worker):
         self._keys = itertools.count()
         super().__init__()
         self._pools = {n: self._empty_pool(n) for n in self.lengths}
-        # The step's scalars already on the device, one transfer fewer each per call: counts by
-        # value, thresholds as they are first used.
-        self._ints = [jax.device_put(np.int32(i)) for i in range(max(self.pool_size, STEP_ADMIT_ROWS) + 1)]
+        # The step's scalars already on the device, one transfer fewer each per call: counts and
+        # layers by value, thresholds as they are first used.
+        self._ints = [jax.device_put(np.int32(i))
+                      for i in range(max(self.pool_size, config.num_hidden_layers, STEP_ADMIT_ROWS) + 1)]
         # A step that admits nothing, per length: slots writing nowhere, inputs never read, count 0.
         no_slots = jax.device_put(np.full(STEP_ADMIT_ROWS, self.pool_size, np.int32))
         self._no_admission = {n: (no_slots, jax.device_put(np.zeros((3, STEP_ADMIT_ROWS, n), np.int32)), self._ints[0])
@@ -259,7 +279,9 @@ class Engine(Worker):
         """The arguments of layer `layer`'s step over `slots`; `new` (layer 0 only) its admission."""
         args = (self._step_leaves[layer], state, bias, self._rows_arg(slots), self._ints[len(slots)],
                 self._device_threshold(threshold))
-        return args + tuple(new) if layer == 0 else args
+        if layer == 0:
+            return args + tuple(new)
+        return args if step_kind(layer, self.config.num_hidden_layers) is not None else args + (self._ints[layer],)
 
     def _rows_arg(self, slots: Sequence[int]) -> np.ndarray:
         rows = np.full(self.pool_size + max(self.bucket_sizes), self.pool_size, np.int32)
