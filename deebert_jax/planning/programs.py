@@ -29,7 +29,7 @@ from deebert_jax.model import kernels as kernels_lib, layouts
 from deebert_jax.model.modeling import init_params
 from deebert_jax.planning import analytic
 from deebert_jax.planning.chips import Slice
-from deebert_jax.serving import engine as serving_engine
+from deebert_jax.serving import engine as serving_engine, step_programs
 from deebert_jax.serving.requests import length_classes
 from deebert_jax.training import run_config
 from deebert_jax.training.losses import LABELS
@@ -272,24 +272,25 @@ def inference_programs(shape: RunShape, sl: Slice) -> list[Program]:
 def serving_programs(shape: RunShape, sl: Slice, max_seq_length: int | None = None) -> list[Program]:
     """The serving engine's admit program and layer 1's step for each padded length the server
     would use (`serving.requests.length_classes`), its default pool and accelerator buckets,
-    float32. Each layer has a step program of its own; layer 1's is the largest (it embeds the
-    step's new rows first) and the others run the same layer over the same pool."""
+    float32. Of the three step programs (`step_programs.step_kind`) layer 1's is the largest (it
+    embeds the step's new rows first); the others run the same layer over the same pool, the last
+    for its first token."""
     config = shape.config
     chip = _on_chip(sl)
     f32 = jnp.dtype(jnp.float32)
-    buckets = tuple(sorted(serving_engine.default_bucket_sizes("tpu"), reverse=True))
+    buckets = tuple(sorted(step_programs.default_bucket_sizes("tpu"), reverse=True))
     P, K, H = serving_engine.DEFAULT_POOL_SIZE, config.num_labels, config.hidden_size
-    admit_params, step_params = serving_engine.program_params(_serving_params(config, chip), config.num_hidden_layers)
+    admit_params, step_params = step_programs.program_params(_serving_params(config, chip), config.num_hidden_layers)
     admit_leaves, admit_treedef = jax.tree_util.tree_flatten(admit_params)
-    step_leaves, step_treedef = jax.tree_util.tree_flatten(step_params[0])
+    step_leaves = jax.tree_util.tree_leaves(step_params[0])
     treedefs = tuple(jax.tree_util.tree_structure(p) for p in step_params)
-    admit, steps = serving_engine._programs(config, "entropy", f32, buckets, admit_treedef, treedefs)
+    admit, steps = step_programs.programs(config, "entropy", f32, buckets, admit_treedef, treedefs)
     def step_trips(path):
         # The busiest step: its top-level loops are the admission (every new row, ADMIT_ROWS at a
         # time), then one per bucket size; every slot runs, in buckets of the largest size only
         # (a pool is a multiple of it), so the smaller sizes' loops run 0 times.
         if path == (0,):
-            return serving_engine.STEP_ADMIT_ROWS // serving_engine.ADMIT_ROWS
+            return step_programs.STEP_ADMIT_ROWS // step_programs.ADMIT_ROWS
         return P // buckets[0] if path == (1,) else 0
 
     out = []
@@ -297,17 +298,17 @@ def serving_programs(shape: RunShape, sl: Slice, max_seq_length: int | None = No
         pool = jax.eval_shape(lambda: early_exit.ExitState.start(jnp.zeros((P, S, H), f32),
                                                                 jnp.zeros((P, S), jnp.int32), K, "entropy"))
         state, bias = _abstract(pool, chip), jax.ShapeDtypeStruct((P, S), f32, sharding=chip)
-        ids = jax.ShapeDtypeStruct((serving_engine.ADMIT_ROWS, S), jnp.int32, sharding=chip)
-        slots = jax.ShapeDtypeStruct((serving_engine.ADMIT_ROWS,), jnp.int32, sharding=chip)
+        ids = jax.ShapeDtypeStruct((step_programs.ADMIT_ROWS, S), jnp.int32, sharding=chip)
+        slots = jax.ShapeDtypeStruct((step_programs.ADMIT_ROWS,), jnp.int32, sharding=chip)
         scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=chip)
         rows = jax.ShapeDtypeStruct((P + buckets[0],), jnp.int32, sharding=chip)
-        new_slots = jax.ShapeDtypeStruct((serving_engine.STEP_ADMIT_ROWS,), jnp.int32, sharding=chip)
-        new_inputs = jax.ShapeDtypeStruct((3, serving_engine.STEP_ADMIT_ROWS, S), jnp.int32, sharding=chip)
-        out.append(Program(f"serve admit, length {S}", f"{serving_engine.ADMIT_ROWS} rows into a pool of {P}",
+        new_slots = jax.ShapeDtypeStruct((step_programs.STEP_ADMIT_ROWS,), jnp.int32, sharding=chip)
+        new_inputs = jax.ShapeDtypeStruct((3, step_programs.STEP_ADMIT_ROWS, S), jnp.int32, sharding=chip)
+        out.append(Program(f"serve admit, length {S}", f"{step_programs.ADMIT_ROWS} rows into a pool of {P}",
                            admit, (admit_leaves, state, bias, slots, ids, ids, ids), {},
-                           examples=serving_engine.ADMIT_ROWS))
+                           examples=step_programs.ADMIT_ROWS))
         out.append(Program(f"serve step, length {S}",
-                           f"{serving_engine.STEP_ADMIT_ROWS} new rows, then layer 1 over all {P} slots, "
+                           f"{step_programs.STEP_ADMIT_ROWS} new rows, then layer 1 over all {P} slots, "
                            f"buckets {buckets}", steps[0],
                            (step_leaves, state, bias, rows, scalar(jnp.int32), scalar(jnp.float32),
                             new_slots, new_inputs, scalar(jnp.int32)), {},
