@@ -169,3 +169,24 @@ def test_threshold_from_exit_policy_labels_and_truncation(model_dir, tmp_path, c
     # A given --rule other than the policy's falls back to that rule's full depth.
     assert predict_main(copy, "--text", "good", "--rule", "max_prob") == 0
     assert json.loads(capsys.readouterr().out)["exit_layer"] == CONFIG.num_hidden_layers
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_encode_cuts_only_rows_that_do_not_fit_as_the_tokenizer_would(model_dir, side):
+    """`encode` tokenises each row once and again, cut, only when it is too long: the ids, types
+    and truncation flags are still those of the tokenizer's own truncating call, row by row."""
+    from deebert_jax.inference import predict
+
+    tok = data.load_tokenizer(model_dir)
+    long = " ".join(["the movie was very good"] * 4)
+    examples = [(TEXTS[0], None), (long, None), (long, "good"), (PAIRS[0][0], PAIRS[0][1]), ("good", long)]
+    arrays, truncated = predict.encode(tok, examples, SEQ, truncation_side=side)
+    tok.truncation_side = side
+    for i, (first, second) in enumerate(examples):
+        want = tok(first, second, truncation=True, max_length=SEQ, return_token_type_ids=True)
+        n = len(want["input_ids"])
+        assert arrays["input_ids"][i, :n].tolist() == want["input_ids"]
+        assert arrays["token_type_ids"][i, :n].tolist() == want["token_type_ids"]
+        assert arrays["attention_mask"][i].sum() == n
+        assert truncated[i] == (len(tok(first, second)["input_ids"]) > SEQ)
+    assert truncated.tolist() == [False, True, True, False, True]
