@@ -160,6 +160,8 @@ def mean_of_real_tokens(hidden, mask_bias) -> jax.Array:
 
     Summed in float32; an all-padding row gives zeros, not NaNs.
     """
-    real = (mask_bias == 0).astype(jnp.float32)[..., None]
-    total = jnp.sum(hidden.astype(jnp.float32) * real, axis=-2)
-    return (total / jnp.maximum(jnp.sum(real, axis=-2), 1.0)).astype(hidden.dtype)
+    real = (mask_bias == 0).astype(jnp.float32)
+    # A [1, S] x [S, H] product per row: XLA's CPU backend reduced over the positions axis several
+    # times slower at one row (docs/performance.md). HIGHEST: float32 on every backend.
+    total = jnp.matmul(real[..., None, :], hidden.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)[..., 0, :]
+    return (total / jnp.maximum(jnp.sum(real, axis=-1, keepdims=True), 1.0)).astype(hidden.dtype)
