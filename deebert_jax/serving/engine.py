@@ -255,6 +255,8 @@ class Engine(Worker):
     def _run_plan(self, plan: Step, admitted, pools, threshold):
         """Admits `admitted` [(slot, row)] into `pools[plan.length]`, runs the step at `threshold`
         -> (done, exit_layer, logits) of `plan.slots`, as numpy."""
+        if plan.layer != 0 and admitted:
+            raise RuntimeError(f"a step of layer {plan.layer + 1} admitting rows: only layer 1's steps embed")
         admit, steps = self._programs[plan.length]
         state, bias = pools[plan.length]
         if plan.admit and pools is self._pools and self.on_admit is not None:
@@ -268,8 +270,6 @@ class Engine(Worker):
             new = (*new, self._ints[len(admitted) - max(extra, 0)])
         else:
             new = self._no_admission[plan.length]
-        if plan.layer != 0 and admitted:
-            raise RuntimeError(f"a step of layer {plan.layer + 1} admitting rows: only layer 1's steps embed")
         n = len(plan.slots)
         state, bias, out = steps[plan.layer](*self._step_args(plan.layer, state, bias, plan.slots, threshold, new))
         pools[plan.length] = (state, bias)

@@ -82,10 +82,8 @@ def _step(config, rule, dtype, bucket_sizes, layer: int | None, params, state: E
         # Behind a conditional (a step always has rows, so it always runs): inlined, XLA fuses a
         # one-row bucket's reads of the pool into its write back, then copies the pool twice an
         # iteration and runs the copies on a second thread (docs/performance.md).
-        run = functools.partial(layer_step, layer)
-        logits = jax.eval_shape(run, hidden, mask_bias)[1]
-        skip = lambda hidden, mask_bias: (hidden, jnp.zeros(logits.shape, logits.dtype))
-        return jax.lax.cond(count > 0, run, skip, hidden, mask_bias)
+        skip = lambda hidden, mask_bias: (hidden, jnp.zeros((hidden.shape[0], config.num_labels), jnp.float32))
+        return jax.lax.cond(count > 0, functools.partial(layer_step, layer), skip, hidden, mask_bias)
     state = state.replace(layer=jnp.asarray(layer, jnp.int32))
     start = jnp.int32(0)
     for size, buckets in exit_aware.bucket_plan(count, bucket_sizes):
