@@ -60,12 +60,13 @@ def _encode(tokenizer, examples, max_seq_length, vocab_size, truncation_side):
         full = whole["input_ids"]
         # Only the rows that do not fit are tokenised again, cut: a row that fits is the same
         # with truncation on (one call a row instead of two, the server's main cost per request).
+        enc = list(zip(full, whole["token_type_ids"]))
         long = [j for j, ids in enumerate(full) if len(ids) > max_seq_length]
-        enc = {j: (ids, types) for j, (ids, types) in enumerate(zip(full, whole["token_type_ids"]))}
         if long:
             again = tokenizer([firsts[j] for j in long], [seconds[j] for j in long] if pairs else None,
                               truncation=True, max_length=max_seq_length, return_token_type_ids=True)
-            enc.update(zip(long, zip(again["input_ids"], again["token_type_ids"])))
+            for j, cut_row in zip(long, zip(again["input_ids"], again["token_type_ids"])):
+                enc[j] = cut_row
         for j, i in enumerate(index):
             ids = enc[j][0]
             if len(ids) > max_seq_length:
